@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install pinned dependencies first. torch is pinned to
+# the CPU build on this machine's disk; an unpinned torch pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.hsa_geo-installed
+TORCH := torch==2.13.0
+
+.PHONY: setup demo test test-slow bench docs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(TORCH)
+	$(PIP) install -q --disable-pip-version-check -e '.[test,data,metis,docs,hf]'
+	@# Optional accelerated backend: compiles from source (~9 min on 2 cores,
+	@# instant from a pip cache). HSA works without it.
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \
+		|| echo "torch-scatter could not be built: continuing without it"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(MAKE) docs
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m slow
+
+bench: $(STAMP)
+	$(PY) -m hsa_geo.benchmarks.scaling
+
+docs: $(STAMP)
+	$(PY) -m sphinx -W -q -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) docs/_build .pytest_cache

@@ -1,0 +1,100 @@
+r"""Nested signals inside :class:`torch_geometric.data.Data`.
+
+A graph's leaves are the rows of :obj:`x` (ids ``0..N-1``); its
+:obj:`num_clusters` cluster nodes have ids ``N..N+M-1`` *within the graph*.
+The hierarchy travels as :obj:`hierarchy_edge_index` (``[2, N+M-1]``: child
+in row 0, parent in row 1), which PyG's collater shifts by ``N + M`` per
+graph, so the standard :class:`~torch_geometric.loader.DataLoader` batches
+nested signals into a forest. :func:`hierarchy_from_data` turns a
+:class:`~torch_geometric.data.Data` or a batch back into a
+:class:`~hsa_geo.Hierarchy` (all leaves first, one tree per graph).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch_geometric.data import Data
+
+from hsa_geo.hierarchy.hierarchy import Hierarchy
+
+
+class NestedSignal(Data):
+    r"""A :class:`~torch_geometric.data.Data` carrying a hierarchy over its
+    nodes (the leaves) in :obj:`hierarchy_edge_index` and
+    :obj:`num_clusters`.
+
+    Example::
+
+        >>> import torch
+        >>> from hsa_geo import Hierarchy
+        >>> from hsa_geo.data import NestedSignal, hierarchy_from_data
+        >>> h = Hierarchy.from_parent(torch.tensor([3, 3, 4, 4, -1]), num_leaves=3)
+        >>> data = NestedSignal.from_hierarchy(torch.randn(3, 8), h)
+        >>> data
+        NestedSignal(x=[3, 8], hierarchy_edge_index=[2, 4], num_clusters=2)
+        >>> hierarchy_from_data(data).parent.tolist()
+        [3, 3, 4, 4, -1]
+    """
+
+    @classmethod
+    def from_hierarchy(cls, x: Tensor, hierarchy: Hierarchy, **kwargs: Any) -> 'NestedSignal':
+        r"""Wraps leaf features :obj:`x` and a single-graph hierarchy;
+        further attributes (:obj:`edge_index`, :obj:`y`, ...) pass through."""
+        if x.size(0) != hierarchy.num_leaves:
+            raise ValueError(f"x has {x.size(0)} rows but the hierarchy has "
+                             f"{hierarchy.num_leaves} leaves")
+        return cls(x=x, hierarchy_edge_index=hierarchy.edge_index, num_clusters=hierarchy.num_clusters, **kwargs)
+
+    def __inc__(self, key: str, value: Any, *args, **kwargs) -> Any:
+        if key == 'hierarchy_edge_index':
+            return self.num_nodes + int(self.num_clusters)
+        return super().__inc__(key, value, *args, **kwargs)
+
+
+def hierarchy_from_data(data: Data) -> Hierarchy:
+    r"""The :class:`~hsa_geo.Hierarchy` of a :class:`NestedSignal` or of a
+    batch of them (a forest with one tree per graph and a graph id per node).
+
+    Validates the batch: every graph must have exactly one root, and errors
+    name the graph. Build it once per batch and pass it to every layer.
+    """
+    if 'hierarchy_edge_index' not in data or 'num_clusters' not in data:
+        raise ValueError("data has no hierarchy: expected 'hierarchy_edge_index' and "
+                         "'num_clusters' (see NestedSignal.from_hierarchy)")
+    edge = data.hierarchy_edge_index
+    device = edge.device
+    num_clusters = torch.as_tensor(data.num_clusters, device=device).view(-1).long()
+    ptr = getattr(data, 'ptr', None)
+    if ptr is None:
+        num_leaves = torch.tensor([data.num_nodes], device=device)
+    else:
+        num_leaves = (ptr[1:] - ptr[:-1]).to(device)
+    if num_leaves.numel() != num_clusters.numel():
+        raise ValueError(f"num_clusters has {num_clusters.numel()} entries for "
+                         f"{num_leaves.numel()} graphs")
+    total_leaves = int(num_leaves.sum())
+    graph_size = num_leaves + num_clusters
+    node_offset = torch.cumsum(graph_size, 0) - graph_size
+    leaf_offset = torch.cumsum(num_leaves, 0) - num_leaves
+    cluster_offset = torch.cumsum(num_clusters, 0) - num_clusters + total_leaves
+    num_nodes = int(graph_size.sum())
+    if edge.numel() and (int(edge.min()) < 0 or int(edge.max()) >= num_nodes):
+        raise ValueError(f"hierarchy_edge_index refers to node ids outside [0, {num_nodes - 1}]")
+
+    graph_of = torch.repeat_interleave(torch.arange(graph_size.numel(), device=device),
+                                       graph_size)
+    local = torch.arange(num_nodes, device=device) - node_offset[graph_of]
+    is_leaf = local < num_leaves[graph_of]
+    new_id = torch.where(is_leaf, leaf_offset[graph_of] + local,
+                         cluster_offset[graph_of] + local - num_leaves[graph_of])
+    parent = torch.full((num_nodes, ), -1, dtype=torch.long, device=device)
+    child, up = new_id[edge[0]], new_id[edge[1]]
+    if torch.unique(child).numel() != child.numel():
+        repeated = child[torch.bincount(child, minlength=num_nodes)[child] > 1][0]
+        raise ValueError(f"Node {int(repeated)} has more than one parent in hierarchy_edge_index")
+    parent[child] = up
+    batch = torch.empty_like(parent)
+    batch[new_id] = graph_of
+    return Hierarchy.from_parent(parent.cpu(), total_leaves, batch=batch.cpu()).to(device)

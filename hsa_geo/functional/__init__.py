@@ -1,0 +1,13 @@
+r"""Pure functions of HSA over tensors; :mod:`hsa_geo.nn` wraps them."""
+from hsa_geo.functional.attention import (BlockAttention, block_attention_to_dense, hsa,
+                                          hsa_block_weights, hsa_log_partition)
+from hsa_geo.functional.dense import hsa_dense
+
+__all__ = [
+    'hsa',
+    'hsa_dense',
+    'hsa_log_partition',
+    'hsa_block_weights',
+    'block_attention_to_dense',
+    'BlockAttention',
+]

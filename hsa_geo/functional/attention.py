@@ -1,0 +1,162 @@
+r"""Public functional HSA: the attention itself, its log-partition
+:math:`\phi`, and its block-level weights."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hsa_geo.functional.sweep import HSAFunction, _FamilyState, bottom_up
+from hsa_geo.hierarchy.hierarchy import Hierarchy
+
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
+        scale: Optional[float] = None) -> Tensor:
+    r"""Hierarchical Self-Attention over the leaves of :obj:`hierarchy`.
+
+    Computes :math:`y_i = \sum_j a_{ij} v_j` where :math:`A` is the
+    row-stochastic matrix closest in KL divergence to softmax attention
+    :math:`\mathrm{softmax}(\text{scale}\cdot q_i^\top k_j)` among those
+    constant on every block of leaves under two sibling subtrees
+    (docs/derivation.md). Two sweeps over the tree, no :math:`N \times N`
+    tensor: :math:`O((N + M)\, b\, H D)` time for branching :math:`b`.
+
+    Args:
+        q (torch.Tensor): Queries ``[N, H, D]`` (or ``[N, D]``: one head).
+        k (torch.Tensor): Keys, same shape as :obj:`q`.
+        v (torch.Tensor): Values ``[N, H, D_v]`` (or ``[N, D_v]``).
+        hierarchy (Hierarchy): Tree (or forest) over the :math:`N` leaves;
+            attention never crosses trees.
+        scale (float, optional): Score scale. (default: :math:`1/\sqrt{D}`)
+
+    Returns:
+        ``[N, H, D_v]`` (or ``[N, D_v]``). float16/bfloat16 inputs are
+        computed in float32 and returned in their own dtype.
+    """
+    (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
+    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    out = HSAFunction.apply(q, k, v, hierarchy.plan(q.device), scale)
+    out = out.to(dtype)
+    return out.squeeze(1) if single_head else out
+
+
+def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
+                      scale: Optional[float] = None) -> Tensor:
+    r""":math:`\phi` of every node, ``[N + M, H]`` (``[N + M]`` for one
+    head): :math:`\phi(i) = -s_{ii}` at a leaf and
+    :math:`\phi(A) = -\sum_B \frac{|B|}{|A|} \log Z_B` at a cluster.
+    Differentiable (twice) by autograd;
+    :math:`-\nabla_{q}\, N\phi(\mathrm{root}) = \text{scale}\cdot A K`."""
+    (q, k), single_head, dtype = _prepare((q, k), hierarchy)
+    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    phi = bottom_up(q, k, k, hierarchy.plan(q.device), scale)[3].to(dtype)
+    return phi.squeeze(1) if single_head else phi
+
+
+class BlockAttention(NamedTuple):
+    r"""HSA attention at block level: enough to rebuild the dense matrix
+    (see :func:`block_attention_to_dense`)."""
+    #: ``[2, E]`` ordered sibling pairs :math:`(B, C)`, diagonal included.
+    pair_index: Tensor
+    #: ``[E, H]`` attention from one leaf of :math:`B` to one leaf of
+    #: :math:`C` relative to the mass reaching :math:`B`'s parent,
+    #: :math:`\exp \bar s(B,C) / Z_B`; on the diagonal :math:`\mu(B)`.
+    pair_weight: Tensor
+    #: ``[N + M, H]`` :math:`P(X)`: attention mass a leaf below :math:`X`
+    #: keeps inside :math:`X` (1 at roots); :math:`a_{ii} = P(i)`.
+    subtree_mass: Tensor
+
+
+@torch.no_grad()
+def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
+                      scale: Optional[float] = None) -> BlockAttention:
+    r"""Block-level HSA weights, one per ordered sibling pair and head,
+    plus the per-subtree masses. ``O(sum of squared branching)`` memory."""
+    (q, k), single_head, _ = _prepare((q, k), hierarchy)
+    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    plan = hierarchy.plan(q.device)
+    mean_q, mean_k, mean_v, phi, log_z = bottom_up(q, k, k, plan, scale)
+    log_mass = q.new_zeros(plan.num_nodes, q.size(1))
+    weights = [None] * len(plan.blocks)
+    for index in reversed(range(len(plan.blocks))):
+        block = plan.blocks[index]
+        state = _FamilyState(block, q, k, k, mean_q, mean_k, mean_v, phi, log_z, scale)
+        per_leaf = state.alpha - state.count.log()[:, None, None, :]
+        self_log = state.alpha.diagonal(dim1=-2, dim2=-1)
+        per_leaf.diagonal(dim1=-2, dim2=-1).copy_(self_log)
+        log_mass[block.children] = (log_mass[plan.num_leaves + block.parents][:, :, None]
+                                    + self_log).transpose(1, 2)
+        weights[index] = per_leaf.exp().permute(0, 2, 3, 1).reshape(-1, q.size(1))
+    pair_weight = torch.cat(weights) if weights else q.new_empty(0, q.size(1))
+    result = BlockAttention(plan.sibling_pairs(), pair_weight, log_mass.exp())
+    if single_head:
+        result = BlockAttention(result.pair_index, result.pair_weight[:, 0],
+                                result.subtree_mass[:, 0])
+    return result
+
+
+def block_attention_to_dense(attention: BlockAttention, hierarchy: Hierarchy) -> Tensor:
+    r"""Rebuilds the dense ``[H, N, N]`` (or ``[N, N]``) matrix from
+    :class:`BlockAttention`: :math:`a_{ij} = P(\mathrm{parent}(B))\, w_{BC}`
+    for :math:`i \in B \neq C \ni j` siblings, :math:`a_{ii} = P(i)`."""
+    single_head = attention.pair_weight.dim() == 1
+    pair_weight = attention.pair_weight[:, None] if single_head else attention.pair_weight
+    mass = attention.subtree_mass[:, None] if single_head else attention.subtree_mass
+    num_leaves = hierarchy.num_leaves
+    parent = hierarchy.parent.to(pair_weight.device)
+    leaves_of = _leaves_below(hierarchy)
+    dense = pair_weight.new_zeros(pair_weight.size(1), num_leaves, num_leaves)
+    rows, cols = attention.pair_index.tolist()
+    for e, (row, col) in enumerate(zip(rows, cols)):
+        if row == col:
+            continue
+        i, j = leaves_of[row], leaves_of[col]
+        weight = mass[parent[row]] * pair_weight[e]  # [H]
+        dense[:, i[:, None], j[None, :]] = weight[:, None, None]
+    diagonal = torch.arange(num_leaves, device=dense.device)
+    dense[:, diagonal, diagonal] = mass[:num_leaves].t()
+    return dense[0] if single_head else dense
+
+
+def _leaves_below(hierarchy: Hierarchy):
+    parent = hierarchy.parent.tolist()
+    leaves = [[] for _ in parent]
+    for leaf in range(hierarchy.num_leaves):
+        node = leaf
+        while node >= 0:
+            leaves[node].append(leaf)
+            node = parent[node]
+    return [torch.tensor(members, dtype=torch.long) for members in leaves]
+
+
+def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):
+    r"""Checks shapes against the hierarchy, adds the head axis to 2-D
+    input and upcasts half precision."""
+    if not isinstance(hierarchy, Hierarchy):
+        raise TypeError(f"'hierarchy' must be a hsa_geo.Hierarchy (got {type(hierarchy).__name__})")
+    first = tensors[0]
+    names = 'qkv'
+    if first.dim() not in (2, 3):
+        raise ValueError(f"q must be [N, H, D] or [N, D] (got shape {tuple(first.shape)})")
+    for name, tensor in zip(names, tensors):
+        if tensor.dim() != first.dim() or tensor.shape[:-1] != first.shape[:-1]:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, incompatible with q's "
+                             f"{tuple(first.shape)} (same number of rows and heads needed)")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (got {tensor.dtype})")
+        if tensor.device != first.device:
+            raise ValueError(f"{name} is on {tensor.device} but q is on {first.device}")
+    if tensors[1].size(-1) != first.size(-1):
+        raise ValueError(f"k's last dimension {tensors[1].size(-1)} differs from q's "
+                         f"{first.size(-1)}")
+    if first.size(0) != hierarchy.num_leaves:
+        raise ValueError(f"q has {first.size(0)} rows but the hierarchy has "
+                         f"{hierarchy.num_leaves} leaves (one row per leaf needed)")
+    single_head = first.dim() == 2
+    dtype = first.dtype
+    compute = torch.float32 if dtype in _UPCAST else dtype
+    tensors = tuple((t.unsqueeze(1) if single_head else t).to(compute) for t in tensors)
+    return tensors, single_head, dtype

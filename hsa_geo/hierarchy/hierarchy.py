@@ -1,0 +1,328 @@
+"""The nested signal's tree: leaves ``0..N-1`` and cluster nodes ``N..N+M-1``."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from hsa_geo.hierarchy.plan import SweepPlan, build_sweep_plan
+
+
+class Hierarchy:
+    r"""A forest over :obj:`num_leaves` leaves and :obj:`num_clusters` cluster
+    nodes, stored as one parent pointer per node.
+
+    Node ids ``0 .. num_leaves - 1`` are the leaves (the rows of the leaf
+    features :obj:`x`); ids ``num_leaves .. num_nodes - 1`` are cluster nodes.
+    :obj:`parent[v]` is the parent of node :obj:`v`, or :obj:`-1` for a root.
+    Leaves may sit at different depths and a cluster may have any number of
+    children (one included). Several roots make a forest; attention never
+    crosses trees.
+
+    Build it with :meth:`from_parent`, which validates the input, or with the
+    builders in :mod:`hsa_geo.hierarchy`. Everything derived from the parent
+    pointers (depths, leaf counts, the sweep plan used by
+    :func:`hsa_geo.functional.hsa`) is computed once and cached.
+
+    Example::
+
+        >>> import torch
+        >>> from hsa_geo import Hierarchy
+        >>> # leaves 0,1 under cluster 4, leaves 2,3 under cluster 5, root 6
+        >>> h = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), num_leaves=4)
+        >>> h
+        Hierarchy(num_leaves=4, num_clusters=3, num_trees=1, max_depth=2)
+        >>> h.num_leaves_below.tolist()
+        [1, 1, 1, 1, 2, 2, 4]
+    """
+
+    def __init__(self, parent: Tensor, num_leaves: int, depth: Tensor,
+                 num_leaves_below: Tensor, batch: Optional[Tensor] = None):
+        self.parent = parent
+        self.num_leaves = int(num_leaves)
+        self.depth = depth
+        self.num_leaves_below = num_leaves_below
+        self.batch = batch
+        self._plans: Dict[torch.device, SweepPlan] = {}
+        self._cache: Dict[str, object] = {}
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_parent(cls, parent: Tensor, num_leaves: int,
+                    batch: Optional[Tensor] = None) -> 'Hierarchy':
+        r"""Validates parent pointers and returns the hierarchy.
+
+        Args:
+            parent (torch.Tensor): Integer tensor of length
+                :obj:`num_leaves + num_clusters`; :obj:`parent[v] == -1`
+                marks a root.
+            num_leaves (int): Number of leaves :math:`N`; nodes
+                :obj:`0..N-1` are leaves and must have no children.
+            batch (torch.Tensor, optional): Graph id of every node. When
+                given, every graph must have exactly one root and no parent
+                edge may cross graphs. (default: :obj:`None`)
+
+        Raises:
+            ValueError: naming the offending node or graph, for a non-integer
+                dtype, a wrong length, :math:`N = 0`, a parent index out of
+                range, a leaf with children, a cluster with no leaf below it,
+                a cycle, a parent edge across graphs, or a graph with more
+                than one root.
+        """
+        parent = _check_parent(parent, num_leaves)
+        depth = _depth_or_raise_on_cycle(parent)
+        num_leaves_below = _count_leaves_below(parent, num_leaves, depth)
+        if batch is not None:
+            batch = _check_batch(batch, parent)
+        return cls(parent, num_leaves, depth, num_leaves_below, batch)
+
+    @classmethod
+    def flat(cls, num_leaves: int) -> 'Hierarchy':
+        r"""One root with :obj:`num_leaves` leaf children: HSA over it is
+        exactly softmax attention."""
+        parent = torch.full((num_leaves + 1, ), num_leaves, dtype=torch.long)
+        parent[-1] = -1
+        return cls.from_parent(parent, num_leaves)
+
+    @classmethod
+    def batch_hierarchies(cls, hierarchies: Sequence['Hierarchy']) -> 'Hierarchy':
+        r"""Joins hierarchies into one forest (one tree per input graph).
+
+        Leaves keep their order graph after graph (as PyG concatenates
+        :obj:`x`), and all clusters follow all leaves. The result records the
+        graph id of every node in :obj:`batch`.
+        """
+        if len(hierarchies) == 0:
+            raise ValueError("batch_hierarchies() needs at least one hierarchy")
+        total_leaves = sum(h.num_leaves for h in hierarchies)
+        parents, batches, depths, counts = [], [], [], []
+        leaf_offset, cluster_offset = 0, total_leaves
+        for graph_id, h in enumerate(hierarchies):
+            parent = h.parent.to(torch.long)
+            new_id = h.new_node_ids(leaf_offset, cluster_offset)
+            parents.append(torch.where(parent < 0, parent, new_id[parent.clamp(min=0)]))
+            batches.append(torch.full((h.num_nodes, ), graph_id, dtype=torch.long))
+            depths.append(h.depth)
+            counts.append(h.num_leaves_below)
+            leaf_offset += h.num_leaves
+            cluster_offset += h.num_clusters
+        order = _leaves_first_order([h.num_leaves for h in hierarchies],
+                                    [h.num_clusters for h in hierarchies])
+        return cls(torch.cat(parents)[order], total_leaves,
+                   torch.cat(depths)[order], torch.cat(counts)[order],
+                   torch.cat(batches)[order])
+
+    def new_node_ids(self, leaf_offset: int, cluster_offset: int) -> Tensor:
+        r"""The id of every node once leaves are shifted by
+        :obj:`leaf_offset` and clusters start at :obj:`cluster_offset`."""
+        ids = torch.arange(self.num_nodes, dtype=torch.long, device=self.parent.device)
+        return torch.where(ids < self.num_leaves, ids + leaf_offset,
+                           ids - self.num_leaves + cluster_offset)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def num_nodes(self) -> int:
+        return self.parent.numel()
+
+    @property
+    def num_clusters(self) -> int:
+        return self.num_nodes - self.num_leaves
+
+    @property
+    def roots(self) -> Tensor:
+        return (self.parent < 0).nonzero().view(-1)
+
+    @property
+    def num_trees(self) -> int:
+        return int((self.parent < 0).sum())
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    @property
+    def num_children(self) -> Tensor:
+        r"""Number of children of every node (0 for leaves)."""
+        if 'num_children' not in self._cache:
+            has_parent = self.parent >= 0
+            self._cache['num_children'] = torch.bincount(
+                self.parent[has_parent], minlength=self.num_nodes)
+        return self._cache['num_children']
+
+    @property
+    def edge_index(self) -> Tensor:
+        r"""Child-to-parent edges ``[2, num_nodes - num_trees]``."""
+        child = (self.parent >= 0).nonzero().view(-1)
+        return torch.stack([child, self.parent[child]])
+
+    @property
+    def leaf_batch(self) -> Optional[Tensor]:
+        r"""Graph id of every leaf, or :obj:`None` without a graph id."""
+        return None if self.batch is None else self.batch[:self.num_leaves]
+
+    def plan(self, device: Optional[torch.device] = None) -> SweepPlan:
+        r"""The sweep plan (families grouped by depth and size) on
+        :obj:`device`, computed once per device and cached."""
+        device = torch.device(device) if device is not None else self.parent.device
+        if device not in self._plans:
+            cpu_plan = self._plans.get(torch.device('cpu'))
+            if cpu_plan is None:
+                cpu_plan = build_sweep_plan(self.parent.cpu(), self.num_leaves,
+                                            self.depth.cpu(),
+                                            self.num_leaves_below.cpu())
+                self._plans[torch.device('cpu')] = cpu_plan
+            if device not in self._plans:
+                self._plans[device] = cpu_plan.to(device)
+        return self._plans[device]
+
+    def to(self, device) -> 'Hierarchy':
+        r"""A copy on :obj:`device` (sharing the cached CPU plan)."""
+        moved = Hierarchy(self.parent.to(device), self.num_leaves, self.depth.to(device),
+                          self.num_leaves_below.to(device),
+                          None if self.batch is None else self.batch.to(device))
+        moved._plans = dict(self._plans)
+        return moved
+
+    def summary(self) -> Dict[str, float]:
+        r"""Shape statistics that decide HSA's cost: depth, branching and the
+        number of sibling pairs :math:`\sum_A b_A^2` the sweeps visit."""
+        children = self.num_children[self.num_leaves:]
+        children = children[children > 0].to(torch.float64)
+        return {
+            'num_leaves': self.num_leaves,
+            'num_clusters': self.num_clusters,
+            'num_trees': self.num_trees,
+            'max_depth': self.max_depth,
+            'max_children': int(children.max()) if children.numel() else 0,
+            'mean_children': float(children.mean()) if children.numel() else 0.0,
+            'sibling_pairs': int((children ** 2).sum()),
+            'single_child_clusters': int((children == 1).sum()),
+        }
+
+    def __repr__(self) -> str:
+        return (f'{self.__class__.__name__}(num_leaves={self.num_leaves}, '
+                f'num_clusters={self.num_clusters}, num_trees={self.num_trees}, '
+                f'max_depth={self.max_depth})')
+
+
+# ---------------------------------------------------------------- validation
+def _check_parent(parent, num_leaves) -> Tensor:
+    if not isinstance(parent, Tensor):
+        raise ValueError(f"'parent' must be a torch.Tensor (got {type(parent).__name__})")
+    if parent.dtype == torch.bool or parent.is_floating_point() or parent.is_complex():
+        raise ValueError(f"'parent' must hold integer node ids (got dtype {parent.dtype})")
+    if parent.dim() != 1:
+        raise ValueError(f"'parent' must be one-dimensional (got shape {tuple(parent.shape)})")
+    if isinstance(num_leaves, bool) or not isinstance(num_leaves, int):
+        if not (isinstance(num_leaves, Tensor) and num_leaves.numel() == 1):
+            raise ValueError(f"'num_leaves' must be an int (got {num_leaves!r})")
+    num_leaves = int(num_leaves)
+    if num_leaves <= 0:
+        raise ValueError(f"A hierarchy needs at least one leaf (got num_leaves={num_leaves})")
+    num_nodes = parent.numel()
+    if num_nodes < num_leaves:
+        raise ValueError(
+            f"'parent' has length {num_nodes}, but must have one entry per node, "
+            f"i.e. num_leaves ({num_leaves}) + number of clusters")
+    parent = parent.to(torch.long)
+    bad = ((parent < -1) | (parent >= num_nodes)).nonzero().view(-1)
+    if bad.numel() > 0:
+        node = int(bad[0])
+        raise ValueError(f"Node {node} has parent {int(parent[node])}, out of range "
+                         f"[-1, {num_nodes - 1}]")
+    self_loop = (parent == torch.arange(num_nodes)).nonzero().view(-1)
+    if self_loop.numel() > 0:
+        raise ValueError(f"Node {int(self_loop[0])} is its own parent (a cycle)")
+    leaf_parent = ((parent >= 0) & (parent < num_leaves)).nonzero().view(-1)
+    if leaf_parent.numel() > 0:
+        node = int(leaf_parent[0])
+        raise ValueError(f"Node {node} has parent {int(parent[node])}, which is a leaf "
+                         f"(ids below num_leaves={num_leaves}); leaves cannot have children")
+    has_parent = parent >= 0
+    num_children = torch.bincount(parent[has_parent], minlength=num_nodes)
+    empty = (num_children[num_leaves:] == 0).nonzero().view(-1)
+    if empty.numel() > 0:
+        node = int(empty[0]) + num_leaves
+        raise ValueError(f"Cluster node {node} has no children, so no leaf below it")
+    return parent
+
+
+def _depth_or_raise_on_cycle(parent: Tensor) -> Tensor:
+    # Pointer jumping: after k rounds every node points 2^k steps up (or at
+    # its root), so O(log n) vectorised rounds give all depths. A node that
+    # never reaches a root lies on or below a cycle.
+    num_nodes = parent.numel()
+    is_root = parent < 0
+    jump = torch.where(is_root, torch.arange(num_nodes), parent)
+    depth = (~is_root).to(torch.long)
+    for _ in range(num_nodes.bit_length() + 1):
+        if bool(is_root[jump].all()):
+            break
+        depth = depth + depth[jump]
+        jump = jump[jump]
+    stuck = (~is_root[jump]).nonzero().view(-1)
+    if stuck.numel() > 0:
+        node = int(stuck[0])
+        parent_list = parent.tolist()
+        for _ in range(num_nodes):  # walk into the cycle to name a node on it
+            node = parent_list[node]
+        cycle, current = [node], parent_list[node]
+        while current != node:
+            cycle.append(current)
+            current = parent_list[current]
+        raise ValueError(f"The parent pointers contain a cycle through nodes "
+                         f"{sorted(cycle)[:10]}; node {node} never reaches a root")
+    return depth
+
+
+def _count_leaves_below(parent: Tensor, num_leaves: int, depth: Tensor) -> Tensor:
+    count = torch.zeros(parent.numel(), dtype=torch.long)
+    count[:num_leaves] = 1
+    order = torch.argsort(depth, descending=True, stable=True)
+    sorted_depth = depth[order]
+    # Add each depth level into its parents, deepest level first.
+    boundaries = torch.unique_consecutive(sorted_depth, return_counts=True)[1].tolist()
+    start = 0
+    for size in boundaries:
+        nodes = order[start:start + size]
+        start += size
+        nodes = nodes[parent[nodes] >= 0]
+        count.index_add_(0, parent[nodes], count[nodes])
+    return count
+
+
+def _check_batch(batch, parent: Tensor) -> Tensor:
+    if not isinstance(batch, Tensor) or batch.is_floating_point() or batch.dtype == torch.bool:
+        raise ValueError("'batch' must be an integer tensor with one graph id per node")
+    batch = batch.to(torch.long).view(-1)
+    if batch.numel() != parent.numel():
+        raise ValueError(f"'batch' has {batch.numel()} entries but the hierarchy has "
+                         f"{parent.numel()} nodes")
+    if batch.numel() and int(batch.min()) < 0:
+        raise ValueError(f"'batch' has a negative graph id at node {int((batch < 0).nonzero()[0])}")
+    child = (parent >= 0).nonzero().view(-1)
+    across = child[batch[child] != batch[parent[child]]]
+    if across.numel() > 0:
+        node = int(across[0])
+        raise ValueError(f"Node {node} (graph {int(batch[node])}) has parent "
+                         f"{int(parent[node])} in another graph ({int(batch[parent[node]])})")
+    roots_per_graph = torch.bincount(batch[parent < 0], minlength=int(batch.max()) + 1)
+    many = (roots_per_graph > 1).nonzero().view(-1)
+    if many.numel() > 0:
+        graph = int(many[0])
+        roots = ((parent < 0) & (batch == graph)).nonzero().view(-1)[:5].tolist()
+        raise ValueError(f"Graph {graph} has {int(roots_per_graph[graph])} roots "
+                         f"(e.g. nodes {roots}); give it one root cluster")
+    return batch
+
+
+def _leaves_first_order(num_leaves: List[int], num_clusters: List[int]) -> Tensor:
+    # Position (in the graph-after-graph concatenation) of every node of the
+    # batched numbering, where all leaves come before all clusters.
+    leaves, clusters, offset = [], [], 0
+    for n, m in zip(num_leaves, num_clusters):
+        leaves.append(torch.arange(offset, offset + n))
+        clusters.append(torch.arange(offset + n, offset + n + m))
+        offset += n + m
+    return torch.cat(leaves + clusters)

@@ -1,0 +1,148 @@
+"""The sweep plan: a hierarchy's families grouped so each DP step is one
+dense tensor operation.
+
+A *family* is a cluster with its children. HSA's sweeps visit families in
+depth order (deepest first on the way up, root first on the way down); all
+families whose parents share a depth and that have the same number of
+children :math:`b` form one :class:`FamilyBlock`, whose children are an
+:math:`F \times b` index matrix. Sibling interactions of a block are then a
+batched :math:`b \times b` matrix product, and child-to-parent reductions are
+sums over the fixed-width second axis: segment reductions without padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+#: Upper bound on sibling pairs (F * b * b) handled by one block, so the
+#: temporaries of a step stay cache- and memory-friendly for any N.
+PAIRS_PER_BLOCK = 1 << 15
+
+
+@dataclass
+class FamilyBlock:
+    r"""Families with equal parent depth and equal number of children."""
+    depth: int  #: depth of the parent clusters
+    parents: Tensor  #: ``[F]`` parent ids, counted from the first cluster
+    children: Tensor  #: ``[F, b]`` node ids of the children
+    child_count: Tensor  #: ``[F, b]`` leaves below each child (float64)
+    parent_count: Tensor  #: ``[F]`` leaves below each parent (float64)
+    leaf_slot: Tensor  #: positions in ``children.view(-1)`` holding leaves
+    leaf_id: Tensor  #: the leaves at those positions
+    cluster_slot: Tensor  #: positions holding clusters
+    cluster_id: Tensor  #: those clusters, counted from the first cluster
+    #: ``(start, end)`` when the children are exactly leaves ``start..end-1``
+    #: in row-major order, so gathers become views.
+    leaf_range: Optional[Tuple[int, int]] = None
+
+    @property
+    def num_families(self) -> int:
+        return self.children.size(0)
+
+    @property
+    def num_children(self) -> int:
+        return self.children.size(1)
+
+    def to(self, device) -> 'FamilyBlock':
+        return FamilyBlock(**{
+            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), Tensor)
+            else getattr(self, f.name)
+            for f in fields(self)
+        })
+
+
+@dataclass
+class SweepPlan:
+    r"""Everything HSA's sweeps need, computed once per hierarchy."""
+    num_leaves: int
+    num_clusters: int
+    blocks: List[FamilyBlock]  #: bottom-up order (deepest parents first)
+    isolated_leaves: Tensor  #: leaves that are roots of their own tree
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_leaves + self.num_clusters
+
+    def to(self, device) -> 'SweepPlan':
+        return SweepPlan(self.num_leaves, self.num_clusters,
+                         [block.to(device) for block in self.blocks],
+                         self.isolated_leaves.to(device))
+
+    def sibling_pairs(self) -> Tensor:
+        r"""``[2, E]`` all ordered sibling pairs :math:`(B, C)`, the
+        :math:`B = C` diagonal included, in block order."""
+        pairs = []
+        for block in self.blocks:
+            family, size = block.children.shape
+            rows = block.children[:, :, None].expand(family, size, size)
+            cols = block.children[:, None, :].expand(family, size, size)
+            pairs.append(torch.stack([rows.reshape(-1), cols.reshape(-1)]))
+        if not pairs:
+            return self.isolated_leaves.new_empty(2, 0)
+        return torch.cat(pairs, dim=1)
+
+
+def build_sweep_plan(parent: Tensor, num_leaves: int, depth: Tensor,
+                     num_leaves_below: Tensor,
+                     pairs_per_block: int = PAIRS_PER_BLOCK) -> SweepPlan:
+    r"""Groups the families of a validated hierarchy into blocks.
+
+    Cost: a few sorts over the :math:`N + M` nodes, :math:`O((N+M)\log(N+M))`.
+    """
+    num_nodes = parent.numel()
+    child = (parent >= 0).nonzero().view(-1)
+    family_of_child = parent[child]
+    num_children = torch.bincount(family_of_child, minlength=num_nodes)
+    first_child = torch.full((num_nodes, ), num_nodes, dtype=torch.long)
+    first_child.scatter_reduce_(0, family_of_child, child, reduce='amin')
+
+    # Order children by (parent depth descending, family size, family's first
+    # child, child id): families become contiguous runs, blocks contiguous
+    # groups of runs, and families of consecutive leaves consecutive runs.
+    order = torch.arange(child.numel())
+    for key in (first_child[family_of_child], num_children[family_of_child],
+                -depth[family_of_child]):
+        order = order[torch.argsort(key[order], stable=True)]
+    child = child[order]
+    family_of_child = family_of_child[order]
+    family_depth = depth[family_of_child]
+    family_size = num_children[family_of_child]
+
+    largest = int(family_size.max()) if child.numel() else 0
+    group_key = family_depth * (largest + 1) + family_size
+    group_lengths = torch.unique_consecutive(group_key, return_counts=True)[1].tolist()
+    count = num_leaves_below.to(torch.float64)
+    blocks: List[FamilyBlock] = []
+    start = 0
+    for length in group_lengths:
+        size = int(family_size[start])
+        children = child[start:start + length].view(-1, size)
+        parents = family_of_child[start:start + length:size]
+        step = max(1, pairs_per_block // (size * size))
+        for first in range(0, children.size(0), step):
+            blocks.append(_make_block(int(family_depth[start]), parents[first:first + step],
+                                      children[first:first + step], num_leaves, count))
+        start += length
+    isolated = ((parent < 0) & (torch.arange(num_nodes) < num_leaves)).nonzero().view(-1)
+    return SweepPlan(num_leaves, num_nodes - num_leaves, blocks, isolated)
+
+
+def _make_block(depth: int, parents: Tensor, children: Tensor, num_leaves: int,
+                count: Tensor) -> FamilyBlock:
+    flat = children.reshape(-1)
+    is_leaf = flat < num_leaves
+    leaf_slot = is_leaf.nonzero().view(-1)
+    cluster_slot = (~is_leaf).nonzero().view(-1)
+    leaf_range = None
+    if bool(is_leaf.all()):
+        start = int(flat[0])
+        if torch.equal(flat, torch.arange(start, start + flat.numel())):
+            leaf_range = (start, start + flat.numel())
+    return FamilyBlock(depth=depth, parents=parents - num_leaves, children=children,
+                       child_count=count[children], parent_count=count[parents],
+                       leaf_slot=leaf_slot, leaf_id=flat[leaf_slot],
+                       cluster_slot=cluster_slot, cluster_id=flat[cluster_slot] - num_leaves,
+                       leaf_range=leaf_range)

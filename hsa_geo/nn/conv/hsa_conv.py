@@ -1,0 +1,162 @@
+from typing import Optional, Tuple, Union, overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.nn.conv import MessagePassing
+from torch_geometric.nn.dense.linear import Linear
+
+from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
+from hsa_geo.hierarchy import Hierarchy
+
+
+class HSAConv(MessagePassing):
+    r"""The Hierarchical Self-Attention operator from the `"Hierarchical
+    Self-Attention: Generalizing Neural Attention Mechanics to Multi-Scale
+    Problems" <https://arxiv.org/abs/2509.15448>`_ paper.
+
+    Global attention over the leaves of a nested signal (a tree of clusters
+    over the nodes): instead of softmax attention, every head uses the
+    row-stochastic matrix :math:`A` closest to it in KL divergence among the
+    matrices constant on each block of leaves under two sibling subtrees,
+
+    .. math::
+        \mathbf{x}^{\prime}_i = \mathbf{W}_1 \mathbf{x}_i +
+        \big\Vert_{h=1}^{H} \sum_{j} a^{(h)}_{ij} \mathbf{W}^{(h)}_{v} \mathbf{x}_j,
+        \qquad
+        A^{(h)} = \operatorname*{arg\,min}_{A \in \mathcal{B}(\mathcal{T})}
+        \sum_i \mathrm{KL}\big(A_i \,\Vert\, \mathrm{softmax}_j
+        (\tfrac{1}{\sqrt{d}} \langle \mathbf{W}^{(h)}_q \mathbf{x}_i,
+        \mathbf{W}^{(h)}_k \mathbf{x}_j \rangle)\big),
+
+    computed exactly by a bottom-up and a top-down sweep over the tree in
+    :math:`O((N + M)\, b\, d)` (:math:`M` clusters, branching :math:`b`)
+    instead of :math:`O(N^2 d)`. On a flat tree (one root over all leaves)
+    it is multi-head softmax attention. Attention never crosses the trees of
+    a forest, i.e. the graphs of a batch.
+
+    Args:
+        in_channels (int): Size of each input sample, or :obj:`-1` to derive
+            it from the first input.
+        out_channels (int): Size of each output sample per head.
+        heads (int, optional): Number of attention heads. (default: :obj:`1`)
+        concat (bool, optional): If set to :obj:`False`, the heads are
+            averaged instead of concatenated. (default: :obj:`True`)
+        dropout (float, optional): Dropout probability of the attention
+            output of each head during training (HSA never materialises
+            per-pair weights to drop). (default: :obj:`0.`)
+        bias (bool, optional): If set to :obj:`False`, the layer will not
+            learn an additive bias. (default: :obj:`True`)
+        root_weight (bool, optional): If set to :obj:`False`, the layer will
+            not add the transformed root node features
+            :math:`\mathbf{W}_1 \mathbf{x}_i` to the output.
+            (default: :obj:`True`)
+        **kwargs (optional): Additional arguments of
+            :class:`torch_geometric.nn.conv.MessagePassing`.
+
+    Shapes:
+        - **input:** leaf features :math:`(N, F_{in})`, a
+          :class:`~hsa_geo.Hierarchy` over the :math:`N` leaves
+        - **output:** leaf features :math:`(N, H \cdot F_{out})` or
+          :math:`(N, F_{out})` if :obj:`concat=False`; with
+          :obj:`return_attention_weights=True` also a
+          :class:`~hsa_geo.functional.BlockAttention` (block weights
+          :math:`(E, H)` for :math:`E` ordered sibling pairs, subtree masses
+          :math:`(N + M, H)`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        heads: int = 1,
+        concat: bool = True,
+        dropout: float = 0.,
+        bias: bool = True,
+        root_weight: bool = True,
+        **kwargs,
+    ):
+        kwargs.setdefault('aggr', 'add')
+        super().__init__(node_dim=0, **kwargs)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.heads = heads
+        self.concat = concat
+        self.dropout = dropout
+        self.root_weight = root_weight
+
+        self.lin_query = Linear(in_channels, heads * out_channels)
+        self.lin_key = Linear(in_channels, heads * out_channels)
+        self.lin_value = Linear(in_channels, heads * out_channels)
+        width = heads * out_channels if concat else out_channels
+        if root_weight:
+            self.lin_skip = Linear(in_channels, width, bias=bias)
+        else:
+            self.lin_skip = None
+        if bias and not root_weight:
+            self.bias = torch.nn.Parameter(torch.empty(width))
+        else:
+            self.register_parameter('bias', None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        self.lin_query.reset_parameters()
+        self.lin_key.reset_parameters()
+        self.lin_value.reset_parameters()
+        if self.lin_skip is not None:
+            self.lin_skip.reset_parameters()
+        if self.bias is not None:
+            torch.nn.init.zeros_(self.bias)
+
+    @overload
+    def forward(self, x: Tensor, hierarchy: Hierarchy,
+                return_attention_weights: None = None) -> Tensor:
+        pass
+
+    @overload
+    def forward(self, x: Tensor, hierarchy: Hierarchy,
+                return_attention_weights: bool) -> Tuple[Tensor, BlockAttention]:
+        pass
+
+    def forward(
+        self,
+        x: Tensor,
+        hierarchy: Hierarchy,
+        return_attention_weights: Optional[bool] = None,
+    ) -> Union[Tensor, Tuple[Tensor, BlockAttention]]:
+        r"""Runs the forward pass of the module.
+
+        Args:
+            x (torch.Tensor): The leaf features :math:`(N, F_{in})`.
+            hierarchy (Hierarchy): The tree (or forest, one per graph) over
+                the :math:`N` leaves; build it once per batch, e.g. with
+                :func:`hsa_geo.data.hierarchy_from_data`.
+            return_attention_weights (bool, optional): If set to
+                :obj:`True`, also returns the block-level attention.
+                (default: :obj:`None`)
+        """
+        if x.dim() != 2:
+            raise ValueError(f"HSAConv expects leaf features of shape [N, F] "
+                             f"(got {tuple(x.shape)})")
+        heads, channels = self.heads, self.out_channels
+        query = self.lin_query(x).view(-1, heads, channels)
+        key = self.lin_key(x).view(-1, heads, channels)
+        value = self.lin_value(x).view(-1, heads, channels)
+
+        out = hsa(query, key, value, hierarchy)
+        out = F.dropout(out, p=self.dropout, training=self.training)
+        out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
+
+        if self.lin_skip is not None:
+            out = out + self.lin_skip(x)
+        if self.bias is not None:
+            out = out + self.bias
+
+        if return_attention_weights:
+            return out, hsa_block_weights(query.detach(), key.detach(), hierarchy)
+        return out
+
+    def __repr__(self) -> str:
+        return (f'{self.__class__.__name__}({self.in_channels}, '
+                f'{self.out_channels}, heads={self.heads})')
