@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from hsa_geo import Hierarchy
+from random_trees import balanced_parent, random_parent
+
+
+def test_from_parent_derives_depth_counts_and_summary():
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 6, 6, 6, -1]), num_leaves=4)
+    assert hierarchy.depth.tolist() == [2, 2, 2, 1, 1, 1, 0]
+    assert hierarchy.num_leaves_below.tolist() == [1, 1, 1, 1, 2, 1, 4]
+    assert hierarchy.num_children.tolist() == [0, 0, 0, 0, 2, 1, 3]
+    summary = hierarchy.summary()
+    assert summary['max_children'] == 3 and summary['sibling_pairs'] == 4 + 1 + 9
+    assert summary['single_child_clusters'] == 1
+    assert repr(hierarchy) == 'Hierarchy(num_leaves=4, num_clusters=3, num_trees=1, max_depth=2)'
+
+
+def test_plan_groups_families_by_depth_and_size_deepest_first():
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 6, 6, 6, -1]), num_leaves=4)
+    plan = hierarchy.plan()
+    depths = [block.depth for block in plan.blocks]
+    assert depths == sorted(depths, reverse=True)
+    families = sorted((block.parents + 4).tolist()[f] for block in plan.blocks
+                      for f in range(block.num_families))
+    assert families == [4, 5, 6]
+    assert hierarchy.plan() is plan  # cached
+
+
+def test_forest_and_isolated_leaf():
+    hierarchy = Hierarchy.from_parent(torch.tensor([3, 3, -1, -1]), num_leaves=3)
+    assert hierarchy.num_trees == 2
+    assert hierarchy.plan().isolated_leaves.tolist() == [2]
+
+
+@pytest.mark.parametrize('parent,num_leaves,message', [
+    (torch.tensor([2.0, 2.0, -1.0]), 2, 'integer node ids'),
+    (torch.tensor([True, False]), 2, 'integer node ids'),
+    (torch.tensor([[2, 2, -1]]), 2, 'one-dimensional'),
+    (torch.tensor([], dtype=torch.long), 0, 'at least one leaf'),
+    (torch.tensor([2]), 2, 'has length 1'),
+    (torch.tensor([2, 7, -1]), 2, 'Node 1 has parent 7, out of range'),
+    (torch.tensor([2, -2, -1]), 2, 'Node 1 has parent -2, out of range'),
+    (torch.tensor([2, 2, 2]), 2, 'Node 2 is its own parent'),
+    (torch.tensor([1, 2, -1]), 2, 'Node 0 has parent 1, which is a leaf'),
+    (torch.tensor([2, 2, -1, -1]), 2, 'Cluster node 3 has no children'),
+    (torch.tensor([2, 2, 3, 4, 2]), 2, r'cycle through nodes \[2, 3, 4\]'),
+])
+def test_validation_errors_name_the_node(parent, num_leaves, message):
+    with pytest.raises(ValueError, match=message):
+        Hierarchy.from_parent(parent, num_leaves)
+
+
+def test_graph_ids_one_root_per_graph_and_no_crossing_edges():
+    parent = torch.tensor([4, 4, 5, 5, -1, -1])
+    with pytest.raises(ValueError, match='Graph 0 has 2 roots'):
+        Hierarchy.from_parent(parent, 4, batch=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r'Node 1 \(graph 1\) has parent 4 in another graph'):
+        Hierarchy.from_parent(parent, 4, batch=torch.tensor([0, 1, 1, 1, 0, 1]))
+    with pytest.raises(ValueError, match="'batch' has 3 entries"):
+        Hierarchy.from_parent(parent, 4, batch=torch.tensor([0, 0, 1]))
+    ok = Hierarchy.from_parent(parent, 4, batch=torch.tensor([0, 0, 1, 1, 0, 1]))
+    assert ok.leaf_batch.tolist() == [0, 0, 1, 1]
+
+
+def test_long_chain_depth_by_pointer_jumping():
+    # leaf 0 under a chain of 300 single-child clusters
+    parent = torch.arange(1, 302)
+    parent[-1] = -1
+    hierarchy = Hierarchy.from_parent(parent, 1)
+    assert hierarchy.max_depth == 300
+    assert hierarchy.num_leaves_below.tolist() == [1] * 301
+
+
+@pytest.mark.parametrize('seed', range(30))
+def test_batching_keeps_every_tree(seed):
+    parts = [random_parent(seed + i) for i in range(3)]
+    hierarchies = [Hierarchy.from_parent(p, n) for p, n in parts]
+    forest = Hierarchy.batch_hierarchies(hierarchies)
+    assert forest.num_trees == 3
+    assert forest.num_leaves == sum(h.num_leaves for h in hierarchies)
+    # every graph's leaves keep their counts under each root
+    roots = forest.roots
+    sizes = forest.num_leaves_below[roots].tolist()
+    assert sizes == [h.num_leaves for h in hierarchies]
+    # validation of the batched forest accepts it again
+    again = Hierarchy.from_parent(forest.parent, forest.num_leaves, batch=forest.batch)
+    assert torch.equal(again.depth, forest.depth)
+
+
+def test_plan_moves_to_device_and_edge_index():
+    hierarchy = Hierarchy.from_parent(balanced_parent(20, 3), 20)
+    edges = hierarchy.edge_index
+    assert edges.shape == (2, hierarchy.num_nodes - 1)
+    assert torch.equal(hierarchy.parent[edges[0]], edges[1])
+    plan = hierarchy.plan()
+    moved = hierarchy.to('cpu')
+    assert moved.plan() is plan

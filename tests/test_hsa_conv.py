@@ -1,0 +1,83 @@
+import pytest
+import torch
+from torch_geometric.loader import DataLoader
+
+from hsa_geo import Hierarchy, HSAConv, NestedSignal, hierarchy_from_data
+from hsa_geo.functional import block_attention_to_dense, hsa_dense
+from random_trees import random_hierarchy
+
+
+@pytest.mark.parametrize('heads', [1, 3])
+@pytest.mark.parametrize('concat', [True, False])
+@pytest.mark.parametrize('root_weight', [True, False])
+@pytest.mark.parametrize('bias', [True, False])
+def test_hsa_conv_shapes_and_parameters(heads, concat, root_weight, bias):
+    hierarchy = random_hierarchy(1)
+    x = torch.randn(hierarchy.num_leaves, 8)
+    conv = HSAConv(8, 4, heads=heads, concat=concat, root_weight=root_weight, bias=bias)
+    assert repr(conv) == f'HSAConv(8, 4, heads={heads})'
+    out = conv(x, hierarchy)
+    assert out.shape == (hierarchy.num_leaves, 4 * heads if concat else 4)
+    out.sum().backward()
+    assert all(p.grad is not None for p in conv.parameters())
+    conv.reset_parameters()
+
+
+def test_hsa_conv_flat_tree_equals_multihead_softmax():
+    torch.manual_seed(0)
+    x = torch.randn(10, 6)
+    conv = HSAConv(6, 5, heads=2, root_weight=False, bias=False)
+    out = conv(x, Hierarchy.flat(10))
+    q = conv.lin_query(x).view(10, 2, 5).transpose(0, 1)
+    k = conv.lin_key(x).view(10, 2, 5).transpose(0, 1)
+    v = conv.lin_value(x).view(10, 2, 5).transpose(0, 1)
+    expected = torch.softmax(q @ k.transpose(1, 2) / 5 ** 0.5, -1) @ v
+    torch.testing.assert_close(out, expected.transpose(0, 1).reshape(10, 10))
+
+
+def test_attention_weights_rebuild_the_dense_matrix():
+    hierarchy = random_hierarchy(4)
+    x = torch.randn(hierarchy.num_leaves, 8, dtype=torch.float64)
+    conv = HSAConv(8, 4, heads=2).double()
+    out, attention = conv(x, hierarchy, return_attention_weights=True)
+    assert attention.pair_weight.shape[1] == 2
+    assert attention.subtree_mass.shape == (hierarchy.num_nodes, 2)
+    q = conv.lin_query(x).view(-1, 2, 4)
+    k = conv.lin_key(x).view(-1, 2, 4)
+    dense = hsa_dense(q, k, hierarchy)
+    torch.testing.assert_close(block_attention_to_dense(attention, hierarchy), dense.detach())
+    v = conv.lin_value(x).view(-1, 2, 4)
+    expected = torch.einsum('hij,jhd->ihd', dense, v).reshape(-1, 8) + conv.lin_skip(x)
+    torch.testing.assert_close(out, expected)
+
+
+def test_batched_loader_equals_graphs_alone_and_lazy_channels():
+    graphs = [random_hierarchy(seed) for seed in range(4)]
+    data = [NestedSignal.from_hierarchy(torch.randn(h.num_leaves, 7), h, y=torch.tensor([i]))
+            for i, h in enumerate(graphs)]
+    conv = HSAConv(-1, 3, heads=2)
+    batch = next(iter(DataLoader(data, batch_size=4)))
+    forest = hierarchy_from_data(batch)
+    assert forest.num_trees == 4
+    out = conv(batch.x, forest)
+    alone = torch.cat([conv(d.x, hierarchy_from_data(d)) for d in data])
+    torch.testing.assert_close(out, alone)
+
+
+def test_dropout_only_in_training():
+    hierarchy = random_hierarchy(2)
+    x = torch.randn(hierarchy.num_leaves, 4)
+    conv = HSAConv(4, 4, dropout=0.5)
+    conv.eval()
+    torch.testing.assert_close(conv(x, hierarchy), conv(x, hierarchy))
+    conv.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(conv(x, hierarchy), conv.eval()(x, hierarchy))
+
+
+def test_bad_input_errors():
+    conv = HSAConv(4, 4)
+    with pytest.raises(ValueError, match=r'shape \[N, F\]'):
+        conv(torch.randn(3, 2, 4), Hierarchy.flat(3))
+    with pytest.raises(ValueError, match='4 rows but the hierarchy has 3 leaves'):
+        conv(torch.randn(4, 4), Hierarchy.flat(3))
