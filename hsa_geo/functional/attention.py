@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from hsa_geo.functional.sweep import HSAFunction, _FamilyState, bottom_up
+from hsa_geo.functional.sweep import HSAFunction, bottom_up, subtree_log_mass
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -52,7 +52,8 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     :math:`-\nabla_{q}\, N\phi(\mathrm{root}) = \text{scale}\cdot A K`."""
     (q, k), single_head, dtype = _prepare((q, k), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
-    phi = bottom_up(q, k, k, hierarchy.plan(q.device), scale)[3].to(dtype)
+    phi = bottom_up(q.transpose(0, 1), k.transpose(0, 1), None, hierarchy.plan(q.device),
+                    scale).phi.t().to(dtype)
     return phi.squeeze(1) if single_head else phi
 
 
@@ -78,19 +79,15 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     (q, k), single_head, _ = _prepare((q, k), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
     plan = hierarchy.plan(q.device)
-    mean_q, mean_k, mean_v, phi, log_z = bottom_up(q, k, k, plan, scale)
-    log_mass = q.new_zeros(plan.num_nodes, q.size(1))
-    weights = [None] * len(plan.blocks)
-    for index in reversed(range(len(plan.blocks))):
-        block = plan.blocks[index]
-        state = _FamilyState(block, q, k, k, mean_q, mean_k, mean_v, phi, log_z, scale)
-        per_leaf = state.alpha - state.count.log()[:, None, None, :]
-        self_log = state.alpha.diagonal(dim1=-2, dim2=-1)
-        per_leaf.diagonal(dim1=-2, dim2=-1).copy_(self_log)
-        log_mass[block.children] = (log_mass[plan.num_leaves + block.parents][:, :, None]
-                                    + self_log).transpose(1, 2)
-        weights[index] = per_leaf.exp().permute(0, 2, 3, 1).reshape(-1, q.size(1))
-    pair_weight = torch.cat(weights) if weights else q.new_empty(0, q.size(1))
+    state = bottom_up(q.transpose(0, 1), k.transpose(0, 1), None, plan, scale)
+    pair_weight = []
+    for block, weight in zip(plan.blocks, state.weights):
+        # per leaf of C: the block's share divided by |C|; mu(B) on the diagonal
+        per_leaf = weight / block.child_count.to(weight.dtype)[None, :, None, :]
+        per_leaf.diagonal(dim1=-2, dim2=-1).copy_(weight.diagonal(dim1=-2, dim2=-1))
+        pair_weight.append(per_leaf.permute(1, 2, 3, 0).reshape(-1, q.size(1)))
+    pair_weight = torch.cat(pair_weight) if pair_weight else q.new_empty(0, q.size(1))
+    log_mass = subtree_log_mass(plan, state.self_log).t()
     result = BlockAttention(plan.sibling_pairs(), pair_weight, log_mass.exp())
     if single_head:
         result = BlockAttention(result.pair_index, result.pair_weight[:, 0],

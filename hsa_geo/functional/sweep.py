@@ -1,20 +1,24 @@
-r"""The exact HSA dynamic program: one bottom-up and one top-down sweep over
-the families of a :class:`~hsa_geo.hierarchy.plan.SweepPlan`, plus the
-hand-derived backward pass (two more sweeps). docs/derivation.md derives
-every line; the notation here follows it:
+r"""The exact HSA dynamic program: a bottom-up and a top-down sweep over the
+families of a :class:`~hsa_geo.hierarchy.plan.SweepPlan`, and the
+hand-derived backward pass (two more sweeps). docs/derivation.rst derives
+every line; the names here follow it:
 
-* ``t[f, h, b, c]`` = :math:`\bar s(B, C) + \log|C|` for siblings
-  :math:`B \neq C`, and :math:`-\phi(B)` on the diagonal;
-* ``log_z`` = :math:`\log Z_B`, ``alpha`` = ``t - log_z`` (log block masses);
-* ``log_mass`` = :math:`\log P(B)`, the product of the masses :math:`\mu`
-  kept inside every subtree on the path from the root to :math:`B`.
+* ``t[h, f, b, c]`` = :math:`\bar s(B, C) + \log|C|` for siblings
+  :math:`B \neq C`, :math:`-\phi(B)` on the diagonal;
+* ``weight`` = :math:`\exp(t - \log Z_B)`, row-stochastic over :math:`c`: the
+  share of :math:`B`'s mass sent to the whole of :math:`C` (to itself on the
+  diagonal, :math:`\mu(B)`);
+* ``self_log`` = :math:`\log \mu(B)`, ``log_mass`` = :math:`\log P(B)`, the
+  log of the product of :math:`\mu` from below the root down to :math:`B`.
 
-Tensors are ``[nodes, heads, dim]``; node buffers hold all
-:math:`N + M` nodes, cluster buffers only the :math:`M` clusters.
+Tensors are heads-first, ``[H, nodes, D]``, so every sibling interaction of
+a block is one batched matrix product per head. Leaf buffers hold the
+:math:`N` leaves, cluster buffers the :math:`M` clusters, node buffers all
+:math:`N + M` nodes.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -23,200 +27,262 @@ from torch.autograd.function import once_differentiable
 from hsa_geo.hierarchy.plan import FamilyBlock, SweepPlan
 
 
+# --------------------------------------------------------------- index helpers
 def gather_children(leaf: Tensor, cluster: Tensor, block: FamilyBlock) -> Tensor:
-    r"""``[F, b, ...]`` rows of the children of :obj:`block`, read from the
-    leaf tensor or the cluster tensor (a view when children are a leaf
-    range)."""
+    r"""``[H, F, b, ...]`` rows of the children of :obj:`block`, read from the
+    leaf or the cluster buffer (a view when the children are a leaf range)."""
     family, size = block.children.shape
-    rest = leaf.shape[1:]
+    heads, rest = leaf.size(0), leaf.shape[2:]
     if block.leaf_range is not None:
         start, end = block.leaf_range
-        return leaf[start:end].view(family, size, *rest)
+        return leaf[:, start:end].view(heads, family, size, *rest)
     if block.leaf_slot.numel() == 0:
-        return cluster[block.cluster_id].view(family, size, *rest)
-    out = leaf.new_empty((family * size, ) + rest)
-    out[block.leaf_slot] = leaf[block.leaf_id]
-    out[block.cluster_slot] = cluster[block.cluster_id]
-    return out.view(family, size, *rest)
+        return cluster[:, block.cluster_id].view(heads, family, size, *rest)
+    out = leaf.new_empty((heads, family * size) + rest)
+    out[:, block.leaf_slot] = leaf[:, block.leaf_id]
+    out[:, block.cluster_slot] = cluster[:, block.cluster_id]
+    return out.view(heads, family, size, *rest)
 
 
-def scatter_children(values: Tensor, cluster: Tensor, block: FamilyBlock) -> Tensor:
-    r"""Writes the cluster children's rows of ``values`` (``[F, b, ...]``)
-    into :obj:`cluster`; returns the leaf children's rows, in the order of
-    ``block.leaf_id``."""
-    flat = values.reshape((-1, ) + values.shape[2:])
+def node_rows(buffer: Tensor, block: FamilyBlock) -> Tensor:
+    r"""``[H, F, b]`` entries of a node buffer ``[H, N + M]`` for the
+    children of :obj:`block` (a view for a leaf range)."""
+    if block.leaf_range is not None:
+        start, end = block.leaf_range
+        return buffer[:, start:end].view(buffer.size(0), *block.children.shape)
+    return buffer[:, block.children]
+
+
+def leaf_target(leaf: Tensor, block: FamilyBlock) -> Optional[Tensor]:
+    r"""``[H, F, b, ...]`` view of the leaf buffer rows of a leaf-range
+    block (results are computed straight into it), else :obj:`None`."""
+    if block.leaf_range is None:
+        return None
+    start, end = block.leaf_range
+    return leaf[:, start:end].view(leaf.size(0), *block.children.shape, *leaf.shape[2:])
+
+
+def write_children(values: Tensor, leaf: Tensor, cluster: Tensor, block: FamilyBlock,
+                   cluster_values: Optional[Tensor] = None) -> None:
+    r"""Writes ``[H, F, b, ...]`` rows of the leaf children to the leaf
+    buffer and of the cluster children (from :obj:`cluster_values` if given)
+    to the cluster buffer."""
+    heads = values.size(0)
+    flat = values.reshape((heads, -1) + values.shape[3:])
+    if block.leaf_slot.numel() > 0:
+        leaf[:, block.leaf_id] = flat[:, block.leaf_slot]
     if block.cluster_slot.numel() > 0:
-        cluster[block.cluster_id] = flat[block.cluster_slot]
-    if block.leaf_range is not None:
-        return flat
-    return flat[block.leaf_slot]
+        source = flat if cluster_values is None else cluster_values.reshape(flat.shape)
+        cluster[:, block.cluster_id] = source[:, block.cluster_slot]
 
 
-def leaf_rows(leaf: Tensor, block: FamilyBlock) -> Tensor:
-    r"""Rows of :obj:`leaf` for the leaf children of :obj:`block`."""
-    if block.leaf_range is not None:
-        return leaf[block.leaf_range[0]:block.leaf_range[1]]
-    return leaf[block.leaf_id]
+def per_head_matmul(left: Tensor, right: Tensor, base: Optional[Tensor] = None,
+                    alpha: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
+    r"""``base + alpha * left @ right`` for ``[H, F, x, y] @ [H, F, y, z]``
+    (:obj:`base` broadcast to ``[H, F, x, z]``). Without grad it is one
+    fused ``baddbmm`` per head written into :obj:`out`, so strided views (a
+    slice of a leaf buffer, a transpose) are never copied."""
+    if torch.is_grad_enabled():
+        product = torch.matmul(left, right) * alpha
+        return product if base is None else product + base
+    if out is None:
+        out = left.new_empty(left.shape[:3] + right.shape[3:])
+    beta = 1.0
+    if base is None:
+        base, beta = left.new_zeros(()), 0.0
+    base = base.expand(out.shape)
+    for head in range(left.size(0)):
+        torch.baddbmm(base[head], left[head], right[head], beta=beta, alpha=alpha, out=out[head])
+    return out
 
 
-def write_leaf_rows(leaf: Tensor, values: Tensor, block: FamilyBlock) -> None:
-    if block.leaf_range is not None:
-        leaf[block.leaf_range[0]:block.leaf_range[1]] = values
-    else:
-        leaf[block.leaf_id] = values
+def diagonal(pairs: Tensor) -> Tensor:
+    r"""``[H, F, b]`` view of the :math:`B = C` entries of ``[H, F, b, b]``."""
+    return pairs.diagonal(dim1=-2, dim2=-1)
 
 
-def family_scores(block: FamilyBlock, query: Tensor, key: Tensor, phi: Tensor,
-                  scale: float, log_count: Tensor) -> Tensor:
-    r"""``t[f, h, b, c]``: scaled mean-query/mean-key products plus
-    :math:`\log|C|`, with :math:`-\phi` of each child on the diagonal."""
-    t = torch.einsum('fbhd,fchd->fhbc', query, key) * scale
-    t = t + log_count[:, None, None, :]
-    t.diagonal(dim1=-2, dim2=-1).copy_(-phi[block.children].transpose(1, 2))
-    return t
+def family_mean(rows: Tensor, block: FamilyBlock) -> Tensor:
+    r"""``[H, F, D]`` leaf-weighted mean of the children's means."""
+    if block.equal_children:
+        return rows.mean(2)
+    return (rows * block.share.to(rows.dtype)[None, :, :, None]).sum(2)
 
 
-def bottom_up(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan, scale: float):
-    r"""Means of q, k, v per cluster, :math:`\phi` and :math:`\log Z` per node.
+# ------------------------------------------------------------------ bottom-up
+class BottomUp(NamedTuple):
+    mean_q: Tensor  #: ``[H, M, D]``
+    mean_k: Tensor  #: ``[H, M, D]``
+    mean_v: Optional[Tensor]  #: ``[H, M, D_v]``
+    phi: Tensor  #: ``[H, N + M]``
+    self_log: Tensor  #: ``[H, N + M]`` log mu of every non-root node
+    weights: List[Tensor]  #: ``[H, F, b, b]`` per block, in plan order
 
-    Differentiable by autograd (used for :math:`\phi` on its own); the fused
-    HSA function calls it without grad.
+
+def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
+              scale: float) -> BottomUp:
+    r"""Cluster means, :math:`\phi`, :math:`\log\mu` and the family weights.
+
+    Inputs are heads-first ``[H, N, D]``. Differentiable by autograd when
+    grad mode is on; the fused HSA function calls it without grad.
     """
-    num_leaves, heads = q.size(0), q.size(1)
-    num_nodes = plan.num_nodes
-    mean_q = q.new_zeros((plan.num_clusters, ) + q.shape[1:])
-    mean_k = k.new_zeros((plan.num_clusters, ) + k.shape[1:])
-    mean_v = v.new_zeros((plan.num_clusters, ) + v.shape[1:])
-    phi = q.new_zeros(num_nodes, heads)
-    phi[:num_leaves] = -scale * (q * k).sum(-1)
-    log_z = q.new_zeros(num_nodes, heads)
+    heads, num_leaves = q.size(0), q.size(1)
+    mean_q = q.new_zeros(heads, plan.num_clusters, q.size(2))
+    mean_k = k.new_zeros(heads, plan.num_clusters, k.size(2))
+    mean_v = None if v is None else v.new_zeros(heads, plan.num_clusters, v.size(2))
+    phi = q.new_zeros(heads, plan.num_nodes)
+    phi[:, :num_leaves] = -scale * (q * k).sum(-1)
+    self_log = q.new_zeros(heads, plan.num_nodes)
+    weights = []
     for block in plan.blocks:
-        count = block.child_count.to(q.dtype)
-        share = count / block.parent_count.to(q.dtype)[:, None]
         query = gather_children(q, mean_q, block)
         key = gather_children(k, mean_k, block)
-        mean_q[block.parents] = torch.einsum('fb,fbhd->fhd', share, query)
-        mean_k[block.parents] = torch.einsum('fb,fbhd->fhd', share, key)
-        mean_v[block.parents] = torch.einsum('fb,fbhd->fhd', share,
-                                             gather_children(v, mean_v, block))
-        block_log_z = torch.logsumexp(family_scores(block, query, key, phi, scale, count.log()), -1)
-        log_z[block.children] = block_log_z.transpose(1, 2)
-        phi[num_leaves + block.parents] = -(share[:, None, :] * block_log_z).sum(-1)
-    return mean_q, mean_k, mean_v, phi, log_z
+        mean_q[:, block.parents] = family_mean(query, block)
+        mean_k[:, block.parents] = family_mean(key, block)
+        if v is not None:
+            mean_v[:, block.parents] = family_mean(gather_children(v, mean_v, block), block)
+
+        log_count = None
+        if not block.unit_children:
+            log_count = block.child_count.log().to(q.dtype)[None, :, None, :]
+        scores = per_head_matmul(query, key.transpose(-1, -2), log_count, alpha=scale)
+        child_phi = node_rows(phi, block)
+        diagonal(scores).copy_(-child_phi)
+        # log_softmax gives alpha = t - log Z in one fused kernel; the
+        # diagonal recovers log Z = t_BB - alpha_BB, finite since every
+        # score is finite.
+        alpha = torch.log_softmax(scores, -1)
+        self_log[:, block.children] = diagonal(alpha)
+        log_z = -child_phi - diagonal(alpha)
+        phi[:, num_leaves + block.parents] = -(block.share.to(q.dtype)[None] * log_z).sum(-1)
+        weights.append(alpha.exp() if torch.is_grad_enabled() else alpha.exp_())
+    return BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
 
 
-class _FamilyState:
-    r"""What the top-down and backward sweeps recompute for one block."""
-
-    def __init__(self, block, q, k, v, mean_q, mean_k, mean_v, phi, log_z, scale):
-        self.count = block.child_count.to(q.dtype)
-        self.query = gather_children(q, mean_q, block)
-        self.key = gather_children(k, mean_k, block)
-        self.value = gather_children(v, mean_v, block)
-        t = family_scores(block, self.query, self.key, phi, scale, self.count.log())
-        self.alpha = t - log_z[block.children].transpose(1, 2)[..., None]
-        self.weight = self.alpha.exp()  # row-stochastic over c
+# ------------------------------------------------------------------- forward
+def subtree_log_mass(plan: SweepPlan, self_log: Tensor) -> Tensor:
+    r"""``[H, N + M]`` :math:`\log P(B) = \sum \log \mu` over the path from
+    below the root down to :math:`B` (0 at roots)."""
+    log_mass = torch.zeros_like(self_log)
+    for block in reversed(plan.blocks):
+        parent_log_mass = log_mass[:, plan.num_leaves + block.parents]
+        log_mass[:, block.children] = parent_log_mass[..., None] + self_log[:, block.children]
+    return log_mass
 
 
-def hsa_sweeps(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
-               scale: float) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    r"""Forward HSA without autograd: returns the output and the per-node
-    state the backward pass needs."""
-    num_leaves = q.size(0)
-    mean_q, mean_k, mean_v, phi, log_z = bottom_up(q, k, v, plan, scale)
-    log_mass = q.new_zeros(plan.num_nodes, q.size(1))
-    out_cluster = v.new_zeros(mean_v.shape)
+def top_down(v: Tensor, plan: SweepPlan, state: BottomUp):
+    r"""Outputs ``[H, N, D_v]`` and :math:`\log P` of every node.
+
+    For a leaf :math:`i` in family :math:`A`,
+    :math:`y_i = O(A) + P(A) \sum_c w_{ic} \bar v_c`, where the diagonal term
+    :math:`w_{ii} v_i` is the leaf's own share; for a cluster child the
+    diagonal term is removed, as that mass is handed further down.
+    """
+    log_mass = subtree_log_mass(plan, state.self_log)
+    out_cluster = v.new_zeros(state.mean_v.shape)
     out = v.new_empty(v.shape)
-    out[plan.isolated_leaves] = v[plan.isolated_leaves]
-    for block in reversed(plan.blocks):
-        state = _FamilyState(block, q, k, v, mean_q, mean_k, mean_v, phi, log_z, scale)
-        child_log_mass = state.alpha.diagonal(dim1=-2, dim2=-1).transpose(1, 2)  # [F, b, H]
-        weight = state.weight
-        weight.diagonal(dim1=-2, dim2=-1).zero_()
-        message = torch.einsum('fhbc,fchd->fbhd', weight, state.value)
-        parent_log_mass = log_mass[num_leaves + block.parents]  # [F, H]
-        child_log_mass = parent_log_mass[:, None, :] + child_log_mass
-        log_mass[block.children] = child_log_mass
-        child_out = out_cluster[block.parents][:, None] + parent_log_mass.exp()[:, None, :, None] * message
-        leaf_out = scatter_children(child_out, out_cluster, block)
-        if leaf_out.numel() > 0:
-            leaf_mass = leaf_rows(log_mass, block).exp()[..., None]
-            write_leaf_rows(out, leaf_out + leaf_mass * leaf_rows(v, block), block)
-    return out, (mean_q, mean_k, mean_v, phi, log_z, log_mass)
+    out[:, plan.isolated_leaves] = v[:, plan.isolated_leaves]
+    for block, weight in zip(reversed(plan.blocks), reversed(state.weights)):
+        value = gather_children(v, state.mean_v, block)
+        parent_mass = log_mass[:, plan.num_leaves + block.parents].exp()[..., None, None]
+        scaled_weight = weight * parent_mass  # P(A) w_bc
+        child_out = per_head_matmul(scaled_weight, value, out_cluster[:, block.parents, None],
+                                    out=leaf_target(out, block))
+        if block.leaf_range is None:
+            own = None
+            if block.cluster_slot.numel() > 0:
+                own = child_out - diagonal(scaled_weight)[..., None] * value
+            write_children(child_out, out, out_cluster, block, own)
+    return out, log_mass
 
 
-def hsa_sweeps_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
-                        scale: float, mean_q, mean_k, mean_v, phi, log_z, log_mass):
-    r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` with respect to q, k, v
-    by two more sweeps (docs/derivation.md, "Backward pass")."""
-    num_leaves = q.size(0)
+# ------------------------------------------------------------------ backward
+def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
+                    scale: float, state: BottomUp, log_mass: Tensor):
+    r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v (all
+    heads-first) by a bottom-up and a top-down sweep
+    (docs/derivation.rst, "Backward pass")."""
+    num_leaves = plan.num_leaves
+    mean_q, mean_k, mean_v = state.mean_q, state.mean_k, state.mean_v
     grad_cluster = grad_out.new_zeros(mean_v.shape)
-    # through[B] = dL/dlog P(B): everything below B scaled by the masses.
-    through = q.new_zeros(plan.num_nodes, q.size(1))
-    through[:num_leaves] = log_mass[:num_leaves].exp() * (grad_out * v).sum(-1)
-    for block in plan.blocks:
-        state = _FamilyState(block, q, k, v, mean_q, mean_k, mean_v, phi, log_z, scale)
+    # through[B] = dL/dlog P(B): everything below B, weighted by its mass.
+    through = q.new_zeros(q.size(0), plan.num_nodes)
+    through[:, :num_leaves] = log_mass[:, :num_leaves].exp() * (grad_out * v).sum(-1)
+    couplings = []  # w_bc (g_b . v_c) per block, reused on the way down
+    for block, weight in zip(plan.blocks, state.weights):
         grad = gather_children(grad_out, grad_cluster, block)
-        grad_cluster[block.parents] = grad.sum(1)
-        weight = state.weight
-        weight.diagonal(dim1=-2, dim2=-1).zero_()
-        coupling = torch.einsum('fbhd,fchd->fhbc', grad, state.value)
+        grad_cluster[:, block.parents] = grad.sum(2)
+        value = gather_children(v, mean_v, block)
+        coupled = per_head_matmul(grad, value.transpose(-1, -2)).mul_(weight)
         parent = num_leaves + block.parents
-        through[parent] = (log_mass[parent].exp() * (weight * coupling).sum((-1, -2))
-                           + through[block.children].sum(1))
+        off_diagonal = coupled.sum((-1, -2)) - diagonal(coupled).sum(-1)
+        through[:, parent] = (log_mass[:, parent].exp() * off_diagonal
+                              + node_rows(through, block).sum(-1))
+        couplings.append(coupled)
 
-    # delta[B] = dL/dt_BB, the gradient of B's own (diagonal) score.
-    delta = q.new_zeros(plan.num_nodes, q.size(1))
-    acc_q, acc_k = q.new_zeros(mean_q.shape), k.new_zeros(mean_k.shape)
-    acc_v = v.new_zeros(mean_v.shape)
-    grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.empty_like(v)
-    grad_v[plan.isolated_leaves] = grad_out[plan.isolated_leaves]
-    for block in reversed(plan.blocks):
-        state = _FamilyState(block, q, k, v, mean_q, mean_k, mean_v, phi, log_z, scale)
-        grad = gather_children(grad_out, grad_cluster, block)
+    # delta[B] = dL/dt_BB: gradient of B's own (diagonal) score.
+    delta = q.new_zeros(q.size(0), plan.num_nodes)
+    acc_q, acc_k, acc_v = torch.zeros_like(mean_q), torch.zeros_like(mean_k), torch.zeros_like(mean_v)
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_q[:, plan.isolated_leaves] = 0.0
+    grad_k[:, plan.isolated_leaves] = 0.0
+    grad_v[:, plan.isolated_leaves] = grad_out[:, plan.isolated_leaves]
+    for block, weight, coupled in zip(reversed(plan.blocks), reversed(state.weights),
+                                      reversed(couplings)):
         parent = num_leaves + block.parents
-        parent_mass = log_mass[parent].exp()[:, :, None, None]  # [F, H, 1, 1]
-        weight = state.weight
-        grad_alpha = parent_mass * weight * torch.einsum('fbhd,fchd->fhbc', grad, state.value)
-        grad_alpha.diagonal(dim1=-2, dim2=-1).copy_(through[block.children].transpose(1, 2))
-        share = state.count / block.parent_count.to(q.dtype)[:, None]
-        from_phi = delta[parent][:, :, None] * share[:, None, :]  # dL/dlog Z via phi(parent)
-        grad_t = grad_alpha - weight * (grad_alpha.sum(-1) - from_phi)[..., None]
-        delta[block.children] = grad_t.diagonal(dim1=-2, dim2=-1).transpose(1, 2)
-        grad_t.diagonal(dim1=-2, dim2=-1).zero_()
-        weight.diagonal(dim1=-2, dim2=-1).zero_()
-        inverse_count = (1.0 / state.count)[..., None, None]
-        new_q = acc_q[block.parents][:, None] + inverse_count * scale * torch.einsum(
-            'fhbc,fchd->fbhd', grad_t, state.key)
-        new_k = acc_k[block.parents][:, None] + inverse_count * scale * torch.einsum(
-            'fhbc,fbhd->fchd', grad_t, state.query)
-        new_v = acc_v[block.parents][:, None] + inverse_count * torch.einsum(
-            'fhbc,fbhd->fchd', parent_mass * weight, grad)
-        leaf_q = scatter_children(new_q, acc_q, block)
-        leaf_k = scatter_children(new_k, acc_k, block)
-        leaf_v = scatter_children(new_v, acc_v, block)
-        if leaf_q.numel() > 0:
-            leaf_delta = scale * leaf_rows(delta, block)[..., None]
-            write_leaf_rows(grad_q, leaf_q + leaf_delta * leaf_rows(k, block), block)
-            write_leaf_rows(grad_k, leaf_k + leaf_delta * leaf_rows(q, block), block)
-            leaf_mass = leaf_rows(log_mass, block).exp()[..., None]
-            write_leaf_rows(grad_v, leaf_v + leaf_mass * leaf_rows(grad_out, block), block)
+        parent_mass = log_mass[:, parent].exp()[..., None, None]  # [H, F, 1, 1]
+        through_children = node_rows(through, block)
+        row_sum = parent_mass[..., 0] * (coupled.sum(-1) - diagonal(coupled)) + through_children
+        from_phi = delta[:, parent][..., None] * block.share.to(q.dtype)[None]
+        residual = row_sum - from_phi  # [H, F, b]
+        # score gradient, diagonal included: P w_bc (g_b . v_c) - w_bc residual_b
+        grad_scores = coupled.mul_(parent_mass).sub_(weight * residual[..., None])
+        delta[:, block.children] = through_children - diagonal(weight) * residual
+
+        query = gather_children(q, mean_q, block)
+        key = gather_children(k, mean_k, block)
+        grad = gather_children(grad_out, grad_cluster, block)
+        scaled_weight = weight * parent_mass
+        # Leaves take the full products (their diagonal term is exactly their
+        # own-score gradient); clusters drop it and divide by |C|.
+        products = [
+            (grad_scores, key, acc_q, grad_q, scale),
+            (grad_scores.transpose(-1, -2), query, acc_k, grad_k, scale),
+            (scaled_weight.transpose(-1, -2), grad, acc_v, grad_v, 1.0),
+        ]
+        for left, right, acc, leaf, factor in products:
+            new = per_head_matmul(left, right, acc[:, block.parents, None], alpha=factor,
+                                  out=leaf_target(leaf, block))
+            if block.leaf_range is not None:
+                continue
+            cluster_new = None
+            if block.cluster_slot.numel() > 0:
+                own = diagonal(left)[..., None] * right * factor
+                inverse = (1.0 / block.child_count.to(q.dtype))[None, :, :, None]
+                cluster_new = acc[:, block.parents, None] + (new - acc[:, block.parents, None]
+                                                             - own) * inverse
+            write_children(new, leaf, acc, block, cluster_new)
     return grad_q, grad_k, grad_v
 
 
 class HSAFunction(torch.autograd.Function):
-    r"""Autograd wrapper: saves only per-node state (no per-pair tensors)."""
+    r"""Fused HSA on ``[N, H, D]`` inputs. Saves per-node state and the
+    family weights (:math:`H \sum_A b_A^2` numbers), nothing quadratic."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan, scale: float) -> Tensor:
-        out, state = hsa_sweeps(q, k, v, plan, scale)
-        ctx.save_for_backward(q, k, v, *state)
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))
+        state = bottom_up(q, k, v, plan, scale)
+        out, log_mass = top_down(v, plan, state)
+        ctx.save_for_backward(q, k, v, log_mass, state.mean_q, state.mean_k, state.mean_v,
+                              state.phi, state.self_log, *state.weights)
         ctx.plan, ctx.scale = plan, scale
-        return out
+        return out.transpose(0, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, *state = ctx.saved_tensors
-        grads = hsa_sweeps_backward(grad_out.contiguous(), q, k, v, ctx.plan, ctx.scale, *state)
-        return grads + (None, None)
+        q, k, v, log_mass, mean_q, mean_k, mean_v, phi, self_log, *weights = ctx.saved_tensors
+        state = BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
+        grads = backward_sweeps(grad_out.transpose(0, 1).contiguous(), q, k, v, ctx.plan,
+                                ctx.scale, state, log_mass)
+        return tuple(g.transpose(0, 1) for g in grads) + (None, None)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 #: Upper bound on sibling pairs (F * b * b) handled by one block, so the
 #: temporaries of a step stay cache- and memory-friendly for any N.
-PAIRS_PER_BLOCK = 1 << 15
+PAIRS_PER_BLOCK = 1 << 16
 
 
 @dataclass
@@ -37,6 +37,17 @@ class FamilyBlock:
     #: ``(start, end)`` when the children are exactly leaves ``start..end-1``
     #: in row-major order, so gathers become views.
     leaf_range: Optional[Tuple[int, int]] = None
+    #: every child of every family has the same number of leaves below it,
+    #: so a parent's mean is the plain mean over its children
+    equal_children: bool = False
+    #: every child is a single leaf: :math:`\log|C| = 0`
+    unit_children: bool = False
+
+    @property
+    def share(self) -> Tensor:
+        r"""``[F, b]`` fraction :math:`|B| / |A|` of the parent's leaves
+        below each child."""
+        return self.child_count / self.parent_count[:, None]
 
     @property
     def num_families(self) -> int:
@@ -141,8 +152,11 @@ def _make_block(depth: int, parents: Tensor, children: Tensor, num_leaves: int,
         start = int(flat[0])
         if torch.equal(flat, torch.arange(start, start + flat.numel())):
             leaf_range = (start, start + flat.numel())
+    child_count = count[children]
     return FamilyBlock(depth=depth, parents=parents - num_leaves, children=children,
-                       child_count=count[children], parent_count=count[parents],
+                       child_count=child_count, parent_count=count[parents],
                        leaf_slot=leaf_slot, leaf_id=flat[leaf_slot],
                        cluster_slot=cluster_slot, cluster_id=flat[cluster_slot] - num_leaves,
-                       leaf_range=leaf_range)
+                       leaf_range=leaf_range,
+                       equal_children=bool((child_count == child_count[:, :1]).all()),
+                       unit_children=bool((child_count == 1).all()))
