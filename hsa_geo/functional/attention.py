@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from hsa_geo.functional.scatter_sweep import build_scatter_plan, hsa_scatter
 from hsa_geo.functional.sweep import HSAFunction, bottom_up, subtree_log_mass
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
@@ -14,7 +15,7 @@ _UPCAST = (torch.float16, torch.bfloat16)
 
 
 def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
-        scale: Optional[float] = None) -> Tensor:
+        scale: Optional[float] = None, backend: str = 'fused') -> Tensor:
     r"""Hierarchical Self-Attention over the leaves of :obj:`hierarchy`.
 
     Computes :math:`y_i = \sum_j a_{ij} v_j` where :math:`A` is the
@@ -31,6 +32,13 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         hierarchy (Hierarchy): Tree (or forest) over the :math:`N` leaves;
             attention never crosses trees.
         scale (float, optional): Score scale. (default: :math:`1/\sqrt{D}`)
+        backend (str, optional): :obj:`"fused"` (sweeps over dense family
+            blocks with a hand-derived backward: fast, lean) or
+            :obj:`"scatter"` (edge lists and
+            :func:`torch_geometric.utils.scatter`, which uses
+            ``torch_scatter`` when installed; plain autograd, so it supports
+            double backward, with :math:`O(\sum_A b_A^2 HD)` memory).
+            Both compute the same values. (default: :obj:`"fused"`)
 
     Returns:
         ``[N, H, D_v]`` (or ``[N, D_v]``). float16/bfloat16 inputs are
@@ -38,7 +46,15 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     """
     (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
-    out = HSAFunction.apply(q, k, v, hierarchy.plan(q.device), scale)
+    plan = hierarchy.plan(q.device)
+    if backend == 'fused':
+        out = HSAFunction.apply(q, k, v, plan, scale)
+    elif backend == 'scatter':
+        if 'scatter' not in plan.cache:
+            plan.cache['scatter'] = build_scatter_plan(plan, plan.parent, plan.num_leaves_below)
+        out = hsa_scatter(q, k, v, plan.cache['scatter'], scale)
+    else:
+        raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
 

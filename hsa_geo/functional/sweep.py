@@ -22,7 +22,6 @@ from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from hsa_geo.hierarchy.plan import FamilyBlock, SweepPlan
 
@@ -115,7 +114,7 @@ class BottomUp(NamedTuple):
     mean_v: Optional[Tensor]  #: ``[H, M, D_v]``
     phi: Tensor  #: ``[H, N + M]``
     self_log: Tensor  #: ``[H, N + M]`` log mu of every non-root node
-    weights: List[Tensor]  #: ``[H, F, b, b]`` per block, in plan order
+    weights: List[Tensor]  #: ``[H, F, b, c]`` per block (column-major views)
 
 
 def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
@@ -141,20 +140,25 @@ def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
         if v is not None:
             mean_v[:, block.parents] = family_mean(gather_children(v, mean_v, block), block)
 
+        # Pair tensors are stored column-major, [H, F, c, b], and used through
+        # their transposed view: the softmax over siblings c then reduces over
+        # a non-innermost axis, which vectorises across b (about 3x faster
+        # than reducing over a short innermost axis).
         log_count = None
         if not block.unit_children:
-            log_count = block.child_count.log().to(q.dtype)[None, :, None, :]
-        scores = per_head_matmul(query, key.transpose(-1, -2), log_count, alpha=scale)
+            log_count = block.child_count.log().to(q.dtype)[None, :, :, None]
+        scores = per_head_matmul(key, query.transpose(-1, -2), log_count, alpha=scale)
         child_phi = node_rows(phi, block)
         diagonal(scores).copy_(-child_phi)
         # log_softmax gives alpha = t - log Z in one fused kernel; the
         # diagonal recovers log Z = t_BB - alpha_BB, finite since every
         # score is finite.
-        alpha = torch.log_softmax(scores, -1)
+        alpha = torch.log_softmax(scores, -2)
         self_log[:, block.children] = diagonal(alpha)
         log_z = -child_phi - diagonal(alpha)
         phi[:, num_leaves + block.parents] = -(block.share.to(q.dtype)[None] * log_z).sum(-1)
-        weights.append(alpha.exp() if torch.is_grad_enabled() else alpha.exp_())
+        weight = alpha.exp() if torch.is_grad_enabled() else alpha.exp_()
+        weights.append(weight.transpose(-1, -2))
     return BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
 
 
@@ -212,7 +216,8 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
         grad = gather_children(grad_out, grad_cluster, block)
         grad_cluster[:, block.parents] = grad.sum(2)
         value = gather_children(v, mean_v, block)
-        coupled = per_head_matmul(grad, value.transpose(-1, -2)).mul_(weight)
+        coupled = per_head_matmul(value, grad.transpose(-1, -2)).mul_(
+            weight.transpose(-1, -2)).transpose(-1, -2)  # same layout as weight
         parent = num_leaves + block.parents
         off_diagonal = coupled.sum((-1, -2)) - diagonal(coupled).sum(-1)
         through[:, parent] = (log_mass[:, parent].exp() * off_diagonal
@@ -279,8 +284,11 @@ class HSAFunction(torch.autograd.Function):
         return out.transpose(0, 1)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError("hsa(backend='fused') can be differentiated once; for "
+                               "higher-order gradients (create_graph=True) use "
+                               "backend='scatter'")
         q, k, v, log_mass, mean_q, mean_k, mean_v, phi, self_log, *weights = ctx.saved_tensors
         state = BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
         grads = backward_sweeps(grad_out.transpose(0, 1).contiguous(), q, k, v, ctx.plan,

@@ -11,8 +11,8 @@ sums over the fixed-width second axis: segment reductions without padding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -72,6 +72,10 @@ class SweepPlan:
     num_clusters: int
     blocks: List[FamilyBlock]  #: bottom-up order (deepest parents first)
     isolated_leaves: Tensor  #: leaves that are roots of their own tree
+    parent: Tensor  #: ``[N + M]`` parent of every node, ``-1`` at roots
+    num_leaves_below: Tensor  #: ``[N + M]``
+    #: data other backends derive from the plan once and keep with it
+    cache: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_nodes(self) -> int:
@@ -80,7 +84,8 @@ class SweepPlan:
     def to(self, device) -> 'SweepPlan':
         return SweepPlan(self.num_leaves, self.num_clusters,
                          [block.to(device) for block in self.blocks],
-                         self.isolated_leaves.to(device))
+                         self.isolated_leaves.to(device), self.parent.to(device),
+                         self.num_leaves_below.to(device))
 
     def sibling_pairs(self) -> Tensor:
         r"""``[2, E]`` all ordered sibling pairs :math:`(B, C)`, the
@@ -138,7 +143,8 @@ def build_sweep_plan(parent: Tensor, num_leaves: int, depth: Tensor,
                                       children[first:first + step], num_leaves, count))
         start += length
     isolated = ((parent < 0) & (torch.arange(num_nodes) < num_leaves)).nonzero().view(-1)
-    return SweepPlan(num_leaves, num_nodes - num_leaves, blocks, isolated)
+    return SweepPlan(num_leaves, num_nodes - num_leaves, blocks, isolated, parent,
+                     num_leaves_below)
 
 
 def _make_block(depth: int, parents: Tensor, children: Tensor, num_leaves: int,
