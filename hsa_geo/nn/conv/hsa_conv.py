@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
-from torch_geometric.nn.dense.linear import Linear
+from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
 from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
 from hsa_geo.hierarchy import Hierarchy
@@ -29,9 +29,14 @@ class HSAConv(MessagePassing):
         (\tfrac{1}{\sqrt{d}} \langle \mathbf{W}^{(h)}_q \mathbf{x}_i,
         \mathbf{W}^{(h)}_k \mathbf{x}_j \rangle)\big),
 
-    computed exactly by a bottom-up and a top-down sweep over the tree in
-    :math:`O((N + M)\, b\, d)` (:math:`M` clusters, branching :math:`b`)
-    instead of :math:`O(N^2 d)`. On a flat tree (one root over all leaves)
+    where :math:`\mathcal{B}(\mathcal{T})` is the set of row-stochastic
+    :math:`N \times N` matrices that take one value on every block
+    :math:`\ell(B) \times \ell(C)` of leaves under two sibling subtrees
+    :math:`B \neq C` of the tree :math:`\mathcal{T}` (the diagonal is
+    free). It is computed exactly by a bottom-up and a top-down sweep over
+    the tree in :math:`O((N + M)\, b\, H d)` (:math:`M` clusters, branching
+    :math:`b`, :math:`H` heads of width :math:`d`) instead of
+    :math:`O(N^2 H d)`. On a flat tree (one root over all leaves)
     it is multi-head softmax attention. Attention never crosses the trees of
     a forest, i.e. the graphs of a batch.
 
@@ -140,9 +145,9 @@ class HSAConv(MessagePassing):
             raise ValueError(f"HSAConv expects leaf features of shape [N, F] "
                              f"(got {tuple(x.shape)})")
         heads, channels = self.heads, self.out_channels
-        query = self.lin_query(x).view(-1, heads, channels)
-        key = self.lin_key(x).view(-1, heads, channels)
-        value = self.lin_value(x).view(-1, heads, channels)
+        query = self._project(self.lin_query, x)
+        key = self._project(self.lin_key, x)
+        value = self._project(self.lin_value, x)
 
         out = hsa(query, key, value, hierarchy)
         out = F.dropout(out, p=self.dropout, training=self.training)
@@ -156,6 +161,18 @@ class HSAConv(MessagePassing):
         if return_attention_weights:
             return out, hsa_block_weights(query.detach(), key.detach(), hierarchy)
         return out
+
+    def _project(self, linear: Linear, x: Tensor) -> Tensor:
+        r"""``linear(x)`` as ``[N, H, C]``, computed heads-first (a view of
+        an ``[H, N, C]`` tensor), the layout the HSA sweeps work in, so no
+        transpose copy is needed on the way in or in the backward pass."""
+        if is_uninitialized_parameter(linear.weight):
+            linear(x[:1])  # lazy in_channels=-1: let PyG's hook size the weight
+        weight = linear.weight.view(self.heads, self.out_channels, -1)
+        out = torch.matmul(x, weight.transpose(1, 2))
+        if linear.bias is not None:
+            out = out + linear.bias.view(self.heads, 1, self.out_channels)
+        return out.transpose(0, 1)
 
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}({self.in_channels}, '
