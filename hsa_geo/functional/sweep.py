@@ -150,14 +150,19 @@ def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
         scores = per_head_matmul(key, query.transpose(-1, -2), log_count, alpha=scale)
         child_phi = node_rows(phi, block)
         diagonal(scores).copy_(-child_phi)
-        # log_softmax gives alpha = t - log Z in one fused kernel; the
-        # diagonal recovers log Z = t_BB - alpha_BB, finite since every
-        # score is finite.
-        alpha = torch.log_softmax(scores, -2)
-        self_log[:, block.children] = diagonal(alpha)
-        log_z = -child_phi - diagonal(alpha)
+        # Softmax over siblings c (axis -2) with its log-partition. Composed
+        # of elementwise ops rather than log_softmax, whose kernel over a
+        # non-innermost axis opens a thread pool even for tiny families.
+        top = scores.amax(-2, keepdim=True)
+        if torch.is_grad_enabled():
+            weight = (scores - top).exp()
+        else:
+            weight = scores.sub_(top).exp_()
+        total = weight.sum(-2, keepdim=True)
+        weight = weight / total if torch.is_grad_enabled() else weight.div_(total)
+        log_z = (top + total.log()).squeeze(-2)  # [H, F, b]
+        self_log[:, block.children] = -child_phi - log_z
         phi[:, num_leaves + block.parents] = -(block.share.to(q.dtype)[None] * log_z).sum(-1)
-        weight = alpha.exp() if torch.is_grad_enabled() else alpha.exp_()
         weights.append(weight.transpose(-1, -2))
     return BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
 

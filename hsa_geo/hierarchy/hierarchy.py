@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from hsa_geo.hierarchy.plan import SweepPlan, build_sweep_plan
+from hsa_geo.hierarchy.plan import PAIRS_PER_BLOCK, SweepPlan, build_sweep_plan
 
 
 class Hierarchy:
@@ -166,18 +166,16 @@ class Hierarchy:
         :obj:`device`, computed once per device and cached."""
         device = torch.device(device) if device is not None else self.parent.device
         if device not in self._plans:
-            cpu_plan = self._plans.get(torch.device('cpu'))
-            if cpu_plan is None:
-                cpu_plan = build_sweep_plan(self.parent.cpu(), self.num_leaves,
-                                            self.depth.cpu(),
-                                            self.num_leaves_below.cpu())
-                self._plans[torch.device('cpu')] = cpu_plan
-            if device not in self._plans:
-                self._plans[device] = cpu_plan.to(device)
+            # CPU blocks are cut to stay cache-sized; a GPU wants few, large
+            # launches, so its plan is built with a much larger block size.
+            pairs_per_block = PAIRS_PER_BLOCK if device.type == 'cpu' else PAIRS_PER_BLOCK << 6
+            plan = build_sweep_plan(self.parent.cpu(), self.num_leaves, self.depth.cpu(),
+                                    self.num_leaves_below.cpu(), pairs_per_block)
+            self._plans[device] = plan.to(device)
         return self._plans[device]
 
     def to(self, device) -> 'Hierarchy':
-        r"""A copy on :obj:`device` (sharing the cached CPU plan)."""
+        r"""A copy on :obj:`device` (sharing the cached plans)."""
         moved = Hierarchy(self.parent.to(device), self.num_leaves, self.depth.to(device),
                           self.num_leaves_below.to(device),
                           None if self.batch is None else self.batch.to(device))
@@ -186,19 +184,78 @@ class Hierarchy:
 
     def summary(self) -> Dict[str, float]:
         r"""Shape statistics that decide HSA's cost: depth, branching and the
-        number of sibling pairs :math:`\sum_A b_A^2` the sweeps visit."""
+        number of sibling pairs :math:`\sum_A b_A^2` the sweeps visit.
+
+        Keys: :obj:`num_leaves`, :obj:`num_clusters`, :obj:`num_trees`;
+        depth: :obj:`max_depth` (of any node), :obj:`mean_leaf_depth`;
+        branching: :obj:`max_children`, :obj:`mean_children` (over
+        clusters), :obj:`single_child_clusters`; cost:
+        :obj:`sibling_pairs` :math:`= \sum_A b_A^2` (also as
+        :obj:`hsa_cost`), against :obj:`dense_cost` :math:`= \sum_t n_t^2`,
+        the leaf pairs softmax attention over each tree would score.
+
+        Example::
+
+            >>> import torch
+            >>> from hsa_geo import Hierarchy
+            >>> h = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), num_leaves=4)
+            >>> s = h.summary()
+            >>> s['max_depth'], s['mean_leaf_depth'], s['max_children'], s['hsa_cost'], s['dense_cost']
+            (2, 2.0, 2, 12, 16)
+        """
         children = self.num_children[self.num_leaves:]
         children = children[children > 0].to(torch.float64)
+        leaf_depth = self.depth[:self.num_leaves].to(torch.float64)
+        tree_size = self.num_leaves_below[self.roots].to(torch.float64)
+        sibling_pairs = int((children ** 2).sum())
         return {
             'num_leaves': self.num_leaves,
             'num_clusters': self.num_clusters,
             'num_trees': self.num_trees,
             'max_depth': self.max_depth,
+            'mean_leaf_depth': float(leaf_depth.mean()),
             'max_children': int(children.max()) if children.numel() else 0,
             'mean_children': float(children.mean()) if children.numel() else 0.0,
-            'sibling_pairs': int((children ** 2).sum()),
+            'sibling_pairs': sibling_pairs,
             'single_child_clusters': int((children == 1).sum()),
+            'hsa_cost': sibling_pairs,
+            'dense_cost': int((tree_size ** 2).sum()),
         }
+
+    def to_networkx(self):
+        r"""The hierarchy as a :class:`networkx.DiGraph` with an edge from
+        every cluster to each of its children (an arborescence per tree).
+
+        Node :obj:`v` carries :obj:`kind` (:obj:`"leaf"` or
+        :obj:`"cluster"`), :obj:`depth`, :obj:`num_leaves` (leaves below it)
+        and, for a batched hierarchy, :obj:`graph` (its graph id). The parent
+        pointers come back as
+        ``next(iter(T.predecessors(v)), -1)``.
+
+        Example::
+
+            >>> import torch
+            >>> from hsa_geo import Hierarchy
+            >>> h = Hierarchy.from_parent(torch.tensor([3, 3, 4, 4, -1]), num_leaves=3)
+            >>> T = h.to_networkx()
+            >>> sorted(T.edges), T.nodes[3]
+            ([(3, 0), (3, 1), (4, 2), (4, 3)], {'kind': 'cluster', 'depth': 1, 'num_leaves': 2})
+        """
+        import networkx as nx
+
+        graph = nx.DiGraph()
+        depth = self.depth.tolist()
+        below = self.num_leaves_below.tolist()
+        batch = None if self.batch is None else self.batch.tolist()
+        for node in range(self.num_nodes):
+            attrs = {'kind': 'leaf' if node < self.num_leaves else 'cluster',
+                     'depth': depth[node], 'num_leaves': below[node]}
+            if batch is not None:
+                attrs['graph'] = batch[node]
+            graph.add_node(node, **attrs)
+        child, parent = self.edge_index.tolist()
+        graph.add_edges_from(zip(parent, child))
+        return graph
 
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}(num_leaves={self.num_leaves}, '
