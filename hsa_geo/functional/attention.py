@@ -22,7 +22,7 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     row-stochastic matrix closest in KL divergence to softmax attention
     :math:`\mathrm{softmax}(\text{scale}\cdot q_i^\top k_j)` among those
     constant on every block of leaves under two sibling subtrees
-    (docs/derivation.md). Two sweeps over the tree, no :math:`N \times N`
+    (docs/derivation.rst). Two sweeps over the tree, no :math:`N \times N`
     tensor: :math:`O((N + M)\, b\, H D)` time for branching :math:`b`.
 
     Args:
@@ -65,7 +65,8 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     head): :math:`\phi(i) = -s_{ii}` at a leaf and
     :math:`\phi(A) = -\sum_B \frac{|B|}{|A|} \log Z_B` at a cluster.
     Differentiable (twice) by autograd;
-    :math:`-\nabla_{q}\, N\phi(\mathrm{root}) = \text{scale}\cdot A K`."""
+    :math:`-\nabla_{q}\, N\phi(\mathrm{root}) = \text{scale}\cdot A K` for one
+    tree (for a forest, sum :math:`|T|\,\phi(\mathrm{root}_T)` over its trees)."""
     (q, k), single_head, dtype = _prepare((q, k), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
     phi = bottom_up(q.transpose(0, 1), k.transpose(0, 1), None, hierarchy.plan(q.device),

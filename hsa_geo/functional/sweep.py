@@ -182,9 +182,11 @@ def top_down(v: Tensor, plan: SweepPlan, state: BottomUp):
     r"""Outputs ``[H, N, D_v]`` and :math:`\log P` of every node.
 
     For a leaf :math:`i` in family :math:`A`,
-    :math:`y_i = O(A) + P(A) \sum_c w_{ic} \bar v_c`, where the diagonal term
-    :math:`w_{ii} v_i` is the leaf's own share; for a cluster child the
-    diagonal term is removed, as that mass is handed further down.
+    :math:`y_i = u_A + P(A) \sum_c \mathrm{weight}_{ic} \bar v_c`, where
+    :math:`u_A` (``out_cluster``) is what reaches :math:`A` from its
+    ancestors' siblings and the diagonal term is the leaf's own share; for a
+    cluster child the diagonal term is removed, as that mass is handed further
+    down.
     """
     log_mass = subtree_log_mass(plan, state.self_log)
     out_cluster = v.new_zeros(state.mean_v.shape)

@@ -1,0 +1,106 @@
+r"""Attention FLOP counts for HSA, softmax and block-local attention.
+
+The counts are those of the *algorithms*, one multiply-add = 2 FLOPs, per
+head and per attention call; exponentials, maxima and divisions of the
+normalisations are not counted (they are :math:`O(N^2)` for softmax and
+:math:`O(\sum_A b_A^2)` for HSA, so counting them would not change the
+comparison). The projections :math:`W_Q, W_K, W_V, W_O` are not attention and
+are not counted either: they cost the same in every variant.
+
+For :math:`N` leaves, key/query width :math:`D` and value width :math:`D_v`:
+
+* **softmax** (every query against every key of its own tree):
+  :math:`2N^2D` for :math:`QK^\top` plus :math:`2N^2D_v` for :math:`AV`,
+  summed over the trees of a forest.
+* **block-local** softmax inside groups of sizes :math:`n_g`:
+  :math:`\sum_g 2n_g^2(D + D_v)`.
+* **HSA** (two sweeps over the tree, docs/derivation.rst):
+
+  - bottom-up node means of :math:`q, k, v`: a weighted add per child edge,
+    :math:`2(2D + D_v)` per edge;
+  - sibling scores :math:`\bar s(B, C)`: :math:`2D` per ordered sibling
+    pair, :math:`\sum_A b_A^2` pairs (diagonal included, it holds
+    :math:`s_{ii}` at leaf families);
+  - sibling value mix :math:`\sum_C w_{BC}\bar v_C`: :math:`2D_v` per pair;
+  - top-down accumulation of the output from the parent: :math:`2D_v` per
+    child edge.
+
+  Total :math:`\sum_A 2b_A^2(D + D_v) + E\,(4D + 4D_v)` with
+  :math:`E = N + M - \#\text{trees}` child edges.
+
+A flat hierarchy (one root over :math:`N` leaves) thus costs
+:math:`2N^2(D + D_v) + 4N(D + D_v)`: softmax plus a linear overhead.
+
+Example::
+
+    >>> from hsa_geo import Hierarchy
+    >>> from hsa_geo.flops import hsa_flops, softmax_flops
+    >>> softmax_flops(4, dim=8)
+    512
+    >>> hsa_flops(Hierarchy.flat(4), dim=8)
+    768
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from hsa_geo.hierarchy.hierarchy import Hierarchy
+
+__all__ = ['softmax_flops', 'hsa_flops', 'block_local_flops']
+
+
+def softmax_flops(num_tokens: Union[int, Sequence[int]], dim: int,
+                  value_dim: Optional[int] = None, heads: int = 1) -> int:
+    r"""FLOPs of softmax attention over :obj:`num_tokens` tokens (an int, or
+    the sizes of independent sequences): :math:`\sum 2n^2(D + D_v)\cdot H`.
+
+    Args:
+        num_tokens (int or list of int): Sequence length(s).
+        dim (int): Query/key width :math:`D` per head.
+        value_dim (int, optional): Value width :math:`D_v`.
+            (default: :obj:`dim`)
+        heads (int, optional): Number of heads :math:`H`. (default: :obj:`1`)
+    """
+    value_dim = dim if value_dim is None else value_dim
+    sizes = [num_tokens] if isinstance(num_tokens, int) else list(num_tokens)
+    return int(sum(2 * n * n * (dim + value_dim) for n in sizes) * heads)
+
+
+def block_local_flops(group: Union[Tensor, Sequence[int]], dim: int,
+                      value_dim: Optional[int] = None, heads: int = 1) -> int:
+    r"""FLOPs of softmax attention restricted to groups (tokens attend only
+    within their own group): :math:`\sum_g 2n_g^2(D + D_v)\cdot H`.
+
+    Args:
+        group (torch.Tensor or list of int): Group id of every token.
+        dim (int): Query/key width :math:`D` per head.
+        value_dim (int, optional): Value width. (default: :obj:`dim`)
+        heads (int, optional): Number of heads. (default: :obj:`1`)
+    """
+    group = torch.as_tensor(group, dtype=torch.long).view(-1)
+    sizes = torch.unique(group, return_counts=True)[1].tolist()
+    return softmax_flops(sizes, dim, value_dim, heads)
+
+
+def hsa_flops(hierarchy: Hierarchy, dim: int, value_dim: Optional[int] = None,
+              heads: int = 1) -> int:
+    r"""FLOPs of exact HSA over :obj:`hierarchy`:
+    :math:`\big(\sum_A 2b_A^2(D + D_v) + 4E(D + D_v)\big)\cdot H`, with
+    :math:`b_A` the number of children of cluster :math:`A` and :math:`E`
+    the number of child-to-parent edges (see the module docstring).
+
+    Args:
+        hierarchy (Hierarchy): The tree or forest over the tokens.
+        dim (int): Query/key width :math:`D` per head.
+        value_dim (int, optional): Value width. (default: :obj:`dim`)
+        heads (int, optional): Number of heads. (default: :obj:`1`)
+    """
+    value_dim = dim if value_dim is None else value_dim
+    children = hierarchy.num_children[hierarchy.num_leaves:].to(torch.long)
+    sibling_pairs = int((children * children).sum())
+    edges = hierarchy.num_nodes - hierarchy.num_trees
+    per_head = 2 * sibling_pairs * (dim + value_dim) + 4 * edges * (dim + value_dim)
+    return int(per_head * heads)
