@@ -34,7 +34,10 @@ def gather_children(leaf: Tensor, cluster: Tensor, block: FamilyBlock) -> Tensor
     heads, rest = leaf.size(0), leaf.shape[2:]
     if block.leaf_range is not None:
         start, end = block.leaf_range
-        return leaf[:, start:end].view(heads, family, size, *rest)
+        rows = leaf[:, start:end].view(heads, family, size, *rest)
+        # A rows-first leaf tensor ([N, H, D] seen heads-first) is transposed
+        # here, one cache-sized block at a time, instead of as a whole.
+        return rows if rows[0].is_contiguous() else rows.contiguous()
     if block.leaf_slot.numel() == 0:
         return cluster[:, block.cluster_id].view(heads, family, size, *rest)
     out = leaf.new_empty((heads, family * size) + rest)
@@ -84,7 +87,8 @@ def per_head_matmul(left: Tensor, right: Tensor, base: Optional[Tensor] = None,
     if torch.is_grad_enabled():
         product = torch.matmul(left, right) * alpha
         return product if base is None else product + base
-    if out is None:
+    target = out
+    if out is None or not out[0].is_contiguous():
         out = left.new_empty(left.shape[:3] + right.shape[3:])
     beta = 1.0
     if base is None:
@@ -92,6 +96,8 @@ def per_head_matmul(left: Tensor, right: Tensor, base: Optional[Tensor] = None,
     base = base.expand(out.shape)
     for head in range(left.size(0)):
         torch.baddbmm(base[head], left[head], right[head], beta=beta, alpha=alpha, out=out[head])
+    if target is not None and target is not out:
+        target.copy_(out)
     return out
 
 
@@ -190,7 +196,7 @@ def top_down(v: Tensor, plan: SweepPlan, state: BottomUp):
     """
     log_mass = subtree_log_mass(plan, state.self_log)
     out_cluster = v.new_zeros(state.mean_v.shape)
-    out = v.new_empty(v.shape)
+    out = v.new_empty(v.size(1), v.size(0), v.size(2)).transpose(0, 1)  # rows-first memory
     out[:, plan.isolated_leaves] = v[:, plan.isolated_leaves]
     for block, weight in zip(reversed(plan.blocks), reversed(state.weights)):
         value = gather_children(v, state.mean_v, block)
@@ -207,6 +213,13 @@ def top_down(v: Tensor, plan: SweepPlan, state: BottomUp):
 
 
 # ------------------------------------------------------------------ backward
+def coupling(weight: Tensor, grad: Tensor, value: Tensor) -> Tensor:
+    r""":math:`w_{bc}\,(g_b \cdot \bar v_c)`, ``[H, F, b, c]`` in the layout
+    of :obj:`weight`."""
+    return per_head_matmul(value, grad.transpose(-1, -2)).mul_(
+        weight.transpose(-1, -2)).transpose(-1, -2)
+
+
 def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
                     scale: float, state: BottomUp, log_mass: Tensor):
     r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v (all
@@ -218,28 +231,28 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
     # through[B] = dL/dlog P(B): everything below B, weighted by its mass.
     through = q.new_zeros(q.size(0), plan.num_nodes)
     through[:, :num_leaves] = log_mass[:, :num_leaves].exp() * (grad_out * v).sum(-1)
-    couplings = []  # w_bc (g_b . v_c) per block, reused on the way down
     for block, weight in zip(plan.blocks, state.weights):
         grad = gather_children(grad_out, grad_cluster, block)
         grad_cluster[:, block.parents] = grad.sum(2)
-        value = gather_children(v, mean_v, block)
-        coupled = per_head_matmul(value, grad.transpose(-1, -2)).mul_(
-            weight.transpose(-1, -2)).transpose(-1, -2)  # same layout as weight
+        coupled = coupling(weight, grad, gather_children(v, mean_v, block))
         parent = num_leaves + block.parents
         off_diagonal = coupled.sum((-1, -2)) - diagonal(coupled).sum(-1)
         through[:, parent] = (log_mass[:, parent].exp() * off_diagonal
                               + node_rows(through, block).sum(-1))
-        couplings.append(coupled)
 
     # delta[B] = dL/dt_BB: gradient of B's own (diagonal) score.
     delta = q.new_zeros(q.size(0), plan.num_nodes)
     acc_q, acc_k, acc_v = torch.zeros_like(mean_q), torch.zeros_like(mean_k), torch.zeros_like(mean_v)
+    # empty_like keeps the inputs' memory layout, so gradients come back in it
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grad_q[:, plan.isolated_leaves] = 0.0
     grad_k[:, plan.isolated_leaves] = 0.0
     grad_v[:, plan.isolated_leaves] = grad_out[:, plan.isolated_leaves]
-    for block, weight, coupled in zip(reversed(plan.blocks), reversed(state.weights),
-                                      reversed(couplings)):
+    for block, weight in zip(reversed(plan.blocks), reversed(state.weights)):
+        # Recomputed rather than kept from the way up: H sum(b^2) numbers
+        # fewer at the peak, for one more small product per block.
+        grad = gather_children(grad_out, grad_cluster, block)
+        coupled = coupling(weight, grad, gather_children(v, mean_v, block))
         parent = num_leaves + block.parents
         parent_mass = log_mass[:, parent].exp()[..., None, None]  # [H, F, 1, 1]
         through_children = node_rows(through, block)
@@ -252,7 +265,6 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
 
         query = gather_children(q, mean_q, block)
         key = gather_children(k, mean_k, block)
-        grad = gather_children(grad_out, grad_cluster, block)
         scaled_weight = weight * parent_mass
         # Leaves take the full products (their diagonal term is exactly their
         # own-score gradient); clusters drop it and divide by |C|.
@@ -277,12 +289,14 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
 
 
 class HSAFunction(torch.autograd.Function):
-    r"""Fused HSA on ``[N, H, D]`` inputs. Saves per-node state and the
-    family weights (:math:`H \sum_A b_A^2` numbers), nothing quadratic."""
+    r"""Fused HSA on ``[N, H, D]`` inputs (any memory layout; a transposed
+    view of a heads-first ``[H, N, D]`` tensor is read without copies).
+    Saves per-node state and the family weights (:math:`H \sum_A b_A^2`
+    numbers), nothing quadratic; no full copy of q, k or v is made."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan, scale: float) -> Tensor:
-        q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # heads-first views
         state = bottom_up(q, k, v, plan, scale)
         out, log_mass = top_down(v, plan, state)
         ctx.save_for_backward(q, k, v, log_mass, state.mean_q, state.mean_k, state.mean_v,
@@ -298,6 +312,6 @@ class HSAFunction(torch.autograd.Function):
                                "backend='scatter'")
         q, k, v, log_mass, mean_q, mean_k, mean_v, phi, self_log, *weights = ctx.saved_tensors
         state = BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
-        grads = backward_sweeps(grad_out.transpose(0, 1).contiguous(), q, k, v, ctx.plan,
-                                ctx.scale, state, log_mass)
+        grads = backward_sweeps(grad_out.transpose(0, 1), q, k, v, ctx.plan, ctx.scale, state,
+                                log_mass)
         return tuple(g.transpose(0, 1) for g in grads) + (None, None)
