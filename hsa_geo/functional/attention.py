@@ -42,7 +42,11 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
 
     Returns:
         ``[N, H, D_v]`` (or ``[N, D_v]``). float16/bfloat16 inputs are
-        computed in float32 and returned in their own dtype.
+        computed in float32 and returned in their own dtype, so their error is
+        that of rounding inputs and output: on unit-variance inputs the
+        largest deviation from float64 stays below 5e-3 (float16) and 5e-2
+        (bfloat16), and below 1e-5 for float32 (checked in
+        tests/test_functional.py).
     """
     (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
