@@ -53,6 +53,11 @@ class NestedSignal(Data):
         return super().__inc__(key, value, *args, **kwargs)
 
 
+# Processed PyG/OGB datasets of nested signals reload with torch.load's
+# weights_only default (torch >= 2.6) only if the class is allow-listed.
+torch.serialization.add_safe_globals([NestedSignal])
+
+
 def hierarchy_from_data(data: Data) -> Hierarchy:
     r"""The :class:`~hsa_geo.Hierarchy` of a :class:`NestedSignal` or of a
     batch of them (a forest with one tree per graph and a graph id per node).
