@@ -1,0 +1,59 @@
+import doctest
+
+import pytest
+import torch
+
+import hsa_geo.flops
+from hsa_geo import Hierarchy
+from hsa_geo.flops import block_local_flops, hsa_flops, softmax_flops
+
+
+def test_softmax_flops_by_hand():
+    # QK^T: 4*4 dot products of width 8 = 2*16*8; AV: 2*16*8 -> 512
+    assert softmax_flops(4, dim=8) == 512
+    # two sequences of 2 and 3 tokens, D = Dv = 1: 2*4*2 + 2*9*2
+    assert softmax_flops([2, 3], dim=1) == 52
+    assert softmax_flops(3, dim=2, value_dim=1, heads=5) == 5 * 2 * 9 * 3
+
+
+def test_block_local_flops_by_hand():
+    assert block_local_flops(torch.tensor([0, 0, 1, 1, 1]), dim=1) == 52
+    # groups need not be contiguous: sizes 3 and 2 again
+    assert block_local_flops([7, 3, 7, 3, 7], dim=1) == 52
+    # one group is plain softmax
+    assert block_local_flops([0] * 6, dim=4, heads=2) == softmax_flops(6, dim=4, heads=2)
+
+
+def test_hsa_flops_flat_by_hand():
+    # one family of 4: 16 sibling pairs * 2 * (8 + 8) = 512, plus 4 edges * 4 * 16 = 256
+    assert hsa_flops(Hierarchy.flat(4), dim=8) == 768
+    assert hsa_flops(Hierarchy.flat(2), dim=2, value_dim=3) == 2 * 4 * 5 + 4 * 2 * 5
+
+
+def test_hsa_flops_two_levels_by_hand():
+    # leaves 0,1 under 4; 2,3 under 5; root 6: three families of 2 -> 12 pairs, 6 edges
+    h = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), num_leaves=4)
+    assert hsa_flops(h, dim=1) == 2 * 12 * 2 + 4 * 6 * 2
+    assert hsa_flops(h, dim=1, heads=3) == 3 * 96
+    # a binary tree over 4 leaves has fewer sibling pairs than softmax has scores
+    assert 2 * 12 * 2 < softmax_flops(4, dim=1)
+
+
+def test_hsa_flops_forest_by_hand():
+    forest = Hierarchy.batch_hierarchies([Hierarchy.flat(2), Hierarchy.flat(3)])
+    # pairs 4 + 9 = 13, edges 2 + 3 = 5 (roots have no parent edge)
+    assert hsa_flops(forest, dim=1) == 2 * 13 * 2 + 4 * 5 * 2
+    # the pair term is exactly softmax inside every tree
+    assert hsa_flops(forest, dim=1) - 4 * 5 * 2 == softmax_flops([2, 3], dim=1)
+
+
+@pytest.mark.parametrize('num_leaves', [1, 5, 64])
+def test_hsa_flops_flat_is_softmax_plus_linear(num_leaves):
+    dim = 16
+    overhead = 4 * num_leaves * 2 * dim
+    assert hsa_flops(Hierarchy.flat(num_leaves), dim) == softmax_flops(num_leaves, dim) + overhead
+
+
+def test_flops_doctest():
+    result = doctest.testmod(hsa_geo.flops)
+    assert result.attempted > 0 and result.failed == 0

