@@ -3,3 +3,6 @@ r"""Neural-network modules: thin wrappers owning parameters around
 from hsa_geo.nn.conv import HSAConv
 
 __all__ = ['HSAConv']
+from hsa_geo.nn.models import (HSABlock, HSAEncoder, HSAGraphModel, HSANodeModel,  # noqa: E402
+                               HierarchyReadout, MultiModalEncoder)
+__all__ += ['HSABlock', 'HSAEncoder', 'HSAGraphModel', 'HSANodeModel', 'HierarchyReadout', 'MultiModalEncoder']

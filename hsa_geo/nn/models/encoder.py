@@ -19,7 +19,8 @@ ConvFactory = Callable[[int], Module]
 
 
 def resolve_local_conv(conv: Union[str, ConvFactory, None], channels: int,
-                       edge_dim: Optional[int] = None) -> Optional[Module]:
+                       edge_dim: Optional[int] = None,
+                       norm: Optional[str] = 'batch_norm') -> Optional[Module]:
     r"""A local message-passing layer of width :obj:`channels`.
 
     Args:
@@ -30,6 +31,9 @@ def resolve_local_conv(conv: Union[str, ConvFactory, None], channels: int,
             (any PyG conv taking ``(x, edge_index, ...)``).
         channels (int): Input and output width.
         edge_dim (int, optional): Edge feature width for :obj:`"gine"`.
+        norm (str, optional): Norm inside the GIN MLP: :obj:`"batch_norm"`,
+            otherwise a per-node layer norm (or none for :obj:`None`), which
+            keeps the layer independent of how graphs are batched.
     """
     if conv is None:
         return None
@@ -38,8 +42,14 @@ def resolve_local_conv(conv: Union[str, ConvFactory, None], channels: int,
     from torch_geometric.nn import GATConv, GCNConv, GINConv, GINEConv, SAGEConv
     name = conv.lower()
     if name in ('gin', 'gine'):
-        mlp = Sequential(Linear(channels, channels), torch.nn.BatchNorm1d(channels),
-                         torch.nn.ReLU(), Linear(channels, channels))
+        if norm == 'batch_norm':
+            inner: Module = torch.nn.BatchNorm1d(channels)
+        elif norm is None:
+            inner = torch.nn.Identity()
+        else:
+            inner = torch.nn.LayerNorm(channels)
+        mlp = Sequential(Linear(channels, channels), inner, torch.nn.ReLU(),
+                         Linear(channels, channels))
         if name == 'gin':
             return GINConv(mlp, train_eps=True)
         return GINEConv(mlp, train_eps=True, edge_dim=edge_dim or channels)
@@ -220,7 +230,7 @@ class HSAEncoder(Module):
         self.channels = channels
         self.num_layers = num_layers
         self.layers = ModuleList([
-            HSABlock(channels, resolve_local_conv(conv, channels, edge_dim), heads=heads,
+            HSABlock(channels, resolve_local_conv(conv, channels, edge_dim, norm), heads=heads,
                      dropout=dropout, attn_dropout=attn_dropout, norm=norm,
                      global_attention=global_attention, **block_kwargs)
             for _ in range(num_layers)
