@@ -1,30 +1,11 @@
-r"""Hierarchies (nested-signal trees): the data structure and its sweep plan.
+r"""Hierarchies (nested-signal trees): the data structure, its sweep plan and
+the builders that make one from data.
 
 Construction lives here; attention computation lives in
 :mod:`hsa_geo.functional`."""
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 from hsa_geo.hierarchy.plan import FamilyBlock, SweepPlan
-from hsa_geo.hierarchy.builders import (DEFAULT_MAX_CHILDREN, Composed, chunk_sequence,
-                                        compose, from_edge_index_metis, from_features,
-                                        from_linkage, from_nested_lengths, from_networkx,
-                                        from_partitions, from_segments, grid_quadtree,
-                                        limit_children)
+from hsa_geo.hierarchy import builders
+from hsa_geo.hierarchy.builders import *  # noqa: F401,F403 (the builders' public API)
 
-__all__ = [
-    'Hierarchy',
-    'SweepPlan',
-    'FamilyBlock',
-    'DEFAULT_MAX_CHILDREN',
-    'from_partitions',
-    'from_networkx',
-    'from_segments',
-    'from_nested_lengths',
-    'chunk_sequence',
-    'from_edge_index_metis',
-    'from_linkage',
-    'from_features',
-    'grid_quadtree',
-    'compose',
-    'Composed',
-    'limit_children',
-]
+__all__ = ['Hierarchy', 'SweepPlan', 'FamilyBlock'] + builders.__all__
