@@ -27,7 +27,8 @@ from hsa_geo.hierarchy.plan import FamilyBlock, SweepPlan
 
 
 # --------------------------------------------------------------- index helpers
-def gather_children(leaf: Tensor, cluster: Tensor, block: FamilyBlock) -> Tensor:
+def gather_children(leaf: Tensor, cluster: Tensor, block: FamilyBlock,
+                    contiguous: bool = True) -> Tensor:
     r"""``[H, F, b, ...]`` rows of the children of :obj:`block`, read from the
     leaf or the cluster buffer (a view when the children are a leaf range)."""
     family, size = block.children.shape
@@ -37,12 +38,13 @@ def gather_children(leaf: Tensor, cluster: Tensor, block: FamilyBlock) -> Tensor
         rows = leaf[:, start:end].view(heads, family, size, *rest)
         # A rows-first leaf tensor ([N, H, D] seen heads-first) is transposed
         # here, one cache-sized block at a time, instead of as a whole.
-        return rows if rows[0].is_contiguous() else rows.contiguous()
+        return rows if rows[0].is_contiguous() or not contiguous else rows.contiguous()
     if block.leaf_slot.numel() == 0:
         return cluster[:, block.cluster_id].view(heads, family, size, *rest)
     out = leaf.new_empty((heads, family * size) + rest)
     out[:, block.leaf_slot] = leaf[:, block.leaf_id]
-    out[:, block.cluster_slot] = cluster[:, block.cluster_id]
+    if block.cluster_slot.numel() > 0:
+        out[:, block.cluster_slot] = cluster[:, block.cluster_id]
     return out.view(heads, family, size, *rest)
 
 
@@ -135,7 +137,6 @@ def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
     mean_k = k.new_zeros(heads, plan.num_clusters, k.size(2))
     mean_v = None if v is None else v.new_zeros(heads, plan.num_clusters, v.size(2))
     phi = q.new_zeros(heads, plan.num_nodes)
-    phi[:, :num_leaves] = -scale * (q * k).sum(-1)
     self_log = q.new_zeros(heads, plan.num_nodes)
     weights = []
     for block in plan.blocks:
@@ -144,7 +145,16 @@ def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
         mean_q[:, block.parents] = family_mean(query, block)
         mean_k[:, block.parents] = family_mean(key, block)
         if v is not None:
-            mean_v[:, block.parents] = family_mean(gather_children(v, mean_v, block), block)
+            # a mean needs no contiguous copy of the children's values
+            mean_v[:, block.parents] = family_mean(
+                gather_children(v, mean_v, block, contiguous=False), block)
+        if block.leaf_slot.numel() > 0:
+            # phi of a leaf, -scale q_i.k_i, from the rows already in cache
+            self_score = scale * (query * key).sum(-1).view(heads, -1)
+            if block.leaf_range is not None:
+                phi[:, block.leaf_range[0]:block.leaf_range[1]] = -self_score
+            else:
+                phi[:, block.leaf_id] = -self_score[:, block.leaf_slot]
 
         # Pair tensors are stored column-major, [H, F, c, b], and used through
         # their transposed view: the softmax over siblings c then reduces over
@@ -170,6 +180,8 @@ def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
         self_log[:, block.children] = -child_phi - log_z
         phi[:, num_leaves + block.parents] = -(block.share.to(q.dtype)[None] * log_z).sum(-1)
         weights.append(weight.transpose(-1, -2))
+    isolated = plan.isolated_leaves
+    phi[:, isolated] = -scale * (q[:, isolated] * k[:, isolated]).sum(-1)
     return BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
 
 
@@ -227,11 +239,12 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
     (docs/derivation.rst, "Backward pass")."""
     num_leaves = plan.num_leaves
     mean_q, mean_k, mean_v = state.mean_q, state.mean_k, state.mean_v
+    weights = state.weights
     grad_cluster = grad_out.new_zeros(mean_v.shape)
     # through[B] = dL/dlog P(B): everything below B, weighted by its mass.
     through = q.new_zeros(q.size(0), plan.num_nodes)
     through[:, :num_leaves] = log_mass[:, :num_leaves].exp() * (grad_out * v).sum(-1)
-    for block, weight in zip(plan.blocks, state.weights):
+    for block, weight in zip(plan.blocks, weights):
         grad = gather_children(grad_out, grad_cluster, block)
         grad_cluster[:, block.parents] = grad.sum(2)
         coupled = coupling(weight, grad, gather_children(v, mean_v, block))
@@ -248,7 +261,7 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
     grad_q[:, plan.isolated_leaves] = 0.0
     grad_k[:, plan.isolated_leaves] = 0.0
     grad_v[:, plan.isolated_leaves] = grad_out[:, plan.isolated_leaves]
-    for block, weight in zip(reversed(plan.blocks), reversed(state.weights)):
+    for block, weight in zip(reversed(plan.blocks), reversed(weights)):
         # Recomputed rather than kept from the way up: H sum(b^2) numbers
         # fewer at the peak, for one more small product per block.
         grad = gather_children(grad_out, grad_cluster, block)
@@ -296,11 +309,13 @@ class HSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan, scale: float) -> Tensor:
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # heads-first views
-        state = bottom_up(q, k, v, plan, scale)
-        out, log_mass = top_down(v, plan, state)
-        ctx.save_for_backward(q, k, v, log_mass, state.mean_q, state.mean_k, state.mean_v,
-                              state.phi, state.self_log, *state.weights)
+        heads_first = [t.transpose(0, 1) for t in (q, k, v)]  # views, no copies
+        state = bottom_up(*heads_first, plan, scale)
+        out, log_mass = top_down(heads_first[2], plan, state)
+        ctx.save_for_backward(q, k, v)
+        # phi is not needed on the way back; the rest is per-node state and
+        # the family weights (no autograd graph: plain attributes suffice).
+        ctx.state, ctx.log_mass = state._replace(phi=None), log_mass
         ctx.plan, ctx.scale = plan, scale
         return out.transpose(0, 1)
 
@@ -310,8 +325,8 @@ class HSAFunction(torch.autograd.Function):
             raise RuntimeError("hsa(backend='fused') can be differentiated once; for "
                                "higher-order gradients (create_graph=True) use "
                                "backend='scatter'")
-        q, k, v, log_mass, mean_q, mean_k, mean_v, phi, self_log, *weights = ctx.saved_tensors
-        state = BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
-        grads = backward_sweeps(grad_out.transpose(0, 1), q, k, v, ctx.plan, ctx.scale, state,
-                                log_mass)
+        q, k, v = (t.transpose(0, 1) for t in ctx.saved_tensors)
+        log_mass = ctx.log_mass
+        grads = backward_sweeps(grad_out.transpose(0, 1), q, k, v, ctx.plan, ctx.scale,
+                                ctx.state, log_mass)
         return tuple(g.transpose(0, 1) for g in grads) + (None, None)

@@ -1,0 +1,12 @@
+r"""Experiments, not library code: scripts that time and size
+:mod:`hsa_geo` against baselines and write JSON to ``benchmarks/results/``.
+
+* :mod:`hsa_geo.benchmarks.scaling` -- HSA vs dense SDPA, a floor pass and
+  SGFormer attention on balanced trees, :math:`N = 2^{12} \dots 2^{20}`
+  (``python -m hsa_geo.benchmarks.scaling``).
+* :mod:`hsa_geo.benchmarks.timing` -- the timing, peak-memory and
+  process-isolation helpers they share.
+
+Nothing here is imported by :mod:`hsa_geo` itself, and no test asserts a
+timing.
+"""

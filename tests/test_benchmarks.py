@@ -1,0 +1,127 @@
+r"""The scaling benchmark runs end to end and writes well-formed JSON.
+
+Only structure and sanity (positive, finite numbers) are checked: timings
+depend on the machine and its load, so no test asserts performance.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hsa_geo import Hierarchy
+from hsa_geo.benchmarks.scaling import balanced_parent
+from hsa_geo.benchmarks.timing import loglog_slope, paired_ratio, time_interleaved
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_quick(out):
+    # One thread keeps the smoke run fast on a loaded machine; it changes
+    # no field of the output.
+    command = [sys.executable, '-m', 'hsa_geo.benchmarks.scaling', '--quick', '--threads', '1',
+               '--out', str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(out) as f:
+        return json.load(f), done.stdout
+
+
+def _positive_finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_mode_end_to_end(tmp_path):
+    # One test, not several sharing a fixture: under pytest-xdist each
+    # worker would run the benchmark again.
+    results, stdout = _run_quick(tmp_path / 'scaling.json')
+    _check_structure(results)
+    _check_numbers(results)
+    _check_printout(stdout)
+
+
+def _check_structure(results):
+    assert results['benchmark'] == 'hsa_geo.benchmarks.scaling'
+    assert results['errors'] == []
+    config = results['config']
+    assert (config['branching'], config['heads'], config['head_dim'], config['width']) == \
+        (8, 4, 16, 64)
+    assert config['log2_sizes'] == [12, 13, 14] and config['repeats'] == 1
+    machine = results['machine']
+    for key in ('torch', 'torch_threads', 'cpu_count', 'device', 'date', 'command'):
+        assert machine[key] is not None, key
+    assert '--quick' in machine['command']
+    assert [e['log2'] for e in results['sizes']] == [12, 13, 14]
+    assert set(results['slopes']) >= {'hsa_forward', 'hsa_forward_backward'}
+    # Quick mode has one size with N >= 2^14: no slope there, but one over all sizes.
+    slope = results['slopes']['hsa_forward_backward']
+    assert slope['value'] is None and slope['value_load_normalised'] is None
+    assert math.isfinite(slope['value_all_sizes'])
+    assert len(results['targets']) == 4
+    assert all(t['status'] in ('PASS', 'FAIL', 'N/A') for t in results['targets'])
+
+
+def _check_numbers(results):
+    for entry in results['sizes']:
+        assert entry['threads'] == 1
+        # Quick mode keeps dense SDPA to N <= 2^13 and says why it skips it.
+        expected = {'hsa', 'floor', 'sgformer'} | ({'dense'} if entry['log2'] <= 13 else set())
+        assert set(entry['methods']) == expected
+        if entry['log2'] > 13:
+            assert 'dense' in entry['skipped']
+        for key in ('hierarchy_s', 'plan_s'):
+            assert _positive_finite(entry['construction'][key])
+        assert entry['hierarchy_summary']['num_leaves'] == entry['num_leaves']
+        assert _positive_finite(entry['reference_s']) and len(entry['reference_samples']) == 1
+        assert _positive_finite(entry['methods']['floor']['forward_out_s'])
+        for method, data in entry['methods'].items():
+            for stage in ('forward', 'forward_backward'):
+                assert _positive_finite(data[f'{stage}_s']), (method, stage)
+                assert len(data[f'{stage}_samples']) == 1
+                assert all(_positive_finite(s) for s in data[f'{stage}_samples'])
+                assert _positive_finite(data[f'{stage}_over_reference'])
+            memory = data['memory']
+            assert memory['kind'] == 'rss'
+            for key in ('baseline_bytes', 'peak_bytes', 'process_peak_bytes'):
+                assert _positive_finite(memory[key]), (method, key)
+            assert memory['delta_bytes'] == memory['peak_bytes'] - memory['baseline_bytes']
+        for name, ratio in entry['ratios'].items():
+            if 'dense' in name and 'dense' not in entry['methods']:
+                assert ratio is None
+            else:
+                assert _positive_finite(ratio), name
+
+
+def _check_printout(stdout):
+    assert 'dense/HSA f+b' in stdout and 'HSA/floor fwd' in stdout
+    assert 'Skipped:' in stdout
+    assert stdout.count('N=32768 forward+backward') == 1
+    lines = [line for line in stdout.splitlines() if 'log-log slope' in line]
+    assert lines and all(line.startswith(('PASS', 'FAIL', 'N/A')) for line in lines)
+
+
+@pytest.mark.parametrize('num_leaves', [1, 7, 8, 9, 64, 100, 4096, 8192])
+def test_balanced_parent(num_leaves):
+    parent = balanced_parent(num_leaves)
+    hierarchy = Hierarchy.from_parent(parent, num_leaves)
+    assert hierarchy.num_trees == 1
+    assert int(hierarchy.num_children.max()) <= 8
+    # Consecutive leaves share a parent, eight at a time.
+    if num_leaves > 1:
+        assert torch.equal(parent[:num_leaves], num_leaves + torch.arange(num_leaves) // 8)
+    # Every leaf sits at the same depth ceil(log8 N).
+    depth = hierarchy.depth[:num_leaves]
+    assert int(depth.min()) == int(depth.max()) == math.ceil(math.log(num_leaves, 8) - 1e-9)
+
+
+def test_timing_helpers():
+    samples = time_interleaved({'a': lambda: None, 'b': lambda: sum(range(1000))}, repeats=3,
+                               warmup=1, budget_s=0.0)
+    # A zero budget still leaves one sample per call.
+    assert [len(samples['a']), len(samples['b'])] == [1, 1]
+    assert paired_ratio([2.0, 6.0], [1.0, 2.0, 5.0]) == 2.5
+    assert abs(loglog_slope([2, 4, 8], [4, 16, 64]) - 2.0) < 1e-12
+    assert loglog_slope([2], [4]) is None
