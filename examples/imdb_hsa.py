@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hsa_geo.hierarchy import DEFAULT_MAX_CHILDREN
+from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
+                                     write_report)
 from hsa_geo.flops import hsa_flops, softmax_flops
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 from hsa_geo.text import (MeanPoolClassifier, TextClassifier, document_hierarchy, load_imdb,
                           load_split, load_wordpiece_tokenizer, tokenize_documents)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ('hsa', 'softmax', 'mean')
 
 
@@ -53,29 +52,16 @@ def parse_args(argv=None):
     parser.add_argument('--train-size', type=int, default=5000, help='0 = whole train split')
     parser.add_argument('--valid-size', type=int, default=1000, help='0 = whole valid split')
     parser.add_argument('--test-size', type=int, default=2500, help='0 = whole test split')
-    parser.add_argument('--max-tokens', type=int, default=256)
-    parser.add_argument('--max-children', type=int, default=DEFAULT_MAX_CHILDREN,
-                        help='widest family of the hierarchy (0 = no bound)')
     parser.add_argument('--width', type=int, default=64)
     parser.add_argument('--depth', type=int, default=2)
     parser.add_argument('--heads', type=int, default=4)
     parser.add_argument('--dropout', type=float, default=0.1)
     parser.add_argument('--epochs', type=int, default=3)
-    parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--weight-decay', type=float, default=0.01)
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads (1 is fastest on a shared machine)')
-    parser.add_argument('--split', default=os.path.join(ROOT, 'datasets', 'imdb_split.json.gz'))
-    parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results',
-                                                      'imdb_hsa.json'))
     parser.add_argument('--checkpoint-dir', default=os.path.join(ROOT, 'build', 'checkpoints',
                                                                  'imdb_hsa'))
-    parser.add_argument('--no-progress', action='store_true')
-    parser.add_argument('--plot', default=None,
-                        help='also save the accuracy-vs-FLOPs plot (PNG) to this path')
-    parser.add_argument('--replot', action='store_true',
-                        help='only redraw --plot from the JSON already at --out')
+    add_shared_arguments(parser, 'imdb_hsa', batch_size=32)
     return parser.parse_args(argv)
 
 
@@ -285,18 +271,12 @@ def main(argv=None):
                 'data': {'train': len(train), 'valid': len(valid), 'test': len(test),
                          'mean_tokens_per_review': sum(d.num_tokens for d in test.documents)
                          / len(test),
-                         'mean_sibling_pairs': sum(s['sibling_pairs'] for s in shape)
-                         / len(shape),
-                         'mean_max_children': sum(s['max_children'] for s in shape)
-                         / len(shape)},
-                'environment': {'torch': torch.__version__, 'threads': args.threads,
-                                'cpu_count': os.cpu_count(), 'machine': platform.machine()},
+                         **hierarchy_shape(shape)},
+                'environment': environment(args.threads),
                 'summary': summarise(runs, flops),
                 'runs': runs,
             }
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, 'w') as handle:
-                json.dump(report, handle, indent=2)
+            write_report(report, args.out)
     for name, row in report['summary'].items():
         print(f"{name:8s} test acc {row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}  "
               f"train {row['train_time_s_mean']:.0f} s  "

