@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
-                                     write_report)
+                                     subset, write_report)
 from hsa_geo.flops import hsa_flops, softmax_flops
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 from hsa_geo.text import (MeanPoolClassifier, TextClassifier, document_hierarchy, load_imdb,
@@ -88,13 +88,6 @@ def plot(report, path):
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
-
-def subset(ids, size, seed=0):
-    # The same subset for every model and seed: drawn with a fixed seed.
-    if size <= 0 or size >= ids.numel():
-        return ids
-    generator = torch.Generator().manual_seed(seed)
-    return ids[torch.randperm(ids.numel(), generator=generator)[:size]].sort().values
 
 
 class Corpus:

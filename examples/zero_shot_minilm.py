@@ -31,7 +31,7 @@ import time
 import torch
 
 from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
-                                     write_report)
+                                     subset, write_report)
 from hsa_geo.flops import block_local_flops, hsa_flops, softmax_flops
 from hsa_geo.pretrained import encode_documents, find_self_attention_modules, inject_hsa, \
     load_minilm
@@ -85,12 +85,6 @@ def plot(report, path):
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
-
-def subset(ids, size, seed=0):
-    if size <= 0 or size >= ids.numel():
-        return ids
-    generator = torch.Generator().manual_seed(seed)
-    return ids[torch.randperm(ids.numel(), generator=generator)[:size]].sort().values
 
 
 def probe(train_x, train_y, test_sets):

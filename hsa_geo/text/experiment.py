@@ -36,6 +36,15 @@ def add_shared_arguments(parser: argparse.ArgumentParser, result_name: str,
                         help='only redraw --plot from the JSON already at --out')
 
 
+def subset(ids: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    r"""The same sorted random subset of :obj:`size` ids for every model and
+    seed (drawn with a fixed seed); all ids when :obj:`size` is 0 or larger."""
+    if size <= 0 or size >= ids.numel():
+        return ids
+    generator = torch.Generator().manual_seed(seed)
+    return ids[torch.randperm(ids.numel(), generator=generator)[:size]].sort().values
+
+
 def hierarchy_shape(shapes: Sequence[Dict[str, Any]]) -> Dict[str, float]:
     r"""Mean sibling pairs and widest family over documents' summaries."""
     return {'mean_sibling_pairs': sum(s['sibling_pairs'] for s in shapes) / len(shapes),
