@@ -52,3 +52,19 @@ def test_unknown_backend():
     q = torch.randn(3, 2)
     with pytest.raises(ValueError, match="Unknown backend 'dense'"):
         hsa(q, q, q, hierarchy, backend='dense')
+
+
+def test_fused_backward_same_with_and_without_retained_graph():
+    # Without retain_graph the backward frees the forward state block by
+    # block; with it, the state must survive for a second pass.
+    hierarchy = Hierarchy.batch_hierarchies([random_hierarchy(5), random_hierarchy(6)])
+    q, k, v = random_inputs(hierarchy, 1)
+    out = hsa(q, k, v, hierarchy)
+    kept = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    again = torch.autograd.grad(out.sum(), (q, k, v))
+    fresh = torch.autograd.grad(hsa(q, k, v, hierarchy).sum(), (q, k, v))
+    for a, b, c in zip(kept, again, fresh):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match='second time|freed'):
+        torch.autograd.grad(out.sum(), (q, k, v))

@@ -233,13 +233,16 @@ def coupling(weight: Tensor, grad: Tensor, value: Tensor) -> Tensor:
 
 
 def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
-                    scale: float, state: BottomUp, log_mass: Tensor):
+                    scale: float, state: BottomUp, log_mass: Tensor, release: bool = False):
     r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v (all
     heads-first) by a bottom-up and a top-down sweep
-    (docs/derivation.rst, "Backward pass")."""
+    (docs/derivation.rst, "Backward pass"). With :obj:`release`, the caller
+    hands :obj:`state` over and each buffer is dropped once no block needs
+    it any more, which lowers the peak while the gradients fill."""
     num_leaves = plan.num_leaves
     mean_q, mean_k, mean_v = state.mean_q, state.mean_k, state.mean_v
-    weights = state.weights
+    weights = list(state.weights)
+    del state
     grad_cluster = grad_out.new_zeros(mean_v.shape)
     # through[B] = dL/dlog P(B): everything below B, weighted by its mass.
     through = q.new_zeros(q.size(0), plan.num_nodes)
@@ -261,7 +264,16 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
     grad_q[:, plan.isolated_leaves] = 0.0
     grad_k[:, plan.isolated_leaves] = 0.0
     grad_v[:, plan.isolated_leaves] = grad_out[:, plan.isolated_leaves]
-    for block, weight in zip(reversed(plan.blocks), reversed(weights)):
+    # top-down, blocks after this one have leaf children only: cluster
+    # means and sums are not read any more
+    last_with_clusters = min((index for index, block in enumerate(plan.blocks)
+                              if block.cluster_slot.numel() > 0), default=len(plan.blocks))
+    for index in reversed(range(len(plan.blocks))):
+        block, weight = plan.blocks[index], weights[index]
+        if release:
+            weights[index] = None
+            if index < last_with_clusters:
+                mean_q = mean_k = mean_v = grad_cluster = None
         # Recomputed rather than kept from the way up: H sum(b^2) numbers
         # fewer at the peak, for one more small product per block.
         grad = gather_children(grad_out, grad_cluster, block)
@@ -326,7 +338,17 @@ class HSAFunction(torch.autograd.Function):
                                "higher-order gradients (create_graph=True) use "
                                "backend='scatter'")
         q, k, v = (t.transpose(0, 1) for t in ctx.saved_tensors)
-        log_mass = ctx.log_mass
+        # When autograd frees the graph after this pass (no retain_graph), the
+        # sweeps may release the forward state block by block.
+        release = not _graph_is_kept()
         grads = backward_sweeps(grad_out.transpose(0, 1), q, k, v, ctx.plan, ctx.scale,
-                                ctx.state, log_mass)
+                                ctx.__dict__.pop('state') if release else ctx.state,
+                                ctx.log_mass, release=release)
         return tuple(g.transpose(0, 1) for g in grads) + (None, None)
+
+
+def _graph_is_kept() -> bool:
+    r"""Whether the running backward pass keeps the graph (``retain_graph``);
+    :obj:`True` when torch cannot tell, which only costs memory."""
+    keep_graph = getattr(torch._C._autograd, '_get_current_graph_task_keep_graph', None)
+    return True if keep_graph is None else bool(keep_graph())
