@@ -59,7 +59,7 @@ def node_rows(buffer: Tensor, block: FamilyBlock) -> Tensor:
 
 def leaf_target(leaf: Tensor, block: FamilyBlock) -> Optional[Tensor]:
     r"""``[H, F, b, ...]`` view of the leaf buffer rows of a leaf-range
-    block (results are computed straight into it), else :obj:`None`."""
+    block (results are written straight into it), else :obj:`None`."""
     if block.leaf_range is None:
         return None
     start, end = block.leaf_range
@@ -84,8 +84,9 @@ def per_head_matmul(left: Tensor, right: Tensor, base: Optional[Tensor] = None,
                     alpha: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
     r"""``base + alpha * left @ right`` for ``[H, F, x, y] @ [H, F, y, z]``
     (:obj:`base` broadcast to ``[H, F, x, z]``). Without grad it is one
-    fused ``baddbmm`` per head written into :obj:`out`, so strided views (a
-    slice of a leaf buffer, a transpose) are never copied."""
+    fused ``baddbmm`` per head; operands may be per-head-contiguous views or
+    transposes of them (no copies), and a rows-first :obj:`out` is filled by
+    one block-sized copy."""
     if torch.is_grad_enabled():
         product = torch.matmul(left, right) * alpha
         return product if base is None else product + base
