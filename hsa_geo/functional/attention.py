@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from hsa_geo.functional.dense import _path_to_root
 from hsa_geo.functional.scatter_sweep import build_scatter_plan, hsa_scatter
 from hsa_geo.functional.sweep import HSAFunction, bottom_up, subtree_log_mass
 from hsa_geo.hierarchy.hierarchy import Hierarchy
@@ -55,7 +56,7 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         out = HSAFunction.apply(q, k, v, plan, scale)
     elif backend == 'scatter':
         if 'scatter' not in plan.cache:
-            plan.cache['scatter'] = build_scatter_plan(plan, plan.parent, plan.num_leaves_below)
+            plan.cache['scatter'] = build_scatter_plan(plan)
         out = hsa_scatter(q, k, v, plan.cache['scatter'], scale)
     else:
         raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
@@ -143,10 +144,8 @@ def _leaves_below(hierarchy: Hierarchy):
     parent = hierarchy.parent.tolist()
     leaves = [[] for _ in parent]
     for leaf in range(hierarchy.num_leaves):
-        node = leaf
-        while node >= 0:
+        for node in _path_to_root(leaf, parent):
             leaves[node].append(leaf)
-            node = parent[node]
     return [torch.tensor(members, dtype=torch.long) for members in leaves]
 
 

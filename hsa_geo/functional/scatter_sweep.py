@@ -38,23 +38,23 @@ class ScatterPlan(NamedTuple):
     num_leaves_below: Tensor  #: ``[N + M]``
 
 
-def build_scatter_plan(plan: SweepPlan, parent: Tensor, num_leaves_below: Tensor) -> ScatterPlan:
+def build_scatter_plan(plan: SweepPlan) -> ScatterPlan:
     r"""Edge lists of :obj:`plan`'s families, level by level."""
+    parent = plan.parent
     by_depth = {}
     for block in plan.blocks:
         by_depth.setdefault(block.depth, []).append(block)
     levels = []
     for depth in sorted(by_depth, reverse=True):
-        rows, cols, children, parents = [], [], [], []
+        pairs, children, parents = [], [], []
         for block in by_depth[depth]:
             family, size = block.children.shape
-            rows.append(block.children[:, :, None].expand(family, size, size).reshape(-1))
-            cols.append(block.children[:, None, :].expand(family, size, size).reshape(-1))
+            pairs.append(block.sibling_pairs())
             children.append(block.children.reshape(-1))
             parents.append((block.parents + plan.num_leaves)[:, None].expand(family, size).reshape(-1))
         families = torch.cat([block.parents for block in by_depth[depth]]) + plan.num_leaves
-        levels.append(Level(torch.cat(rows), torch.cat(cols), torch.cat(children),
-                            torch.cat(parents), families))
+        row, col = torch.cat(pairs, dim=1)
+        levels.append(Level(row, col, torch.cat(children), torch.cat(parents), families))
     leaf = torch.arange(plan.num_leaves, device=parent.device)
     node = leaf.clone()
     pairs_leaf, pairs_node = [leaf], [node]
@@ -66,7 +66,7 @@ def build_scatter_plan(plan: SweepPlan, parent: Tensor, num_leaves_below: Tensor
         pairs_leaf.append(leaf)
         pairs_node.append(node)
     return ScatterPlan(levels, torch.cat(pairs_leaf), torch.cat(pairs_node), parent,
-                       num_leaves_below)
+                       plan.num_leaves_below)
 
 
 def scatter_logsumexp(src: Tensor, index: Tensor, dim_size: int) -> Tensor:

@@ -57,6 +57,14 @@ class FamilyBlock:
     def num_children(self) -> int:
         return self.children.size(1)
 
+    def sibling_pairs(self) -> Tensor:
+        r"""``[2, F * b * b]`` ordered sibling pairs :math:`(B, C)` of every
+        family, the diagonal included, family by family in row-major order."""
+        family, size = self.children.shape
+        rows = self.children[:, :, None].expand(family, size, size)
+        cols = self.children[:, None, :].expand(family, size, size)
+        return torch.stack([rows.reshape(-1), cols.reshape(-1)])
+
     def to(self, device) -> 'FamilyBlock':
         return FamilyBlock(**{
             f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), Tensor)
@@ -90,12 +98,7 @@ class SweepPlan:
     def sibling_pairs(self) -> Tensor:
         r"""``[2, E]`` all ordered sibling pairs :math:`(B, C)`, the
         :math:`B = C` diagonal included, in block order."""
-        pairs = []
-        for block in self.blocks:
-            family, size = block.children.shape
-            rows = block.children[:, :, None].expand(family, size, size)
-            cols = block.children[:, None, :].expand(family, size, size)
-            pairs.append(torch.stack([rows.reshape(-1), cols.reshape(-1)]))
+        pairs = [block.sibling_pairs() for block in self.blocks]
         if not pairs:
             return self.isolated_leaves.new_empty(2, 0)
         return torch.cat(pairs, dim=1)
