@@ -234,7 +234,8 @@ def test_chunked_blocks_and_leaf_range_views_give_the_same_result():
     hierarchy = Hierarchy.from_parent(balanced_parent(num_leaves, 8), num_leaves)
     whole = hierarchy.plan()
     chunked = build_sweep_plan(hierarchy.parent, num_leaves, hierarchy.depth,
-                               hierarchy.num_leaves_below, pairs_per_block=3 * 64)
+                               hierarchy.num_leaves_below, hierarchy.first_leaf,
+                               pairs_per_block=3 * 64)
     assert any(block.leaf_range is not None for block in whole.blocks)
     assert len(chunked.blocks) > 2 * len(whole.blocks)
     q, k, v = (t.requires_grad_() for t in qkv(num_leaves, seed=8))

@@ -38,19 +38,24 @@ class Hierarchy:
     """
 
     def __init__(self, parent: Tensor, num_leaves: int, depth: Tensor,
-                 num_leaves_below: Tensor, batch: Optional[Tensor] = None):
+                 num_leaves_below: Tensor, batch: Optional[Tensor] = None,
+                 ordered: bool = False):
         self.parent = parent
         self.num_leaves = int(num_leaves)
         self.depth = depth
         self.num_leaves_below = num_leaves_below
         self.batch = batch
+        #: whether the order of siblings (by their first leaf) means
+        #: something, e.g. sentence order or quadrant order; positional
+        #: terms (:mod:`hsa_geo.nn.positional`) require it
+        self.ordered = bool(ordered)
         self._plans: Dict[torch.device, SweepPlan] = {}
         self._cache: Dict[str, object] = {}
 
     # ------------------------------------------------------------------ build
     @classmethod
     def from_parent(cls, parent: Tensor, num_leaves: int,
-                    batch: Optional[Tensor] = None) -> 'Hierarchy':
+                    batch: Optional[Tensor] = None, ordered: bool = False) -> 'Hierarchy':
         r"""Validates parent pointers and returns the hierarchy.
 
         Args:
@@ -62,6 +67,10 @@ class Hierarchy:
             batch (torch.Tensor, optional): Graph id of every node. When
                 given, every graph must have exactly one root and no parent
                 edge may cross graphs. (default: :obj:`None`)
+            ordered (bool, optional): Whether the leaf order is meaningful
+                (a sequence, a raster), so that siblings ordered by their
+                first leaf carry a position (:attr:`sibling_index`) that
+                positional terms may use. (default: :obj:`False`)
 
         Raises:
             ValueError: naming the offending node or graph, for a non-integer
@@ -75,7 +84,7 @@ class Hierarchy:
         num_leaves_below = _count_leaves_below(parent, num_leaves, depth)
         if batch is not None:
             batch = _check_batch(batch, parent)
-        return cls(parent, num_leaves, depth, num_leaves_below, batch)
+        return cls(parent, num_leaves, depth, num_leaves_below, batch, ordered)
 
     @classmethod
     def flat(cls, num_leaves: int) -> 'Hierarchy':
@@ -83,7 +92,7 @@ class Hierarchy:
         exactly softmax attention."""
         parent = torch.full((num_leaves + 1, ), num_leaves, dtype=torch.long)
         parent[-1] = -1
-        return cls.from_parent(parent, num_leaves)
+        return cls.from_parent(parent, num_leaves, ordered=True)
 
     @classmethod
     def batch_hierarchies(cls, hierarchies: Sequence['Hierarchy']) -> 'Hierarchy':
@@ -91,7 +100,8 @@ class Hierarchy:
 
         Leaves keep their order graph after graph (as PyG concatenates
         :obj:`x`), and all clusters follow all leaves. The result records the
-        graph id of every node in :obj:`batch`.
+        graph id of every node in :obj:`batch`; it is :attr:`ordered` when
+        every input is.
         """
         if len(hierarchies) == 0:
             raise ValueError("batch_hierarchies() needs at least one hierarchy")
@@ -111,7 +121,7 @@ class Hierarchy:
                                     [h.num_clusters for h in hierarchies])
         return cls(torch.cat(parents)[order], total_leaves,
                    torch.cat(depths)[order], torch.cat(counts)[order],
-                   torch.cat(batches)[order])
+                   torch.cat(batches)[order], all(h.ordered for h in hierarchies))
 
     def new_node_ids(self, leaf_offset: int, cluster_offset: int) -> Tensor:
         r"""The id of every node once leaves are shifted by
@@ -161,6 +171,55 @@ class Hierarchy:
         r"""Graph id of every leaf, or :obj:`None` without a graph id."""
         return None if self.batch is None else self.batch[:self.num_leaves]
 
+    @property
+    def first_leaf(self) -> Tensor:
+        r"""Smallest leaf id below every node (the leaf itself for a leaf);
+        siblings are ordered by it."""
+        if 'first_leaf' not in self._cache:
+            first, last = _first_and_last_leaf(self.parent.cpu(), self.num_leaves,
+                                               self.depth.cpu())
+            self._cache['first_leaf'] = first.to(self.parent.device)
+            self._cache['last_leaf'] = last.to(self.parent.device)
+        return self._cache['first_leaf']
+
+    @property
+    def last_leaf(self) -> Tensor:
+        r"""Largest leaf id below every node."""
+        self.first_leaf  # noqa: B018 (fills both)
+        return self._cache['last_leaf']
+
+    @property
+    def sibling_index(self) -> Tensor:
+        r"""``[N + M]`` position of every node among its siblings, ordered
+        by first leaf (0 at roots). Meaningful when :attr:`ordered`."""
+        return self.plan().sibling_index
+
+    def sibling_pairs(self) -> Tensor:
+        r"""``[2, E]`` the ordered sibling pairs :math:`(B, C)`, diagonal
+        :math:`B = C` included, :math:`E = \sum_A b_A^2`. Per-pair tensors
+        such as :obj:`pair_bias` of :func:`hsa_geo.functional.hsa` have one
+        row per column of this, in this order."""
+        return self.plan().sibling_pairs()
+
+    @property
+    def num_sibling_pairs(self) -> int:
+        r""":math:`E = \sum_A b_A^2`, the rows of a per-pair tensor."""
+        return self.plan().num_pairs
+
+    def check_contiguous(self) -> None:
+        r"""Raises a :class:`ValueError` naming the first node whose leaves
+        are not consecutive ids: causal HSA needs every subtree to be an
+        interval of the sequence."""
+        span = self.last_leaf - self.first_leaf + 1
+        broken = (span != self.num_leaves_below).nonzero().view(-1)
+        if broken.numel() > 0:
+            node = int(broken[0])
+            raise ValueError(
+                f"Causal HSA needs every subtree to hold consecutive leaves, but node "
+                f"{node} has {int(self.num_leaves_below[node])} leaves spread over ids "
+                f"{int(self.first_leaf[node])}..{int(self.last_leaf[node])}; number the "
+                f"leaves in sequence order (depth-first), as the sequence builders do")
+
     def plan(self, device: Optional[torch.device] = None) -> SweepPlan:
         r"""The sweep plan (families grouped by depth and size) on
         :obj:`device`, computed once per device and cached."""
@@ -170,7 +229,8 @@ class Hierarchy:
             # launches, so its plan is built with a much larger block size.
             pairs_per_block = PAIRS_PER_BLOCK if device.type == 'cpu' else PAIRS_PER_BLOCK << 6
             plan = build_sweep_plan(self.parent.cpu(), self.num_leaves, self.depth.cpu(),
-                                    self.num_leaves_below.cpu(), pairs_per_block)
+                                    self.num_leaves_below.cpu(), self.first_leaf.cpu(),
+                                    pairs_per_block)
             self._plans[device] = plan.to(device)
         return self._plans[device]
 
@@ -178,7 +238,7 @@ class Hierarchy:
         r"""A copy on :obj:`device` (sharing the cached plans)."""
         moved = Hierarchy(self.parent.to(device), self.num_leaves, self.depth.to(device),
                           self.num_leaves_below.to(device),
-                          None if self.batch is None else self.batch.to(device))
+                          None if self.batch is None else self.batch.to(device), self.ordered)
         moved._plans = dict(self._plans)
         return moved
 
@@ -258,9 +318,10 @@ class Hierarchy:
         return graph
 
     def __repr__(self) -> str:
+        ordered = ', ordered=True' if self.ordered else ''
         return (f'{self.__class__.__name__}(num_leaves={self.num_leaves}, '
                 f'num_clusters={self.num_clusters}, num_trees={self.num_trees}, '
-                f'max_depth={self.max_depth})')
+                f'max_depth={self.max_depth}{ordered})')
 
 
 # ---------------------------------------------------------------- validation
@@ -336,17 +397,31 @@ def _depth_or_raise_on_cycle(parent: Tensor) -> Tensor:
 def _count_leaves_below(parent: Tensor, num_leaves: int, depth: Tensor) -> Tensor:
     count = torch.zeros(parent.numel(), dtype=torch.long)
     count[:num_leaves] = 1
+    return _reduce_up(parent, depth, count, 'sum')
+
+
+def _first_and_last_leaf(parent: Tensor, num_leaves: int, depth: Tensor):
+    r"""Smallest and largest leaf id below every node."""
+    ids = torch.arange(parent.numel())
+    first = _reduce_up(parent, depth, torch.where(ids < num_leaves, ids, parent.numel()), 'amin')
+    last = _reduce_up(parent, depth, torch.where(ids < num_leaves, ids, -1), 'amax')
+    return first, last
+
+
+def _reduce_up(parent: Tensor, depth: Tensor, values: Tensor, reduce: str) -> Tensor:
+    r"""Folds :obj:`values` of every node into all its ancestors
+    (:obj:`reduce` is ``'sum'``, ``'amin'`` or ``'amax'``), one vectorised
+    step per depth level, deepest first."""
+    values = values.clone()
     order = torch.argsort(depth, descending=True, stable=True)
-    sorted_depth = depth[order]
-    # Add each depth level into its parents, deepest level first.
-    boundaries = torch.unique_consecutive(sorted_depth, return_counts=True)[1].tolist()
+    boundaries = torch.unique_consecutive(depth[order], return_counts=True)[1].tolist()
     start = 0
     for size in boundaries:
         nodes = order[start:start + size]
         start += size
         nodes = nodes[parent[nodes] >= 0]
-        count.index_add_(0, parent[nodes], count[nodes])
-    return count
+        values.scatter_reduce_(0, parent[nodes], values[nodes], reduce=reduce)
+    return values
 
 
 def _check_batch(batch, parent: Tensor) -> Tensor:

@@ -42,6 +42,14 @@ class FamilyBlock:
     equal_children: bool = False
     #: every child is a single leaf: :math:`\log|C| = 0`
     unit_children: bool = False
+    #: position of this block's first pair in the plan's sibling-pair order
+    #: (:meth:`SweepPlan.sibling_pairs`), which per-pair tensors follow
+    pair_start: int = 0
+
+    @property
+    def pair_slice(self) -> slice:
+        r"""This block's ``F * b * b`` entries of a per-pair tensor."""
+        return slice(self.pair_start, self.pair_start + self.children.numel() * self.num_children)
 
     @property
     def share(self) -> Tensor:
@@ -82,6 +90,9 @@ class SweepPlan:
     isolated_leaves: Tensor  #: leaves that are roots of their own tree
     parent: Tensor  #: ``[N + M]`` parent of every node, ``-1`` at roots
     num_leaves_below: Tensor  #: ``[N + M]``
+    #: ``[N + M]`` position of every node among its siblings, ordered by
+    #: their first leaf (0 at roots): the column it occupies in its block
+    sibling_index: Tensor
     #: data other backends derive from the plan once and keep with it
     cache: Dict[str, Any] = field(default_factory=dict)
 
@@ -89,11 +100,16 @@ class SweepPlan:
     def num_nodes(self) -> int:
         return self.num_leaves + self.num_clusters
 
+    @property
+    def num_pairs(self) -> int:
+        r"""Number :math:`E = \sum_A b_A^2` of ordered sibling pairs."""
+        return sum(block.children.numel() * block.num_children for block in self.blocks)
+
     def to(self, device) -> 'SweepPlan':
         return SweepPlan(self.num_leaves, self.num_clusters,
                          [block.to(device) for block in self.blocks],
                          self.isolated_leaves.to(device), self.parent.to(device),
-                         self.num_leaves_below.to(device))
+                         self.num_leaves_below.to(device), self.sibling_index.to(device))
 
     def sibling_pairs(self) -> Tensor:
         r"""``[2, E]`` all ordered sibling pairs :math:`(B, C)`, the
@@ -105,9 +121,12 @@ class SweepPlan:
 
 
 def build_sweep_plan(parent: Tensor, num_leaves: int, depth: Tensor,
-                     num_leaves_below: Tensor,
+                     num_leaves_below: Tensor, first_leaf: Tensor,
                      pairs_per_block: int = PAIRS_PER_BLOCK) -> SweepPlan:
     r"""Groups the families of a validated hierarchy into blocks.
+
+    Within a family, children are ordered by their first (smallest) leaf,
+    so on a hierarchy over a sequence, columns follow the sequence.
 
     Cost: a few sorts over the :math:`N + M` nodes, :math:`O((N+M)\log(N+M))`.
     """
@@ -115,14 +134,13 @@ def build_sweep_plan(parent: Tensor, num_leaves: int, depth: Tensor,
     child = (parent >= 0).nonzero().view(-1)
     family_of_child = parent[child]
     num_children = torch.bincount(family_of_child, minlength=num_nodes)
-    first_child = torch.full((num_nodes, ), num_nodes, dtype=torch.long)
-    first_child.scatter_reduce_(0, family_of_child, child, reduce='amin')
 
     # Order children by (parent depth descending, family size, family's first
-    # child, child id): families become contiguous runs, blocks contiguous
-    # groups of runs, and families of consecutive leaves consecutive runs.
-    order = torch.arange(child.numel())
-    for key in (first_child[family_of_child], num_children[family_of_child],
+    # leaf, child's first leaf): families become contiguous runs, blocks
+    # contiguous groups of runs, and families of consecutive leaves
+    # consecutive runs.
+    order = torch.argsort(first_leaf[child])
+    for key in (first_leaf[family_of_child], num_children[family_of_child],
                 -depth[family_of_child]):
         order = order[torch.argsort(key[order], stable=True)]
     child = child[order]
@@ -135,19 +153,24 @@ def build_sweep_plan(parent: Tensor, num_leaves: int, depth: Tensor,
     group_lengths = torch.unique_consecutive(group_key, return_counts=True)[1].tolist()
     count = num_leaves_below.to(torch.float64)
     blocks: List[FamilyBlock] = []
-    start = 0
+    sibling_index = torch.zeros(num_nodes, dtype=torch.long)
+    start = pair_start = 0
     for length in group_lengths:
         size = int(family_size[start])
         children = child[start:start + length].view(-1, size)
+        sibling_index[children] = torch.arange(size)
         parents = family_of_child[start:start + length:size]
         step = max(1, pairs_per_block // (size * size))
         for first in range(0, children.size(0), step):
-            blocks.append(_make_block(int(family_depth[start]), parents[first:first + step],
-                                      children[first:first + step], num_leaves, count))
+            block = _make_block(int(family_depth[start]), parents[first:first + step],
+                                children[first:first + step], num_leaves, count)
+            block.pair_start = pair_start
+            pair_start += block.children.numel() * size
+            blocks.append(block)
         start += length
     isolated = ((parent < 0) & (torch.arange(num_nodes) < num_leaves)).nonzero().view(-1)
     return SweepPlan(num_leaves, num_nodes - num_leaves, blocks, isolated, parent,
-                     num_leaves_below)
+                     num_leaves_below, sibling_index)
 
 
 def _make_block(depth: int, parents: Tensor, children: Tensor, num_leaves: int,
