@@ -66,3 +66,33 @@ def balanced_parent(num_leaves: int, branching: int) -> torch.Tensor:
         level_start, level_size, next_id = next_id, groups, next_id + groups
     parents.append(torch.tensor([-1]))
     return torch.cat(parents)
+
+
+def number_leaves_depth_first(parent: torch.Tensor, num_leaves: int) -> torch.Tensor:
+    r"""The same tree with leaves renumbered in depth-first order (children
+    visited in node-id order), so every subtree holds consecutive leaf ids:
+    what causal HSA needs."""
+    parent_list = parent.tolist()
+    children = {}
+    for node, up in enumerate(parent_list):
+        children.setdefault(up, []).append(node)
+    order, stack = [], list(reversed(children.get(-1, [])))
+    while stack:
+        node = stack.pop()
+        if node < num_leaves:
+            order.append(node)
+        stack.extend(reversed(children.get(node, [])))
+    new_id = list(range(len(parent_list)))
+    for position, leaf in enumerate(order):
+        new_id[leaf] = position
+    renumbered = [0] * len(parent_list)
+    for node, up in enumerate(parent_list):
+        renumbered[new_id[node]] = up if up < 0 else new_id[up]
+    return torch.tensor(renumbered)
+
+
+def random_sequence_hierarchy(seed: int, **kwargs) -> Hierarchy:
+    r"""A random tree whose subtrees are intervals of the leaf order."""
+    parent, num_leaves = random_parent(seed, **kwargs)
+    return Hierarchy.from_parent(number_leaves_depth_first(parent, num_leaves), num_leaves,
+                                 ordered=True)

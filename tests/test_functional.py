@@ -241,7 +241,7 @@ def test_chunked_blocks_and_leaf_range_views_give_the_same_result():
     q, k, v = (t.requires_grad_() for t in qkv(num_leaves, seed=8))
     outputs = []
     for plan in (whole, chunked):
-        out = HSAFunction.apply(q, k, v, plan, 0.5)
+        out = HSAFunction.apply(q, k, v, None, plan, 0.5)
         outputs.append([out] + list(torch.autograd.grad(out.sum(), (q, k, v))))
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

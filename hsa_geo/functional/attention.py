@@ -9,22 +9,50 @@ from torch import Tensor
 
 from hsa_geo.functional.dense import _path_to_root
 from hsa_geo.functional.scatter_sweep import build_scatter_plan, hsa_scatter
-from hsa_geo.functional.sweep import HSAFunction, bottom_up, subtree_log_mass
+from hsa_geo.functional.sweep import (HSAFunction, ScoreTerms, bottom_up, subtree_log_mass,
+                                      subtree_means)
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 _UPCAST = (torch.float16, torch.bfloat16)
+ENERGIES = ('dot', 'euclidean')
+
+_TERMS_DOC = r"""
+        pair_bias (torch.Tensor, optional): Additive score term per ordered
+            sibling pair and head, ``[E, H]`` (or ``[E]`` for all heads),
+            one row per column of :meth:`Hierarchy.sibling_pairs()
+            <hsa_geo.Hierarchy.sibling_pairs>`, in that order: added to the
+            block score :math:`\bar s(B, C)` of siblings :math:`B \neq C`
+            and to the self score :math:`s_{ii}` of a leaf's own pair
+            :math:`(i, i)`; the :math:`(B, B)` rows of cluster nodes are not
+            used (their gradient is zero). Build it with
+            :class:`hsa_geo.nn.SiblingPositionBias`. (default: :obj:`None`)
+        energy (str, optional): :obj:`"dot"`,
+            :math:`s_{ij} = \text{scale}\cdot q_i^\top k_j`, or
+            :obj:`"euclidean"`, the paper's
+            :math:`s_{ij} = -\tfrac{\text{scale}}{2}\Vert q_i - k_j\Vert^2`
+            (:math:`-\Vert q_i - k_j\Vert^2 / (2\sqrt D)` by default).
+            (default: :obj:`"dot"`)
+        causal (bool, optional): Leaf :math:`i` attends only to leaves
+            :math:`j \le i`: the KL-closest block-constant approximation of
+            causal softmax attention. Needs every subtree to hold
+            consecutive leaf ids (:meth:`Hierarchy.check_contiguous
+            <hsa_geo.Hierarchy.check_contiguous>`). (default: :obj:`False`)"""
 
 
 def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
-        scale: Optional[float] = None, backend: str = 'fused') -> Tensor:
+        scale: Optional[float] = None, backend: str = 'fused', *,
+        pair_bias: Optional[Tensor] = None, energy: str = 'dot',
+        causal: bool = False) -> Tensor:
     r"""Hierarchical Self-Attention over the leaves of :obj:`hierarchy`.
 
     Computes :math:`y_i = \sum_j a_{ij} v_j` where :math:`A` is the
     row-stochastic matrix closest in KL divergence to softmax attention
-    :math:`\mathrm{softmax}(\text{scale}\cdot q_i^\top k_j)` among those
-    constant on every block of leaves under two sibling subtrees
-    (docs/derivation.rst). Two sweeps over the tree, no :math:`N \times N`
-    tensor: :math:`O((N + M)\, b\, H D)` time for branching :math:`b`.
+    :math:`\mathrm{softmax}_j(s_{ij})`, with scores
+    :math:`s_{ij} = \text{scale}\cdot q_i^\top k_j` (plus the optional
+    pair bias, or the Euclidean energy), among those constant on every block
+    of leaves under two sibling subtrees (docs/derivation.rst). Two sweeps
+    over the tree, no :math:`N \times N` tensor:
+    :math:`O((N + M)\, b\, H D)` time for branching :math:`b`.
 
     Args:
         q (torch.Tensor): Queries ``[N, H, D]`` (or ``[N, D]``: one head).
@@ -40,6 +68,7 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
             ``torch_scatter`` when installed; plain autograd, so it supports
             double backward, with :math:`O(\sum_A b_A^2 HD)` memory).
             Both compute the same values. (default: :obj:`"fused"`)
+        {terms}
 
     Returns:
         ``[N, H, D_v]`` (or ``[N, D_v]``). float16/bfloat16 inputs are
@@ -49,33 +78,49 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         (bfloat16), and below 1e-5 for float32 (checked in
         tests/test_functional.py).
     """
+    if backend not in ('fused', 'scatter'):
+        raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
     (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
     plan = hierarchy.plan(q.device)
+    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    euclidean = energy == 'euclidean'
     if backend == 'fused':
-        out = HSAFunction.apply(q, k, v, plan, scale)
-    elif backend == 'scatter':
+        heads_first_bias = None if pair_bias is None else pair_bias.t().contiguous()
+        out = HSAFunction.apply(q, k, v, heads_first_bias, plan, scale, euclidean, causal)
+    else:
         if 'scatter' not in plan.cache:
             plan.cache['scatter'] = build_scatter_plan(plan)
-        out = hsa_scatter(q, k, v, plan.cache['scatter'], scale)
-    else:
-        raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
+        out = hsa_scatter(q, k, v, plan.cache['scatter'], scale, pair_bias, euclidean, causal)
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
 
 
+hsa.__doc__ = hsa.__doc__.replace('{terms}', _TERMS_DOC.strip())
+
+
 def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
-                      scale: Optional[float] = None) -> Tensor:
+                      scale: Optional[float] = None, *, pair_bias: Optional[Tensor] = None,
+                      energy: str = 'dot', causal: bool = False) -> Tensor:
     r""":math:`\phi` of every node, ``[N + M, H]`` (``[N + M]`` for one
     head): :math:`\phi(i) = -s_{ii}` at a leaf and
-    :math:`\phi(A) = -\sum_B \frac{|B|}{|A|} \log Z_B` at a cluster.
-    Differentiable (twice) by autograd;
-    :math:`-\nabla_{q}\, N\phi(\mathrm{root}) = \text{scale}\cdot A K` for one
-    tree (for a forest, sum :math:`|T|\,\phi(\mathrm{root}_T)` over its trees)."""
+    :math:`\phi(A) = -\sum_B \frac{|B|}{|A|} \log Z_B` at a cluster;
+    :math:`|A|\,\phi(A)` is the minimum of the KL objective over the
+    leaves of :math:`A` (up to the softmax normalisers). Differentiable
+    (twice) by autograd: :math:`-\nabla_{q_i} N\phi(\mathrm{root}) =
+    \sum_j a_{ij} \nabla_{q_i} s_{ij}`, i.e. :math:`\text{scale}\cdot AK`
+    for the dot energy, for one tree (for a forest, sum
+    :math:`|T|\,\phi(\mathrm{root}_T)` over its trees). Keywords as in
+    :func:`hsa`."""
     (q, k), single_head, dtype = _prepare((q, k), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
-    phi = bottom_up(q.transpose(0, 1), k.transpose(0, 1), None, hierarchy.plan(q.device),
-                    scale).phi.t().to(dtype)
+    plan = hierarchy.plan(q.device)
+    terms = _score_terms(pair_bias, energy, causal, hierarchy, q)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)
+    phi = bottom_up(q, k, None, plan, scale, terms).phi
+    if terms.euclidean:  # the row term the sweeps leave out
+        phi = phi + 0.5 * scale * subtree_means((q * q).sum(-1), plan)
+    phi = phi.t().to(dtype)
     return phi.squeeze(1) if single_head else phi
 
 
@@ -95,13 +140,17 @@ class BlockAttention(NamedTuple):
 
 @torch.no_grad()
 def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
-                      scale: Optional[float] = None) -> BlockAttention:
+                      scale: Optional[float] = None, *, pair_bias: Optional[Tensor] = None,
+                      energy: str = 'dot', causal: bool = False) -> BlockAttention:
     r"""Block-level HSA weights, one per ordered sibling pair and head,
-    plus the per-subtree masses. ``O(sum of squared branching)`` memory."""
+    plus the per-subtree masses. ``O(sum of squared branching)`` memory.
+    Keywords as in :func:`hsa` (later siblings get weight 0 when
+    :obj:`causal`)."""
     (q, k), single_head, _ = _prepare((q, k), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
     plan = hierarchy.plan(q.device)
-    state = bottom_up(q.transpose(0, 1), k.transpose(0, 1), None, plan, scale)
+    terms = _score_terms(pair_bias, energy, causal, hierarchy, q)
+    state = bottom_up(q.transpose(0, 1), k.transpose(0, 1), None, plan, scale, terms)
     pair_weight = []
     for block, weight in zip(plan.blocks, state.weights):
         # per leaf of C: the block's share divided by |C|; mu(B) on the diagonal
@@ -147,6 +196,47 @@ def _leaves_below(hierarchy: Hierarchy):
         for node in _path_to_root(leaf, parent):
             leaves[node].append(leaf)
     return [torch.tensor(members, dtype=torch.long) for members in leaves]
+
+
+def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
+                 hierarchy: Hierarchy, q: Tensor) -> Optional[Tensor]:
+    r"""Validates the score terms; returns :obj:`pair_bias` as ``[E, H]``
+    in :obj:`q`'s compute dtype."""
+    if energy not in ENERGIES:
+        raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"'causal' must be a bool (got {causal!r})")
+    if causal:
+        hierarchy.check_contiguous()
+    if pair_bias is None:
+        return None
+    if not isinstance(pair_bias, Tensor) or not pair_bias.is_floating_point():
+        raise ValueError("'pair_bias' must be a floating-point tensor [E, H] or [E]")
+    num_pairs, heads = hierarchy.num_sibling_pairs, q.size(1)
+    if pair_bias.dim() == 1:
+        pair_bias = pair_bias[:, None]
+    if pair_bias.dim() != 2 or pair_bias.size(0) != num_pairs or pair_bias.size(1) not in (1, heads):
+        raise ValueError(f"'pair_bias' has shape {tuple(pair_bias.shape)}, but the hierarchy has "
+                         f"E={num_pairs} ordered sibling pairs (hierarchy.sibling_pairs()) "
+                         f"and q has {heads} heads: expected [{num_pairs}, {heads}] or "
+                         f"[{num_pairs}]")
+    if pair_bias.device != q.device:
+        raise ValueError(f"'pair_bias' is on {pair_bias.device} but q is on {q.device}")
+    finite = torch.isfinite(pair_bias).all(1)
+    if not bool(finite.all()):
+        pair = int((~finite).nonzero()[0])
+        row, col = hierarchy.plan(q.device).sibling_pairs()[:, pair].tolist()
+        raise ValueError(f"'pair_bias' is not finite at row {pair}, the pair of nodes "
+                         f"({row}, {col}); to keep two subtrees apart, split the hierarchy "
+                         f"or use causal=True rather than an infinite bias")
+    return pair_bias.to(q.dtype).expand(num_pairs, heads)
+
+
+def _score_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
+                 hierarchy: Hierarchy, q: Tensor) -> ScoreTerms:
+    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    return ScoreTerms(None if pair_bias is None else pair_bias.t().contiguous(),
+                      energy == 'euclidean', causal)
 
 
 def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):

@@ -14,11 +14,16 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 
 def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
-              scale: Optional[float] = None) -> Tensor:
+              scale: Optional[float] = None, *, pair_bias: Optional[Tensor] = None,
+              energy: str = 'dot', causal: bool = False) -> Tensor:
     r"""The full HSA attention matrix.
 
-    For leaves :math:`i \neq j` with lowest common ancestor :math:`A`, where
-    :math:`B \ni i` and :math:`C \ni j` are children of :math:`A`,
+    Starts from the full score matrix :math:`s_{ij}` (dot or Euclidean
+    energy, plus the bias of the sibling pair whose block holds
+    :math:`(i, j)`) and takes block means :math:`\bar s(B, C)` of it
+    directly. For leaves :math:`i \neq j` with lowest common ancestor
+    :math:`A`, where :math:`B \ni i` and :math:`C \ni j` are children of
+    :math:`A`,
 
     .. math::
         a_{ij} = \Big(\prod_{X \in \mathrm{path}(\mathrm{root} \to A],\,
@@ -26,13 +31,22 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
         \frac{\exp \bar s(B, C)}{Z_B},
         \qquad a_{ii} = \prod_{X \in \mathrm{path}(\mathrm{root} \to i]} \mu(X),
 
-    with :math:`\mu(X) = e^{-\phi(X)} / Z_X`.
+    with :math:`\mu(X) = e^{-\phi(X)} / Z_X`. With :obj:`causal`,
+    :math:`Z_X` sums over :math:`X` and its earlier siblings only and
+    :math:`a_{ij} = 0` for :math:`j > i` (siblings ordered by their
+    leaves, which must be consecutive in every subtree).
 
     Args:
         q (torch.Tensor): Queries ``[N, H, D]`` or ``[N, D]``.
         k (torch.Tensor): Keys, same shape as :obj:`q`.
         hierarchy (Hierarchy): The tree over the :math:`N` leaves.
         scale (float, optional): Score scale. (default: :math:`1/\sqrt{D}`)
+        pair_bias (torch.Tensor, optional): ``[E, H]`` or ``[E]`` bias per
+            ordered sibling pair, as in :func:`hsa_geo.functional.hsa`.
+            (default: :obj:`None`)
+        energy (str, optional): :obj:`"dot"` or :obj:`"euclidean"`.
+            (default: :obj:`"dot"`)
+        causal (bool, optional): Causal HSA. (default: :obj:`False`)
 
     Returns:
         ``[H, N, N]`` (``[N, N]`` for two-dimensional input); rows sum to 1.
@@ -57,9 +71,19 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     for leaf, path in enumerate(paths):
         membership[path, leaf] = 1.0
     size = membership.sum(1)
-    mean_q = (membership @ q.reshape(num_leaves, -1) / size[:, None]).view(num_nodes, heads, dim)
-    mean_k = (membership @ k.reshape(num_leaves, -1) / size[:, None]).view(num_nodes, heads, dim)
-    mean_score = scale * torch.einsum('uhd,whd->huw', mean_q, mean_k)  # [H, nodes, nodes]
+    if causal:
+        _check_leaf_intervals(membership)
+    first_leaf = [int(row.nonzero()[0]) for row in membership]
+
+    scores = _leaf_scores(q, k, scale, energy)  # [H, N, N]
+    if pair_bias is not None:
+        scores = scores + _bias_per_leaf_pair(pair_bias, hierarchy, membership, heads)
+    # block means straight from the definition: 1/(|u||w|) sum over l(u) x l(w)
+    mean_score = (torch.einsum('ui,hij,wj->huw', membership, scores, membership)
+                  / (size[:, None] * size[None, :]))  # [H, nodes, nodes]
+
+    def attends(child: int, other: int) -> bool:
+        return not causal or first_leaf[other] < first_leaf[child]
 
     phi: Dict[int, Tensor] = {}
     log_z: Dict[int, Tensor] = {}
@@ -74,7 +98,8 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
         total = 0.0
         for child in family:
             terms = [-phi[child]] + [size[other].log() + mean_score[:, child, other]
-                                     for other in family if other != child]
+                                     for other in family
+                                     if other != child and attends(child, other)]
             log_z[child] = torch.logsumexp(torch.stack(terms), 0)
             total = total + size[child] / size[node] * log_z[child]
         phi[node] = -total
@@ -101,10 +126,47 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
                 continue
             lca = path_j[lca_at]
             branch_i, branch_j = path_i[on_path[lca] - 1], path_j[lca_at - 1]
+            if not attends(branch_i, branch_j):
+                continue
             above = log_kept[lca] if parent[lca] >= 0 else 0.0
             log_attention[:, i, j] = above + mean_score[:, branch_i, branch_j] - log_z[branch_i]
     attention = log_attention.exp()
     return attention[0] if single_head else attention
+
+
+def _leaf_scores(q: Tensor, k: Tensor, scale: float, energy: str) -> Tensor:
+    r"""``[H, N, N]`` scores :math:`s_{ij}` of every pair of leaves."""
+    if energy == 'dot':
+        return scale * torch.einsum('ihd,jhd->hij', q, k)
+    if energy == 'euclidean':
+        difference = q.transpose(0, 1)[:, :, None, :] - k.transpose(0, 1)[:, None, :, :]
+        return -0.5 * scale * (difference ** 2).sum(-1)
+    raise ValueError(f"Unknown energy {energy!r}; choose 'dot' or 'euclidean'")
+
+
+def _bias_per_leaf_pair(pair_bias: Tensor, hierarchy: Hierarchy, membership: Tensor,
+                        heads: int) -> Tensor:
+    r"""``[H, N, N]``: the bias of the sibling pair :math:`(B, C)` on every
+    leaf pair of the block :math:`\ell(B) \times \ell(C)`, and of a
+    leaf's own pair on the diagonal."""
+    num_leaves = membership.size(1)
+    bias = pair_bias.reshape(pair_bias.size(0), -1).expand(-1, heads)
+    out = bias.new_zeros(heads, num_leaves, num_leaves)
+    rows, cols = hierarchy.sibling_pairs().tolist()
+    for pair, (row, col) in enumerate(zip(rows, cols)):
+        if row == col and row >= num_leaves:
+            continue  # a cluster's own pair has no block
+        block = membership[row][:, None] * membership[col][None, :]
+        out = out + block * bias[pair][:, None, None]
+    return out
+
+
+def _check_leaf_intervals(membership: Tensor) -> None:
+    for node, row in enumerate(membership):
+        leaves = row.nonzero().view(-1)
+        if int(leaves[-1] - leaves[0]) + 1 != leaves.numel():
+            raise ValueError(f"Causal HSA needs consecutive leaves below every node; "
+                             f"node {node} has leaves {leaves.tolist()}")
 
 
 def _path_to_root(node: int, parent: List[int]) -> List[int]:

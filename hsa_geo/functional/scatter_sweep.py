@@ -12,7 +12,7 @@ fused sweeps, which are the default.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ class Level(NamedTuple):
     children: Tensor  #: ``[K]`` every child at this level
     parent: Tensor  #: ``[K]`` its parent
     families: Tensor  #: ``[F]`` the parents, each once
+    pair: Tensor  #: ``[E]`` position of each pair in the plan's sibling-pair order
 
 
 class ScatterPlan(NamedTuple):
@@ -36,6 +37,10 @@ class ScatterPlan(NamedTuple):
     ancestor_node: Tensor  #: ``[P]`` the ancestor (the leaf itself included)
     parent: Tensor  #: ``[N + M]`` parent of every node, ``-1`` at roots
     num_leaves_below: Tensor  #: ``[N + M]``
+    sibling_index: Tensor  #: ``[N + M]`` position among siblings
+    #: ``[N]`` position of the pair :math:`(i, i)` of every leaf, -1 for a
+    #: leaf that is a root of its own
+    leaf_pair: Tensor
 
 
 def build_scatter_plan(plan: SweepPlan) -> ScatterPlan:
@@ -45,16 +50,23 @@ def build_scatter_plan(plan: SweepPlan) -> ScatterPlan:
     for block in plan.blocks:
         by_depth.setdefault(block.depth, []).append(block)
     levels = []
+    leaf_pair = torch.full((plan.num_leaves, ), -1, dtype=torch.long, device=parent.device)
     for depth in sorted(by_depth, reverse=True):
-        pairs, children, parents = [], [], []
+        pairs, children, parents, positions = [], [], [], []
         for block in by_depth[depth]:
             family, size = block.children.shape
             pairs.append(block.sibling_pairs())
             children.append(block.children.reshape(-1))
             parents.append((block.parents + plan.num_leaves)[:, None].expand(family, size).reshape(-1))
+            positions.append(torch.arange(block.pair_slice.start, block.pair_slice.stop,
+                                          device=parent.device))
         families = torch.cat([block.parents for block in by_depth[depth]]) + plan.num_leaves
         row, col = torch.cat(pairs, dim=1)
-        levels.append(Level(row, col, torch.cat(children), torch.cat(parents), families))
+        position = torch.cat(positions)
+        own_leaf = (row == col) & (row < plan.num_leaves)
+        leaf_pair[row[own_leaf]] = position[own_leaf]
+        levels.append(Level(row, col, torch.cat(children), torch.cat(parents), families,
+                            position))
     leaf = torch.arange(plan.num_leaves, device=parent.device)
     node = leaf.clone()
     pairs_leaf, pairs_node = [leaf], [node]
@@ -66,7 +78,7 @@ def build_scatter_plan(plan: SweepPlan) -> ScatterPlan:
         pairs_leaf.append(leaf)
         pairs_node.append(node)
     return ScatterPlan(levels, torch.cat(pairs_leaf), torch.cat(pairs_node), parent,
-                       plan.num_leaves_below)
+                       plan.num_leaves_below, plan.sibling_index, leaf_pair)
 
 
 def scatter_logsumexp(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
@@ -75,8 +87,12 @@ def scatter_logsumexp(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     return total.log() + top
 
 
-def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float) -> Tensor:
-    r"""HSA on ``[N, H, D]`` inputs by scatter operations (autograd)."""
+def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float,
+                pair_bias: Optional[Tensor] = None, euclidean: bool = False,
+                causal: bool = False) -> Tensor:
+    r"""HSA on ``[N, H, D]`` inputs by scatter operations (autograd), with
+    an optional pair bias ``[E, H]``, the Euclidean energy (its key term;
+    the row term cancels) and the causal restriction to earlier siblings."""
     num_leaves, num_nodes = q.size(0), plan.parent.numel()
     count = plan.num_leaves_below.to(q.dtype)
     leaf, node = plan.ancestor_leaf, plan.ancestor_node
@@ -85,27 +101,44 @@ def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float
         return scatter(x[leaf], node, 0, dim_size=num_nodes, reduce='mean')
 
     mean_q, mean_k, mean_v = node_mean(q), node_mean(k), node_mean(v)
-    phi = torch.cat([-scale * (q * k).sum(-1), q.new_zeros(num_nodes - num_leaves, q.size(1))])
-    log_weights = []
+    self_score = scale * (q * k).sum(-1)
+    if euclidean:
+        key_norm = node_mean((k * k).sum(-1))  # [N + M, H]
+        self_score = self_score - 0.5 * scale * key_norm[:num_leaves]
+    if pair_bias is not None:
+        has_pair = (plan.leaf_pair >= 0)[:, None]
+        self_score = self_score + torch.where(has_pair, pair_bias[plan.leaf_pair.clamp(min=0)], 0.0)
+    phi = torch.cat([-self_score, q.new_zeros(num_nodes - num_leaves, q.size(1))])
+    log_weights, kept_pairs = [], []
     for level in plan.levels:  # bottom-up: phi of each parent from its children
-        diagonal = level.row == level.col
-        score = scale * (mean_q[level.row] * mean_k[level.col]).sum(-1) + count[level.col].log()[:, None]
-        score = torch.where(diagonal[:, None], -phi[level.row], score)
-        log_z = scatter_logsumexp(score, level.row, num_nodes)
+        row, col, pair = level.row, level.col, level.pair
+        if causal:  # only earlier siblings (and the child itself)
+            keep = plan.sibling_index[col] <= plan.sibling_index[row]
+            row, col, pair = row[keep], col[keep], pair[keep]
+        kept_pairs.append((row, col))
+        diagonal = row == col
+        score = scale * (mean_q[row] * mean_k[col]).sum(-1) + count[col].log()[:, None]
+        if euclidean:
+            score = score - 0.5 * scale * key_norm[col]
+        if pair_bias is not None:
+            score = score + pair_bias[pair]
+        score = torch.where(diagonal[:, None], -phi[row], score)
+        log_z = scatter_logsumexp(score, row, num_nodes)
         share = (count[level.children] / count[level.parent])[:, None]
         parent_phi = -scatter(share * log_z[level.children], level.parent, 0, dim_size=num_nodes)
         phi = phi.index_put((level.families, ), parent_phi[level.families])
-        log_weights.append(score - log_z[level.row])
+        log_weights.append(score - log_z[row])
 
     log_mass = q.new_zeros(num_nodes, q.size(1))
     message = q.new_zeros(num_nodes, q.size(1), v.size(-1))
-    for level, log_weight in zip(reversed(plan.levels), reversed(log_weights)):  # top-down
-        diagonal = level.row == level.col
-        rows = level.row[diagonal]
+    for level, (row, col), log_weight in zip(reversed(plan.levels), reversed(kept_pairs),
+                                             reversed(log_weights)):  # top-down
+        diagonal = row == col
+        rows = row[diagonal]
         log_mass = log_mass.index_put((rows, ), log_mass[plan.parent[rows]] + log_weight[diagonal])
         off = ~diagonal
         weight = log_weight[off].exp()[..., None]
-        received = scatter(weight * mean_v[level.col[off]], level.row[off], 0, dim_size=num_nodes)
+        received = scatter(weight * mean_v[col[off]], row[off], 0, dim_size=num_nodes)
         parent_mass = log_mass[plan.parent[level.children]].exp()[..., None]
         message = message.index_put((level.children, ),
                                     parent_mass * received[level.children])

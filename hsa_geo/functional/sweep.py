@@ -116,6 +116,86 @@ def family_mean(rows: Tensor, block: FamilyBlock) -> Tensor:
     return (rows * block.share.to(rows.dtype)[None, :, :, None]).sum(2)
 
 
+def block_pairs(buffer: Tensor, block: FamilyBlock) -> Tensor:
+    r"""``[H, F, b, c]`` view of a heads-first per-pair buffer ``[H, E]``
+    on the sibling pairs of :obj:`block`."""
+    family, size = block.children.shape
+    return buffer[:, block.pair_slice].view(buffer.size(0), family, size, size)
+
+
+def subtree_means(values: Tensor, plan: SweepPlan) -> Tensor:
+    r"""``[H, N + M]`` mean over the leaves below every node of per-leaf
+    scalars ``[H, N]`` (bottom-up, one step per block)."""
+    means = values.new_zeros(values.size(0), plan.num_nodes)
+    means[:, :plan.num_leaves] = values
+    for block in plan.blocks:
+        rows = node_rows(means, block)[..., None]
+        means[:, plan.num_leaves + block.parents] = family_mean(rows, block)[..., 0]
+    return means
+
+
+class ScoreTerms(NamedTuple):
+    r"""What is added to the dot-product scores :math:`\tau\, q_i^\top k_j`
+    (docs/derivation.rst): a bias per sibling pair, the Euclidean energy's
+    key term and the causal mask."""
+    #: ``[H, E]`` heads-first bias per sibling pair (plan order), or None
+    pair_bias: Optional[Tensor] = None
+    #: Euclidean energy :math:`-\tfrac{\tau}{2}\Vert q_i - k_j\Vert^2`: the
+    #: sweeps add the column term :math:`-\tfrac{\tau}{2}\,\overline{\Vert k
+    #: \Vert^2}(C)` (the row term cancels from the attention)
+    euclidean: bool = False
+    #: a child attends only to itself and to earlier siblings
+    causal: bool = False
+
+
+def block_score_base(block: FamilyBlock, terms: ScoreTerms, key_norm: Optional[Tensor],
+                     scale: float, dtype: torch.dtype) -> Optional[Tensor]:
+    r"""The part of a block's sibling scores that does not depend on the
+    query-key product, in the column-major pair layout ``[H, F, c, b]``:
+    :math:`\log|C|`, the Euclidean key term of column :math:`C` and the
+    pair bias (:obj:`None` when all are absent)."""
+    terms_present = []
+    if not block.unit_children:
+        terms_present.append(block.child_count.log().to(dtype)[None, :, :, None])
+    if key_norm is not None:
+        terms_present.append(node_rows(key_norm, block)[..., None] * (-0.5 * scale))
+    if terms.pair_bias is not None:
+        terms_present.append(block_pairs(terms.pair_bias, block).transpose(-1, -2))
+    if not terms_present:
+        return None
+    base = terms_present[0]
+    for term in terms_present[1:]:
+        base = base + term
+    return base
+
+
+def leaf_self_scores(query: Tensor, key: Tensor, block: FamilyBlock, terms: ScoreTerms,
+                     key_norm: Optional[Tensor], scale: float) -> Tensor:
+    r"""``[H, F * b]`` self score :math:`s_{ii}` of every child position of
+    :obj:`block` (meaningful at leaf positions), pair bias and Euclidean key
+    term included."""
+    heads = query.size(0)
+    self_score = scale * (query * key).sum(-1).view(heads, -1)
+    if key_norm is not None:
+        self_score = self_score - 0.5 * scale * node_rows(key_norm, block).reshape(heads, -1)
+    if terms.pair_bias is not None:
+        self_score = self_score + diagonal(block_pairs(terms.pair_bias, block)).reshape(heads, -1)
+    return self_score
+
+
+def future_mask(size: int, device: torch.device) -> Tensor:
+    r"""``[c, b]`` mask of the later siblings :math:`c > b` (column-major
+    pair layout), which causal HSA excludes."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril(-1)
+
+
+def cluster_diagonal_positions(block: FamilyBlock) -> Tensor:
+    r"""Flat positions in ``[F * b * b]`` of the :math:`(B, B)` pairs of
+    cluster children, which have no score of their own."""
+    size = block.num_children
+    return block.cluster_slot * size + block.cluster_slot % size
+
+
 # ------------------------------------------------------------------ bottom-up
 class BottomUp(NamedTuple):
     mean_q: Tensor  #: ``[H, M, D]``
@@ -127,11 +207,14 @@ class BottomUp(NamedTuple):
 
 
 def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
-              scale: float) -> BottomUp:
+              scale: float, terms: ScoreTerms = ScoreTerms()) -> BottomUp:
     r"""Cluster means, :math:`\phi`, :math:`\log\mu` and the family weights.
 
     Inputs are heads-first ``[H, N, D]``. Differentiable by autograd when
-    grad mode is on; the fused HSA function calls it without grad.
+    grad mode is on; the fused HSA function calls it without grad. With the
+    Euclidean energy, :math:`\phi` leaves out the row term
+    :math:`\tfrac{\tau}{2}\overline{\Vert q\Vert^2}` (it does not change
+    the attention; :func:`hsa_geo.functional.hsa_log_partition` adds it).
     """
     heads, num_leaves = q.size(0), q.size(1)
     mean_q = q.new_zeros(heads, plan.num_clusters, q.size(2))
@@ -140,6 +223,8 @@ def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
     phi = q.new_zeros(heads, plan.num_nodes)
     self_log = q.new_zeros(heads, plan.num_nodes)
     weights = []
+    key_norm = subtree_means((k * k).sum(-1), plan) if terms.euclidean else None
+    grad_mode = torch.is_grad_enabled()
     for block in plan.blocks:
         query = gather_children(q, mean_q, block)
         key = gather_children(k, mean_k, block)
@@ -150,8 +235,8 @@ def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
             mean_v[:, block.parents] = family_mean(
                 gather_children(v, mean_v, block, contiguous=False), block)
         if block.leaf_slot.numel() > 0:
-            # phi of a leaf, -scale q_i.k_i, from the rows already in cache
-            self_score = scale * (query * key).sum(-1).view(heads, -1)
+            # phi of a leaf, -s_ii, from the rows already in cache
+            self_score = leaf_self_scores(query, key, block, terms, key_norm, scale)
             if block.leaf_range is not None:
                 phi[:, block.leaf_range[0]:block.leaf_range[1]] = -self_score
             else:
@@ -161,28 +246,33 @@ def bottom_up(q: Tensor, k: Tensor, v: Optional[Tensor], plan: SweepPlan,
         # their transposed view: the softmax over siblings c then reduces over
         # a non-innermost axis, which vectorises across b (about 3x faster
         # than reducing over a short innermost axis).
-        log_count = None
-        if not block.unit_children:
-            log_count = block.child_count.log().to(q.dtype)[None, :, :, None]
-        scores = per_head_matmul(key, query.transpose(-1, -2), log_count, alpha=scale)
+        base = block_score_base(block, terms, key_norm, scale, q.dtype)
+        scores = per_head_matmul(key, query.transpose(-1, -2), base, alpha=scale)
+        if terms.causal and block.num_children > 1:
+            mask = future_mask(block.num_children, scores.device)
+            scores = (scores.masked_fill(mask, float('-inf')) if grad_mode
+                      else scores.masked_fill_(mask, float('-inf')))
         child_phi = node_rows(phi, block)
         diagonal(scores).copy_(-child_phi)
         # Softmax over siblings c (axis -2) with its log-partition. Composed
         # of elementwise ops rather than log_softmax, whose kernel over a
         # non-innermost axis opens a thread pool even for tiny families.
         top = scores.amax(-2, keepdim=True)
-        if torch.is_grad_enabled():
+        if grad_mode:
             weight = (scores - top).exp()
         else:
             weight = scores.sub_(top).exp_()
         total = weight.sum(-2, keepdim=True)
-        weight = weight / total if torch.is_grad_enabled() else weight.div_(total)
+        weight = weight / total if grad_mode else weight.div_(total)
         log_z = (top + total.log()).squeeze(-2)  # [H, F, b]
         self_log[:, block.children] = -child_phi - log_z
         phi[:, num_leaves + block.parents] = -(block.share.to(q.dtype)[None] * log_z).sum(-1)
         weights.append(weight.transpose(-1, -2))
+    # an isolated leaf attends to itself alone: its phi never enters a softmax
     isolated = plan.isolated_leaves
     phi[:, isolated] = -scale * (q[:, isolated] * k[:, isolated]).sum(-1)
+    if key_norm is not None:
+        phi[:, isolated] = phi[:, isolated] + 0.5 * scale * key_norm[:, isolated]
     return BottomUp(mean_q, mean_k, mean_v, phi, self_log, weights)
 
 
@@ -234,12 +324,14 @@ def coupling(weight: Tensor, grad: Tensor, value: Tensor) -> Tensor:
 
 
 def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
-                    scale: float, state: BottomUp, log_mass: Tensor, release: bool = False):
+                    scale: float, state: BottomUp, log_mass: Tensor, release: bool = False,
+                    terms: ScoreTerms = ScoreTerms(), grad_pair_bias: bool = False):
     r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v (all
-    heads-first) by a bottom-up and a top-down sweep
-    (docs/derivation.rst, "Backward pass"). With :obj:`release`, the caller
-    hands :obj:`state` over and each buffer is dropped once no block needs
-    it any more, which lowers the peak while the gradients fill."""
+    heads-first) and, with :obj:`grad_pair_bias`, for the pair bias
+    (``[H, E]``) by a bottom-up and a top-down sweep (docs/derivation.rst,
+    "Backward pass"). With :obj:`release`, the caller hands :obj:`state`
+    over and each buffer is dropped once no block needs it any more, which
+    lowers the peak while the gradients fill."""
     num_leaves = plan.num_leaves
     mean_q, mean_k, mean_v = state.mean_q, state.mean_k, state.mean_v
     weights = list(state.weights)
@@ -265,6 +357,12 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
     grad_q[:, plan.isolated_leaves] = 0.0
     grad_k[:, plan.isolated_leaves] = 0.0
     grad_v[:, plan.isolated_leaves] = grad_out[:, plan.isolated_leaves]
+    # d L / d pair bias is the score gradient of the pair (zero on the
+    # diagonal of a cluster child, which has no score of its own)
+    grad_bias = q.new_zeros(q.size(0), plan.num_pairs) if grad_pair_bias else None
+    # Euclidean key term: key_gamma[C] = sum over C and its ancestors X of
+    # (column score gradient of X) / |X|; d L / d k_j gains -scale gamma_j k_j
+    key_gamma = q.new_zeros(q.size(0), plan.num_nodes) if terms.euclidean else None
     # top-down, blocks after this one have leaf children only: cluster
     # means and sums are not read any more
     last_with_clusters = min((index for index, block in enumerate(plan.blocks)
@@ -288,6 +386,8 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
         # score gradient, diagonal included: P w_bc (g_b . v_c) - w_bc residual_b
         grad_scores = coupled.mul_(parent_mass).sub_(weight * residual[..., None])
         delta[:, block.children] = through_children - diagonal(weight) * residual
+        if grad_bias is not None or key_gamma is not None:
+            score_terms_backward(grad_scores, block, grad_bias, key_gamma, num_leaves)
 
         query = gather_children(q, mean_q, block)
         key = gather_children(k, mean_k, block)
@@ -311,25 +411,57 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Swe
                 cluster_new = acc[:, block.parents, None] + (new - acc[:, block.parents, None]
                                                              - own) * inverse
             write_children(new, leaf, acc, block, cluster_new)
-    return grad_q, grad_k, grad_v
+    if key_gamma is not None:
+        grad_k.addcmul_(key_gamma[:, :num_leaves, None], k, value=-scale)
+    return grad_q, grad_k, grad_v, grad_bias
+
+
+def score_terms_backward(grad_scores: Tensor, block: FamilyBlock, grad_bias: Optional[Tensor],
+                         key_gamma: Optional[Tensor], num_leaves: int) -> None:
+    r"""Gradients of the pair bias and of the Euclidean key term of one
+    block from its score gradients ``[H, F, b, c]`` (diagonal: a leaf's own
+    score; meaningless for cluster children, whose diagonal is
+    :math:`-\phi`)."""
+    heads = grad_scores.size(0)
+    cluster_diagonal = cluster_diagonal_positions(block)
+    if grad_bias is not None:
+        target = block_pairs(grad_bias, block)
+        target.copy_(grad_scores)
+        if cluster_diagonal.numel() > 0:
+            target.view(heads, -1)[:, cluster_diagonal] = 0.0
+    if key_gamma is not None:
+        column = grad_scores.sum(-2)  # [H, F, c]
+        if cluster_diagonal.numel() > 0:
+            own = diagonal(grad_scores).reshape(heads, -1)[:, block.cluster_slot]
+            column = column.reshape(heads, -1)
+            column[:, block.cluster_slot] -= own
+            column = column.view(grad_scores.shape[:3])
+        parent_gamma = key_gamma[:, num_leaves + block.parents, None]
+        key_gamma[:, block.children] = parent_gamma + column / block.child_count.to(column.dtype)
 
 
 class HSAFunction(torch.autograd.Function):
     r"""Fused HSA on ``[N, H, D]`` inputs (any memory layout; a transposed
-    view of a heads-first ``[H, N, D]`` tensor is read without copies).
+    view of a heads-first ``[H, N, D]`` tensor is read without copies) and
+    an optional heads-first pair bias ``[H, E]``.
     Saves per-node state and the family weights (:math:`H \sum_A b_A^2`
     numbers), nothing quadratic; no full copy of q, k or v is made."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan, scale: float) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
+                plan: SweepPlan, scale: float, euclidean: bool = False,
+                causal: bool = False) -> Tensor:
         heads_first = [t.transpose(0, 1) for t in (q, k, v)]  # views, no copies
-        state = bottom_up(*heads_first, plan, scale)
+        terms = ScoreTerms(pair_bias, euclidean, causal)
+        state = bottom_up(*heads_first, plan, scale, terms)
         out, log_mass = top_down(heads_first[2], plan, state)
         ctx.save_for_backward(q, k, v)
         # phi is not needed on the way back; the rest is per-node state and
         # the family weights (no autograd graph: plain attributes suffice).
+        # The bias itself is not needed either: the weights hold its effect.
         ctx.state, ctx.log_mass = state._replace(phi=None), log_mass
         ctx.plan, ctx.scale = plan, scale
+        ctx.terms = ScoreTerms(None, euclidean, causal)
         return out.transpose(0, 1)
 
     @staticmethod
@@ -342,10 +474,11 @@ class HSAFunction(torch.autograd.Function):
         # When autograd frees the graph after this pass (no retain_graph), the
         # sweeps may release the forward state block by block.
         release = not _graph_is_kept()
-        grads = backward_sweeps(grad_out.transpose(0, 1), q, k, v, ctx.plan, ctx.scale,
-                                ctx.__dict__.pop('state') if release else ctx.state,
-                                ctx.log_mass, release=release)
-        return tuple(g.transpose(0, 1) for g in grads) + (None, None)
+        *grads, grad_bias = backward_sweeps(
+            grad_out.transpose(0, 1), q, k, v, ctx.plan, ctx.scale,
+            ctx.__dict__.pop('state') if release else ctx.state, ctx.log_mass,
+            release=release, terms=ctx.terms, grad_pair_bias=ctx.needs_input_grad[3])
+        return tuple(g.transpose(0, 1) for g in grads) + (grad_bias, None, None, None, None)
 
 
 def _graph_is_kept() -> bool:
