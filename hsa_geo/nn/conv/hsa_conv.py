@@ -7,6 +7,7 @@ from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
 from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
+from hsa_geo.functional.attention import ENERGIES
 from hsa_geo.hierarchy import Hierarchy
 
 
@@ -40,6 +41,15 @@ class HSAConv(MessagePassing):
     it is multi-head softmax attention. Attention never crosses the trees of
     a forest, i.e. the graphs of a batch.
 
+    The scores may carry the paper's full interaction energy: a positional
+    term per sibling pair, :math:`\langle \varepsilon(B), \varepsilon(C)
+    \rangle` for the positions of :math:`B` and :math:`C` within their
+    family (:obj:`positional`, or any :obj:`pair_bias` passed to
+    :meth:`forward`), and the Euclidean energy
+    :math:`-\Vert \mathbf{q}_i - \mathbf{k}_j \Vert^2 / (2\sqrt d)`
+    instead of the dot product; with :obj:`causal=True` leaf :math:`i` only
+    attends to leaves :math:`j \le i` (docs/derivation.rst).
+
     Args:
         in_channels (int): Size of each input sample, or :obj:`-1` to derive
             it from the first input.
@@ -56,6 +66,18 @@ class HSAConv(MessagePassing):
             not add the transformed root node features
             :math:`\mathbf{W}_1 \mathbf{x}_i` to the output.
             (default: :obj:`True`)
+        energy (str, optional): :obj:`"dot"` or :obj:`"euclidean"` (see
+            :func:`hsa_geo.functional.hsa`). (default: :obj:`"dot"`)
+        normalize_qk (bool, optional): If set to :obj:`True`, queries and
+            keys are layer-normalised per head (no affine parameters), as in
+            the paper's Proposition 3.1; both energies then give the same
+            attention. (default: :obj:`False`)
+        causal (bool, optional): Causal HSA over the leaf order (every
+            subtree must hold consecutive leaves). (default: :obj:`False`)
+        positional (torch.nn.Module, optional): A module mapping the
+            hierarchy to a pair bias ``[E, H]``, e.g.
+            :class:`hsa_geo.nn.SiblingPositionBias`; needs an ordered
+            hierarchy. (default: :obj:`None`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -79,6 +101,10 @@ class HSAConv(MessagePassing):
         dropout: float = 0.,
         bias: bool = True,
         root_weight: bool = True,
+        energy: str = 'dot',
+        normalize_qk: bool = False,
+        causal: bool = False,
+        positional: Optional[torch.nn.Module] = None,
         **kwargs,
     ):
         kwargs.setdefault('aggr', 'add')
@@ -89,6 +115,12 @@ class HSAConv(MessagePassing):
         self.concat = concat
         self.dropout = dropout
         self.root_weight = root_weight
+        if energy not in ENERGIES:
+            raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
+        self.energy = energy
+        self.normalize_qk = normalize_qk
+        self.causal = causal
+        self.positional = positional
 
         self.lin_query = Linear(in_channels, heads * out_channels)
         self.lin_key = Linear(in_channels, heads * out_channels)
@@ -113,15 +145,19 @@ class HSAConv(MessagePassing):
             self.lin_skip.reset_parameters()
         if self.bias is not None:
             torch.nn.init.zeros_(self.bias)
+        if self.positional is not None and hasattr(self.positional, 'reset_parameters'):
+            self.positional.reset_parameters()
 
     @overload
     def forward(self, x: Tensor, hierarchy: Hierarchy,
-                return_attention_weights: None = None) -> Tensor:
+                return_attention_weights: None = None,
+                pair_bias: Optional[Tensor] = None) -> Tensor:
         pass
 
     @overload
     def forward(self, x: Tensor, hierarchy: Hierarchy,
-                return_attention_weights: bool) -> Tuple[Tensor, BlockAttention]:
+                return_attention_weights: bool,
+                pair_bias: Optional[Tensor] = None) -> Tuple[Tensor, BlockAttention]:
         pass
 
     def forward(
@@ -129,6 +165,7 @@ class HSAConv(MessagePassing):
         x: Tensor,
         hierarchy: Hierarchy,
         return_attention_weights: Optional[bool] = None,
+        pair_bias: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, BlockAttention]]:
         r"""Runs the forward pass of the module.
 
@@ -140,16 +177,26 @@ class HSAConv(MessagePassing):
             return_attention_weights (bool, optional): If set to
                 :obj:`True`, also returns the block-level attention.
                 (default: :obj:`None`)
+            pair_bias (torch.Tensor, optional): Score bias per ordered
+                sibling pair and head, ``[E, H]`` or ``[E]``, in the order
+                of :meth:`hierarchy.sibling_pairs()
+                <hsa_geo.Hierarchy.sibling_pairs>`; added to the
+                :obj:`positional` term if both are present.
+                (default: :obj:`None`)
         """
         if x.dim() != 2:
             raise ValueError(f"HSAConv expects leaf features of shape [N, F] "
                              f"(got {tuple(x.shape)})")
         heads, channels = self.heads, self.out_channels
-        query = self._project(self.lin_query, x)
-        key = self._project(self.lin_key, x)
+        query = self._project(self.lin_query, x, self.normalize_qk)
+        key = self._project(self.lin_key, x, self.normalize_qk)
         value = self._project(self.lin_value, x)
+        if self.positional is not None:
+            position_bias = self.positional(hierarchy)
+            pair_bias = position_bias if pair_bias is None else pair_bias + position_bias
+        terms = dict(pair_bias=pair_bias, energy=self.energy, causal=self.causal)
 
-        out = hsa(query, key, value, hierarchy)
+        out = hsa(query, key, value, hierarchy, **terms)
         out = F.dropout(out, p=self.dropout, training=self.training)
         out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
 
@@ -159,21 +206,31 @@ class HSAConv(MessagePassing):
             out = out + self.bias
 
         if return_attention_weights:
-            return out, hsa_block_weights(query.detach(), key.detach(), hierarchy)
+            if pair_bias is not None:
+                terms['pair_bias'] = pair_bias.detach()
+            return out, hsa_block_weights(query.detach(), key.detach(), hierarchy, **terms)
         return out
 
-    def _project(self, linear: Linear, x: Tensor) -> Tensor:
+    def _project(self, linear: Linear, x: Tensor, normalize: bool = False) -> Tensor:
         r"""``linear(x)`` as ``[N, H, C]``, computed heads-first (a view of
         an ``[H, N, C]`` tensor), the layout the HSA sweeps work in, so no
-        transpose copy is needed on the way in or in the backward pass."""
+        transpose copy is needed on the way in or in the backward pass;
+        optionally layer-normalised per head."""
         if is_uninitialized_parameter(linear.weight):
             linear(x[:1])  # lazy in_channels=-1: let PyG's hook size the weight
         weight = linear.weight.view(self.heads, self.out_channels, -1)
         out = torch.matmul(x, weight.transpose(1, 2))
         if linear.bias is not None:
             out = out + linear.bias.view(self.heads, 1, self.out_channels)
+        if normalize:
+            out = F.layer_norm(out, (self.out_channels, ))
         return out.transpose(0, 1)
 
     def __repr__(self) -> str:
+        options = ''
+        if self.energy != 'dot':
+            options += f', energy={self.energy!r}'
+        if self.causal:
+            options += ', causal=True'
         return (f'{self.__class__.__name__}({self.in_channels}, '
-                f'{self.out_channels}, heads={self.heads})')
+                f'{self.out_channels}, heads={self.heads}{options})')

@@ -106,13 +106,23 @@ class HSABlock(Module):
             (default: :obj:`2`)
         global_attention (bool, optional): Whether to include the HSA term.
             (default: :obj:`True`)
+        act_kwargs (Dict[str, Any], optional): Arguments of the activation.
+            (default: :obj:`None`)
+        norm_kwargs (Dict[str, Any], optional): Arguments of the norms.
+            (default: :obj:`None`)
+        attn_kwargs (Dict[str, Any], optional): Further arguments of
+            :class:`~hsa_geo.nn.HSAConv`, e.g.
+            ``{'energy': 'euclidean', 'causal': True, 'normalize_qk': True}``
+            or a :obj:`positional` module (a module given here is shared by
+            every layer built from the same arguments). (default: :obj:`None`)
     """
 
     def __init__(self, channels: int, conv: Optional[Module] = None, heads: int = 1,
                  dropout: float = 0., attn_dropout: float = 0., act: str = 'relu',
                  norm: Optional[str] = 'batch_norm', ffn_ratio: int = 2,
                  global_attention: bool = True, act_kwargs: Optional[Dict[str, Any]] = None,
-                 norm_kwargs: Optional[Dict[str, Any]] = None):
+                 norm_kwargs: Optional[Dict[str, Any]] = None,
+                 attn_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__()
         if channels % heads != 0:
             raise ValueError(f"heads ({heads}) must divide channels ({channels})")
@@ -123,7 +133,7 @@ class HSABlock(Module):
         self.dropout = dropout
         self.conv = conv
         self.attn = (HSAConv(channels, channels // heads, heads=heads, concat=True,
-                             dropout=attn_dropout, root_weight=False)
+                             dropout=attn_dropout, root_weight=False, **(attn_kwargs or {}))
                      if global_attention else None)
         self.mlp = Sequential(
             Linear(channels, ffn_ratio * channels),
