@@ -252,6 +252,47 @@ def test_causal_values_never_reach_the_past_but_future_queries_shape_the_weights
                                atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize('bias,energy', [(False, 'dot'), (True, 'euclidean')])
+@pytest.mark.parametrize('seed', range(6))
+def test_strict_causal_equals_its_dense_definition_and_ignores_the_future(bias, energy, seed):
+    hierarchy = forest_with_isolated_leaf(seed) if seed == 5 else random_sequence_hierarchy(seed)
+    q, k, v, pair_bias = tensors(hierarchy, seed=seed, bias=bias)
+    keywords = dict(pair_bias=pair_bias, energy=energy, causal='strict')
+    attention = hsa_dense(q, k, hierarchy, **keywords)
+    assert attention.triu(1).abs().max() == 0
+    torch.testing.assert_close(attention.sum(-1), torch.ones_like(attention.sum(-1)))
+    for backend in ('fused', 'scatter'):
+        out = hsa(q, k, v, hierarchy, backend=backend, **keywords)
+        torch.testing.assert_close(out, dense_output(attention, v), atol=1e-10, rtol=0)
+    # nothing of a later leaf reaches an earlier one
+    cut = hierarchy.num_leaves // 2
+    changed = [t.clone() for t in (q, k, v)]
+    for t in changed:
+        t[cut:] = torch.randn_like(t[cut:])
+    out_changed = hsa(*changed, hierarchy, **keywords)
+    torch.testing.assert_close(out_changed[:cut], out[:cut], atol=1e-12, rtol=0)
+    # and its gradients are autograd's through the definition
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(dense_output(hsa_dense(q, k, hierarchy, **keywords), v).sum(),
+                                   inputs)
+    got = torch.autograd.grad(hsa(q, k, v, hierarchy, **keywords).sum(), inputs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_strict_causal_on_a_flat_tree_is_causal_softmax_and_has_no_block_weights():
+    hierarchy = Hierarchy.flat(12)
+    q, k, v, _ = tensors(hierarchy, seed=12)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                              v.transpose(0, 1), is_causal=True)
+    torch.testing.assert_close(hsa(q, k, v, hierarchy, causal='strict').transpose(0, 1), expected,
+                               atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="causal='strict' attention is not block-constant"):
+        hsa_block_weights(q, k, hierarchy, causal='strict')
+    with pytest.raises(ValueError, match="causal='strict'"):
+        hsa_log_partition(q, k, hierarchy, causal='strict')
+
+
 def test_causal_needs_consecutive_leaves_and_names_the_node():
     # leaves 0 and 2 under node 4, leaf 1 and 3 under node 5
     hierarchy = Hierarchy.from_parent(torch.tensor([4, 5, 4, 5, 6, 6, -1]), 4)
@@ -260,6 +301,8 @@ def test_causal_needs_consecutive_leaves_and_names_the_node():
         hsa(q, k, v, hierarchy, causal=True)
     with pytest.raises(ValueError, match='node 4'):
         hsa_dense(q, k, hierarchy, causal=True)
+    with pytest.raises(ValueError, match='node 4'):
+        hsa(q, k, v, hierarchy, causal='strict')
     hsa(q, k, v, hierarchy)  # fine without causal
 
 
@@ -304,7 +347,10 @@ def score_matrix_from_definition(q, k, hierarchy, energy, pair_bias, scale):
     return scores
 
 
-@pytest.mark.parametrize('terms', [TERMS[3], TERMS[4], TERMS[6]], ids=term_id)
+STRICT = dict(energy='euclidean', bias=True, causal='strict')
+
+
+@pytest.mark.parametrize('terms', [TERMS[3], TERMS[4], TERMS[6], STRICT], ids=term_id)
 @pytest.mark.parametrize('parent,num_leaves', [
     ([5, 5, 6, 6, 6, 7, 7, -1], 5),
     ([7, 7, 8, 8, 8, 9, 9, 9, 10, 10, -1], 7),
@@ -331,8 +377,9 @@ def test_attention_is_the_kl_minimiser_from_the_definition(terms, parent, num_le
     target = hsa_dense(q[:, None], k[:, None], hierarchy, scale, pair_bias=pair_bias,
                        energy=terms['energy'], causal=causal)[0]
 
-    # one free value per sibling block (B != C) whose pairs are allowed, one
-    # per diagonal entry; blocks in the future are fixed at zero
+    # one free value per sibling block (B != C) whose pairs are allowed (per
+    # row of it for the strict variant), one per diagonal entry; blocks in
+    # the future are fixed at zero
     members = leaves_below(hierarchy)
     entry_variable = np.full((num_leaves, num_leaves), -1)
     count = 0
@@ -342,7 +389,8 @@ def test_attention_is_the_kl_minimiser_from_the_definition(terms, parent, num_le
         for i in members[b]:
             for j in members[c]:
                 entry_variable[i, j] = count
-        count += 1
+            count += causal == 'strict'
+        count += causal != 'strict'
     for i in range(num_leaves):
         entry_variable[i, i] = count + i
     assert ((entry_variable >= 0) == allowed.numpy()).all()
@@ -387,7 +435,7 @@ def test_bad_terms_get_clear_errors():
     row, col = hierarchy.sibling_pairs()[:, 7].tolist()
     with pytest.raises(ValueError, match=rf'row 7, the pair of nodes \({row}, {col}\)'):
         hsa(q, k, v, hierarchy, pair_bias=broken)
-    with pytest.raises(ValueError, match="'causal' must be a bool"):
+    with pytest.raises(ValueError, match="'causal' must be False, True or 'strict'"):
         hsa(q, k, v, hierarchy, causal='yes')
     with pytest.raises(ValueError, match="Unknown energy"):
         HSAConv(4, 2, energy='manhattan')

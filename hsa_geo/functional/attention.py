@@ -2,13 +2,14 @@ r"""Public functional HSA: the attention itself, its log-partition
 :math:`\phi`, and its block-level weights."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from hsa_geo.functional.dense import _path_to_root
-from hsa_geo.functional.scatter_sweep import build_scatter_plan, hsa_scatter
+from hsa_geo.functional.causal import build_frontier, hsa_strict_causal
+from hsa_geo.functional.scatter_sweep import ScatterPlan, build_scatter_plan, hsa_scatter
 from hsa_geo.functional.sweep import (HSAFunction, ScoreTerms, bottom_up, subtree_log_mass,
                                       subtree_means)
 from hsa_geo.hierarchy.hierarchy import Hierarchy
@@ -32,17 +33,24 @@ _TERMS_DOC = r"""
             :math:`s_{ij} = -\tfrac{\text{scale}}{2}\Vert q_i - k_j\Vert^2`
             (:math:`-\Vert q_i - k_j\Vert^2 / (2\sqrt D)` by default).
             (default: :obj:`"dot"`)
-        causal (bool, optional): Leaf :math:`i` attends only to leaves
-            :math:`j \le i`: the KL-closest block-constant approximation of
-            causal softmax attention. Needs every subtree to hold
-            consecutive leaf ids (:meth:`Hierarchy.check_contiguous
+        causal (bool or str, optional): Leaf :math:`i` attends only to
+            leaves :math:`j \le i`. :obj:`True`: the KL-closest
+            block-constant approximation of causal softmax attention (same
+            sweeps and cost; rows of a subtree share their weights, so a
+            leaf's weights also depend on the queries and keys of later
+            leaves of its subtrees, never on their values).
+            :obj:`"strict"`: each row is projected on its own, so nothing of
+            a later leaf reaches leaf :math:`i` (for autoregressive models);
+            :math:`O(N\, b\, \mathrm{depth}\, HD)` time and memory, one
+            backend. Both need every subtree to hold consecutive leaf ids
+            (:meth:`Hierarchy.check_contiguous
             <hsa_geo.Hierarchy.check_contiguous>`). (default: :obj:`False`)"""
 
 
 def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         scale: Optional[float] = None, backend: str = 'fused', *,
         pair_bias: Optional[Tensor] = None, energy: str = 'dot',
-        causal: bool = False) -> Tensor:
+        causal: Union[bool, str] = False) -> Tensor:
     r"""Hierarchical Self-Attention over the leaves of :obj:`hierarchy`.
 
     Computes :math:`y_i = \sum_j a_{ij} v_j` where :math:`A` is the
@@ -85,18 +93,27 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     plan = hierarchy.plan(q.device)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     euclidean = energy == 'euclidean'
-    if backend == 'fused':
+    if causal == 'strict':
+        if 'frontier' not in plan.cache:
+            plan.cache['frontier'] = build_frontier(plan, hierarchy.first_leaf.to(q.device))
+        out = hsa_strict_causal(q, k, v, _scatter_plan(plan), plan.cache['frontier'], scale,
+                                pair_bias, euclidean)
+    elif backend == 'fused':
         heads_first_bias = None if pair_bias is None else pair_bias.t().contiguous()
         out = HSAFunction.apply(q, k, v, heads_first_bias, plan, scale, euclidean, causal)
     else:
-        if 'scatter' not in plan.cache:
-            plan.cache['scatter'] = build_scatter_plan(plan)
-        out = hsa_scatter(q, k, v, plan.cache['scatter'], scale, pair_bias, euclidean, causal)
+        out = hsa_scatter(q, k, v, _scatter_plan(plan), scale, pair_bias, euclidean, causal)
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
 
 
 hsa.__doc__ = hsa.__doc__.replace('{terms}', _TERMS_DOC.strip())
+
+
+def _scatter_plan(plan) -> ScatterPlan:
+    if 'scatter' not in plan.cache:
+        plan.cache['scatter'] = build_scatter_plan(plan)
+    return plan.cache['scatter']
 
 
 def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
@@ -204,8 +221,8 @@ def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
     in :obj:`q`'s compute dtype."""
     if energy not in ENERGIES:
         raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"'causal' must be a bool (got {causal!r})")
+    if not isinstance(causal, bool) and causal != 'strict':
+        raise ValueError(f"'causal' must be False, True or 'strict' (got {causal!r})")
     if causal:
         hierarchy.check_contiguous()
     if pair_bias is None:
@@ -234,6 +251,10 @@ def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
 
 def _score_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
                  hierarchy: Hierarchy, q: Tensor) -> ScoreTerms:
+    if causal == 'strict':
+        raise ValueError("causal='strict' attention is not block-constant across rows: it "
+                         "has no per-subtree log-partition or block weights; use "
+                         "causal=True, or hsa_dense(..., causal='strict') for the matrix")
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     return ScoreTerms(None if pair_bias is None else pair_bias.t().contiguous(),
                       energy == 'euclidean', causal)

@@ -34,7 +34,10 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     with :math:`\mu(X) = e^{-\phi(X)} / Z_X`. With :obj:`causal`,
     :math:`Z_X` sums over :math:`X` and its earlier siblings only and
     :math:`a_{ij} = 0` for :math:`j > i` (siblings ordered by their
-    leaves, which must be consecutive in every subtree).
+    leaves, which must be consecutive in every subtree). With
+    :obj:`causal="strict"`, row :math:`i` is the softmax over its own
+    score and the row means :math:`\bar s_i(C)` of the blocks of its past,
+    each spread evenly over :math:`\ell(C)`.
 
     Args:
         q (torch.Tensor): Queries ``[N, H, D]`` or ``[N, D]``.
@@ -46,7 +49,8 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
             (default: :obj:`None`)
         energy (str, optional): :obj:`"dot"` or :obj:`"euclidean"`.
             (default: :obj:`"dot"`)
-        causal (bool, optional): Causal HSA. (default: :obj:`False`)
+        causal (bool or str, optional): :obj:`True` or :obj:`"strict"`
+            causal HSA. (default: :obj:`False`)
 
     Returns:
         ``[H, N, N]`` (``[N, N]`` for two-dimensional input); rows sum to 1.
@@ -84,6 +88,10 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
 
     def attends(child: int, other: int) -> bool:
         return not causal or first_leaf[other] < first_leaf[child]
+
+    if causal == 'strict':
+        return _strict_causal_dense(scores, membership, size, paths, parent, children,
+                                    attends, single_head)
 
     phi: Dict[int, Tensor] = {}
     log_z: Dict[int, Tensor] = {}
@@ -131,6 +139,27 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
             above = log_kept[lca] if parent[lca] >= 0 else 0.0
             log_attention[:, i, j] = above + mean_score[:, branch_i, branch_j] - log_z[branch_i]
     attention = log_attention.exp()
+    return attention[0] if single_head else attention
+
+
+def _strict_causal_dense(scores, membership, size, paths, parent, children, attends,
+                         single_head: bool) -> Tensor:
+    r"""Row by row: a softmax over the leaf's own score and one logit
+    :math:`\log|C| + \bar s_i(C)` per past block, spread over
+    :math:`\ell(C)`."""
+    heads, num_leaves = scores.size(0), scores.size(1)
+    row_block_mean = scores @ membership.t() / size  # [H, N, nodes]: mean of s_ij over l(C)
+    attention = scores.new_zeros(heads, num_leaves, num_leaves)
+    for i, path in enumerate(paths):
+        blocks = [other for node in path[:-1] for other in children[parent[node]]
+                  if other != node and attends(node, other)]
+        logits = torch.stack([scores[:, i, i]] + [size[c].log() + row_block_mean[:, i, c]
+                                                   for c in blocks])
+        weights = torch.softmax(logits, 0)
+        attention[:, i, i] = weights[0]
+        for weight, block in zip(weights[1:], blocks):
+            leaves = membership[block].nonzero().view(-1)
+            attention[:, i, leaves] = (weight / size[block])[:, None]
     return attention[0] if single_head else attention
 
 

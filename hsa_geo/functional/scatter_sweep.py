@@ -87,6 +87,26 @@ def scatter_logsumexp(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     return total.log() + top
 
 
+def subtree_mean(x: Tensor, plan: ScatterPlan) -> Tensor:
+    r"""``[N + M, ...]`` mean over the leaves below every node of per-leaf
+    rows ``[N, ...]``."""
+    return scatter(x[plan.ancestor_leaf], plan.ancestor_node, 0,
+                   dim_size=plan.parent.numel(), reduce='mean')
+
+
+def leaf_self_scores(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
+                     pair_bias: Optional[Tensor], key_norm: Optional[Tensor]) -> Tensor:
+    r"""``[N, H]`` :math:`s_{ii}`: the energy of a leaf with itself plus the
+    bias of its own pair (none for a leaf that is a root of its own)."""
+    self_score = scale * (q * k).sum(-1)
+    if key_norm is not None:  # Euclidean key term; the row term cancels
+        self_score = self_score - 0.5 * scale * key_norm[:q.size(0)]
+    if pair_bias is not None:
+        has_pair = (plan.leaf_pair >= 0)[:, None]
+        self_score = self_score + torch.where(has_pair, pair_bias[plan.leaf_pair.clamp(min=0)], 0.0)
+    return self_score
+
+
 def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float,
                 pair_bias: Optional[Tensor] = None, euclidean: bool = False,
                 causal: bool = False) -> Tensor:
@@ -96,18 +116,9 @@ def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float
     num_leaves, num_nodes = q.size(0), plan.parent.numel()
     count = plan.num_leaves_below.to(q.dtype)
     leaf, node = plan.ancestor_leaf, plan.ancestor_node
-
-    def node_mean(x: Tensor) -> Tensor:
-        return scatter(x[leaf], node, 0, dim_size=num_nodes, reduce='mean')
-
-    mean_q, mean_k, mean_v = node_mean(q), node_mean(k), node_mean(v)
-    self_score = scale * (q * k).sum(-1)
-    if euclidean:
-        key_norm = node_mean((k * k).sum(-1))  # [N + M, H]
-        self_score = self_score - 0.5 * scale * key_norm[:num_leaves]
-    if pair_bias is not None:
-        has_pair = (plan.leaf_pair >= 0)[:, None]
-        self_score = self_score + torch.where(has_pair, pair_bias[plan.leaf_pair.clamp(min=0)], 0.0)
+    mean_q, mean_k, mean_v = (subtree_mean(x, plan) for x in (q, k, v))
+    key_norm = subtree_mean((k * k).sum(-1), plan) if euclidean else None
+    self_score = leaf_self_scores(q, k, plan, scale, pair_bias, key_norm)
     phi = torch.cat([-self_score, q.new_zeros(num_nodes - num_leaves, q.size(1))])
     log_weights, kept_pairs = [], []
     for level in plan.levels:  # bottom-up: phi of each parent from its children
@@ -118,7 +129,7 @@ def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float
         kept_pairs.append((row, col))
         diagonal = row == col
         score = scale * (mean_q[row] * mean_k[col]).sum(-1) + count[col].log()[:, None]
-        if euclidean:
+        if key_norm is not None:
             score = score - 0.5 * scale * key_norm[col]
         if pair_bias is not None:
             score = score + pair_bias[pair]
