@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from hsa_geo.functional.dense import _path_to_root
-from hsa_geo.functional.causal import build_frontier, hsa_strict_causal
+from hsa_geo.functional.causal import build_family_groups, hsa_strict_causal
 from hsa_geo.functional.scatter_sweep import ScatterPlan, build_scatter_plan, hsa_scatter
 from hsa_geo.functional.sweep import (HSAFunction, ScoreTerms, bottom_up, subtree_log_mass,
                                       subtree_means)
@@ -94,9 +94,9 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     euclidean = energy == 'euclidean'
     if causal == 'strict':
-        if 'frontier' not in plan.cache:
-            plan.cache['frontier'] = build_frontier(plan, hierarchy.first_leaf.to(q.device))
-        out = hsa_strict_causal(q, k, v, _scatter_plan(plan), plan.cache['frontier'], scale,
+        if 'family_groups' not in plan.cache:
+            plan.cache['family_groups'] = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
+        out = hsa_strict_causal(q, k, v, _scatter_plan(plan), plan.cache['family_groups'], scale,
                                 pair_bias, euclidean)
     elif backend == 'fused':
         heads_first_bias = None if pair_bias is None else pair_bias.t().contiguous()
