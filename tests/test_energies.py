@@ -467,3 +467,22 @@ def test_hsa_conv_with_bias_energy_causal_and_normalised_qk(energy):
     unnormalised = HSAConv(8, 4, heads=2, energy=other.energy, causal=True)
     unnormalised.load_state_dict(conv.state_dict())
     assert not torch.allclose(unnormalised(x, hierarchy, pair_bias=pair_bias), out, atol=2e-3)
+
+
+def test_encoder_layers_take_the_attention_options():
+    from hsa_geo.nn import HSAEncoder
+    torch.manual_seed(1)
+    hierarchy = Hierarchy.from_parent(balanced_parent(32, 4), 32, ordered=True)
+    x = torch.randn(32, 8)
+    # (PyG's 'layer_norm' normalises over the whole graph, so it would mix
+    # positions; batch norm in eval mode is per node)
+    encoder = HSAEncoder(8, 2, heads=2,
+                         attn_kwargs=dict(energy='euclidean', causal='strict', normalize_qk=True))
+    encoder.eval()
+    conv = encoder.layers[0].attn
+    assert (conv.energy, conv.causal, conv.normalize_qk) == ('euclidean', 'strict', True)
+    out = encoder(x, hierarchy)
+    changed = x.clone()
+    changed[16:] = torch.randn(16, 8)
+    # strictly causal layers: the first half never sees the second
+    torch.testing.assert_close(encoder(changed, hierarchy)[:16], out[:16])
