@@ -125,3 +125,50 @@ def test_timing_helpers():
     assert paired_ratio([2.0, 6.0], [1.0, 2.0, 5.0]) == 2.5
     assert abs(loglog_slope([2, 4, 8], [4, 16, 64]) - 2.0) < 1e-12
     assert loglog_slope([2], [4]) is None
+
+
+def test_energy_terms_quick_mode_end_to_end(tmp_path):
+    # Structure only: every variant timed at every size, ratios to plain HSA,
+    # one PASS/FAIL/INFO line per variant and stage (N/A: 2^16 not measured).
+    out = tmp_path / 'energy_terms.json'
+    command = [sys.executable, '-m', 'hsa_geo.benchmarks.energy_terms', '--quick', '--threads',
+               '1', '--out', str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(out) as f:
+        results = json.load(f)
+    assert results['benchmark'] == 'hsa_geo.benchmarks.energy_terms'
+    assert results['errors'] == []
+    variants = ['hsa', 'hsa_bias', 'hsa_euclidean', 'hsa_causal', 'hsa_causal_strict']
+    assert results['config']['variants'] == variants
+    assert results['config']['log2_sizes'] == [8, 9] and results['config']['repeats'] == 1
+    assert '--quick' in results['machine']['command']
+    assert [e['num_leaves'] for e in results['sizes']] == [256, 512]
+    for entry in results['sizes']:
+        assert entry['threads'] == 1
+        assert entry['hierarchy_summary']['num_leaves'] == entry['num_leaves']
+        assert list(entry['methods']) == variants
+        for data in entry['methods'].values():
+            for stage in ('forward', 'forward_backward'):
+                assert _positive_finite(data[f'{stage}_s'])
+                assert len(data[f'{stage}_samples']) == 1
+        assert list(entry['ratios']) == variants[1:]
+        assert all(_positive_finite(ratio) for ratios in entry['ratios'].values()
+                   for ratio in ratios.values())
+    targets = results['targets']
+    assert [(t['variant'], t['stage']) for t in targets] == [
+        (variant, stage) for variant in variants[1:] for stage in ('forward', 'forward_backward')]
+    assert all(t['status'] == 'N/A' and t['measured'] is None for t in targets)
+    assert [t['informative'] for t in targets] == [False] * 4 + [True] * 4
+    lines = [line for line in done.stdout.splitlines() if '<= 1.3x' in line]
+    assert len(lines) == 8 and all(line.startswith('N/A') for line in lines)
+    assert 'Ratio to hsa' in done.stdout
+
+
+def test_energy_terms_targets_pass_fail_and_info():
+    from hsa_geo.benchmarks.energy_terms import evaluate_targets
+    ratios = {'hsa_bias': {'forward': 1.1, 'forward_backward': 1.4},
+              'hsa_causal': {'forward': 2.0, 'forward_backward': 0.9}}
+    results = {'config': {'variants': ['hsa', 'hsa_bias', 'hsa_causal']},
+               'sizes': [{'num_leaves': 1 << 16, 'ratios': ratios}]}
+    assert [t['status'] for t in evaluate_targets(results)] == ['PASS', 'FAIL', 'INFO', 'INFO']

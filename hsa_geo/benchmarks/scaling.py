@@ -142,15 +142,17 @@ class _Case:
         torch.autograd.grad(out, self._inputs, self._grad_output)
 
 
-def build_hierarchy(num_leaves: int, device: torch.device):
+def build_hierarchy(num_leaves: int, device: torch.device, ordered: bool = False):
     r"""The balanced hierarchy over :obj:`num_leaves` leaves with its plan on
-    :obj:`device`, and the seconds each step took."""
+    :obj:`device`, and the seconds each step took. With :obj:`ordered` the
+    leaf ids are declared a sequence (:attr:`hsa_geo.Hierarchy.ordered`),
+    which positional terms need; every subtree is an interval of it."""
     from hsa_geo import Hierarchy
 
     start = time.perf_counter()
     parent = balanced_parent(num_leaves)
     built = time.perf_counter()
-    hierarchy = Hierarchy.from_parent(parent, num_leaves)
+    hierarchy = Hierarchy.from_parent(parent, num_leaves, ordered=ordered)
     validated = time.perf_counter()
     plan = hierarchy.plan(device)
     if device.type == 'cuda':
@@ -577,6 +579,14 @@ def format_report(results: Dict[str, Any]) -> str:
                    f'{shown(slope["value_load_normalised"])}); '
                    f'{shown(slope["value_all_sizes"])} over all sizes')
     out.append('')
+    out.extend(target_lines(results))
+    return '\n'.join(out)
+
+
+def target_lines(results: Dict[str, Any]) -> List[str]:
+    r"""One ``STATUS  name: measured x (detail)`` line per target, and a
+    count of the errors if there were any."""
+    out = []
     for target in results['targets']:
         measured = target['measured']
         shown = '-' if measured is None else f'{measured:.3g}'
@@ -585,32 +595,24 @@ def format_report(results: Dict[str, Any]) -> str:
     if results['errors']:
         out.append('')
         out.append(f'{len(results["errors"])} error(s), see "errors" in the JSON')
-    return '\n'.join(out)
+    return out
 
 
 # ----------------------------------------------------------------------- CLI
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m hsa_geo.benchmarks.scaling',
-                                     description=__doc__.split('\n\n')[0])
+def add_common_arguments(parser: argparse.ArgumentParser, max_log2: int, out: str,
+                         repeats: int, budget_s: float) -> None:
+    r"""The options that the benchmarks over balanced trees share: sizes,
+    device, output file, rounds, threads, seed and process isolation."""
     parser.add_argument('--min-log2', type=int, default=12)
-    parser.add_argument('--max-log2', type=int, default=20)
-    parser.add_argument('--quick', action='store_true',
-                        help='N up to 2^14 (dense up to 2^13), one repeat: a smoke run of '
-                             'under a minute')
+    parser.add_argument('--max-log2', type=int, default=max_log2)
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    parser.add_argument('--out', default=os.path.join('benchmarks', 'results', 'scaling.json'))
-    parser.add_argument('--repeats', type=int, default=5, help='timed rounds (default: 5)')
+    parser.add_argument('--out', default=os.path.join('benchmarks', 'results', out))
+    parser.add_argument('--repeats', type=int, default=repeats,
+                        help=f'timed rounds (default: {repeats})')
     parser.add_argument('--warmup', type=int, default=1, help='untimed rounds (default: 1)')
-    parser.add_argument('--budget-s', type=float, default=20.0,
+    parser.add_argument('--budget-s', type=float, default=budget_s,
                         help='a call leaves later rounds once its samples add up to this '
-                             '(default: 20)')
-    parser.add_argument('--dense-max-log2', type=int, default=None,
-                        help='largest log2 N for dense SDPA (default on CPU: 15, 13 with '
-                             '--quick; one forward+backward at 2^16 takes about a minute. '
-                             'No limit on CUDA)')
-    parser.add_argument('--dense-max-gib', type=float, default=4.0,
-                        help='skip dense SDPA when its extra memory, extrapolated '
-                             'quadratically from the previous size, would exceed this')
+                             f'(default: {budget_s:g})')
     parser.add_argument('--threads', type=int, default=None,
                         help="torch threads in the measuring processes (default: torch's "
                              'default). On a machine shared with other jobs, 2 threads on 2 '
@@ -619,32 +621,60 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--timeout', type=float, default=3600.0,
                         help='seconds allowed to one isolated measurement')
     parser.add_argument('--no-isolate', action='store_true',
-                        help='measure in this process (for profiling; memory numbers are then '
-                             'not independent)')
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.max_log2 = min(args.max_log2, 14)
-        args.repeats = 1
+                        help='measure in this process instead of a fresh one per size (for '
+                             'profiling; memory numbers, where measured, are then not '
+                             'independent)')
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    r"""Rejects option values that :func:`add_common_arguments` allows but
+    no run can use."""
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be at least 1')
-    if args.dense_max_log2 is None:
-        # On CPU one dense forward+backward takes ~2.5 s at 2^14 and ~10 s at
-        # 2^15 on an idle 2-core machine, 4x more per doubling.
-        args.dense_max_log2 = args.max_log2 if args.device == 'cuda' else (13 if args.quick else 15)
     if args.min_log2 < 1 or args.max_log2 < args.min_log2:
         parser.error('need 1 <= --min-log2 <= --max-log2')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda but CUDA is not available')
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m hsa_geo.benchmarks.scaling',
+                                     description=__doc__.split('\n\n')[0])
+    add_common_arguments(parser, max_log2=20, out='scaling.json', repeats=5, budget_s=20.0)
+    parser.add_argument('--quick', action='store_true',
+                        help='N up to 2^14 (dense up to 2^13), one repeat: a smoke run of '
+                             'under a minute')
+    parser.add_argument('--dense-max-log2', type=int, default=None,
+                        help='largest log2 N for dense SDPA (default on CPU: 15, 13 with '
+                             '--quick; one forward+backward at 2^16 takes about a minute. '
+                             'No limit on CUDA)')
+    parser.add_argument('--dense-max-gib', type=float, default=4.0,
+                        help='skip dense SDPA when its extra memory, extrapolated '
+                             'quadratically from the previous size, would exceed this')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_log2 = min(args.max_log2, 14)
+        args.repeats = 1
+    if args.dense_max_log2 is None:
+        # On CPU one dense forward+backward takes ~2.5 s at 2^14 and ~10 s at
+        # 2^15 on an idle 2-core machine, 4x more per doubling.
+        args.dense_max_log2 = args.max_log2 if args.device == 'cuda' else (13 if args.quick else 15)
+    check_common_arguments(parser, args)
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = parse_args(argv)
+    return run_and_report(parse_args(argv), run, format_report)
+
+
+def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace], Dict[str, Any]],
+                   format_report: Callable[[Dict[str, Any]], str]) -> Dict[str, Any]:
+    r"""Runs a benchmark, prints its report and writes its JSON to
+    ``args.out``."""
     results = run(args)
     print()
     print(format_report(results))
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(results, f, indent=1, allow_nan=False, default=_json_default)
         f.write('\n')
