@@ -11,7 +11,7 @@ nested signals into a forest. :func:`hierarchy_from_data` turns a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
 import torch
 from torch import Tensor
@@ -23,7 +23,12 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 class NestedSignal(Data):
     r"""A :class:`~torch_geometric.data.Data` carrying a hierarchy over its
     nodes (the leaves) in :obj:`hierarchy_edge_index` and
-    :obj:`num_clusters`.
+    :obj:`num_clusters`, and, for an :attr:`~hsa_geo.Hierarchy.ordered`
+    hierarchy (from a sequence or grid builder), :obj:`hierarchy_ordered`
+    set to :obj:`True`; the attribute is left out otherwise, so a dataset
+    should not mix ordered and unordered hierarchies (PyG batches the
+    attributes of the first graph), or set :obj:`hierarchy_ordered=False`
+    on the unordered ones.
 
     Example::
 
@@ -45,12 +50,28 @@ class NestedSignal(Data):
         if x.size(0) != hierarchy.num_leaves:
             raise ValueError(f"x has {x.size(0)} rows but the hierarchy has "
                              f"{hierarchy.num_leaves} leaves")
-        return cls(x=x, hierarchy_edge_index=hierarchy.edge_index, num_clusters=hierarchy.num_clusters, **kwargs)
+        return cls(x=x, **{**hierarchy_attributes(hierarchy), **kwargs})
 
     def __inc__(self, key: str, value: Any, *args, **kwargs) -> Any:
         if key == 'hierarchy_edge_index':
             return self.num_nodes + int(self.num_clusters)
         return super().__inc__(key, value, *args, **kwargs)
+
+
+def hierarchy_attributes(hierarchy: Hierarchy) -> Dict[str, Any]:
+    r"""The attributes of a :class:`NestedSignal` that store a single-graph
+    :obj:`hierarchy`: :obj:`hierarchy_edge_index`, :obj:`num_clusters` and,
+    when it is ordered, :obj:`hierarchy_ordered`."""
+    attributes = dict(hierarchy_edge_index=hierarchy.edge_index,
+                      num_clusters=hierarchy.num_clusters)
+    if hierarchy.ordered:
+        attributes['hierarchy_ordered'] = True
+    return attributes
+
+
+#: Attributes :func:`hierarchy_attributes` may set (a new hierarchy replaces
+#: all of them).
+HIERARCHY_KEYS = ('hierarchy_edge_index', 'num_clusters', 'hierarchy_ordered')
 
 
 # Processed PyG/OGB datasets of nested signals reload with torch.load's
@@ -63,7 +84,9 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
     batch of them (a forest with one tree per graph and a graph id per node).
 
     Validates the batch: every graph must have exactly one root, and errors
-    name the graph. Build it once per batch and pass it to every layer.
+    name the graph. Build it once per batch and pass it to every layer. The
+    result is :attr:`~hsa_geo.Hierarchy.ordered` when every graph has
+    :obj:`hierarchy_ordered` set.
     """
     if 'hierarchy_edge_index' not in data or 'num_clusters' not in data:
         raise ValueError("data has no hierarchy: expected 'hierarchy_edge_index' and "
@@ -102,4 +125,6 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
     parent[child] = up
     batch = torch.empty_like(parent)
     batch[new_id] = graph_of
-    return Hierarchy.from_parent(parent.cpu(), total_leaves, batch=batch.cpu()).to(device)
+    ordered = 'hierarchy_ordered' in data and bool(torch.as_tensor(data.hierarchy_ordered).all())
+    return Hierarchy.from_parent(parent.cpu(), total_leaves, batch=batch.cpu(),
+                                 ordered=ordered).to(device)

@@ -8,7 +8,7 @@ import torch
 from torch_geometric.data import Data, HeteroData
 from torch_geometric.transforms import BaseTransform
 
-from hsa_geo.data import NestedSignal
+from hsa_geo.data import HIERARCHY_KEYS, NestedSignal, hierarchy_attributes
 from hsa_geo.hierarchy import DEFAULT_MAX_CHILDREN, Hierarchy, from_edge_index_metis, from_networkx
 from hsa_geo.hierarchy.builders.graph import METHODS
 
@@ -49,6 +49,13 @@ class AddHierarchy(BaseTransform):
             networkx method as edge weights. (default: :obj:`False`)
         **kwargs: Passed to the builder (e.g. :obj:`resolution`,
             :obj:`max_levels`, :obj:`split`).
+
+    The clustering methods give hierarchies without a sibling order
+    (:attr:`Hierarchy.ordered <hsa_geo.Hierarchy.ordered>` is
+    :obj:`False`, so :class:`~hsa_geo.nn.SiblingPositionBias` does not apply);
+    a callable returning an ordered hierarchy (e.g. from
+    :func:`~hsa_geo.hierarchy.chunk_sequence`) keeps the flag, stored as
+    :obj:`hierarchy_ordered`.
 
     Graphs without edges, with isolated nodes, self-loops or repeated edges
     are fine; a graph without nodes raises :class:`ValueError`. Edges are used
@@ -128,14 +135,13 @@ class AddHierarchy(BaseTransform):
             raise ValueError("AddHierarchy works on homogeneous graphs (Data), not HeteroData")
         hierarchy = self.hierarchy(data)
         attrs = data.to_dict()
-        for key in ('hierarchy_edge_index', 'num_clusters'):  # replaced, if present
+        for key in HIERARCHY_KEYS:  # replaced, if present
             attrs.pop(key, None)
         x = attrs.pop('x', None)
         if x is not None:
             return NestedSignal.from_hierarchy(x, hierarchy, **attrs)
         attrs.setdefault('num_nodes', hierarchy.num_leaves)
-        return NestedSignal(hierarchy_edge_index=hierarchy.edge_index,
-                            num_clusters=hierarchy.num_clusters, **attrs)
+        return NestedSignal(**hierarchy_attributes(hierarchy), **attrs)
 
     def __repr__(self) -> str:
         method = getattr(self.method, '__name__', repr(self.method)) if callable(self.method) \

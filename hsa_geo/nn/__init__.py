@@ -6,3 +6,5 @@ __all__ = ['HSAConv']
 from hsa_geo.nn.models import (HSABlock, HSAEncoder, HSAGraphModel, HSANodeModel,  # noqa: E402
                                HierarchyReadout, MultiModalEncoder)
 __all__ += ['HSABlock', 'HSAEncoder', 'HSAGraphModel', 'HSANodeModel', 'HierarchyReadout', 'MultiModalEncoder']
+from hsa_geo.nn.positional import SiblingPositionBias  # noqa: E402
+__all__ += ['SiblingPositionBias']

@@ -64,7 +64,9 @@ def compose(parts: Mapping[Hashable, Hierarchy]) -> Composed:
     Returns:
         Composed: ``(hierarchy, modality)``, which unpacks as a pair, with
         :obj:`modality` ``[N]`` the index of every leaf's part, and the part
-        names in :obj:`names`.
+        names in :obj:`names`. The hierarchy is
+        :attr:`~hsa_geo.Hierarchy.ordered` when every part is (the parts'
+        subtrees then sit under the root in the mapping's order).
 
     Raises:
         ValueError: for an empty mapping or a value that is not a
@@ -116,4 +118,5 @@ def compose(parts: Mapping[Hashable, Hierarchy]) -> Composed:
             parent[roots] = root
         leaf_offset += part.num_leaves
         cluster_offset += part.num_clusters
-    return Composed(Hierarchy.from_parent(parent, num_leaves), modality, names)
+    ordered = all(part.ordered for part in hierarchies)
+    return Composed(Hierarchy.from_parent(parent, num_leaves, ordered=ordered), modality, names)

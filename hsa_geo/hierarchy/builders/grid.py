@@ -39,7 +39,12 @@ def grid_quadtree(height: int, width: int, block: int = 2,
 
     Returns:
         Hierarchy: One tree of depth :math:`\lceil \log_b \max(H, W) \rceil`
-        over the :math:`HW` cells.
+        over the :math:`HW` cells, :attr:`~hsa_geo.Hierarchy.ordered`: the
+        sub-squares of a square are ordered by their top-left cell, i.e. in
+        raster order (top-left, top-right, bottom-left, bottom-right for
+        :math:`b = 2`). A position is the rank among the sub-squares that
+        exist, so in a square cut by the right border the bottom-left
+        sub-square is sibling 1, not 2.
 
     Complexity: :math:`O(HW)` per level, vectorised.
 
@@ -66,4 +71,4 @@ def grid_quadtree(height: int, width: int, block: int = 2,
             break
         side *= block
     return finalize(tree_from_levels(labels, height * width), height * width, max_children,
-                    keep_chains)
+                    keep_chains, ordered=True)

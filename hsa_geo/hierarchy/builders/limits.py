@@ -323,9 +323,18 @@ def canonical_order(parent: np.ndarray, num_leaves: int) -> np.ndarray:
 
 
 def finalize(parent, num_leaves: int, max_children: Optional[int],
-             keep_chains: bool = False, splitter=None) -> Hierarchy:
+             keep_chains: bool = False, splitter=None, ordered: bool = False) -> Hierarchy:
     r"""Bounds family sizes, collapses chains, numbers clusters canonically
-    and returns the validated :class:`~hsa_geo.Hierarchy`."""
+    and returns the validated :class:`~hsa_geo.Hierarchy`.
+
+    With :obj:`ordered`, the result is marked
+    :attr:`~hsa_geo.Hierarchy.ordered` (the leaf order is meaningful and
+    siblings keep their order by first leaf). None of the steps reorders
+    siblings: the default splitter groups runs of consecutive siblings, each
+    new cluster taking its run's place, and a removed chain cluster is
+    replaced by its child, which has the same first leaf. A custom
+    :obj:`splitter` may group siblings out of order, so it drops the flag.
+    """
     parent = np.asarray(parent, dtype=np.int64)
     max_children = check_max_children(max_children)
     if max_children is not None:
@@ -333,7 +342,8 @@ def finalize(parent, num_leaves: int, max_children: Optional[int],
     if not keep_chains:
         parent = collapse_chains(parent, num_leaves)
     parent = canonical_order(parent, num_leaves)
-    return Hierarchy.from_parent(torch.from_numpy(parent), num_leaves)
+    ordered = ordered and (splitter is None or isinstance(splitter, ChunkSplitter))
+    return Hierarchy.from_parent(torch.from_numpy(parent), num_leaves, ordered=ordered)
 
 
 def limit_children(hierarchy: Hierarchy, max_children: Optional[int] = DEFAULT_MAX_CHILDREN,
@@ -354,7 +364,10 @@ def limit_children(hierarchy: Hierarchy, max_children: Optional[int] = DEFAULT_M
 
     Returns:
         Hierarchy: The same leaves, with at most :obj:`max_children`
-        children per cluster. The batch vector is not carried over.
+        children per cluster. The batch vector is not carried over; the
+        :attr:`~hsa_geo.Hierarchy.ordered` flag is: the chunks are runs of
+        consecutive siblings, so sibling order is kept (a family of 100
+        children becomes runs of 25, in order).
 
     Complexity: :math:`O((N + M) \log (N + M))`.
 
@@ -367,4 +380,4 @@ def limit_children(hierarchy: Hierarchy, max_children: Optional[int] = DEFAULT_M
         (10, 2)
     """
     return finalize(hierarchy.parent.cpu().numpy(), hierarchy.num_leaves, max_children,
-                    keep_chains)
+                    keep_chains, ordered=hierarchy.ordered)

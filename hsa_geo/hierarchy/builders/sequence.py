@@ -42,7 +42,10 @@ def from_segments(segment_ids: SegmentIds,
             (default: :obj:`False`)
 
     Returns:
-        Hierarchy: One tree over the :math:`T` tokens.
+        Hierarchy: One tree over the :math:`T` tokens, marked
+        :attr:`~hsa_geo.Hierarchy.ordered`: siblings are ordered by their
+        first token, i.e. in sequence order (for a segment that is not a
+        contiguous run, by where it starts).
 
     Raises:
         ValueError: for no levels, no tokens, vectors of different lengths,
@@ -71,7 +74,7 @@ def from_segments(segment_ids: SegmentIds,
     check_refinement(labels, names, what='Segment')
     num_tokens = labels[0].size
     return finalize(tree_from_levels(labels, num_tokens), num_tokens, max_children,
-                    keep_chains)
+                    keep_chains, ordered=True)
 
 
 def _as_levels(segment_ids: SegmentIds) -> List[np.ndarray]:
@@ -130,7 +133,8 @@ def from_nested_lengths(lengths: Sequence[Union[Tensor, Sequence[int]]],
 
     Returns:
         Hierarchy: One tree over the :math:`T` = :obj:`sum(lengths[0])`
-        tokens.
+        tokens, :attr:`~hsa_geo.Hierarchy.ordered` (siblings in sequence
+        order).
 
     Raises:
         ValueError: for no levels, a length that is not a positive integer,
@@ -196,7 +200,8 @@ def chunk_sequence(num_tokens: int, chunk_size: int,
 
     Returns:
         Hierarchy: One tree of depth :math:`\lceil \log_c T \rceil` over the
-        :math:`T` tokens, in order.
+        :math:`T` tokens, in order, :attr:`~hsa_geo.Hierarchy.ordered`
+        (sibling :math:`k` of a chunk is its :math:`k`-th token or sub-chunk).
 
     Complexity: :math:`O(T)` per level, :math:`O(T)` in all, vectorised.
 
@@ -213,4 +218,4 @@ def chunk_sequence(num_tokens: int, chunk_size: int,
     while labels[-1][-1] > 0:
         labels.append(labels[-1] // chunk_size)
     return finalize(tree_from_levels(labels, num_tokens), num_tokens, max_children,
-                    keep_chains)
+                    keep_chains, ordered=True)
