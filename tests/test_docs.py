@@ -60,6 +60,7 @@ DOCUMENTED_MODULES = [
     'hsa_geo.functional.sweep',
     'hsa_geo.nn.conv.hsa_conv',
     'hsa_geo.data',
+    'hsa_geo.nn.positional',
 ]
 
 

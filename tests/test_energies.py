@@ -486,3 +486,30 @@ def test_encoder_layers_take_the_attention_options():
     changed[16:] = torch.randn(16, 8)
     # strictly causal layers: the first half never sees the second
     torch.testing.assert_close(encoder(changed, hierarchy)[:16], out[:16])
+
+
+def test_hsa_conv_positional_by_name_and_with_modalities():
+    from hsa_geo.hierarchy import chunk_sequence, compose
+    from hsa_geo.nn import SiblingPositionBias
+    torch.manual_seed(2)
+    sequence = chunk_sequence(24, chunk_size=4)
+    conv = HSAConv(8, 4, heads=2, positional='rotary')
+    assert isinstance(conv.positional, SiblingPositionBias) and conv.positional.kind == 'rotary'
+    x = torch.randn(24, 8)
+    out = conv(x, sequence)
+    plain = HSAConv(8, 4, heads=2)
+    plain.load_state_dict({key: value for key, value in conv.state_dict().items()
+                           if not key.startswith('positional')})
+    expected = plain(x, sequence, pair_bias=conv.positional(sequence))
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert conv.positional.amplitude.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='records no sibling order'):
+        conv(x, Hierarchy.from_parent(sequence.parent, 24))  # same tree, no order recorded
+    composed, modality = compose({'text': sequence, 'more': chunk_sequence(8, chunk_size=4)})
+    assert composed.ordered
+    per_modality = HSAConv(8, 4, heads=2, positional=SiblingPositionBias(2, num_modalities=2))
+    x = torch.randn(32, 8)
+    out = per_modality(x, composed, modality=modality)
+    torch.testing.assert_close(out, per_modality(x, composed, pair_bias=torch.zeros(
+        composed.num_sibling_pairs, 2), modality=modality))

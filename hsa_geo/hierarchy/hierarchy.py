@@ -397,18 +397,18 @@ def _depth_or_raise_on_cycle(parent: Tensor) -> Tensor:
 def _count_leaves_below(parent: Tensor, num_leaves: int, depth: Tensor) -> Tensor:
     count = torch.zeros(parent.numel(), dtype=torch.long)
     count[:num_leaves] = 1
-    return _reduce_up(parent, depth, count, 'sum')
+    return reduce_to_ancestors(parent, depth, count, 'sum')
 
 
 def _first_and_last_leaf(parent: Tensor, num_leaves: int, depth: Tensor):
     r"""Smallest and largest leaf id below every node."""
     ids = torch.arange(parent.numel())
-    first = _reduce_up(parent, depth, torch.where(ids < num_leaves, ids, parent.numel()), 'amin')
-    last = _reduce_up(parent, depth, torch.where(ids < num_leaves, ids, -1), 'amax')
+    first = reduce_to_ancestors(parent, depth, torch.where(ids < num_leaves, ids, parent.numel()), 'amin')
+    last = reduce_to_ancestors(parent, depth, torch.where(ids < num_leaves, ids, -1), 'amax')
     return first, last
 
 
-def _reduce_up(parent: Tensor, depth: Tensor, values: Tensor, reduce: str) -> Tensor:
+def reduce_to_ancestors(parent: Tensor, depth: Tensor, values: Tensor, reduce: str) -> Tensor:
     r"""Folds :obj:`values` of every node into all its ancestors
     (:obj:`reduce` is ``'sum'``, ``'amin'`` or ``'amax'``), one vectorised
     step per depth level, deepest first."""

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 
 from hsa_geo.hierarchy.builders.limits import DEFAULT_MAX_CHILDREN
-from hsa_geo.hierarchy.hierarchy import Hierarchy, _reduce_up
+from hsa_geo.hierarchy.hierarchy import Hierarchy, reduce_to_ancestors
 
 KINDS = ('learned', 'sinusoidal', 'rotary')
 
@@ -368,9 +368,9 @@ class SiblingPositionBias(Module):
         parent, depth = hierarchy.parent.to(device), hierarchy.depth.to(device)
         padded = torch.full((hierarchy.num_nodes, ), count, dtype=torch.long, device=device)
         padded[:hierarchy.num_leaves] = modality
-        lowest = _reduce_up(parent, depth, padded, 'amin')
+        lowest = reduce_to_ancestors(parent, depth, padded, 'amin')
         padded[hierarchy.num_leaves:] = -1
-        highest = _reduce_up(parent, depth, padded, 'amax')
+        highest = reduce_to_ancestors(parent, depth, padded, 'amax')
         return torch.where(lowest == highest, lowest, torch.full_like(lowest, count))
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
 from hsa_geo.functional.attention import ENERGIES
 from hsa_geo.hierarchy import Hierarchy
+from hsa_geo.nn.positional import SiblingPositionBias
 
 
 class HSAConv(MessagePassing):
@@ -69,15 +70,21 @@ class HSAConv(MessagePassing):
         energy (str, optional): :obj:`"dot"` or :obj:`"euclidean"` (see
             :func:`hsa_geo.functional.hsa`). (default: :obj:`"dot"`)
         normalize_qk (bool, optional): If set to :obj:`True`, queries and
-            keys are layer-normalised per head (no affine parameters), as in
-            the paper's Proposition 3.1; both energies then give the same
-            attention. (default: :obj:`False`)
+            keys are layer-normalised per head (no affine parameters, eps
+            :math:`10^{-5}`), as in the paper's Proposition 3.1: every squared
+            norm is then :math:`d\,\sigma^2 / (\sigma^2 + \epsilon)
+            \approx d`, and both energies give the same attention up to a
+            relative :math:`\epsilon / \sigma^2`. (default: :obj:`False`)
         causal (bool, optional): Causal HSA over the leaf order (every
             subtree must hold consecutive leaves). (default: :obj:`False`)
-        positional (torch.nn.Module, optional): A module mapping the
-            hierarchy to a pair bias ``[E, H]``, e.g.
-            :class:`hsa_geo.nn.SiblingPositionBias`; needs an ordered
-            hierarchy. (default: :obj:`None`)
+        positional (str or torch.nn.Module, optional): The positional term:
+            :obj:`"learned"`, :obj:`"sinusoidal"` or :obj:`"rotary"` for a
+            :class:`~hsa_geo.nn.SiblingPositionBias` of that kind, or any
+            module mapping ``(hierarchy[, modality])`` to a pair bias
+            ``[E, H]``. Needs an ordered hierarchy
+            (:attr:`Hierarchy.ordered <hsa_geo.Hierarchy.ordered>`); off by
+            default, as clusterings record no sibling order.
+            (default: :obj:`None`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -104,7 +111,7 @@ class HSAConv(MessagePassing):
         energy: str = 'dot',
         normalize_qk: bool = False,
         causal: bool = False,
-        positional: Optional[torch.nn.Module] = None,
+        positional: Union[str, torch.nn.Module, None] = None,
         **kwargs,
     ):
         kwargs.setdefault('aggr', 'add')
@@ -120,6 +127,8 @@ class HSAConv(MessagePassing):
         self.energy = energy
         self.normalize_qk = normalize_qk
         self.causal = causal
+        if isinstance(positional, str):
+            positional = SiblingPositionBias(heads, kind=positional)
         self.positional = positional
 
         self.lin_query = Linear(in_channels, heads * out_channels)
@@ -151,13 +160,15 @@ class HSAConv(MessagePassing):
     @overload
     def forward(self, x: Tensor, hierarchy: Hierarchy,
                 return_attention_weights: None = None,
-                pair_bias: Optional[Tensor] = None) -> Tensor:
+                pair_bias: Optional[Tensor] = None,
+                modality: Optional[Tensor] = None) -> Tensor:
         pass
 
     @overload
     def forward(self, x: Tensor, hierarchy: Hierarchy,
                 return_attention_weights: bool,
-                pair_bias: Optional[Tensor] = None) -> Tuple[Tensor, BlockAttention]:
+                pair_bias: Optional[Tensor] = None,
+                modality: Optional[Tensor] = None) -> Tuple[Tensor, BlockAttention]:
         pass
 
     def forward(
@@ -166,6 +177,7 @@ class HSAConv(MessagePassing):
         hierarchy: Hierarchy,
         return_attention_weights: Optional[bool] = None,
         pair_bias: Optional[Tensor] = None,
+        modality: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, BlockAttention]]:
         r"""Runs the forward pass of the module.
 
@@ -183,6 +195,9 @@ class HSAConv(MessagePassing):
                 <hsa_geo.Hierarchy.sibling_pairs>`; added to the
                 :obj:`positional` term if both are present.
                 (default: :obj:`None`)
+            modality (torch.Tensor, optional): Modality id of every leaf
+                (or node), passed to :obj:`positional` when it has
+                per-modality embeddings. (default: :obj:`None`)
         """
         if x.dim() != 2:
             raise ValueError(f"HSAConv expects leaf features of shape [N, F] "
@@ -192,7 +207,8 @@ class HSAConv(MessagePassing):
         key = self._project(self.lin_key, x, self.normalize_qk)
         value = self._project(self.lin_value, x)
         if self.positional is not None:
-            position_bias = self.positional(hierarchy)
+            position_bias = (self.positional(hierarchy) if modality is None
+                             else self.positional(hierarchy, modality))
             pair_bias = position_bias if pair_bias is None else pair_bias + position_bias
         terms = dict(pair_bias=pair_bias, energy=self.energy, causal=self.causal)
 
