@@ -42,7 +42,11 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 from hsa_geo.text import (MeanPoolClassifier, TextClassifier, document_hierarchy, load_imdb,
                           load_split, load_wordpiece_tokenizer, tokenize_documents)
 
-MODELS = ('hsa', 'softmax', 'mean')
+MODELS = ('hsa', 'softmax', 'mean', 'hsa_pos', 'hsa_euclid_pos')
+#: HSA variants with the paper's full energy (issue 6): a learned positional
+#: term per sibling pair, and the Euclidean energy on top of it
+HSA_VARIANTS = {'hsa': {}, 'hsa_pos': dict(positional='learned'),
+                'hsa_euclid_pos': dict(positional='learned', energy='euclidean')}
 
 
 def parse_args(argv=None):
@@ -71,7 +75,8 @@ def plot(report, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    labels = {'hsa': 'HSA encoder', 'softmax': 'softmax encoder', 'mean': 'mean-pooled embeddings'}
+    labels = {'hsa': 'HSA encoder', 'softmax': 'softmax encoder', 'mean': 'mean-pooled embeddings',
+              'hsa_pos': 'HSA + sibling positions', 'hsa_euclid_pos': 'HSA, Euclidean + positions'}
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
     for name, row in report['summary'].items():
         axis.errorbar(row['attention_flops_per_review'] / 1e6, row['test_acc_mean'],
@@ -119,8 +124,14 @@ def make_model(name, args):
     kwargs = dict(vocab_size=30522, num_classes=2, width=args.width, dropout=args.dropout)
     if name == 'mean':
         return MeanPoolClassifier(**kwargs)
+    if name in HSA_VARIANTS:
+        kwargs.update(attention='hsa', **HSA_VARIANTS[name])
+        if 'positional' in kwargs:
+            kwargs['max_children'] = args.max_children or args.max_tokens
+    else:
+        kwargs['attention'] = name
     return TextClassifier(depth=args.depth, heads=args.heads, max_tokens=args.max_tokens,
-                          attention=name, **kwargs)
+                          **kwargs)
 
 
 def attention_flops(name, corpus, args):
@@ -130,7 +141,7 @@ def attention_flops(name, corpus, args):
     head_dim = args.width // args.heads
     total = 0
     for doc, hierarchy in zip(corpus.documents, corpus.hierarchies):
-        if name == 'hsa':
+        if name in HSA_VARIANTS:
             total += hsa_flops(hierarchy, head_dim, heads=args.heads)
         else:
             total += softmax_flops(doc.num_tokens, head_dim, heads=args.heads)

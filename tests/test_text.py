@@ -151,6 +151,28 @@ def test_text_classifier_shapes_and_grad(tokenizer, attention):
     assert repr(model) == f"TextClassifier(attention='{attention}', width=16, depth=2)"
 
 
+@pytest.mark.parametrize('energy', ['dot', 'euclidean'])
+def test_text_classifier_with_sibling_positions(tokenizer, energy):
+    docs = tokenize_documents(['A fine film. Loved it!', 'Dull. Very dull.'], tokenizer)
+    forest = Hierarchy.batch_hierarchies([document_hierarchy(d) for d in docs])
+    assert forest.ordered  # sentences and words in reading order
+    torch.manual_seed(0)
+    model = TextClassifier(30522, 2, width=16, heads=2, positional='learned', energy=energy)
+    out = model(*_packed(docs), forest)
+    out.sum().backward()
+    assert model.layers[0].attn.positional.embedding.grad.abs().sum() > 0
+    plain = TextClassifier(30522, 2, width=16, heads=2, energy=energy).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    model.eval()
+    with_positions = model(*_packed(docs), forest)
+    for layer in model.layers:
+        layer.attn.positional.embedding.data.zero_()  # a zero embedding is no bias
+    torch.testing.assert_close(model(*_packed(docs), forest), plain(*_packed(docs), forest))
+    assert not torch.allclose(with_positions, plain(*_packed(docs), forest), atol=1e-4)
+    with pytest.raises(ValueError, match='options of HSA'):
+        TextClassifier(30522, 2, attention='softmax', positional='learned')
+
+
 def test_hsa_classifier_on_flat_forest_is_the_softmax_classifier(tokenizer):
     docs = tokenize_documents(['A fine film. Loved it!', 'Dull. Very dull.'], tokenizer)
     torch.manual_seed(0)

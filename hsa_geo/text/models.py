@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from torch_geometric.utils import to_dense_batch
 
 from hsa_geo.functional import hsa
+from hsa_geo.hierarchy.builders.limits import DEFAULT_MAX_CHILDREN
 from hsa_geo.hierarchy.hierarchy import Hierarchy
+from hsa_geo.nn.positional import SiblingPositionBias
 
 ATTENTIONS = ('hsa', 'softmax')
 
@@ -37,15 +39,25 @@ def packed_softmax_attention(q: Tensor, k: Tensor, v: Tensor, batch: Tensor) -> 
 
 class TextAttention(nn.Module):
     r"""Multi-head self-attention over packed documents: HSA over a forest
-    (one tree per document) or flat softmax per document."""
+    (one tree per document) or flat softmax per document. HSA may use the
+    paper's full energy: a learned positional term per sibling pair
+    (:class:`~hsa_geo.nn.SiblingPositionBias`, the position of a sentence in
+    its document, of a word in its sentence, ...; :obj:`positional`) and the
+    Euclidean energy (:obj:`energy`)."""
 
-    def __init__(self, width: int, heads: int, attention: str = 'hsa', dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, attention: str = 'hsa', dropout: float = 0.0,
+                 positional: Optional[str] = None, energy: str = 'dot',
+                 max_children: int = DEFAULT_MAX_CHILDREN):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"'attention' must be one of {ATTENTIONS} (got {attention!r})")
         if width % heads != 0:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.heads, self.attention = heads, attention
+        if attention != 'hsa' and (positional is not None or energy != 'dot'):
+            raise ValueError("'positional' and 'energy' are options of HSA attention")
+        self.heads, self.attention, self.energy = heads, attention, energy
+        self.positional = (None if positional is None
+                           else SiblingPositionBias(heads, max_children, kind=positional))
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
         self.dropout = nn.Dropout(dropout)
@@ -55,7 +67,8 @@ class TextAttention(nn.Module):
         if self.attention == 'hsa':
             if hierarchy is None:
                 raise ValueError("HSA attention needs the hierarchy forest of the batch")
-            y = hsa(q, k, v, hierarchy)
+            pair_bias = None if self.positional is None else self.positional(hierarchy)
+            y = hsa(q, k, v, hierarchy, pair_bias=pair_bias, energy=self.energy)
         else:
             y = packed_softmax_attention(q, k, v, batch)
         return self.dropout(self.out(y.flatten(1)))
@@ -64,10 +77,11 @@ class TextAttention(nn.Module):
 class TextEncoderLayer(nn.Module):
     r"""Pre-norm transformer layer: attention then a GELU feed-forward."""
 
-    def __init__(self, width: int, heads: int, attention: str, dropout: float):
+    def __init__(self, width: int, heads: int, attention: str, dropout: float,
+                 **attention_kwargs):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = TextAttention(width, heads, attention, dropout)
+        self.attn = TextAttention(width, heads, attention, dropout, **attention_kwargs)
         self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(2 * width, width), nn.Dropout(dropout))
 
@@ -92,6 +106,8 @@ class TextClassifier(nn.Module):
         attention (str, optional): ``'hsa'`` or ``'softmax'``.
             (default: :obj:`'hsa'`)
         dropout (float, optional): Dropout. (default: :obj:`0.1`)
+        **attention_kwargs (optional): :obj:`positional`, :obj:`energy`
+            and :obj:`max_children` of :class:`TextAttention` (HSA only).
 
     Shapes:
         input: token ids ``[T]``, position in document ``[T]``, document id
@@ -101,14 +117,15 @@ class TextClassifier(nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, width: int = 64, depth: int = 2,
                  heads: int = 4, max_tokens: int = 512, attention: str = 'hsa',
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, **attention_kwargs):
         super().__init__()
         self.attention = attention
         self.token = nn.Embedding(vocab_size, width)
         self.position = nn.Embedding(max_tokens, width)
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            TextEncoderLayer(width, heads, attention, dropout) for _ in range(depth))
+            TextEncoderLayer(width, heads, attention, dropout, **attention_kwargs)
+            for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
