@@ -96,8 +96,8 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     if causal == 'strict':
         if 'family_groups' not in plan.cache:
             plan.cache['family_groups'] = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
-        out = hsa_strict_causal(q, k, v, _scatter_plan(plan), plan.cache['family_groups'], scale,
-                                pair_bias, euclidean)
+        out = hsa_strict_causal(q, k, v, plan, _scatter_plan(plan), plan.cache['family_groups'],
+                                scale, pair_bias, euclidean)
     elif backend == 'fused':
         heads_first_bias = None if pair_bias is None else pair_bias.t().contiguous()
         out = HSAFunction.apply(q, k, v, heads_first_bias, plan, scale, euclidean, causal)

@@ -27,13 +27,14 @@ padded to at most twice the group's smallest family.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch_geometric.utils import scatter
 
-from hsa_geo.functional.scatter_sweep import ScatterPlan, leaf_self_scores, subtree_mean
+from hsa_geo.functional.scatter_sweep import ScatterPlan, leaf_self_scores
+from hsa_geo.functional.sweep import cluster_means, subtree_means
 from hsa_geo.hierarchy.plan import SweepPlan
 
 
@@ -44,6 +45,9 @@ class FamilyGroup(NamedTuple):
     leaf: Tensor  #: ``[F, L]`` leaves below each family, ``N`` as padding
     child_position: Tensor  #: ``[F, L]`` column of the child holding the leaf (0 for padding)
     first_pair: Tensor  #: ``[F]`` position of the family's pair (first child, first child)
+    #: ``(start, end)`` when the leaves are exactly ``start..end-1`` in
+    #: row-major order (no padding), so gathering them is a view
+    leaf_range: Optional[Tuple[int, int]] = None
 
 
 def build_family_groups(plan: SweepPlan, first_leaf: Tensor) -> List[FamilyGroup]:
@@ -75,56 +79,78 @@ def _family_group(block, members: Tensor, first_leaf: Tensor, num_leaves: int) -
     position = (offset[None, :, None] >= boundary[:, None, :]).sum(-1)
     size = block.num_children
     first_pair = block.pair_start + members * size * size
+    leaf_range = None
+    if bool(valid.all()):
+        first = int(leaf[0, 0])
+        if torch.equal(leaf.reshape(-1), torch.arange(first, first + leaf.numel(),
+                                                      device=leaf.device)):
+            leaf_range = (first, first + leaf.numel())
     return FamilyGroup(children, torch.where(valid, leaf, num_leaves),
-                       torch.where(valid, position, 0), first_pair)
+                       torch.where(valid, position, 0), first_pair, leaf_range)
 
 
-def hsa_strict_causal(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan,
-                      groups: List[FamilyGroup], scale: float,
+def hsa_strict_causal(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
+                      scatter_plan: ScatterPlan, groups: List[FamilyGroup], scale: float,
                       pair_bias: Optional[Tensor] = None, euclidean: bool = False) -> Tensor:
     r"""Strictly causal hierarchical attention on ``[N, H, D]`` inputs
-    (autograd; double backward included). :obj:`plan` supplies the
-    leaf-ancestor pairs and each leaf's own pair."""
+    (autograd; double backward included), computed heads-first.
+    :obj:`scatter_plan` supplies each leaf's own pair."""
     num_leaves, heads = q.size(0), q.size(1)
-    mean_k, mean_v = subtree_mean(k, plan), subtree_mean(v, plan)
-    key_norm = subtree_mean((k * k).sum(-1), plan) if euclidean else None
-    self_score = leaf_self_scores(q, k, plan, scale, pair_bias, key_norm)
+    q_heads, k_heads, v_heads = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, D] views
+    node_k = torch.cat([k_heads, cluster_means(k_heads, plan)], dim=1)  # [H, N + M, D]
+    node_v = torch.cat([v_heads, cluster_means(v_heads, plan)], dim=1)
+    key_norm = None
+    if euclidean:  # mean |k|^2 below every node; the row term cancels within a row
+        key_norm = subtree_means((k_heads * k_heads).sum(-1), plan)  # [H, N + M]
+    self_score = leaf_self_scores(q, k, scatter_plan, scale, pair_bias,
+                                  None if key_norm is None else key_norm.t()).t()  # [H, N]
+    bias = None if pair_bias is None else pair_bias.t()  # [H, E]
     log_count = plan.num_leaves_below.to(q.dtype).log()
-    padded_q = torch.cat([q, q.new_zeros(1, heads, q.size(2))])
+    # one padding row / column (leaf id N) that every group may point at
+    padded_q = torch.cat([q_heads, q_heads.new_zeros(heads, 1, q.size(2))], dim=1)
 
-    scores = []  # per group [F, L, H, b]: leaf against each child of its family
+    scores = []  # per group [H, F, L, b]: each leaf below a family against its children
     for group in groups:
         size = group.children.size(1)
-        score = torch.einsum('flhd,fchd->flhc', padded_q[group.leaf], mean_k[group.children])
-        score = score * scale + log_count[group.children][:, None, None, :]
-        if key_norm is not None:  # the row term -scale/2 |q_i|^2 cancels within row i
-            score = score - 0.5 * scale * key_norm[group.children].transpose(1, 2)[:, None]
-        if pair_bias is not None:  # pair (X, C): X holds the leaf, C is the column
+        query = _leaf_rows(padded_q, group)
+        score = torch.matmul(query, node_k[:, group.children].transpose(-1, -2)) * scale
+        score = score + log_count[group.children][None, :, None, :]
+        if key_norm is not None:
+            score = score - 0.5 * scale * key_norm[:, group.children][:, :, None, :]
+        if bias is not None:  # pair (X, C): X holds the leaf, C is the column
             pair = (group.first_pair[:, None, None] + group.child_position[..., None] * size
                     + torch.arange(size, device=q.device))
-            score = score + pair_bias[pair].transpose(-1, -2)
+            score = score + bias[:, pair]
         earlier = torch.arange(size, device=q.device) < group.child_position[..., None]
-        scores.append(score.masked_fill(~earlier[:, :, None, :], float('-inf')))
+        scores.append(score.masked_fill(~earlier, float('-inf')))
 
     # one softmax per leaf over its own score and all its frontier blocks;
-    # padding rows are fully masked, so what they add to leaf N - 1 is zero
-    top = self_score.detach().clone()
+    # padding rows are fully masked and land in the extra column N
+    top = torch.cat([self_score.detach(), self_score.new_zeros(heads, 1)], dim=1)
     for group, score in zip(groups, scores):
-        rows = group.leaf.reshape(-1, 1).clamp(max=num_leaves - 1).expand(-1, heads)
-        top = top.scatter_reduce(0, rows, score.detach().amax(-1).reshape(-1, heads), 'amax')
-    top_padded = torch.cat([top, top.new_zeros(1, heads)])
-    total = (self_score - top).exp()
+        rows = group.leaf.reshape(1, -1).expand(heads, -1)
+        top = top.scatter_reduce(1, rows, score.detach().amax(-1).reshape(heads, -1), 'amax')
+    total = torch.cat([(self_score - top[:, :num_leaves]).exp(),
+                       self_score.new_zeros(heads, 1)], dim=1)
     for group, score in zip(groups, scores):
-        mass = (score - top_padded[group.leaf][..., None]).exp().sum(-1)
-        total = total.index_add(0, group.leaf.reshape(-1).clamp(max=num_leaves - 1),
-                                mass.reshape(-1, heads))
-    log_z = torch.cat([top + total.log(), top.new_zeros(1, heads)])
+        mass = (score - _leaf_rows(top, group)[..., None]).exp().sum(-1)
+        total = total.index_add(1, group.leaf.reshape(-1), mass.reshape(heads, -1))
+    log_z = top + total.log()
 
-    out = (self_score - log_z[:num_leaves]).exp()[..., None] * v
+    out = torch.cat([(self_score - log_z[:, :num_leaves]).exp()[..., None] * v_heads,
+                     v_heads.new_zeros(heads, 1, v.size(2))], dim=1)
     for group, score in zip(groups, scores):
-        weight = (score - log_z[group.leaf][..., None]).exp()
-        received = torch.einsum('flhc,fchd->flhd', weight, mean_v[group.children])
-        out = out.index_add(0, group.leaf.reshape(-1).clamp(max=num_leaves - 1),
-                            received.reshape(-1, heads, v.size(2)))
-    return out
+        weight = (score - _leaf_rows(log_z, group)[..., None]).exp()
+        received = torch.matmul(weight, node_v[:, group.children])  # [H, F, L, D_v]
+        out = out.index_add(1, group.leaf.reshape(-1), received.reshape(heads, -1, v.size(2)))
+    return out[:, :num_leaves].transpose(0, 1)
 
+
+def _leaf_rows(buffer: Tensor, group: FamilyGroup) -> Tensor:
+    r"""``[H, F, L, ...]`` rows of a heads-first buffer ``[H, N + 1, ...]``
+    for the leaves of :obj:`group` (a view for a leaf range)."""
+    family, width = group.leaf.shape
+    if group.leaf_range is not None:
+        start, end = group.leaf_range
+        return buffer[:, start:end].reshape(buffer.size(0), family, width, *buffer.shape[2:])
+    return buffer[:, group.leaf]

@@ -134,6 +134,16 @@ def subtree_means(values: Tensor, plan: SweepPlan) -> Tensor:
     return means
 
 
+def cluster_means(x: Tensor, plan: SweepPlan) -> Tensor:
+    r"""``[H, M, D]`` mean over the leaves below every cluster of heads-first
+    leaf rows ``[H, N, D]`` (bottom-up; differentiable by autograd)."""
+    means = x.new_zeros(x.size(0), plan.num_clusters, x.size(2))
+    for block in plan.blocks:
+        means[:, block.parents] = family_mean(gather_children(x, means, block, contiguous=False),
+                                              block)
+    return means
+
+
 class ScoreTerms(NamedTuple):
     r"""What is added to the dot-product scores :math:`\tau\, q_i^\top k_j`
     (docs/derivation.rst): a bias per sibling pair, the Euclidean energy's
