@@ -22,10 +22,12 @@ TERMS = [
     dict(energy='dot', bias=True, causal=True),
     dict(energy='euclidean', bias=True, causal=True),
 ]
+STRICT = dict(energy='euclidean', bias=True, causal='strict')
 
 
 def term_id(terms):
-    return '-'.join([terms['energy']] + [name for name in ('bias', 'causal') if terms[name]])
+    names = [name for name in ('bias', 'causal') if terms[name]]
+    return '-'.join([terms['energy']] + names + (['strict'] if terms['causal'] == 'strict' else []))
 
 
 def tensors(hierarchy, heads=2, dim=3, seed=0, bias=False, scale=1.0):
@@ -146,7 +148,7 @@ def test_gradients_match_autograd_through_the_dense_reference(terms, seed):
             torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=f'{backend} grad {name}')
 
 
-@pytest.mark.parametrize('terms', TERMS[1:], ids=term_id)
+@pytest.mark.parametrize('terms', TERMS[1:] + [STRICT], ids=term_id)
 def test_gradcheck_fused_and_gradgradcheck_scatter(terms):
     hierarchy = random_sequence_hierarchy(4, max_leaves=7, max_children=3, max_depth=3)
     q, k, v, pair_bias = tensors(hierarchy, heads=2, dim=2, seed=4, bias=terms['bias'])
@@ -345,9 +347,6 @@ def score_matrix_from_definition(q, k, hierarchy, energy, pair_bias, scale):
                 for j in members[col]:
                     scores[i, j] += value
     return scores
-
-
-STRICT = dict(energy='euclidean', bias=True, causal='strict')
 
 
 @pytest.mark.parametrize('terms', [TERMS[3], TERMS[4], TERMS[6], STRICT], ids=term_id)
