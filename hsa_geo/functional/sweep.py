@@ -80,19 +80,35 @@ def write_children(values: Tensor, leaf: Tensor, cluster: Tensor, block: FamilyB
         cluster[:, block.cluster_id] = source[:, block.cluster_slot]
 
 
+#: Blocks whose product has at most this many entries are multiplied in one
+#: batched call (operands copied as needed) rather than one call per head:
+#: on short documents the per-call overhead outweighs the copies.
+SMALL_PRODUCT = 1 << 15
+
+
 def per_head_matmul(left: Tensor, right: Tensor, base: Optional[Tensor] = None,
                     alpha: float = 1.0, out: Optional[Tensor] = None) -> Tensor:
     r"""``base + alpha * left @ right`` for ``[H, F, x, y] @ [H, F, y, z]``
     (:obj:`base` broadcast to ``[H, F, x, z]``). Without grad it is one
     fused ``baddbmm`` per head; operands may be per-head-contiguous views or
     transposes of them (no copies), and a rows-first :obj:`out` is filled by
-    one block-sized copy."""
+    one block-sized copy. Small products take one batched call."""
     if torch.is_grad_enabled():
         product = torch.matmul(left, right) * alpha
         return product if base is None else product + base
+    shape = left.shape[:3] + right.shape[3:]
+    if shape.numel() <= SMALL_PRODUCT:
+        product = torch.matmul(left, right)
+        if alpha != 1.0:
+            product.mul_(alpha)
+        if base is not None:
+            product.add_(base)
+        if out is not None:
+            return out.copy_(product)
+        return product
     target = out
     if out is None or not out[0].is_contiguous():
-        out = left.new_empty(left.shape[:3] + right.shape[3:])
+        out = left.new_empty(shape)
     beta = 1.0
     if base is None:
         base, beta = left.new_zeros(()), 0.0
