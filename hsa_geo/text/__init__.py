@@ -5,10 +5,13 @@ from hsa_geo.text.tokenize import (TokenizedDocument, clean_review, load_wordpie
                                    tokenize_documents)
 from hsa_geo.text.imdb import load_imdb, make_split, load_split
 from hsa_geo.text.hierarchy import document_hierarchy, sentence_groups
-from hsa_geo.text.models import MeanPoolClassifier, TextClassifier, packed_softmax_attention
+from hsa_geo.text.models import (HSA_VARIANTS, MeanPoolClassifier, TextClassifier,
+                                 packed_softmax_attention)
+from hsa_geo.text.corpus import TextCorpus
 
 __all__ = [
     'TokenizedDocument', 'clean_review', 'load_wordpiece_tokenizer', 'tokenize_documents',
     'load_imdb', 'make_split', 'load_split', 'document_hierarchy', 'sentence_groups',
-    'MeanPoolClassifier', 'TextClassifier', 'packed_softmax_attention'
+    'HSA_VARIANTS', 'MeanPoolClassifier', 'TextClassifier', 'packed_softmax_attention',
+    'TextCorpus'
 ]

@@ -18,6 +18,11 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 from hsa_geo.nn.positional import SiblingPositionBias
 
 ATTENTIONS = ('hsa', 'softmax')
+#: HSA with the paper's full energy (issue 6): keyword arguments of
+#: :class:`TextClassifier` per variant name -- plain HSA, with a learned
+#: positional term per sibling pair, and with the Euclidean energy as well
+HSA_VARIANTS = {'hsa': {}, 'hsa_pos': dict(positional='learned'),
+                'hsa_euclid_pos': dict(positional='learned', energy='euclidean')}
 
 
 def packed_softmax_attention(q: Tensor, k: Tensor, v: Tensor, batch: Tensor) -> Tensor:
