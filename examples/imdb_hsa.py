@@ -99,14 +99,9 @@ def make_model(name, args):
     kwargs = dict(vocab_size=30522, num_classes=2, width=args.width, dropout=args.dropout)
     if name == 'mean':
         return MeanPoolClassifier(**kwargs)
-    if name in HSA_VARIANTS:
-        kwargs.update(attention='hsa', **HSA_VARIANTS[name])
-        if 'positional' in kwargs:
-            kwargs['max_children'] = args.max_children or args.max_tokens
-    else:
-        kwargs['attention'] = name
-    return TextClassifier(depth=args.depth, heads=args.heads, max_tokens=args.max_tokens,
-                          **kwargs)
+    return TextClassifier.from_variant(name, depth=args.depth, heads=args.heads,
+                                       max_tokens=args.max_tokens,
+                                       max_children=args.max_children or args.max_tokens, **kwargs)
 
 
 def attention_flops(name, corpus, args):

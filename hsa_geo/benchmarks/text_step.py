@@ -79,14 +79,11 @@ def attention_calls(batches, backward: bool) -> Dict[str, Callable[[], Any]]:
 
 def step_calls(batches) -> Dict[str, Callable[[], Any]]:
     calls = {}
-    for name, options in [('softmax', dict(attention='softmax'))] + [
-            (name, dict(attention='hsa', max_children=MAX_CHILDREN, **options))
-            for name, options in HSA_VARIANTS.items()]:
-        if 'positional' not in options:
-            options.pop('max_children', None)
+    for name in ('softmax', ) + tuple(HSA_VARIANTS):
         torch.manual_seed(0)
-        model = TextClassifier(30522, 2, width=WIDTH, depth=DEPTH, heads=HEADS,
-                               max_tokens=MAX_TOKENS, **options)
+        model = TextClassifier.from_variant(name, 30522, 2, width=WIDTH, depth=DEPTH,
+                                            heads=HEADS, max_tokens=MAX_TOKENS,
+                                            max_children=MAX_CHILDREN)
 
         def call(model=model):
             for input_ids, position, batch, forest, labels in batches:

@@ -141,6 +141,19 @@ class TextClassifier(nn.Module):
             x = layer(x, batch, hierarchy)
         return self.head(_mean_pool(self.norm(x), batch))
 
+    @classmethod
+    def from_variant(cls, name: str, vocab_size: int, num_classes: int,
+                     **kwargs) -> 'TextClassifier':
+        r"""The classifier with :obj:`"softmax"` attention or one of the HSA
+        variants of :data:`HSA_VARIANTS`; :obj:`kwargs` as in the
+        constructor (:obj:`max_children` only matters with positions)."""
+        if name == 'softmax':
+            return cls(vocab_size, num_classes, attention='softmax', **kwargs)
+        if name not in HSA_VARIANTS:
+            raise ValueError(f"Unknown variant {name!r}; choose 'softmax' or one of "
+                             f"{list(HSA_VARIANTS)}")
+        return cls(vocab_size, num_classes, attention='hsa', **HSA_VARIANTS[name], **kwargs)
+
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}(attention={self.attention!r}, '
                 f'width={self.head.in_features}, depth={len(self.layers)})')
