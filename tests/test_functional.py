@@ -229,19 +229,20 @@ def test_reduced_precision_within_documented_tolerance(dtype, tolerance):
 
 def test_chunked_blocks_and_leaf_range_views_give_the_same_result():
     from hsa_geo.functional.sweep import HSAFunction
-    from hsa_geo.hierarchy.plan import build_sweep_plan
+    from hsa_geo.hierarchy.layout import build_slot_layout
     num_leaves = 512
     hierarchy = Hierarchy.from_parent(balanced_parent(num_leaves, 8), num_leaves)
-    whole = hierarchy.plan()
-    chunked = build_sweep_plan(hierarchy.parent, num_leaves, hierarchy.depth,
-                               hierarchy.num_leaves_below, hierarchy.first_leaf,
-                               pairs_per_block=3 * 64)
-    assert any(block.leaf_range is not None for block in whole.blocks)
+    whole = hierarchy.layout()
+    chunked = build_slot_layout(hierarchy.parent, num_leaves, hierarchy.depth,
+                                hierarchy.num_leaves_below, hierarchy.first_leaf,
+                                pairs_per_block=3 * 64)
+    assert all(block.leaf_range is not None for block in whole.levels[0].blocks)
+    assert whole.slotted_leaves.numel() == 0  # the inputs are read in place
     assert len(chunked.blocks) > 2 * len(whole.blocks)
     q, k, v = (t.requires_grad_() for t in qkv(num_leaves, seed=8))
     outputs = []
-    for plan in (whole, chunked):
-        out = HSAFunction.apply(q, k, v, None, plan, 0.5)
+    for layout in (whole, chunked):
+        out = HSAFunction.apply(q, k, v, None, layout, 0.5)
         outputs.append([out] + list(torch.autograd.grad(out.sum(), (q, k, v))))
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

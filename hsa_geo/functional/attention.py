@@ -9,9 +9,9 @@ from torch import Tensor
 
 from hsa_geo.functional.dense import _path_to_root
 from hsa_geo.functional.causal import build_family_groups, hsa_strict_causal
-from hsa_geo.functional.scatter_sweep import ScatterPlan, build_scatter_plan, hsa_scatter
-from hsa_geo.functional.sweep import (HSAFunction, ScoreTerms, bottom_up, subtree_log_mass,
-                                      subtree_means)
+from hsa_geo.functional.scatter_sweep import (ScatterPlan, build_scatter_plan, hsa_scatter,
+                                              scatter_bottom_up, subtree_mean)
+from hsa_geo.functional.sweep import HSAFunction, ScoreTerms, bottom_up, top_down
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -99,8 +99,8 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         out = hsa_strict_causal(q, k, v, plan, _scatter_plan(plan), plan.cache['family_groups'],
                                 scale, pair_bias, euclidean)
     elif backend == 'fused':
-        heads_first_bias = None if pair_bias is None else pair_bias.t().contiguous()
-        out = HSAFunction.apply(q, k, v, heads_first_bias, plan, scale, euclidean, causal)
+        out = HSAFunction.apply(q, k, v, _padded_bias(pair_bias, hierarchy, q),
+                                hierarchy.layout(q.device), scale, euclidean, causal)
     else:
         out = hsa_scatter(q, k, v, _scatter_plan(plan), scale, pair_bias, euclidean, causal)
     out = out.to(dtype)
@@ -108,6 +108,17 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
 
 
 hsa.__doc__ = hsa.__doc__.replace('{terms}', _TERMS_DOC.strip())
+
+
+def _padded_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
+    r"""The pair bias ``[E, H]`` in the padded per-pair layout of the fused
+    sweeps, ``[H * P]`` (differentiable)."""
+    if pair_bias is None:
+        return None
+    layout = hierarchy.layout(q.device)
+    rows = hierarchy.sibling_pair_rows(q.size(1), q.device)
+    padded = pair_bias.new_zeros(q.size(1) * layout.num_pairs)
+    return padded.index_put((rows.reshape(-1), ), pair_bias.reshape(-1))
 
 
 def _scatter_plan(plan) -> ScatterPlan:
@@ -131,13 +142,14 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     :func:`hsa`."""
     (q, k), single_head, dtype = _prepare((q, k), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
-    plan = hierarchy.plan(q.device)
-    terms = _score_terms(pair_bias, energy, causal, hierarchy, q)
-    q, k = q.transpose(0, 1), k.transpose(0, 1)
-    phi = bottom_up(q, k, None, plan, scale, terms).phi
-    if terms.euclidean:  # the row term the sweeps leave out
-        phi = phi + 0.5 * scale * subtree_means((q * q).sum(-1), plan)
-    phi = phi.t().to(dtype)
+    plan = _scatter_plan(hierarchy.plan(q.device))
+    _no_strict(causal)
+    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    euclidean = energy == 'euclidean'
+    phi = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean, bool(causal))[0]
+    if euclidean:  # the row term the sweeps leave out
+        phi = phi + 0.5 * scale * subtree_mean((q * q).sum(-1), plan)
+    phi = phi.to(dtype)
     return phi.squeeze(1) if single_head else phi
 
 
@@ -165,18 +177,27 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     :obj:`causal`)."""
     (q, k), single_head, _ = _prepare((q, k), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
-    plan = hierarchy.plan(q.device)
-    terms = _score_terms(pair_bias, energy, causal, hierarchy, q)
-    state = bottom_up(q.transpose(0, 1), k.transpose(0, 1), None, plan, scale, terms)
-    pair_weight = []
-    for block, weight in zip(plan.blocks, state.weights):
-        # per leaf of C: the block's share divided by |C|; mu(B) on the diagonal
-        per_leaf = weight / block.child_count.to(weight.dtype)[None, :, None, :]
-        per_leaf.diagonal(dim1=-2, dim2=-1).copy_(weight.diagonal(dim1=-2, dim2=-1))
-        pair_weight.append(per_leaf.permute(1, 2, 3, 0).reshape(-1, q.size(1)))
-    pair_weight = torch.cat(pair_weight) if pair_weight else q.new_empty(0, q.size(1))
-    log_mass = subtree_log_mass(plan, state.self_log).t()
-    result = BlockAttention(plan.sibling_pairs(), pair_weight, log_mass.exp())
+    _no_strict(causal)
+    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    layout = hierarchy.layout(q.device)
+    heads = q.size(1)
+    terms = ScoreTerms(_padded_bias(pair_bias, hierarchy, q), energy == 'euclidean', bool(causal))
+    with torch.autocast(q.device.type, enabled=False):
+        state = bottom_up(q, k, q.new_zeros(q.size(0), heads, 0), layout, scale, terms)
+        result = top_down(q.new_zeros(q.size(0), heads, 0), layout, state)
+    # log P of every node: leaves from the sweep, clusters and roots from their slots
+    log_mass = q.new_zeros(hierarchy.num_nodes, heads)
+    log_mass[:hierarchy.num_leaves] = result.leaf_log_mass
+    clusters = torch.arange(hierarchy.num_leaves, hierarchy.num_nodes, device=q.device)
+    rows = layout.rows(layout.node_slot[clusters], heads)
+    log_mass[clusters] = result.down[rows.view(-1), 0].view(-1, heads)
+    pair_index = hierarchy.sibling_pairs()
+    row, col = pair_index
+    weights = state.weights[hierarchy.sibling_pair_rows(heads, q.device)]  # [E, H]
+    # per leaf of C: the block's share divided by |C|; mu(B) on the diagonal
+    count = hierarchy.num_leaves_below.to(q.device, weights.dtype)[col]
+    pair_weight = torch.where((row == col)[:, None], weights, weights / count[:, None])
+    result = BlockAttention(pair_index, pair_weight, log_mass.exp())
     if single_head:
         result = BlockAttention(result.pair_index, result.pair_weight[:, 0],
                                 result.subtree_mass[:, 0])
@@ -249,15 +270,11 @@ def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
     return pair_bias.to(q.dtype).expand(num_pairs, heads)
 
 
-def _score_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
-                 hierarchy: Hierarchy, q: Tensor) -> ScoreTerms:
+def _no_strict(causal) -> None:
     if causal == 'strict':
         raise ValueError("causal='strict' attention is not block-constant across rows: it "
                          "has no per-subtree log-partition or block weights; use "
                          "causal=True, or hsa_dense(..., causal='strict') for the matrix")
-    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
-    return ScoreTerms(None if pair_bias is None else pair_bias.t().contiguous(),
-                      energy == 'euclidean', causal)
 
 
 def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):

@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import scatter
 
-from hsa_geo.functional.scatter_sweep import ScatterPlan, leaf_self_scores
-from hsa_geo.functional.sweep import cluster_means, subtree_means
+from hsa_geo.functional.scatter_sweep import ScatterPlan, leaf_self_scores, subtree_mean
 from hsa_geo.hierarchy.plan import SweepPlan
 
 
@@ -97,11 +96,11 @@ def hsa_strict_causal(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
     :obj:`scatter_plan` supplies each leaf's own pair."""
     num_leaves, heads = q.size(0), q.size(1)
     q_heads, k_heads, v_heads = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, D] views
-    node_k = torch.cat([k_heads, cluster_means(k_heads, plan)], dim=1)  # [H, N + M, D]
-    node_v = torch.cat([v_heads, cluster_means(v_heads, plan)], dim=1)
+    node_k = subtree_mean(k, scatter_plan).transpose(0, 1)  # [H, N + M, D]
+    node_v = subtree_mean(v, scatter_plan).transpose(0, 1)
     key_norm = None
     if euclidean:  # mean |k|^2 below every node; the row term cancels within a row
-        key_norm = subtree_means((k_heads * k_heads).sum(-1), plan)  # [H, N + M]
+        key_norm = subtree_mean((k * k).sum(-1), scatter_plan).t()  # [H, N + M]
     self_score = leaf_self_scores(q, k, scatter_plan, scale, pair_bias,
                                   None if key_norm is None else key_norm.t()).t()  # [H, N]
     bias = None if pair_bias is None else pair_bias.t()  # [H, E]

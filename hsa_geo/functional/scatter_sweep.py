@@ -107,16 +107,16 @@ def leaf_self_scores(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
     return self_score
 
 
-def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float,
-                pair_bias: Optional[Tensor] = None, euclidean: bool = False,
-                causal: bool = False) -> Tensor:
-    r"""HSA on ``[N, H, D]`` inputs by scatter operations (autograd), with
-    an optional pair bias ``[E, H]``, the Euclidean energy (its key term;
-    the row term cancels) and the causal restriction to earlier siblings."""
+def scatter_bottom_up(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
+                      pair_bias: Optional[Tensor] = None, euclidean: bool = False,
+                      causal: bool = False):
+    r""":math:`\phi` of every node (``[N + M, H]``; with the Euclidean
+    energy without its row term) and, level by level, the log-weights of
+    the kept sibling pairs and those pairs (autograd, twice
+    differentiable)."""
     num_leaves, num_nodes = q.size(0), plan.parent.numel()
     count = plan.num_leaves_below.to(q.dtype)
-    leaf, node = plan.ancestor_leaf, plan.ancestor_node
-    mean_q, mean_k, mean_v = (subtree_mean(x, plan) for x in (q, k, v))
+    mean_q, mean_k = subtree_mean(q, plan), subtree_mean(k, plan)
     key_norm = subtree_mean((k * k).sum(-1), plan) if euclidean else None
     self_score = leaf_self_scores(q, k, plan, scale, pair_bias, key_norm)
     phi = torch.cat([-self_score, q.new_zeros(num_nodes - num_leaves, q.size(1))])
@@ -139,7 +139,20 @@ def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float
         parent_phi = -scatter(share * log_z[level.children], level.parent, 0, dim_size=num_nodes)
         phi = phi.index_put((level.families, ), parent_phi[level.families])
         log_weights.append(score - log_z[row])
+    return phi, log_weights, kept_pairs
 
+
+def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float,
+                pair_bias: Optional[Tensor] = None, euclidean: bool = False,
+                causal: bool = False) -> Tensor:
+    r"""HSA on ``[N, H, D]`` inputs by scatter operations (autograd), with
+    an optional pair bias ``[E, H]``, the Euclidean energy (its key term;
+    the row term cancels) and the causal restriction to earlier siblings."""
+    num_leaves, num_nodes = q.size(0), plan.parent.numel()
+    leaf, node = plan.ancestor_leaf, plan.ancestor_node
+    mean_v = subtree_mean(v, plan)
+    _, log_weights, kept_pairs = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean,
+                                                   causal)
     log_mass = q.new_zeros(num_nodes, q.size(1))
     message = q.new_zeros(num_nodes, q.size(1), v.size(-1))
     for level, (row, col), log_weight in zip(reversed(plan.levels), reversed(kept_pairs),

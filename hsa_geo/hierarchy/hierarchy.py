@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from hsa_geo.hierarchy import layout as slot_layout
 from hsa_geo.hierarchy.plan import PAIRS_PER_BLOCK, SweepPlan, build_sweep_plan
 
 
@@ -50,6 +51,7 @@ class Hierarchy:
         #: terms (:mod:`hsa_geo.nn.positional`) require it
         self.ordered = bool(ordered)
         self._plans: Dict[torch.device, SweepPlan] = {}
+        self._layouts: Dict[torch.device, slot_layout.SlotLayout] = {}
         self._cache: Dict[str, object] = {}
 
     # ------------------------------------------------------------------ build
@@ -234,12 +236,40 @@ class Hierarchy:
             self._plans[device] = plan.to(device)
         return self._plans[device]
 
+    def layout(self, device: Optional[torch.device] = None) -> slot_layout.SlotLayout:
+        r"""The slot layout of the fused sweeps
+        (:mod:`hsa_geo.hierarchy.layout`) on :obj:`device`, computed once
+        per device and cached."""
+        device = torch.device(device) if device is not None else self.parent.device
+        if device not in self._layouts:
+            pairs_per_block = (slot_layout.PAIRS_PER_BLOCK if device.type == 'cpu'
+                               else slot_layout.PAIRS_PER_BLOCK << 6)
+            layout = slot_layout.build_slot_layout(
+                self.parent.cpu(), self.num_leaves, self.depth.cpu(),
+                self.num_leaves_below.cpu(), self.first_leaf.cpu(), pairs_per_block)
+            self._layouts[device] = layout.to(device)
+        return self._layouts[device]
+
+    def sibling_pair_rows(self, heads: int, device: Optional[torch.device] = None) -> Tensor:
+        r"""``[E, H]`` positions of the ordered sibling pairs
+        (:meth:`sibling_pairs` order) in the padded per-pair buffers of
+        :meth:`layout` (cached per device and number of heads)."""
+        device = torch.device(device) if device is not None else self.parent.device
+        key = f'pair_rows_{device}_{heads}'
+        if key not in self._cache:
+            layout = self.layout(device)
+            row, col = self.plan(device).sibling_pairs()
+            self._cache[key] = layout.pair_rows(layout.node_slot[row],
+                                                layout.sibling_index[col], heads)
+        return self._cache[key]
+
     def to(self, device) -> 'Hierarchy':
         r"""A copy on :obj:`device` (sharing the cached plans)."""
         moved = Hierarchy(self.parent.to(device), self.num_leaves, self.depth.to(device),
                           self.num_leaves_below.to(device),
                           None if self.batch is None else self.batch.to(device), self.ordered)
         moved._plans = dict(self._plans)
+        moved._layouts = dict(self._layouts)
         return moved
 
     def summary(self) -> Dict[str, float]:

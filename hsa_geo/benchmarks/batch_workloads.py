@@ -1,0 +1,97 @@
+r"""Real batches of small graphs and documents, as a training loop meets
+them, for :mod:`hsa_geo.benchmarks.batches` and the tests of the slot
+layout: molecules from rdkit's shipped ChEMBL assay with Louvain
+hierarchies, and IMDB reviews with document -> sentence -> word -> word-piece
+hierarchies. Hierarchies are built once per graph (as a ``pre_transform``
+would); :meth:`Workload.forest` joins them into a fresh forest, as every
+new batch must."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, NamedTuple
+
+import torch
+from torch import Tensor
+
+from hsa_geo.hierarchy.hierarchy import Hierarchy
+
+#: name -> (kind, number of graphs, tokens per document)
+WORKLOADS = {
+    'molecules': ('molecules', 128, None),
+    'documents 32x256': ('documents', 32, 256),
+    'documents 8x1024': ('documents', 8, 1024),
+    'documents 2x4096': ('documents', 2, 4096),
+}
+
+
+class Workload(NamedTuple):
+    name: str
+    batch: Tensor  #: ``[T]`` graph of every leaf
+    forest: Callable[[], Hierarchy]  #: a new forest over the batch, as a training step builds it
+
+    @property
+    def num_leaves(self) -> int:
+        return self.batch.numel()
+
+    def describe(self) -> Dict[str, object]:
+        summary = self.forest().summary()
+        return {'num_leaves': self.num_leaves, 'num_graphs': int(self.batch.max()) + 1,
+                'max_depth': summary['max_depth'], 'max_children': summary['max_children'],
+                'mean_children': summary['mean_children'],
+                'sibling_pairs': summary['sibling_pairs'], 'dense_pairs': summary['dense_cost']}
+
+
+def chembl_molecules(count: int = 128, min_atoms: int = 15, max_atoms: int = 50) -> List:
+    r"""The first :obj:`count` molecules of CHEMBL2321810 (rdkit's shipped
+    data) with :obj:`min_atoms` to :obj:`max_atoms` atoms, as
+    :class:`~hsa_geo.data.NestedSignal` with a Louvain hierarchy."""
+    from rdkit import RDConfig
+    from torch_geometric.utils import from_smiles
+
+    from hsa_geo.transforms import AddHierarchy
+    path = os.path.join(RDConfig.RDContribDir, 'FreeWilson', 'data', 'CHEMBL2321810.smi')
+    transform = AddHierarchy('louvain')
+    molecules = []
+    with open(path) as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            data = from_smiles(line.split()[0])
+            if min_atoms <= data.num_nodes <= max_atoms:
+                molecules.append(transform(data))
+            if len(molecules) == count:
+                break
+    return molecules
+
+
+def imdb_documents(count: int, tokens: int) -> List:
+    r""":obj:`count` documents of exactly :obj:`tokens` MiniLM word pieces:
+    IMDB reviews in file order, concatenated until long enough and cut."""
+    from hsa_geo.text import load_imdb, load_wordpiece_tokenizer, tokenize_documents
+    texts, _ = load_imdb()
+    tokenizer = load_wordpiece_tokenizer()
+    documents, review = [], 0
+    while len(documents) < count:
+        parts = []
+        while sum(len(part.split()) for part in parts) < tokens:
+            parts.append(texts[review])
+            review += 1
+        document = tokenize_documents([' '.join(parts)], tokenizer, tokens)[0]
+        if document.num_tokens == tokens:
+            documents.append(document)
+    return documents
+
+
+def load_workload(name: str) -> Workload:
+    kind, count, tokens = WORKLOADS[name]
+    if kind == 'molecules':
+        from torch_geometric.data import Batch
+
+        from hsa_geo.data import hierarchy_from_data
+        batch = Batch.from_data_list(chembl_molecules(count))
+        return Workload(name, batch.batch, lambda: hierarchy_from_data(batch))
+    from hsa_geo.text import document_hierarchy
+    documents = imdb_documents(count, tokens)
+    hierarchies = [document_hierarchy(d) for d in documents]
+    graph = torch.cat([torch.full((d.num_tokens, ), i) for i, d in enumerate(documents)])
+    return Workload(name, graph, lambda: Hierarchy.batch_hierarchies(hierarchies))
