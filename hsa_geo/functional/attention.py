@@ -116,9 +116,9 @@ def _padded_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
     if pair_bias is None:
         return None
     layout = hierarchy.layout(q.device)
-    rows = hierarchy.sibling_pair_rows(q.size(1), q.device)
-    padded = pair_bias.new_zeros(q.size(1) * layout.num_pairs)
-    return padded.index_put((rows.reshape(-1), ), pair_bias.reshape(-1))
+    positions = hierarchy.sibling_pair_positions(q.device)
+    padded = pair_bias.new_zeros(layout.num_pairs, q.size(1))
+    return padded.index_put((positions, ), pair_bias).t()
 
 
 def _scatter_plan(plan) -> ScatterPlan:
@@ -193,7 +193,7 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     log_mass[clusters] = result.down[rows.view(-1), 0].view(-1, heads)
     pair_index = hierarchy.sibling_pairs()
     row, col = pair_index
-    weights = state.weights[hierarchy.sibling_pair_rows(heads, q.device)]  # [E, H]
+    weights = state.weights[:, hierarchy.sibling_pair_positions(q.device)].t()  # [E, H]
     # per leaf of C: the block's share divided by |C|; mu(B) on the diagonal
     count = hierarchy.num_leaves_below.to(q.device, weights.dtype)[col]
     pair_weight = torch.where((row == col)[:, None], weights, weights / count[:, None])

@@ -105,11 +105,6 @@ def leaf_range_target(leaf_tensor: Tensor, block: LayoutBlock) -> Tensor:
     return rows.reshape(rows.size(0), block.num_families, block.width, *rows.shape[2:])
 
 
-def diagonal(pairs: Tensor) -> Tensor:
-    r"""``[H, F, w]`` view of the :math:`B = C` entries of ``[H, F, w, w]``."""
-    return pairs.diagonal(dim1=-2, dim2=-1)
-
-
 def level_blocks(level: LayoutLevel):
     r"""``(offset, block)`` for the blocks of :obj:`level`, with the offset
     of the block's families in the level's family buffer."""
@@ -119,33 +114,96 @@ def level_blocks(level: LayoutLevel):
         offset += block.num_families
 
 
-def later_siblings(width: int, device) -> Tensor:
-    r"""``[w, w]`` mask of the pairs :math:`(b, c)` with :math:`c > b`."""
-    return torch.ones(width, width, dtype=torch.bool, device=device).triu(1)
+# Per-pair tensors are kept families-innermost, ``[H, b, c, F]``, and
+# per-child scalars ``[H, w, F]``: every element-wise operation and every
+# reduction over siblings then runs over contiguous vectors of F (on tiny
+# families, a softmax over an innermost axis of 2 costs ten times more).
+# Products take the rows' layout ``[H, F, w, .]`` and convert with one
+# pair-sized transpose.
+def pair_view(buffer: Tensor, block: LayoutBlock) -> Tensor:
+    r"""``[H, w, w, F]`` view of a per-pair buffer ``[H, P]``."""
+    start = block.pair_start
+    return buffer[:, start:start + block.num_pairs].unflatten(
+        1, (block.width, block.width, block.num_families))
+
+
+def slot_view(buffer: Tensor, block: LayoutBlock) -> Tensor:
+    r"""``[H, w, F]`` view of a per-slot buffer ``[H, S]``."""
+    start = block.slot_start
+    return buffer[:, start:start + block.num_slots].unflatten(1, (block.width, block.num_families))
+
+
+def family_view(buffer: Tensor, block: LayoutBlock) -> Tensor:
+    r"""``[H, F]`` view of a per-family buffer ``[H, families]``."""
+    return buffer[:, block.family_start:block.family_start + block.num_families]
+
+
+def diagonal(pairs: Tensor) -> Tensor:
+    r"""``[H, F, w]`` view of the :math:`B = C` entries of ``[H, w, w, F]``."""
+    return pairs.diagonal(dim1=1, dim2=2)
+
+
+def to_pairs(products: Tensor) -> Tensor:
+    r"""``[H, b, c, F]`` (contiguous) from products ``[H, F, b, c]``."""
+    return products.permute(0, 2, 3, 1).contiguous()
+
+
+def to_products(pairs: Tensor) -> Tensor:
+    r"""``[H, F, b, c]`` operand of a batched product from ``[H, b, c, F]``."""
+    return pairs.permute(0, 3, 1, 2).contiguous()
+
+
+def by_child(scalars: Tensor) -> Tensor:
+    r"""``[H, w, F]`` view of per-child scalars in the rows' layout ``[H, F, w]``."""
+    return scalars.transpose(1, 2)
 
 
 class Constants(NamedTuple):
-    share: Tensor
-    log_count: Tensor
-    inverse_count: Tensor
-    cluster: Tensor
+    share: Tensor  #: ``[w, F]`` |B|/|A|
+    share_rows: Tensor  #: ``[F, w, 1]`` the same, for the rows' layout
+    base: Tensor  #: ``[w, w, F]`` log|C| per column, -inf at padding (and later siblings)
+    inverse_count: Tensor  #: ``[F, w, 1]`` 1/|B| for the rows' layout
+    cluster: Tensor  #: ``[F, w, 1]`` 1 at cluster children
+    not_cluster: Tensor  #: ``[F, w]`` 0 at cluster children
 
 
-def constants(block: LayoutBlock, dtype: torch.dtype) -> Constants:
+def constants(block: LayoutBlock, dtype: torch.dtype, causal: bool = False) -> Constants:
     r"""The block's per-slot constants in :obj:`dtype` (cached on the block)."""
     cache = block.__dict__.setdefault('_constants', {})
-    if dtype not in cache:
-        cache[dtype] = Constants(block.share.to(dtype), block.log_count.to(dtype),
-                                 block.inverse_count.to(dtype), block.cluster.to(dtype))
-    return cache[dtype]
+    key = (dtype, causal)
+    if key not in cache:
+        width = block.width
+        base = block.log_count.to(dtype).t()[None].expand(width, -1, -1).clone()
+        if causal and width > 1:  # c > b: a later sibling
+            later = torch.ones(width, width, dtype=torch.bool, device=base.device).triu(1)
+            base.masked_fill_(later[..., None], float('-inf'))
+        share = block.share.to(dtype)
+        cluster = block.cluster.to(dtype)
+        cache[key] = Constants(share.t().contiguous(), share[..., None], base,
+                               block.inverse_count.to(dtype)[..., None], cluster[..., None],
+                               1.0 - cluster)
+    return cache[key]
+
+
+#: Blocks at most this wide weigh the children's rows by multiplying and
+#: summing; wider ones by a batched product (whose per-matrix cost is
+#: larger than the arithmetic of a tiny family).
+SMALL_WIDTH = 8
+
+
+def family_means(rows: Tensor, const: Constants) -> Tensor:
+    r"""``[H, F, C]`` leaf-weighted means of the children's rows ``[H, F, w, C]``."""
+    if rows.size(2) <= SMALL_WIDTH:
+        return (rows * const.share_rows).sum(2)
+    return torch.matmul(const.share_rows.transpose(-1, -2), rows).squeeze(2)
 
 
 # ------------------------------------------------------------------ bottom-up
 class ForwardState(NamedTuple):
     r"""What the sweeps keep for the top-down sweep and the backward pass."""
     nodes: Tensor  #: ``[H * rows, C]`` slot buffer: (mean) q, k, v, phi (, |k|^2)
-    weights: Tensor  #: ``[H * P]`` family weights, padded pairs
-    self_log: Tensor  #: ``[H * S]`` log mu of every slot
+    weights: Tensor  #: ``[H, P]`` family weights, families innermost
+    self_log: Tensor  #: ``[H, S]`` log mu of every slot
     leaf_phi: Tensor  #: ``[N, H]``
     leaf_key_norm: Optional[Tensor]  #: ``[N, H]`` (Euclidean energy)
     columns: NodeColumns
@@ -161,7 +219,7 @@ def leaf_terms(q: Tensor, k: Tensor, layout: SlotLayout, scale: float, terms: Sc
         key_norm = (k * k).sum(-1)
         self_score.add_(key_norm, alpha=-0.5 * scale)
     if terms.pair_bias is not None:
-        self_score.add_(layout.leaf_diagonal(terms.pair_bias, q.size(1)))
+        self_score.add_(layout.leaf_diagonal(terms.pair_bias))
     return self_score.neg_(), key_norm
 
 
@@ -187,6 +245,20 @@ def fill_leaves(buffer: Tensor, layout: SlotLayout, columns: List[Tensor]) -> No
                        rows.reshape(-1, buffer.size(1)))
 
 
+def slot_buffer(like: Tensor, layout: SlotLayout, heads: int, width: int,
+                zero_padding: bool) -> Tensor:
+    r"""An uninitialised slot buffer ``[H * rows, width]`` with its root
+    rows (and, with :obj:`zero_padding`, its padding rows) set to 0: the
+    only rows a sweep reads before it writes them."""
+    buffer = like.new_empty(heads * layout.num_rows, width)
+    buffer[heads * layout.root_row:] = 0.0
+    if zero_padding:
+        padding = layout.cached_rows('padding', heads)
+        if padding.numel() > 0:
+            buffer.index_fill_(0, padding.view(-1), 0.0)
+    return buffer
+
+
 def read_leaves(buffer: Tensor, layout: SlotLayout, heads: int) -> Tensor:
     r"""``[L, H, C]`` rows of the slotted leaves in a slot buffer."""
     rows = layout.cached_rows('leaves', heads)
@@ -204,38 +276,35 @@ def bottom_up(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: float,
     columns = NodeColumns(q.size(2), v.size(2), terms.euclidean)
     leaf_phi, key_norm = leaf_terms(q, k, layout, scale, terms)
     leaf_inputs = leaf_columns(q, k, v, leaf_phi, key_norm)
-    nodes = q.new_zeros(heads * layout.num_rows, columns.width)
+    nodes = slot_buffer(q, layout, heads, columns.width, zero_padding=True)
     fill_leaves(nodes, layout, leaf_inputs)
-    weights = q.new_empty(heads * layout.num_pairs)
-    self_log = q.new_empty(heads * layout.num_slots)
+    weights = q.new_empty(heads, layout.num_pairs)
+    self_log = q.new_empty(heads, layout.num_slots)
     for index, level in enumerate(layout.levels):
         parents = q.new_empty(heads * level.num_families, columns.width)
         for offset, block in level_blocks(level):
             rows = (leaf_range_rows(leaf_inputs, block) if block.leaf_range is not None
                     else slot_rows(nodes, block, heads))
-            const = constants(block, q.dtype)
-            family, width = block.num_families, block.width
-            parent = flat_view(parents, offset, heads, (family, ))  # [H, F, C]
+            const = constants(block, q.dtype, terms.causal)
+            parent = flat_view(parents, offset, heads, (block.num_families, ))  # [H, F, C]
             # leaf-weighted means of every column (phi's is replaced below)
-            torch.matmul(const.share[:, None, :], rows, out=parent.unsqueeze(2))
-            scores = torch.matmul(columns.query(rows), columns.key(rows).transpose(-1, -2))
-            scores.mul_(scale).add_(const.log_count[:, None, :])
+            parent.copy_(family_means(rows, const))
+            scores = to_pairs(torch.matmul(columns.query(rows),
+                                           columns.key(rows).transpose(-1, -2)))
+            scores.mul_(scale).add_(const.base)
             if terms.euclidean:
-                scores.add_(columns.key_norm(rows)[:, :, None, :], alpha=-0.5 * scale)
+                scores.add_(by_child(columns.key_norm(rows))[:, None], alpha=-0.5 * scale)
             if terms.pair_bias is not None:
-                scores.add_(flat_view(terms.pair_bias, block.pair_start, heads,
-                                      (family, width, width)))
-            if terms.causal and width > 1:
-                scores.masked_fill_(later_siblings(width, scores.device), float('-inf'))
-            child_phi = columns.phi(rows)
+                scores.add_(pair_view(terms.pair_bias, block))
+            child_phi = columns.phi(rows)  # [H, F, w]
             diagonal(scores).copy_(child_phi).neg_()
-            log_weight = torch.log_softmax(scores, dim=-1)
-            torch.exp(log_weight, out=flat_view(weights, block.pair_start, heads,
-                                                (family, width, width)))
-            block_self_log = flat_view(self_log, block.slot_start, heads, (family, width))
-            block_self_log.copy_(diagonal(log_weight))
+            log_weight = torch.log_softmax(scores, dim=2)
+            torch.exp(log_weight, out=pair_view(weights, block))
+            block_self_log = slot_view(self_log, block)
+            block_self_log.copy_(by_child(diagonal(log_weight)))
             # phi(A) = -sum_b |B|/|A| log Z_B, and log Z_B = -phi(B) - log mu(B)
-            columns.phi(parent).copy_(((child_phi + block_self_log) * const.share).sum(-1))
+            torch.sum((by_child(child_phi) + block_self_log).mul_(const.share), dim=1,
+                      out=columns.phi(parent))
         nodes.index_copy_(0, layout.cached_rows(f'parents{index}', heads), parents)
     return ForwardState(nodes, weights, self_log, leaf_phi, key_norm, columns)
 
@@ -251,7 +320,7 @@ def block_values(block: LayoutBlock, state: ForwardState, v: Tensor) -> Tensor:
 class TopDown(NamedTuple):
     out: Tensor  #: ``[N, H, D_v]``
     leaf_log_mass: Tensor  #: ``[N, H]`` log a_ii
-    family_log_mass: Tensor  #: ``[H * families]`` log P(A) of every family's parent
+    family_log_mass: Tensor  #: ``[H, families]`` log P(A) of every family's parent
     down: Tensor  #: ``[H * rows, D_v + 1]`` slot buffer: message u, log P
 
 
@@ -265,38 +334,38 @@ def top_down(v: Tensor, layout: SlotLayout, state: ForwardState) -> TopDown:
     share further down instead (:math:`u_B = y_B - P(A)\mu(B)\bar v_B`).
     """
     num_leaves, heads, value_dim = v.shape
-    columns = state.columns
-    down = v.new_zeros(heads * layout.num_rows, value_dim + 1)
+    down = slot_buffer(v, layout, heads, value_dim + 1, zero_padding=False)
     out = v.new_empty(num_leaves, heads, value_dim)
     leaf_log_mass = v.new_zeros(num_leaves, heads)
-    family_log_mass = v.new_empty(heads * layout.num_families)
+    family_log_mass = v.new_empty(heads, layout.num_families)
     for index in reversed(range(len(layout.levels))):
         level = layout.levels[index]
         parents = down.index_select(0, layout.cached_rows(f'parents{index}', heads))
         for offset, block in level_blocks(level):
-            family, width = block.num_families, block.width
-            parent = flat_view(parents, offset, heads, (family, ))
-            parent_log_mass = flat_view(family_log_mass, block.family_start, heads, (family, ))
+            parent = flat_view(parents, offset, heads, (block.num_families, ))  # [H, F, D_v + 1]
+            parent_log_mass = family_view(family_log_mass, block)
             parent_log_mass.copy_(parent[..., value_dim])
-            scaled_weight = flat_view(state.weights, block.pair_start, heads,
-                                      (family, width, width)) * parent_log_mass.exp()[..., None, None]
+            parent_mass = parent_log_mass.exp()[..., None, None]  # [H, F, 1, 1]
+            weight = pair_view(state.weights, block)
             value = block_values(block, state, v)
-            child_out = torch.matmul(scaled_weight, value).add_(parent[:, :, None, :value_dim])
-            child_log_mass = (flat_view(state.self_log, block.slot_start, heads, (family, width))
-                              + parent_log_mass[..., None])
+            child_out = torch.matmul(to_products(weight), value)
+            child_out = torch.addcmul(parent[:, :, None, :value_dim], child_out, parent_mass)
+            child_log_mass = (slot_view(state.self_log, block).transpose(1, 2)
+                              + parent_log_mass[..., None])  # [H, F, w]
             if block.leaf_range is not None:
                 leaf_range_target(out, block).copy_(child_out)
                 leaf_range_target(leaf_log_mass, block).copy_(child_log_mass)
                 continue
-            own = diagonal(scaled_weight) * constants(block, v.dtype).cluster
+            cluster = constants(block, v.dtype).cluster
+            own = (diagonal(weight)[..., None] * parent_mass).mul_(cluster)  # [H, F, w, 1]
             target = slot_rows(down, block, heads)
-            target[..., :value_dim].copy_(child_out.addcmul_(own[..., None], value, value=-1.0))
+            torch.addcmul(child_out, own, value, value=-1.0, out=target[..., :value_dim])
             target[..., value_dim].copy_(child_log_mass)
     leaves = layout.slotted_leaves
     if leaves.numel() > 0:
         rows = read_leaves(down, layout, heads)
         if leaves.numel() == num_leaves:
-            out, leaf_log_mass = rows[..., :value_dim], rows[..., value_dim].contiguous()
+            out, leaf_log_mass = rows[..., :value_dim], rows[..., value_dim]
         else:
             out[leaves] = rows[..., :value_dim]
             leaf_log_mass[leaves] = rows[..., value_dim]
@@ -332,7 +401,7 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
                     grad_pair_bias: bool = False):
     r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v
     (``[N, H, D]``) and, with :obj:`grad_pair_bias`, for the padded pair
-    bias (``[H * P]``) by a bottom-up and a top-down sweep
+    bias (``[H, P]``) by a bottom-up and a top-down sweep
     (docs/derivation.rst, "Backward pass")."""
     num_leaves, heads, dim = q.shape
     value_dim = v.size(2)
@@ -341,21 +410,14 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
     # through[B] = dL/dlog P(B): everything below B, weighted by its mass
     leaf_through = leaf_log_mass.exp() * (grad_out * v).sum(-1)
     leaf_grads = [grad_out, leaf_through[..., None]]
-    up = q.new_zeros(heads * layout.num_rows, value_dim + 1)  # summed g, through
+    up = slot_buffer(q, layout, heads, value_dim + 1, zero_padding=True)  # summed g, through
     fill_leaves(up, layout, leaf_grads)
+    # w_bc (g_b . v_c) of every pair, kept from the way up for the way down
+    coupled_pairs = q.new_empty(heads, layout.num_pairs)
 
     def read(buffer, leaf_tensors, block):
         return (leaf_range_rows(leaf_tensors, block) if block.leaf_range is not None
                 else slot_rows(buffer, block, heads))
-
-    def couplings(block, grad, value):
-        r""":math:`w_{bc}\,(g_b \cdot \bar v_c)` and the parent mass."""
-        shape = (block.num_families, block.width, block.width)
-        weight = flat_view(state.weights, block.pair_start, heads, shape)
-        parent_mass = flat_view(family_log_mass, block.family_start, heads,
-                                (block.num_families, )).exp()
-        coupled = torch.matmul(grad, value.transpose(-1, -2)).mul_(weight)
-        return weight, parent_mass, coupled
 
     for index, level in enumerate(layout.levels):
         parents = q.new_empty(heads * level.num_families, value_dim + 1)
@@ -363,76 +425,83 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
             rows = read(up, leaf_grads, block)
             grad, through = rows[..., :value_dim], rows[..., value_dim]
             value = block_values(block, state, v)
-            _, parent_mass, coupled = couplings(block, grad, value)
-            off_diagonal = coupled.sum((-1, -2)) - diagonal(coupled).sum(-1)
+            coupled = pair_view(coupled_pairs, block)
+            torch.mul(to_pairs(torch.matmul(grad, value.transpose(-1, -2))),
+                      pair_view(state.weights, block), out=coupled)
+            parent_mass = family_view(family_log_mass, block).exp()
+            off_diagonal = coupled.sum((1, 2)) - diagonal(coupled).sum(-1)
             parent = flat_view(parents, offset, heads, (block.num_families, ))
             torch.sum(grad, 2, out=parent[..., :value_dim])
-            parent[..., value_dim].copy_(parent_mass * off_diagonal + through.sum(-1))
+            torch.addcmul(through.sum(-1), parent_mass, off_diagonal, out=parent[..., value_dim])
         up.index_copy_(0, layout.cached_rows(f'parents{index}', heads), parents)
 
     # delta[B] = dL/dt_BB, the gradient of B's own (diagonal) score
-    down = q.new_zeros(heads * layout.num_rows, grad_columns.width)
+    down = slot_buffer(q, layout, heads, grad_columns.width, zero_padding=False)
     grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format)
                               for t in (q, k, v))
     leaf_gamma = q.new_zeros(num_leaves, heads) if terms.euclidean else None
-    grad_bias = q.new_zeros(heads * layout.num_pairs) if grad_pair_bias else None
+    grad_bias = q.new_zeros(heads, layout.num_pairs) if grad_pair_bias else None
     leaf_inputs = leaf_columns(q, k, v, state.leaf_phi, state.leaf_key_norm)
     for index in reversed(range(len(layout.levels))):
         level = layout.levels[index]
         parents = down.index_select(0, layout.cached_rows(f'parents{index}', heads))
         for offset, block in level_blocks(level):
-            family, width = block.num_families, block.width
             const = constants(block, q.dtype)
             parent_delta, acc_q, acc_k, acc_v, parent_gamma = grad_columns.split(
-                flat_view(parents, offset, heads, (family, )))
+                flat_view(parents, offset, heads, (block.num_families, ))[:, :, None])
             rows = read(up, leaf_grads, block)
-            grad, through = rows[..., :value_dim], rows[..., value_dim]
+            grad, through = rows[..., :value_dim], by_child(rows[..., value_dim])
             nodes = read(state.nodes, leaf_inputs, block)
             query, key, value = columns.query(nodes), columns.key(nodes), columns.value(nodes)
-            weight, parent_mass, coupled = couplings(block, grad, value)
-            parent_mass = parent_mass[..., None]
-            row_sum = parent_mass * (coupled.sum(-1) - diagonal(coupled)) + through
-            residual = row_sum - parent_delta[..., None] * const.share
+            weight, coupled = pair_view(state.weights, block), pair_view(coupled_pairs, block)
+            parent_mass = family_view(family_log_mass, block).exp()[:, None]  # [H, 1, F]
+            row_sum = (coupled.sum(2) - by_child(diagonal(coupled))).mul_(parent_mass).add_(through)
+            residual = row_sum.sub_(by_child(parent_delta) * const.share)  # [H, w, F]
             # score gradient, diagonal included: P w_bc (g_b . v_c) - w_bc residual_b
-            grad_scores = coupled.mul_(parent_mass[..., None]).sub_(weight * residual[..., None])
-            child_delta = through - diagonal(weight) * residual
+            grad_scores = coupled.mul_(parent_mass[:, None]).sub_(weight * residual[:, :, None])
+            child_delta = through - by_child(diagonal(weight)) * residual
             # A cluster child's diagonal is -phi, not a score of its own
             # leaves: it passes no gradient to q, k or the bias.
-            not_cluster = 1.0 - const.cluster
-            diagonal(grad_scores).mul_(not_cluster)
+            diagonal(grad_scores).mul_(const.not_cluster)
             if grad_bias is not None:
-                flat_view(grad_bias, block.pair_start, heads, (family, width, width)).copy_(grad_scores)
-            scaled_weight = weight * parent_mass[..., None]
-            diagonal(scaled_weight).mul_(not_cluster)
+                pair_view(grad_bias, block).copy_(grad_scores)
+            scaled_weight = weight * parent_mass[:, None]
+            diagonal(scaled_weight).mul_(const.not_cluster)
             # A child's gradient is its ancestors' accumulated share plus its
             # own products, divided among its |B| leaves.
-            inverse_count = const.inverse_count[..., None]
-            new_q = torch.matmul(grad_scores, key).mul_(inverse_count * scale).add_(acc_q[:, :, None])
-            new_k = (torch.matmul(grad_scores.transpose(-1, -2), query)
-                     .mul_(inverse_count * scale).add_(acc_k[:, :, None]))
-            new_v = (torch.matmul(scaled_weight.transpose(-1, -2), grad)
-                     .mul_(inverse_count).add_(acc_v[:, :, None]))
+            grad_scores_rows = to_products(grad_scores)
+            inverse_count = const.inverse_count
+            new_q = torch.addcmul(acc_q, torch.matmul(grad_scores_rows, key), inverse_count,
+                                  value=scale)
+            new_k = torch.addcmul(acc_k, torch.matmul(grad_scores_rows.transpose(-1, -2), query),
+                                  inverse_count, value=scale)
+            new_v = torch.addcmul(acc_v, torch.matmul(to_products(scaled_weight).transpose(-1, -2),
+                                                      grad), inverse_count)
             new_gamma = None
             if parent_gamma is not None:  # Euclidean key term
-                new_gamma = grad_scores.sum(-2).mul_(const.inverse_count).add_(parent_gamma[..., None])
+                new_gamma = torch.addcmul(parent_gamma, grad_scores.sum(1).transpose(1, 2),
+                                          inverse_count[..., 0])
             if block.leaf_range is not None:
                 for target, new in ((grad_q, new_q), (grad_k, new_k), (grad_v, new_v),
                                     (leaf_gamma, new_gamma)):
                     if new is not None:
                         leaf_range_target(target, block).copy_(new)
                 continue
-            target = slot_rows(down, block, heads)
-            delta, q_rows, k_rows, v_rows, gamma = grad_columns.split(target)
-            for part, new in ((delta, child_delta), (q_rows, new_q), (k_rows, new_k),
-                              (v_rows, new_v), (gamma, new_gamma)):
+            delta, q_rows, k_rows, v_rows, gamma = grad_columns.split(slot_rows(down, block, heads))
+            for part, new in ((delta, child_delta.transpose(1, 2)), (q_rows, new_q),
+                              (k_rows, new_k), (v_rows, new_v), (gamma, new_gamma)):
                 if new is not None:
                     part.copy_(new)
     leaves = layout.slotted_leaves
     if leaves.numel() > 0:
         _, q_rows, k_rows, v_rows, gamma = grad_columns.split(read_leaves(down, layout, heads))
-        grad_q[leaves], grad_k[leaves], grad_v[leaves] = q_rows, k_rows, v_rows
-        if gamma is not None:
-            leaf_gamma[leaves] = gamma
+        if leaves.numel() == num_leaves:
+            grad_q, grad_k, grad_v = q_rows, k_rows, v_rows
+            leaf_gamma = gamma
+        else:
+            grad_q[leaves], grad_k[leaves], grad_v[leaves] = q_rows, k_rows, v_rows
+            if gamma is not None:
+                leaf_gamma[leaves] = gamma
     isolated = layout.isolated_leaves
     if isolated.numel() > 0:
         grad_q[isolated] = 0.0
@@ -441,7 +510,7 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
         if leaf_gamma is not None:
             leaf_gamma[isolated] = 0.0
     if leaf_gamma is not None:  # d s_ij / d k_j gains -scale k_j per unit of gamma
-        grad_k.addcmul_(leaf_gamma[..., None], k, value=-scale)
+        grad_k = torch.addcmul(grad_k, leaf_gamma[..., None], k, value=-scale)
     return grad_q, grad_k, grad_v, grad_bias
 
 

@@ -250,17 +250,17 @@ class Hierarchy:
             self._layouts[device] = layout.to(device)
         return self._layouts[device]
 
-    def sibling_pair_rows(self, heads: int, device: Optional[torch.device] = None) -> Tensor:
-        r"""``[E, H]`` positions of the ordered sibling pairs
-        (:meth:`sibling_pairs` order) in the padded per-pair buffers of
-        :meth:`layout` (cached per device and number of heads)."""
+    def sibling_pair_positions(self, device: Optional[torch.device] = None) -> Tensor:
+        r"""``[E]`` positions of the ordered sibling pairs (in
+        :meth:`sibling_pairs` order) in the padded per-pair buffers of
+        :meth:`layout` (cached per device)."""
         device = torch.device(device) if device is not None else self.parent.device
-        key = f'pair_rows_{device}_{heads}'
+        key = f'pair_positions_{device}'
         if key not in self._cache:
             layout = self.layout(device)
             row, col = self.plan(device).sibling_pairs()
-            self._cache[key] = layout.pair_rows(layout.node_slot[row],
-                                                layout.sibling_index[col], heads)
+            self._cache[key] = layout.pair_positions(layout.node_slot[row],
+                                                     layout.sibling_index[col])
         return self._cache[key]
 
     def to(self, device) -> 'Hierarchy':

@@ -117,6 +117,7 @@ class SlotLayout:
     num_pairs: int  #: padded pairs of all blocks
     num_families: int  #: families (= clusters) of all blocks
     num_rows: int  #: rows per head of the slot buffers (roots included)
+    root_row: int  #: first root row (per head): the roots' rows are the buffers' last
     node_slot: Tensor  #: ``[N + M]`` slot of every node (roots: after the blocks)
     #: ``[num_slots + num_roots]`` row (per head) of every slot in the slot
     #: buffers, ``-1`` in leaf ranges
@@ -127,6 +128,7 @@ class SlotLayout:
     slot_block_size: Tensor
     slot_block: Tensor  #: ``[num_slots]`` block of every slot (index into :attr:`blocks`)
     slotted_leaves: Tensor  #: leaves outside leaf ranges (not isolated)
+    padding_slots: Tensor  #: slots of no node in blocks that are not leaf ranges
     isolated_leaves: Tensor  #: leaves that are roots of their own tree
     sibling_index: Tensor  #: ``[N + M]`` position among siblings (0 at roots)
     _rows: Dict[Tuple[str, int], Tensor] = field(default_factory=dict)
@@ -135,57 +137,56 @@ class SlotLayout:
     def blocks(self) -> List[LayoutBlock]:
         return [block for level in self.levels for block in level.blocks]
 
-    def _block_table(self) -> Tensor:
-        r"""``[4, K]`` pair start, pairs, width and slot start of every block."""
+    def pair_positions(self, slots: Tensor, columns: Tensor) -> Tensor:
+        r"""Positions in a per-pair buffer ``[H, P]`` (families innermost:
+        block ``[w, w, F]``) of the pairs (child in slot :obj:`slots`,
+        sibling in column :obj:`columns`)."""
         if ('blocks', 0) not in self._rows:
             blocks = self.blocks
             self._rows[('blocks', 0)] = torch.tensor(
-                [[b.pair_start for b in blocks], [b.num_pairs for b in blocks],
+                [[b.pair_start for b in blocks], [b.num_families for b in blocks],
                  [b.width for b in blocks], [b.slot_start for b in blocks]],
                 dtype=torch.long, device=self.node_slot.device).view(4, len(blocks))
-        return self._rows[('blocks', 0)]
+        pair_start, num_families, width, slot_start = self._rows[('blocks', 0)][:, self.slot_block[slots]]
+        local = slots - slot_start
+        family, row = local // width, local % width
+        return pair_start + (row * width + columns) * num_families + family
 
-    def pair_rows(self, slots: Tensor, columns: Tensor, heads: int) -> Tensor:
-        r"""``[len(slots), H]`` positions in a padded per-pair buffer
-        ``[H * P]`` of the pairs (child in slot :obj:`slots`, sibling in
-        column :obj:`columns`)."""
-        pair_start, num_pairs, width, slot_start = self._block_table()[:, self.slot_block[slots]]
-        local = (slots - slot_start) * width + columns
-        head = torch.arange(heads, device=slots.device)
-        return heads * pair_start[:, None] + head * num_pairs[:, None] + local[:, None]
-
-    def leaf_diagonal(self, padded: Tensor, heads: int) -> Tensor:
+    def leaf_diagonal(self, padded: Tensor) -> Tensor:
         r"""``[N, H]`` entries of the leaves' own pairs :math:`(i, i)` in a
-        padded per-pair buffer (0 for a leaf that is a root of its own)."""
-        key = ('leaf_pairs', heads)
+        per-pair buffer ``[H, P]`` (0 for a leaf that is a root of its own)."""
+        key = ('leaf_pairs', 0)
         if key not in self._rows:
             leaves = torch.arange(self.num_leaves, device=self.node_slot.device)
-            has_pair = self.node_slot[leaves] < self.num_slots
-            leaves = leaves[has_pair]
-            self._rows[key] = (leaves, self.pair_rows(self.node_slot[leaves],
-                                                      self.sibling_index[leaves], heads))
-        leaves, rows = self._rows[key]
+            leaves = leaves[self.node_slot[:self.num_leaves] < self.num_slots]
+            self._rows[key] = (leaves, self.pair_positions(self.node_slot[leaves],
+                                                           self.sibling_index[leaves]))
+        leaves, positions = self._rows[key]
         if leaves.numel() == self.num_leaves:
-            return padded[rows]
-        out = padded.new_zeros(self.num_leaves, heads)
-        out[leaves] = padded[rows]
+            return padded[:, positions].t()
+        out = padded.new_zeros(self.num_leaves, padded.size(0))
+        out[leaves] = padded[:, positions].t()
         return out
 
     def rows(self, slots: Tensor, heads: int) -> Tensor:
         r"""``[len(slots), H]`` rows of :obj:`slots` for every head."""
         head = torch.arange(heads, device=slots.device)
-        return (heads * self.slot_block_row[slots, None] + head * self.slot_block_size[slots, None]
-                + self.slot_row[slots, None] - self.slot_block_row[slots, None])
+        start = self.slot_block_row[slots, None]
+        return (heads * start + head * self.slot_block_size[slots, None]
+                + self.slot_row[slots, None] - start)
 
     def cached_rows(self, name: str, heads: int) -> Tensor:
         r"""Row indices used on every call, per number of heads:
-        ``'leaves'`` (``[L, H]`` of :attr:`slotted_leaves`) and
+        ``'leaves'`` (``[L, H]`` of :attr:`slotted_leaves`), ``'padding'``
+        (of :attr:`padding_slots`) and
         ``'parents<i>'`` (``[H * F]`` of level ``i``'s parents, in the
         block-major, head-major order of the family buffers)."""
         key = (name, heads)
         if key not in self._rows:
             if name == 'leaves':
                 rows = self.rows(self.node_slot[self.slotted_leaves], heads)
+            elif name == 'padding':
+                rows = self.rows(self.padding_slots, heads).view(-1)
             else:
                 level = self.levels[int(name[len('parents'):])]
                 parts, start = [], 0
@@ -306,6 +307,7 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
     parent_slots: Dict[int, List[Tensor]] = {}
     slot_start = pair_start = family_start = row_start = 0
     slot_row_parts, block_row_parts, block_size_parts, slot_block_parts = [], [], [], []
+    padding_parts = []
     pending = []
     for level, members, width in plans:
         num_families = members.numel()
@@ -335,6 +337,7 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
             inverse_count=torch.where(real, 1.0 / counts.clamp(min=1.0), 0.0),
             cluster=(real & (grid_child >= num_leaves)).to(torch.float64))
         if leaf_range is None:
+            padding_parts.append(slots[flat < 0])
             slot_row_parts.append(torch.arange(row_start, row_start + flat.numel()))
             block_row_parts.append(torch.full((flat.numel(), ), row_start, dtype=torch.long))
             block_size_parts.append(torch.full((flat.numel(), ), flat.numel(), dtype=torch.long))
@@ -368,10 +371,13 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
     slotted = leaves[~in_range & ~is_root[:num_leaves]]
     return SlotLayout(num_leaves=num_leaves, num_nodes=num_nodes, levels=levels,
                       num_slots=num_slots, num_pairs=pair_start, num_families=family_start,
-                      num_rows=row_start + roots.numel(), node_slot=node_slot,
+                      num_rows=row_start + roots.numel(), root_row=row_start,
+                      node_slot=node_slot,
                       slot_row=slot_row, slot_block_row=torch.cat(block_row_parts),
                       slot_block_size=torch.cat(block_size_parts),
                       slot_block=torch.cat(slot_block_parts) if slot_block_parts
                       else torch.zeros(0, dtype=torch.long),
-                      slotted_leaves=slotted, isolated_leaves=isolated,
+                      slotted_leaves=slotted,
+                      padding_slots=torch.cat(padding_parts) if padding_parts
+                      else torch.zeros(0, dtype=torch.long), isolated_leaves=isolated,
                       sibling_index=sibling_index)
