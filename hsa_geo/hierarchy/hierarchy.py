@@ -121,9 +121,17 @@ class Hierarchy:
             cluster_offset += h.num_clusters
         order = _leaves_first_order([h.num_leaves for h in hierarchies],
                                     [h.num_clusters for h in hierarchies])
-        return cls(torch.cat(parents)[order], total_leaves,
-                   torch.cat(depths)[order], torch.cat(counts)[order],
-                   torch.cat(batches)[order], all(h.ordered for h in hierarchies))
+        batched = cls(torch.cat(parents)[order], total_leaves,
+                      torch.cat(depths)[order], torch.cat(counts)[order],
+                      torch.cat(batches)[order], all(h.ordered for h in hierarchies))
+        # a graph's first and last leaves move with its leaf offset (each
+        # graph's are computed once and kept with it)
+        leaf_offsets = torch.cumsum(torch.tensor([0] + [h.num_leaves for h in hierarchies[:-1]]), 0)
+        shift = torch.repeat_interleave(leaf_offsets, torch.tensor([h.num_nodes for h in hierarchies]))
+        for key, attribute in (('first_leaf', 'first_leaf'), ('last_leaf', 'last_leaf')):
+            merged = torch.cat([getattr(h, attribute).cpu() for h in hierarchies]) + shift
+            batched._cache[key] = merged[order].to(batched.parent.device)
+        return batched
 
     def new_node_ids(self, leaf_offset: int, cluster_offset: int) -> Tensor:
         r"""The id of every node once leaves are shifted by
@@ -433,9 +441,11 @@ def _count_leaves_below(parent: Tensor, num_leaves: int, depth: Tensor) -> Tenso
 def _first_and_last_leaf(parent: Tensor, num_leaves: int, depth: Tensor):
     r"""Smallest and largest leaf id below every node."""
     ids = torch.arange(parent.numel())
-    first = reduce_to_ancestors(parent, depth, torch.where(ids < num_leaves, ids, parent.numel()), 'amin')
-    last = reduce_to_ancestors(parent, depth, torch.where(ids < num_leaves, ids, -1), 'amax')
-    return first, last
+    # one pass for both: the largest id is the smallest negated id
+    both = torch.stack([torch.where(ids < num_leaves, ids, parent.numel()),
+                        torch.where(ids < num_leaves, -ids, 1)], dim=1)
+    both = reduce_to_ancestors(parent, depth, both, 'amin')
+    return both[:, 0].contiguous(), (-both[:, 1]).contiguous()
 
 
 def reduce_to_ancestors(parent: Tensor, depth: Tensor, values: Tensor, reduce: str) -> Tensor:
@@ -450,7 +460,10 @@ def reduce_to_ancestors(parent: Tensor, depth: Tensor, values: Tensor, reduce: s
         nodes = order[start:start + size]
         start += size
         nodes = nodes[parent[nodes] >= 0]
-        values.scatter_reduce_(0, parent[nodes], values[nodes], reduce=reduce)
+        targets = parent[nodes]
+        if values.dim() > 1:
+            targets = targets.view(-1, *([1] * (values.dim() - 1))).expand_as(values[nodes])
+        values.scatter_reduce_(0, targets, values[nodes], reduce=reduce)
     return values
 
 

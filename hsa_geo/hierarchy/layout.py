@@ -43,7 +43,7 @@ from torch import Tensor
 #: Fixed cost of one block relative to one padded sibling pair, per head
 #: (see the module docstring); measured by
 #: ``python -m hsa_geo.benchmarks.batches --calibrate`` on the 2-core CPU.
-BLOCK_COST = 4096
+BLOCK_COST = 2048
 
 #: Upper bound on padded sibling pairs (F * w * w) of one block on CPU, so a
 #: block's temporaries stay cache- and memory-friendly at any N; a GPU plan
@@ -199,6 +199,8 @@ class SlotLayout:
         return self._rows[key]
 
     def to(self, device) -> 'SlotLayout':
+        if torch.device(device) == self.node_slot.device:
+            return self
         return SlotLayout(**{f.name: ({} if f.name == '_rows' else _move(getattr(self, f.name), device))
                              for f in fields(self)})
 
@@ -233,7 +235,13 @@ def choose_buckets(widths: List[int], counts: List[int],
         prefix.append(prefix[-1] + count)
     for end in range(1, size + 1):
         width = widths[end - 1]
-        for start in range(end):
+        # padding a family to more than twice its width never pays off
+        # against one more block unless the block cost is huge; the bound
+        # keeps the programme linear in the number of widths
+        first = 0 if block_cost >= width * width * prefix[end] else end - 1
+        while first > 0 and 2 * widths[first - 1] >= width:
+            first -= 1
+        for start in range(first, end):
             cost = best[start] + block_cost + (prefix[end] - prefix[start]) * width * width
             if cost < best[end]:
                 best[end], choice[end] = cost, start
@@ -251,133 +259,149 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
     padded blocks. Siblings are ordered by their first leaf, families within
     a block by theirs.
 
-    Cost: a few sorts over the :math:`N + M` nodes and one Python step per
-    block.
+    Cost: a few sorts over the :math:`N + M` nodes; the per-block work is a
+    Python step over a handful of integers, everything per node or per slot
+    is vectorised.
     """
     num_nodes = parent.numel()
-    child = (parent >= 0).nonzero().view(-1)
+    is_root = parent < 0
+    child = (~is_root).nonzero().view(-1)
     family_of_child = parent[child]
     num_children = torch.bincount(family_of_child, minlength=num_nodes)
-    count = num_leaves_below.to(torch.float64)
 
-    # children in (family, first leaf) order: sibling index = rank in family
-    order = torch.argsort(first_leaf[child])
-    order = order[torch.argsort(family_of_child[order], stable=True)]
+    # siblings ordered by first leaf: the rank of a child in its family
+    order = torch.argsort(family_of_child * (num_leaves + 1) + first_leaf[child])
     child, family_of_child = child[order], family_of_child[order]
     family_first_child = torch.cumsum(num_children, 0) - num_children
     sibling_index = torch.zeros(num_nodes, dtype=torch.long)
     sibling_index[child] = torch.arange(child.numel()) - family_first_child[family_of_child]
 
+    # families by (level descending, width): the widths present per level
     families = torch.arange(num_leaves, num_nodes)
-    family_width = num_children[families]
-    family_level = depth[families]
-    # families by (level descending, width, first leaf)
-    order = torch.argsort(first_leaf[families])
-    for key in (family_width, -family_level):
-        order = order[torch.argsort(key[order], stable=True)]
-    families, family_width, family_level = families[order], family_width[order], family_level[order]
-
-    # blocks: per level, buckets of widths, cut into chunks of bounded size
-    plans = []  # (level, family ids, padded width)
-    level_keys, level_counts = torch.unique_consecutive(family_level, return_counts=True)
+    width_of = num_children[families]
+    level_of = depth[families]
+    largest = int(width_of.max()) if families.numel() else 0
+    level_width = (int(level_of.max()) - level_of if families.numel() else level_of) * (largest + 1) + width_of
+    keys, per_key = torch.unique(level_width, return_counts=True)
+    levels_of_key = (int(level_of.max()) - keys // (largest + 1)).tolist() if families.numel() else []
+    widths_of_key, per_key = (keys % (largest + 1)).tolist(), per_key.tolist()
+    # buckets per level (dynamic programme), then chunks of bounded size
+    bucket_of_key = torch.zeros(keys.numel(), dtype=torch.long)
+    bucket_width, bucket_level = [], []
     start = 0
-    for level, level_size in zip(level_keys.tolist(), level_counts.tolist()):
-        widths = family_width[start:start + level_size]
-        distinct, per_width = torch.unique_consecutive(widths, return_counts=True)
-        distinct, per_width = distinct.tolist(), per_width.tolist()
-        offset = start
-        width_start = [0]
-        for n in per_width:
-            width_start.append(width_start[-1] + n)
-        for first, last in choose_buckets(distinct, per_width, block_cost):
-            members = families[offset + width_start[first]:offset + width_start[last + 1]]
-            # keep leaf order across the bucket's widths
-            members = members[torch.argsort(first_leaf[members], stable=True)]
-            width = distinct[last]
-            step = max(1, pairs_per_block // (width * width))
-            for chunk in range(0, members.numel(), step):
-                plans.append((level, members[chunk:chunk + step], width))
-        start += level_size
+    while start < len(keys):
+        end = start
+        while end < len(keys) and levels_of_key[end] == levels_of_key[start]:
+            end += 1
+        for first, last in choose_buckets(widths_of_key[start:end], per_key[start:end], block_cost):
+            bucket_of_key[start + first:start + last + 1] = len(bucket_width)
+            bucket_width.append(widths_of_key[start + last])
+            bucket_level.append(levels_of_key[start])
+        start = end
+    bucket = bucket_of_key[torch.searchsorted(keys, level_width)]
+    order = torch.argsort(first_leaf[families])
+    order = order[torch.argsort(bucket[order], stable=True)]
+    families, bucket = families[order], bucket[order]
+    per_bucket = torch.bincount(bucket, minlength=len(bucket_width)).tolist()
 
-    # slots of every child: block, family row, sibling column
-    is_root = parent < 0
-    roots = is_root.nonzero().view(-1)
+    # blocks: (level, width, first family, number of families)
+    blocks_meta = []
+    first_family = 0
+    for index, count in enumerate(per_bucket):
+        width = bucket_width[index]
+        step = max(1, pairs_per_block // (width * width))
+        for chunk in range(0, count, step):
+            blocks_meta.append((bucket_level[index], width, first_family + chunk,
+                                min(step, count - chunk)))
+        first_family += count
+    num_blocks = len(blocks_meta)
+    block_width = torch.tensor([m[1] for m in blocks_meta], dtype=torch.long)
+    block_families = torch.tensor([m[3] for m in blocks_meta], dtype=torch.long)
+    block_slots = block_width * block_families
+    block_slot_start = torch.cumsum(block_slots, 0) - block_slots
+    num_slots = int(block_slots.sum())
+
+    # slots: family f of block k owns slots start_k + f * w_k .. + w_k - 1
+    family_block = torch.repeat_interleave(torch.arange(num_blocks), block_families)
+    family_rank = torch.arange(families.numel()) - (torch.cumsum(block_families, 0)
+                                                    - block_families)[family_block]
+    family_slot = block_slot_start[family_block] + family_rank * block_width[family_block]
+    family_slot_of_node = torch.zeros(num_nodes, dtype=torch.long)
+    family_slot_of_node[families] = family_slot
     node_slot = torch.full((num_nodes, ), -1, dtype=torch.long)
-    blocks_by_level: Dict[int, List[LayoutBlock]] = {}
-    parent_slots: Dict[int, List[Tensor]] = {}
-    slot_start = pair_start = family_start = row_start = 0
-    slot_row_parts, block_row_parts, block_size_parts, slot_block_parts = [], [], [], []
-    padding_parts = []
-    pending = []
-    for level, members, width in plans:
-        num_families = members.numel()
-        # children of these families, in family then sibling order
-        first = family_first_child[members]
-        size = num_children[members]
-        grid_child = torch.full((num_families, width), -1, dtype=torch.long)
-        column = torch.arange(width)
-        real = column[None, :] < size[:, None]
-        positions = (first[:, None] + column[None, :])[real]
-        grid_child[real] = child[positions]
-        flat = grid_child.view(-1)
-        slots = torch.arange(slot_start, slot_start + flat.numel())
-        node_slot[flat[flat >= 0]] = slots[flat >= 0]
-        leaf_range = None
-        if bool(real.all()) and bool((flat < num_leaves).all()):
-            begin = int(flat[0])
-            if torch.equal(flat, torch.arange(begin, begin + flat.numel())):
-                leaf_range = (begin, begin + flat.numel())
-        counts = torch.where(real, count[grid_child.clamp(min=0)], 0.0)
-        block = LayoutBlock(
-            level=level, num_families=num_families, width=width, slot_start=slot_start,
-            pair_start=pair_start, family_start=family_start,
-            row_start=-1 if leaf_range is not None else row_start, leaf_range=leaf_range,
-            share=counts / count[members][:, None],
-            log_count=torch.where(real, counts.log(), float('-inf')),
-            inverse_count=torch.where(real, 1.0 / counts.clamp(min=1.0), 0.0),
-            cluster=(real & (grid_child >= num_leaves)).to(torch.float64))
-        if leaf_range is None:
-            padding_parts.append(slots[flat < 0])
-            slot_row_parts.append(torch.arange(row_start, row_start + flat.numel()))
-            block_row_parts.append(torch.full((flat.numel(), ), row_start, dtype=torch.long))
-            block_size_parts.append(torch.full((flat.numel(), ), flat.numel(), dtype=torch.long))
-            row_start += flat.numel()
-        else:
-            for parts in (slot_row_parts, block_row_parts, block_size_parts):
-                parts.append(torch.full((flat.numel(), ), -1, dtype=torch.long))
-        slot_block_parts.append(torch.full((flat.numel(), ), len(pending), dtype=torch.long))
-        blocks_by_level.setdefault(level, []).append(block)
-        pending.append((level, members))
-        slot_start += flat.numel()
-        pair_start += flat.numel() * width
-        family_start += num_families
-    num_slots = slot_start
+    node_slot[child] = family_slot_of_node[family_of_child] + sibling_index[child]
+    slot_node = torch.full((num_slots, ), -1, dtype=torch.long)
+    slot_node[node_slot[child]] = child
+    slot_block = torch.repeat_interleave(torch.arange(num_blocks), block_slots)
+    slot_parent = torch.repeat_interleave(families, block_width[family_block])
+
+    # leaf ranges: no padding, all leaves, consecutive ids in slot order
+    present = slot_node >= 0
+    offset = slot_node - torch.arange(num_slots)
+    good = present & (slot_node < num_leaves) & (offset == offset[block_slot_start][slot_block])
+    is_range = torch.ones(num_blocks, dtype=torch.bool).scatter_reduce_(
+        0, slot_block, good, 'amin') if num_slots else torch.zeros(0, dtype=torch.bool)
+    range_slot = is_range[slot_block]
+
+    # rows of the slot buffers: the slots of the other blocks, then the roots
+    roots = is_root.nonzero().view(-1)
+    block_rows = torch.where(is_range, 0, block_slots)
+    block_row_start = torch.cumsum(block_rows, 0) - block_rows
+    num_block_rows = int(block_rows.sum())
+    slot_row = torch.where(range_slot, -1, block_row_start[slot_block] + torch.arange(num_slots)
+                           - block_slot_start[slot_block])
     node_slot[roots] = torch.arange(num_slots, num_slots + roots.numel())
-    slot_row_parts.append(torch.arange(row_start, row_start + roots.numel()))
-    block_row_parts.append(torch.full((roots.numel(), ), row_start, dtype=torch.long))
-    block_size_parts.append(torch.full((roots.numel(), ), roots.numel(), dtype=torch.long))
-    for level, members in pending:
-        parent_slots.setdefault(level, []).append(node_slot[members])
-    levels = [LayoutLevel(level, blocks_by_level[level], torch.cat(parent_slots[level]))
-              for level in sorted(blocks_by_level, reverse=True)]
-    slot_row = torch.cat(slot_row_parts)
-    leaves = torch.arange(num_leaves)
-    isolated = leaves[is_root[:num_leaves]]
-    in_range = torch.zeros(num_leaves, dtype=torch.bool)
+    slot_row = torch.cat([slot_row, torch.arange(num_block_rows, num_block_rows + roots.numel())])
+    slot_block_row = torch.cat([torch.where(range_slot, -1, block_row_start[slot_block]),
+                                torch.full((roots.numel(), ), num_block_rows)])
+    slot_block_size = torch.cat([torch.where(range_slot, -1, block_slots[slot_block]),
+                                 torch.full((roots.numel(), ), roots.numel())])
+
+    # per-slot constants, viewed per block
+    count = num_leaves_below.to(torch.float64)
+    slot_count = torch.where(present, count[slot_node.clamp(min=0)], 0.0)
+    share = slot_count / count[slot_parent]
+    log_count = slot_count.log()  # -inf at padding
+    inverse_count = torch.where(present, 1.0 / slot_count.clamp(min=1.0), 0.0)
+    cluster = (slot_node >= num_leaves).to(torch.float64)
+
+    levels: List[LayoutLevel] = []
+    pair_start = 0
+    leaf_start = slot_node[block_slot_start.clamp(max=max(num_slots - 1, 0))].tolist() if num_slots else []
+    range_list, row_start_list = is_range.tolist(), block_row_start.tolist()
+    slot_start_list, family_start_list = block_slot_start.tolist(), (
+        torch.cumsum(block_families, 0) - block_families).tolist()
+    for index, (level, width, first, size) in enumerate(blocks_meta):
+        begin, end = slot_start_list[index], slot_start_list[index] + width * size
+        block = LayoutBlock(
+            level=level, num_families=size, width=width, slot_start=begin,
+            pair_start=pair_start, family_start=family_start_list[index],
+            row_start=-1 if range_list[index] else row_start_list[index],
+            leaf_range=(leaf_start[index], leaf_start[index] + end - begin) if range_list[index]
+            else None,
+            share=share[begin:end].view(size, width),
+            log_count=log_count[begin:end].view(size, width),
+            inverse_count=inverse_count[begin:end].view(size, width),
+            cluster=cluster[begin:end].view(size, width))
+        pair_start += width * width * size
+        if not levels or levels[-1].level != level:
+            levels.append(LayoutLevel(level, [], families[first:first]))
+        levels[-1].blocks.append(block)
+    family_node_slot = node_slot[families]
     for level in levels:
-        for block in level.blocks:
-            if block.leaf_range is not None:
-                in_range[block.leaf_range[0]:block.leaf_range[1]] = True
-    slotted = leaves[~in_range & ~is_root[:num_leaves]]
+        first = level.blocks[0].family_start
+        last = level.blocks[-1].family_start + level.blocks[-1].num_families
+        level.parent_slot = family_node_slot[first:last]
+
+    leaves = torch.arange(num_leaves)
+    leaf_row = slot_row[node_slot[:num_leaves].clamp(min=0)]
+    slotted = leaves[(leaf_row >= 0) & ~is_root[:num_leaves]]
+    padding = torch.arange(num_slots)[~present & ~range_slot]
     return SlotLayout(num_leaves=num_leaves, num_nodes=num_nodes, levels=levels,
-                      num_slots=num_slots, num_pairs=pair_start, num_families=family_start,
-                      num_rows=row_start + roots.numel(), root_row=row_start,
-                      node_slot=node_slot,
-                      slot_row=slot_row, slot_block_row=torch.cat(block_row_parts),
-                      slot_block_size=torch.cat(block_size_parts),
-                      slot_block=torch.cat(slot_block_parts) if slot_block_parts
-                      else torch.zeros(0, dtype=torch.long),
-                      slotted_leaves=slotted,
-                      padding_slots=torch.cat(padding_parts) if padding_parts
-                      else torch.zeros(0, dtype=torch.long), isolated_leaves=isolated,
+                      num_slots=num_slots, num_pairs=pair_start, num_families=families.numel(),
+                      num_rows=num_block_rows + roots.numel(), root_row=num_block_rows,
+                      node_slot=node_slot, slot_row=slot_row, slot_block_row=slot_block_row,
+                      slot_block_size=slot_block_size, slot_block=slot_block,
+                      slotted_leaves=slotted, padding_slots=padding,
+                      isolated_leaves=leaves[is_root[:num_leaves]],
                       sibling_index=sibling_index)
