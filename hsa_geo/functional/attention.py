@@ -9,6 +9,7 @@ from torch import Tensor
 
 from hsa_geo.functional.dense import _path_to_root
 from hsa_geo.functional.causal import build_family_groups, hsa_strict_causal
+from hsa_geo.functional.compiled import fused_hsa, layout_key
 from hsa_geo.functional.scatter_sweep import (ScatterPlan, build_scatter_plan, hsa_scatter,
                                               scatter_bottom_up, subtree_mean)
 from hsa_geo.functional.sweep import HSAFunction, ScoreTerms, bottom_up, top_down
@@ -88,12 +89,26 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     """
     if backend not in ('fused', 'scatter'):
         raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
+    terms = dict(pair_bias=pair_bias, energy=energy, causal=causal)
+    if torch.compiler.is_compiling():
+        if backend == 'fused' and causal != 'strict':
+            return _hsa_compiled(q, k, v, hierarchy, scale, **terms)
+        return _hsa_eager_outside_graph(q, k, v, hierarchy, scale, backend, **terms)
+    # every input the sweeps see runs in float32 or float64: under autocast
+    # the products inside would otherwise be cast down (and mix dtypes)
+    with torch.autocast(q.device.type, enabled=False):
+        return _hsa_eager(q, k, v, hierarchy, scale, backend, **terms)
+
+
+def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Optional[float],
+               backend: str, pair_bias: Optional[Tensor], energy: str,
+               causal: Union[bool, str]) -> Tensor:
     (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
-    plan = hierarchy.plan(q.device)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     euclidean = energy == 'euclidean'
     if causal == 'strict':
+        plan = hierarchy.plan(q.device)
         if 'family_groups' not in plan.cache:
             plan.cache['family_groups'] = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
         out = hsa_strict_causal(q, k, v, plan, _scatter_plan(plan), plan.cache['family_groups'],
@@ -102,12 +117,42 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         out = HSAFunction.apply(q, k, v, _padded_bias(pair_bias, hierarchy, q),
                                 hierarchy.layout(q.device), scale, euclidean, causal)
     else:
-        out = hsa_scatter(q, k, v, _scatter_plan(plan), scale, pair_bias, euclidean, causal)
+        out = hsa_scatter(q, k, v, _scatter_plan(hierarchy.plan(q.device)), scale, pair_bias,
+                          euclidean, causal)
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
 
 
 hsa.__doc__ = hsa.__doc__.replace('{terms}', _TERMS_DOC.strip())
+
+#: Under torch.compile, the backends without a custom operator run eagerly
+#: (a graph break) rather than be traced with guards on the hierarchy.
+_hsa_eager_outside_graph = torch.compiler.disable(_hsa_eager)
+
+
+@torch.compiler.disable
+def _compiled_inputs(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
+                     pair_bias: Optional[Tensor], energy: str, causal: Union[bool, str]):
+    r"""Everything of :func:`hsa` under :func:`torch.compile` that reads the
+    hierarchy, run outside the graph: the checks, the layout key and the
+    padded pair bias (differentiable)."""
+    (q, k, v), _, _ = _prepare((q, k, v), hierarchy)
+    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    return layout_key(hierarchy, q.device), _padded_bias(pair_bias, hierarchy, q)
+
+
+def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Optional[float],
+                  pair_bias: Optional[Tensor], energy: str, causal: Union[bool, str]) -> Tensor:
+    r""":func:`hsa` as traced by :func:`torch.compile`: one custom operator
+    (:mod:`hsa_geo.functional.compiled`), no guard on the hierarchy."""
+    key, padded_bias = _compiled_inputs(q, k, v, hierarchy, pair_bias, energy, causal)
+    single_head, dtype = q.dim() == 2, q.dtype
+    compute = torch.float32 if dtype in _UPCAST else dtype
+    q, k, v = ((t.unsqueeze(1) if single_head else t).to(compute) for t in (q, k, v))
+    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    out = fused_hsa(q, k, v, padded_bias, key, scale, energy == 'euclidean', bool(causal))
+    out = out.to(dtype)
+    return out.squeeze(1) if single_head else out
 
 
 def _padded_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
