@@ -215,15 +215,21 @@ def _move(value, device):
 
 def choose_buckets(widths: List[int], counts: List[int],
                    block_cost: float = BLOCK_COST) -> List[Tuple[int, int]]:
-    r"""Groups sorted distinct family widths into buckets, each padded to its
-    widest member, minimising :math:`\sum (c + F w^2)` over buckets
-    (:math:`c` = :obj:`block_cost`, :math:`F` families of padded width
-    :math:`w`). Returns ``(first, last)`` index ranges into :obj:`widths`.
+    r"""Groups sorted distinct family widths (with :obj:`counts` families
+    each) into buckets, each padded to its widest member, minimising
+    :math:`\sum (c + F w^2)` over buckets (:math:`c` = :obj:`block_cost`,
+    :math:`F` families of padded width :math:`w`) among the groupings that
+    pad no family beyond twice its width (all groupings when one bucket for
+    everything costs less than :math:`c`). Returns ``(first, last)`` index
+    ranges into :obj:`widths`. :math:`O(W^2)` for :math:`W` widths at most,
+    linear in practice.
 
     Example::
 
-        >>> choose_buckets([2, 3, 4], [1000, 300, 5])   # few families: one block
+        >>> choose_buckets([2, 3, 4], [10, 30, 5])      # few families: one block
         [(0, 2)]
+        >>> choose_buckets([2, 3, 4], [1000, 300, 5])   # many: padding costs more
+        [(0, 0), (1, 1), (2, 2)]
         >>> choose_buckets([2, 32], [1000, 100])        # far apart: two blocks
         [(0, 0), (1, 1)]
     """
