@@ -73,6 +73,10 @@ def hierarchy_attributes(hierarchy: Hierarchy) -> Dict[str, Any]:
 #: all of them).
 HIERARCHY_KEYS = ('hierarchy_edge_index', 'num_clusters', 'hierarchy_ordered')
 
+#: Attribute under which :class:`~hsa_geo.loader.HierarchyLoader` attaches
+#: a batch's planned forest.
+PLANNED_KEY = 'hierarchy'
+
 
 # Processed PyG/OGB datasets of nested signals reload with torch.load's
 # weights_only default (torch >= 2.6) only if the class is allow-listed.
@@ -86,8 +90,14 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
     Validates the batch: every graph must have exactly one root, and errors
     name the graph. Build it once per batch and pass it to every layer. The
     result is :attr:`~hsa_geo.Hierarchy.ordered` when every graph has
-    :obj:`hierarchy_ordered` set.
+    :obj:`hierarchy_ordered` set. A batch from
+    :class:`~hsa_geo.loader.HierarchyLoader` carries its forest, planned in
+    the loader: it is returned (moved to the batch's device) instead.
     """
+    planned = getattr(data, PLANNED_KEY, None) if PLANNED_KEY in data else None
+    if isinstance(planned, Hierarchy):
+        device = data.hierarchy_edge_index.device
+        return planned if planned.parent.device == device else planned.to(device)
     if 'hierarchy_edge_index' not in data or 'num_clusters' not in data:
         raise ValueError("data has no hierarchy: expected 'hierarchy_edge_index' and "
                          "'num_clusters' (see NestedSignal.from_hierarchy)")

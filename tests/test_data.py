@@ -37,3 +37,29 @@ def test_errors():
                                hierarchy_edge_index=torch.tensor([[0, 0, 1, 2], [2, 3, 2, 3]]))
     with pytest.raises(ValueError, match='Node 0 has more than one parent'):
         hierarchy_from_data(two_parents)
+
+
+def test_hierarchy_loader_plans_the_forest_in_the_collate():
+    from torch_geometric.datasets import KarateClub
+    from torch_geometric.loader import DataLoader
+
+    from hsa_geo.data import hierarchy_from_data
+    from hsa_geo.loader import HierarchyLoader
+    from hsa_geo.transforms import AddHierarchy
+    graphs = [AddHierarchy('louvain', max_children=8, seed=seed)(KarateClub()[0])
+              for seed in range(5)]
+    planned = next(iter(HierarchyLoader(graphs, batch_size=5)))
+    plain = next(iter(DataLoader(graphs, batch_size=5)))
+    hierarchy = hierarchy_from_data(planned)
+    assert hierarchy is planned.hierarchy  # no rebuild in the training step
+    assert torch.device('cpu') in hierarchy._layouts
+    rebuilt = hierarchy_from_data(plain)
+    assert torch.equal(hierarchy.parent, rebuilt.parent)
+    assert torch.equal(hierarchy.batch, rebuilt.batch)
+
+
+def test_loader_doctests():
+    import doctest
+
+    import hsa_geo.loader
+    assert doctest.testmod(hsa_geo.loader, raise_on_error=True).attempted > 0

@@ -249,13 +249,23 @@ class Hierarchy:
         (:mod:`hsa_geo.hierarchy.layout`) on :obj:`device`, computed once
         per device and cached."""
         device = torch.device(device) if device is not None else self.parent.device
+        layout = self.prepare_layout(device)
+        if layout.node_slot.device != device:
+            layout = self._layouts[device] = layout.to(device)
+        return layout
+
+    def prepare_layout(self, device: Optional[torch.device] = None) -> slot_layout.SlotLayout:
+        r"""Builds (once) the layout :meth:`layout` uses on :obj:`device`,
+        keeping its tensors on the CPU until :meth:`layout` asks for it: a
+        data-loading worker can plan a GPU batch without touching the GPU.
+        GPU layouts use much larger blocks (few, large launches)."""
+        device = torch.device(device) if device is not None else self.parent.device
         if device not in self._layouts:
             pairs_per_block = (slot_layout.PAIRS_PER_BLOCK if device.type == 'cpu'
                                else slot_layout.PAIRS_PER_BLOCK << 6)
-            layout = slot_layout.build_slot_layout(
+            self._layouts[device] = slot_layout.build_slot_layout(
                 self.parent.cpu(), self.num_leaves, self.depth.cpu(),
                 self.num_leaves_below.cpu(), self.first_leaf.cpu(), pairs_per_block)
-            self._layouts[device] = layout.to(device)
         return self._layouts[device]
 
     def sibling_pair_positions(self, device: Optional[torch.device] = None) -> Tensor:
