@@ -191,3 +191,34 @@ def test_text_step_benchmark_writes_its_json(tmp_path):
     assert set(saved['training_step']) == {'softmax', 'hsa', 'hsa_pos', 'hsa_euclid_pos'}
     assert saved['training_step']['softmax']['ratio_to_softmax'] == 1.0
     assert results['training_step']['hsa']['seconds_per_batch'] > 0
+
+
+def test_batches_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / 'batches.json'
+    command = [sys.executable, '-m', 'hsa_geo.benchmarks.batches', '--workloads', 'molecules',
+               '--repeats', '1', '--warmup', '1', '--calibrate', '--out', str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    entry, = results['workloads']
+    assert entry['name'] == 'molecules' and entry['num_graphs'] == 128
+    for mode in ('forward', 'forward_backward'):
+        seconds = entry[mode]['seconds']
+        assert all(_positive_finite(seconds[call]) for call in ('hsa', 'hsa (planned)', 'sdpa',
+                                                                 'mha'))
+        assert _positive_finite(entry[mode]['ratio_to_sdpa']['hsa'])
+    assert len(entry['calibration']) >= 3
+    target, = results['targets']
+    assert target['status'] in ('PASS', 'FAIL') and target['status'] in done.stdout
+
+
+def test_the_batch_baselines_are_softmax_within_each_graph():
+    from hsa_geo.benchmarks.batches import padded_sdpa
+    batch = torch.tensor([0, 0, 0, 1, 1, 2])
+    q, k, v = (torch.randn(6, 2, 3, dtype=torch.float64) for _ in range(3))
+    out = padded_sdpa(q, k, v, batch)
+    for graph in range(3):
+        rows = batch == graph
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+        torch.testing.assert_close(out[rows], expected.transpose(0, 1))

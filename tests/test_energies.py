@@ -512,3 +512,16 @@ def test_hsa_conv_positional_by_name_and_with_modalities():
     out = per_modality(x, composed, modality=modality)
     torch.testing.assert_close(out, per_modality(x, composed, pair_bias=torch.zeros(
         composed.num_sibling_pairs, 2), modality=modality))
+
+
+@pytest.mark.parametrize('options', [dict(), dict(backend='scatter'), dict(causal=True),
+                                     dict(causal='strict')])
+def test_pair_bias_on_a_hierarchy_without_sibling_pairs(options):
+    # a batch of single tokens (the first step of generation): every leaf
+    # is a tree of its own, so there is no pair and each attends to itself
+    hierarchy = Hierarchy.from_parent(torch.tensor([-1, -1, -1]), 3, ordered=True)
+    assert hierarchy.num_sibling_pairs == 0
+    q, k, v = (torch.randn(3, 2, 4, dtype=torch.float64) for _ in range(3))
+    bias = torch.zeros(0, 2, dtype=torch.float64, requires_grad=True)
+    out = hsa(q, k, v, hierarchy, pair_bias=bias, **options)
+    torch.testing.assert_close(out, v)

@@ -4,7 +4,7 @@ many small graphs or documents, not one giant tree.
 Run from the repository root::
 
     python -m hsa_geo.benchmarks.batches [--repeats 15] [--threads 1] \
-        [--out benchmarks/results/batches.json]
+        [--out benchmarks/results/batches.json] [--calibrate]
 
 Workloads (real offline data, :mod:`hsa_geo.benchmarks.batch_workloads`):
 
@@ -32,6 +32,11 @@ included, on the ``[T, 64]`` features) over ``to_dense_batch`` with a key
 padding mask. All calls are timed in interleaved rounds
 (:func:`~hsa_geo.benchmarks.timing.time_interleaved`); ratios are medians of
 per-round ratios.
+
+With ``--calibrate`` it also times the attention (planned, forward+backward)
+on layouts built with several bucket costs
+(:data:`~hsa_geo.hierarchy.layout.BLOCK_COST`), side by side: the
+measurement behind the default.
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ from hsa_geo.benchmarks.batch_workloads import WORKLOADS, Workload, load_workloa
 from hsa_geo.benchmarks.scaling import run_and_report, target_lines
 from hsa_geo.benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
 from hsa_geo.functional import hsa
+from hsa_geo.functional.sweep import HSAFunction
+from hsa_geo.hierarchy.layout import build_slot_layout
 
 HEADS, DIM = 4, 16
 
@@ -109,6 +116,29 @@ def attention_calls(workload: Workload, backward: bool = True) -> Dict[str, Call
     return calls
 
 
+#: Bucket costs compared by ``--calibrate`` (padded pairs per block).
+CALIBRATION_COSTS = (0, 512, 2048, 8192, 32768)
+
+
+def calibration_calls(workload: Workload) -> Dict[str, Callable[[], Any]]:
+    r"""HSA forward+backward on layouts of one forest built with each of
+    :data:`CALIBRATION_COSTS`."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(workload.num_leaves, HEADS, DIM, generator=generator,
+                           requires_grad=True) for _ in range(3))
+    forest = workload.forest()
+    calls = {}
+    for cost in CALIBRATION_COSTS:
+        layout = build_slot_layout(forest.parent, forest.num_leaves, forest.depth,
+                                   forest.num_leaves_below, forest.first_leaf, block_cost=cost)
+
+        def call(layout=layout):
+            HSAFunction.apply(q, k, v, None, layout, DIM ** -0.5).sum().backward()
+
+        calls[f'{cost}: {len(layout.blocks)} blocks, {layout.num_pairs} pairs'] = call
+    return calls
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -129,6 +159,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 'ratio_to_sdpa': {call: paired_ratio(times, samples['sdpa'])
                                   for call, times in samples.items() if call != 'sdpa'},
                 'samples': samples}
+        if args.calibrate:
+            samples = time_interleaved(calibration_calls(workload), repeats=args.repeats,
+                                       warmup=args.warmup)
+            entry['calibration'] = {call: median(times) for call, times in samples.items()}
         results['workloads'].append(entry)
     results['machine']['load_average_after'] = list(os.getloadavg())
     results['targets'] = evaluate_targets(results)
@@ -168,6 +202,10 @@ def format_report(results: Dict[str, Any]) -> str:
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     lines.append('  '.join(h.ljust(w) for h, w in zip(header, widths)))
     lines += ['  '.join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    for entry in results['workloads']:
+        if 'calibration' in entry:
+            lines += ['', f'calibration, {entry["name"]} (block cost: fwd+bwd, planned)']
+            lines += [f'  {call}: {_ms(seconds)}' for call, seconds in entry['calibration'].items()]
     lines += [''] + target_lines(results)
     return '\n'.join(lines)
 
@@ -189,6 +227,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads (default: 1, as in the issue\'s measurements)')
     parser.add_argument('--out', default=os.path.join('benchmarks', 'results', 'batches.json'))
+    parser.add_argument('--calibrate', action='store_true',
+                        help='also time layouts built with several bucket costs')
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be at least 1')

@@ -101,7 +101,7 @@ def leaf_self_scores(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
     self_score = scale * (q * k).sum(-1)
     if key_norm is not None:  # Euclidean key term; the row term cancels
         self_score = self_score - 0.5 * scale * key_norm[:q.size(0)]
-    if pair_bias is not None:
+    if pair_bias is not None and pair_bias.size(0) > 0:  # no pairs: only isolated leaves
         has_pair = (plan.leaf_pair >= 0)[:, None]
         self_score = self_score + torch.where(has_pair, pair_bias[plan.leaf_pair.clamp(min=0)], 0.0)
     return self_score
