@@ -238,7 +238,9 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     log_mass[clusters] = result.down[rows.view(-1), 0].view(-1, heads)
     pair_index = hierarchy.sibling_pairs()
     row, col = pair_index
-    weights = state.weights[:, hierarchy.sibling_pair_positions(q.device)].t()  # [E, H]
+    padded = torch.cat([w.flatten(1) for w in state.weights], dim=1) if state.weights \
+        else q.new_empty(heads, 0)
+    weights = padded[:, hierarchy.sibling_pair_positions(q.device)].t()  # [E, H]
     # per leaf of C: the block's share divided by |C|; mu(B) on the diagonal
     count = hierarchy.num_leaves_below.to(q.device, weights.dtype)[col]
     pair_weight = torch.where((row == col)[:, None], weights, weights / count[:, None])

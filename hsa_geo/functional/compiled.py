@@ -96,10 +96,13 @@ def fused_hsa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     layout = layout_from_key(key, q.device)
     terms = ScoreTerms(pair_bias, euclidean, causal)
     state, result = forward_sweeps(q, k, v, layout, scale, terms)
+    leaf_log_mass, family_log_mass = result.leaf_log_mass, result.family_log_mass
+    held = [state._replace(self_log=None, leaf_phi=None, leaf_key_norm=None)]  # handed over
+    del result, state
     with torch.autocast(q.device.type, enabled=False):
         grad_q, grad_k, grad_v, grad_bias = backward_sweeps(
-            grad_out.contiguous(), q, k, v, layout, scale, state, result.leaf_log_mass,
-            result.family_log_mass, terms, grad_pair_bias=bias_grad)
+            grad_out, q, k, v, layout, scale, held.pop(), leaf_log_mass, family_log_mass,
+            terms, grad_pair_bias=bias_grad, release=True)
     if grad_bias is None:
         grad_bias = q.new_empty(0)
     return [t.contiguous() for t in (grad_q, grad_k, grad_v, grad_bias)]

@@ -71,6 +71,31 @@ class NodeColumns(NamedTuple):
     def key_norm(self, rows: Tensor) -> Tensor:
         return rows[..., 2 * self.dim + self.value_dim + 1]
 
+    def split(self, rows: Tensor) -> 'Children':
+        r"""Views of every feature of ``rows[..., C]``."""
+        return Children(self.query(rows), self.key(rows), self.value(rows), self.phi(rows),
+                        self.key_norm(rows) if self.euclidean else None, rows)
+
+
+class Children(NamedTuple):
+    r"""The children of a block, ``[H, F, w, .]`` views of a slot buffer or,
+    for a leaf range, of the inputs (no copy)."""
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    phi: Tensor  #: ``[H, F, w]``
+    key_norm: Optional[Tensor]  #: ``[H, F, w]`` (Euclidean energy)
+    rows: Optional[Tensor]  #: the whole slot-buffer view ``[H, F, w, C]``; None for a leaf range
+
+
+class LeafInputs(NamedTuple):
+    r"""Per-leaf tensors ``[N, H, .]`` (any memory layout) and ``[N, H]``."""
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    phi: Tensor
+    key_norm: Optional[Tensor]
+
 
 # ------------------------------------------------------------------ views
 def flat_view(buffer: Tensor, start: int, heads: int, shape: Sequence[int]) -> Tensor:
@@ -88,13 +113,52 @@ def slot_rows(buffer: Tensor, block: LayoutBlock, heads: int) -> Tensor:
     return flat_view(buffer, block.row_start, heads, (block.num_families, block.width))
 
 
-def leaf_range_rows(leaf_tensors: Sequence[Tensor], block: LayoutBlock) -> Tensor:
-    r"""``[H, F, w, C]`` rows of a leaf-range block, the per-leaf tensors
-    (``[N, H, c]``, any layout) concatenated along the columns."""
+def leaf_range_view(leaf_tensor: Tensor, block: LayoutBlock) -> Tensor:
+    r"""``[H, F, w, ...]`` view of the rows of a leaf-range block in a
+    per-leaf tensor ``[N, H, ...]`` (strided; no copy)."""
     start, end = block.leaf_range
-    parts = [t[start:end].transpose(0, 1) for t in leaf_tensors]
-    rows = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=-1)
-    return rows.view(rows.size(0), block.num_families, block.width, -1)
+    return leaf_tensor[start:end].transpose(0, 1).unflatten(1, (block.num_families, block.width))
+
+
+def block_children(block: LayoutBlock, nodes: Tensor, leaves: LeafInputs,
+                   columns: 'NodeColumns', heads: int) -> Children:
+    r"""The children of :obj:`block`: views of the slot buffer, or of the
+    inputs for a leaf range."""
+    if block.leaf_range is None:
+        return columns.split(slot_rows(nodes, block, heads))
+    views = [None if t is None else leaf_range_view(t, block) for t in leaves]
+    return Children(*views, None)
+
+
+def _batch_mergeable(tensor: Tensor) -> bool:
+    rows, columns = tensor.stride(-2), tensor.stride(-1)
+    matrices = (columns == 1 and rows >= tensor.size(-1)) or (rows == 1 and columns >= tensor.size(-2))
+    return matrices and (tensor.size(0) == 1 or tensor.stride(0) == tensor.size(1) * tensor.stride(1))
+
+
+def _per_head_matrices(tensor: Tensor) -> bool:
+    head = tensor[0]
+    return head.is_contiguous() or head.transpose(-1, -2).is_contiguous()
+
+
+def batched_matmul(left: Tensor, right: Tensor) -> Tensor:
+    r"""``left @ right`` for ``[H, F, x, y] @ [H, F, y, z]``. Slot-buffer
+    views (head and family axes mergeable) go to one batched product; views
+    of heads-first inputs, contiguous per head, to one product per head
+    (read in place); anything else (rows-first or expanded inputs) is first
+    copied, one block at a time."""
+    operands = []
+    for operand in (left, right):
+        if not (_batch_mergeable(operand) or _per_head_matrices(operand)):
+            operand = operand.contiguous()
+        operands.append(operand)
+    left, right = operands
+    if _batch_mergeable(left) and _batch_mergeable(right):
+        return torch.matmul(left, right)
+    out = left.new_empty(left.shape[:-1] + right.shape[-1:])
+    for head in range(left.size(0)):
+        torch.matmul(left[head], right[head], out=out[head])
+    return out
 
 
 def leaf_range_target(leaf_tensor: Tensor, block: LayoutBlock) -> Tensor:
@@ -161,7 +225,8 @@ def by_child(scalars: Tensor) -> Tensor:
 class Constants(NamedTuple):
     share: Tensor  #: ``[w, F]`` |B|/|A|
     share_rows: Tensor  #: ``[F, w, 1]`` the same, for the rows' layout
-    base: Tensor  #: ``[w, w, F]`` log|C| per column, -inf at padding (and later siblings)
+    log_count: Tensor  #: ``[1, w, F]`` log|C| per column, -inf at padding
+    later: Optional[Tensor]  #: ``[w, w, 1]`` later siblings (causal), else None
     inverse_count: Tensor  #: ``[F, w, 1]`` 1/|B| for the rows' layout
     cluster: Tensor  #: ``[F, w, 1]`` 1 at cluster children
     not_cluster: Tensor  #: ``[F, w]`` 0 at cluster children
@@ -173,17 +238,24 @@ def constants(block: LayoutBlock, dtype: torch.dtype, causal: bool = False) -> C
     key = (dtype, causal)
     if key not in cache:
         width = block.width
-        base = block.log_count.to(dtype).t()[None].expand(width, -1, -1).clone()
+        count = block.count.to(dtype)
+        log_count = count.log().t().contiguous()[None]  # -inf at padding
+        later = None
         if causal and width > 1:  # c > b: a later sibling
-            later = torch.ones(width, width, dtype=torch.bool, device=base.device).triu(1)
-            base.masked_fill_(later[..., None], float('-inf'))
+            later = torch.ones(width, width, dtype=torch.bool,
+                               device=log_count.device).triu(1)[..., None]
         share = block.share.to(dtype)
         cluster = block.cluster.to(dtype)
-        cache[key] = Constants(share.t().contiguous(), share[..., None], base,
-                               block.inverse_count.to(dtype)[..., None], cluster[..., None],
-                               1.0 - cluster)
+        inverse_count = torch.where(count > 0, 1.0 / count.clamp(min=1.0), 0.0)
+        cache[key] = Constants(share.t().contiguous(), share[..., None], log_count, later,
+                               inverse_count[..., None], cluster[..., None], 1.0 - cluster)
     return cache[key]
 
+
+#: The backward pass keeps the couplings of all pairs from its bottom-up
+#: sweep for its top-down sweep (one product per block fewer) when there are
+#: at most this many (times heads); above, it recomputes them (memory).
+KEEP_COUPLINGS = 1 << 22
 
 #: Blocks at most this wide weigh the children's rows by multiplying and
 #: summing; wider ones by a batched product (whose per-matrix cost is
@@ -191,32 +263,65 @@ def constants(block: LayoutBlock, dtype: torch.dtype, causal: bool = False) -> C
 SMALL_WIDTH = 8
 
 
-def family_means(rows: Tensor, const: Constants) -> Tensor:
-    r"""``[H, F, C]`` leaf-weighted means of the children's rows ``[H, F, w, C]``."""
-    if rows.size(2) <= SMALL_WIDTH:
-        return (rows * const.share_rows).sum(2)
-    return torch.matmul(const.share_rows.transpose(-1, -2), rows).squeeze(2)
+def write_family_means(parent: Children, children: Children, const: Constants) -> None:
+    r"""The parents' leaf-weighted means of every feature of the children
+    (phi's is a placeholder, replaced by the sweep)."""
+    if children.rows is not None:
+        rows = children.rows
+        if rows.size(2) <= SMALL_WIDTH:
+            torch.sum(rows * const.share_rows, dim=2, out=parent.rows)
+        else:
+            parent.rows.copy_(torch.matmul(const.share_rows.transpose(-1, -2), rows).squeeze(2))
+        return
+    # a leaf range: every child is one leaf, the shares are equal
+    for target, source in zip(parent[:5], children[:5]):
+        if source is not None and target is not parent.phi:
+            torch.mean(source, dim=2, out=target)
 
 
 # ------------------------------------------------------------------ bottom-up
 class ForwardState(NamedTuple):
     r"""What the sweeps keep for the top-down sweep and the backward pass."""
     nodes: Tensor  #: ``[H * rows, C]`` slot buffer: (mean) q, k, v, phi (, |k|^2)
-    weights: Tensor  #: ``[H, P]`` family weights, families innermost
+    weights: List[Tensor]  #: ``[H, w, w, F]`` family weights of every block (layout order)
     self_log: Tensor  #: ``[H, S]`` log mu of every slot
     leaf_phi: Tensor  #: ``[N, H]``
     leaf_key_norm: Optional[Tensor]  #: ``[N, H]`` (Euclidean energy)
     columns: NodeColumns
 
 
+#: Rows per step of :func:`rowwise_dot` (bounds its temporary).
+DOT_ROWS = 1 << 15
+
+
+def rowwise_dot(left: Tensor, right: Tensor) -> Tensor:
+    r"""``[N, H]`` dot products of the rows of two ``[N, H, D]`` tensors,
+    :data:`DOT_ROWS` rows at a time (no ``[N, H, D]`` temporary)."""
+    out = left.new_empty(left.shape[:-1])
+    for start in range(0, left.size(0), DOT_ROWS):
+        rows = slice(start, start + DOT_ROWS)
+        torch.sum(left[rows] * right[rows], dim=-1, out=out[rows])
+    return out
+
+
+def _scattered(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    r"""``[num_rows, ..., 1]`` with :obj:`values` at :obj:`rows` (a view when
+    they are all rows)."""
+    if rows.numel() == num_rows:
+        return values[..., None]
+    out = values.new_zeros((num_rows, ) + values.shape[1:] + (1, ))
+    out[rows] = values[..., None]
+    return out
+
+
 def leaf_terms(q: Tensor, k: Tensor, layout: SlotLayout, scale: float, terms: ScoreTerms):
     r""":math:`\phi` of every leaf, :math:`-s_{ii}` (``[N, H]``, the bias of
     the leaf's own pair included), and :math:`\Vert k_i \Vert^2` for the
     Euclidean energy."""
-    self_score = (q * k).sum(-1).mul_(scale)
+    self_score = rowwise_dot(q, k).mul_(scale)
     key_norm = None
     if terms.euclidean:
-        key_norm = (k * k).sum(-1)
+        key_norm = rowwise_dot(k, k)
         self_score.add_(key_norm, alpha=-0.5 * scale)
     if terms.pair_bias is not None:
         self_score.add_(layout.leaf_diagonal(terms.pair_bias))
@@ -275,36 +380,34 @@ def bottom_up(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: float,
     heads = q.size(1)
     columns = NodeColumns(q.size(2), v.size(2), terms.euclidean)
     leaf_phi, key_norm = leaf_terms(q, k, layout, scale, terms)
-    leaf_inputs = leaf_columns(q, k, v, leaf_phi, key_norm)
+    leaves = LeafInputs(q, k, v, leaf_phi, key_norm)
     nodes = slot_buffer(q, layout, heads, columns.width, zero_padding=True)
-    fill_leaves(nodes, layout, leaf_inputs)
-    weights = q.new_empty(heads, layout.num_pairs)
+    fill_leaves(nodes, layout, leaf_columns(*leaves))
+    weights: List[Tensor] = []
     self_log = q.new_empty(heads, layout.num_slots)
     for index, level in enumerate(layout.levels):
         parents = q.new_empty(heads * level.num_families, columns.width)
         for offset, block in level_blocks(level):
-            rows = (leaf_range_rows(leaf_inputs, block) if block.leaf_range is not None
-                    else slot_rows(nodes, block, heads))
+            children = block_children(block, nodes, leaves, columns, heads)
             const = constants(block, q.dtype, terms.causal)
-            parent = flat_view(parents, offset, heads, (block.num_families, ))  # [H, F, C]
-            # leaf-weighted means of every column (phi's is replaced below)
-            parent.copy_(family_means(rows, const))
-            scores = to_pairs(torch.matmul(columns.query(rows),
-                                           columns.key(rows).transpose(-1, -2)))
-            scores.mul_(scale).add_(const.base)
+            parent = columns.split(flat_view(parents, offset, heads, (block.num_families, )))
+            write_family_means(parent, children, const)
+            scores = to_pairs(batched_matmul(children.query, children.key.transpose(-1, -2)))
+            scores.mul_(scale).add_(const.log_count)
+            if const.later is not None:
+                scores.masked_fill_(const.later, float('-inf'))
             if terms.euclidean:
-                scores.add_(by_child(columns.key_norm(rows))[:, None], alpha=-0.5 * scale)
+                scores.add_(by_child(children.key_norm)[:, None], alpha=-0.5 * scale)
             if terms.pair_bias is not None:
                 scores.add_(pair_view(terms.pair_bias, block))
-            child_phi = columns.phi(rows)  # [H, F, w]
-            diagonal(scores).copy_(child_phi).neg_()
+            diagonal(scores).copy_(children.phi).neg_()
             log_weight = torch.log_softmax(scores, dim=2)
-            torch.exp(log_weight, out=pair_view(weights, block))
+            weights.append(log_weight.exp())
             block_self_log = slot_view(self_log, block)
             block_self_log.copy_(by_child(diagonal(log_weight)))
             # phi(A) = -sum_b |B|/|A| log Z_B, and log Z_B = -phi(B) - log mu(B)
-            torch.sum((by_child(child_phi) + block_self_log).mul_(const.share), dim=1,
-                      out=columns.phi(parent))
+            torch.sum((by_child(children.phi) + block_self_log).mul_(const.share), dim=1,
+                      out=parent.phi)
         nodes.index_copy_(0, layout.cached_rows(f'parents{index}', heads), parents)
     return ForwardState(nodes, weights, self_log, leaf_phi, key_norm, columns)
 
@@ -312,7 +415,7 @@ def bottom_up(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: float,
 def block_values(block: LayoutBlock, state: ForwardState, v: Tensor) -> Tensor:
     r"""``[H, F, w, D_v]`` (mean) values of the children of :obj:`block`."""
     if block.leaf_range is not None:
-        return leaf_range_rows([v], block)
+        return leaf_range_view(v, block)
     return state.columns.value(slot_rows(state.nodes, block, v.size(1)))
 
 
@@ -346,9 +449,9 @@ def top_down(v: Tensor, layout: SlotLayout, state: ForwardState) -> TopDown:
             parent_log_mass = family_view(family_log_mass, block)
             parent_log_mass.copy_(parent[..., value_dim])
             parent_mass = parent_log_mass.exp()[..., None, None]  # [H, F, 1, 1]
-            weight = pair_view(state.weights, block)
+            weight = state.weights[block.index]
             value = block_values(block, state, v)
-            child_out = torch.matmul(to_products(weight), value)
+            child_out = batched_matmul(to_products(weight), value)
             child_out = torch.addcmul(parent[:, :, None, :value_dim], child_out, parent_mass)
             child_log_mass = (slot_view(state.self_log, block).transpose(1, 2)
                               + parent_log_mass[..., None])  # [H, F, w]
@@ -398,36 +501,49 @@ class GradColumns(NamedTuple):
 def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout,
                     scale: float, state: ForwardState, leaf_log_mass: Tensor,
                     family_log_mass: Tensor, terms: ScoreTerms = ScoreTerms(),
-                    grad_pair_bias: bool = False):
+                    grad_pair_bias: bool = False, release: bool = False):
     r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v
     (``[N, H, D]``) and, with :obj:`grad_pair_bias`, for the padded pair
     bias (``[H, P]``) by a bottom-up and a top-down sweep
-    (docs/derivation.rst, "Backward pass")."""
+    (docs/derivation.rst, "Backward pass"). With :obj:`release`, the caller
+    hands :obj:`state` over, and the slot buffers are dropped once only
+    leaf ranges remain, which lowers the peak while the gradients fill."""
     num_leaves, heads, dim = q.shape
     value_dim = v.size(2)
-    columns = state.columns
+    columns, weights = state.columns, list(state.weights)
     grad_columns = GradColumns(dim, value_dim, terms.euclidean)
     # through[B] = dL/dlog P(B): everything below B, weighted by its mass
-    leaf_through = leaf_log_mass.exp() * (grad_out * v).sum(-1)
-    leaf_grads = [grad_out, leaf_through[..., None]]
     up = slot_buffer(q, layout, heads, value_dim + 1, zero_padding=True)  # summed g, through
-    fill_leaves(up, layout, leaf_grads)
-    # w_bc (g_b . v_c) of every pair, kept from the way up for the way down
-    coupled_pairs = q.new_empty(heads, layout.num_pairs)
+    slotted = layout.slotted_leaves
+    if slotted.numel() > 0:
+        leaf_through = rowwise_dot(grad_out[slotted], v[slotted]).mul_(leaf_log_mass[slotted].exp())
+        fill_leaves(up, layout, [grad_out, _scattered(leaf_through, slotted, layout.num_leaves)])
+    # w_bc (g_b . v_c) of every pair: kept from the way up for the way down
+    # when small, recomputed on the way down otherwise (memory at large N)
+    keep_couplings = heads * layout.num_pairs <= KEEP_COUPLINGS
+    coupled_pairs = q.new_empty(heads, layout.num_pairs) if keep_couplings else None
 
-    def read(buffer, leaf_tensors, block):
-        return (leaf_range_rows(leaf_tensors, block) if block.leaf_range is not None
-                else slot_rows(buffer, block, heads))
+    def grads_of(block):
+        r"""Summed upstream gradients ``[H, F, w, D_v]`` and ``through``
+        ``[H, F, w]`` of the children of :obj:`block`."""
+        if block.leaf_range is not None:  # through of a leaf: P(i) (g_i . v_i)
+            grad = leaf_range_view(grad_out, block)
+            through = (grad * leaf_range_view(v, block)).sum(-1)
+            return grad, through.mul_(leaf_range_view(leaf_log_mass, block).exp())
+        rows = slot_rows(up, block, heads)
+        return rows[..., :value_dim], rows[..., value_dim]
+
+    def couplings(block, grad, value):
+        coupled = to_pairs(batched_matmul(grad, value.transpose(-1, -2)))
+        return coupled.mul_(weights[block.index])
 
     for index, level in enumerate(layout.levels):
         parents = q.new_empty(heads * level.num_families, value_dim + 1)
         for offset, block in level_blocks(level):
-            rows = read(up, leaf_grads, block)
-            grad, through = rows[..., :value_dim], rows[..., value_dim]
-            value = block_values(block, state, v)
-            coupled = pair_view(coupled_pairs, block)
-            torch.mul(to_pairs(torch.matmul(grad, value.transpose(-1, -2))),
-                      pair_view(state.weights, block), out=coupled)
+            grad, through = grads_of(block)
+            coupled = couplings(block, grad, block_values(block, state, v))
+            if keep_couplings:
+                pair_view(coupled_pairs, block).copy_(coupled)
             parent_mass = family_view(family_log_mass, block).exp()
             off_diagonal = coupled.sum((1, 2)) - diagonal(coupled).sum(-1)
             parent = flat_view(parents, offset, heads, (block.num_families, ))
@@ -441,57 +557,71 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
                               for t in (q, k, v))
     leaf_gamma = q.new_zeros(num_leaves, heads) if terms.euclidean else None
     grad_bias = q.new_zeros(heads, layout.num_pairs) if grad_pair_bias else None
-    leaf_inputs = leaf_columns(q, k, v, state.leaf_phi, state.leaf_key_norm)
+    leaves = LeafInputs(q, k, v, None, None)  # phi and |k|^2 are not needed on the way down
+    nodes = state.nodes
+    if release:
+        del state  # the caller's reference is gone: buffers can be dropped below
+
+    def step_down(block: LayoutBlock, parent: Tensor) -> None:
+        r"""One block of the top-down sweep: the children's :math:`\delta`
+        and accumulated gradients (the leaves' gradients for a leaf range)
+        from the parents' ``[H, F, width]``. Its views die with it, so a
+        released buffer is freed."""
+        const = constants(block, q.dtype)
+        parent_delta, acc_q, acc_k, acc_v, parent_gamma = grad_columns.split(parent[:, :, None])
+        grad, through = grads_of(block)
+        through = by_child(through)
+        children = block_children(block, nodes, leaves, columns, heads)
+        query, key, value = children.query, children.key, children.value
+        weight = weights[block.index]
+        coupled = (pair_view(coupled_pairs, block) if keep_couplings
+                   else couplings(block, grad, value))
+        parent_mass = family_view(family_log_mass, block).exp()[:, None]  # [H, 1, F]
+        row_sum = (coupled.sum(2) - by_child(diagonal(coupled))).mul_(parent_mass).add_(through)
+        residual = row_sum.sub_(by_child(parent_delta) * const.share)  # [H, w, F]
+        # score gradient, diagonal included: P w_bc (g_b . v_c) - w_bc residual_b
+        grad_scores = coupled.mul_(parent_mass[:, None]).sub_(weight * residual[:, :, None])
+        child_delta = through - by_child(diagonal(weight)) * residual
+        # A cluster child's diagonal is -phi, not a score of its own leaves:
+        # it passes no gradient to q, k or the bias.
+        diagonal(grad_scores).mul_(const.not_cluster)
+        if grad_bias is not None:
+            pair_view(grad_bias, block).copy_(grad_scores)
+        scaled_weight = weight * parent_mass[:, None]
+        diagonal(scaled_weight).mul_(const.not_cluster)
+        # A child's gradient is its ancestors' accumulated share plus its own
+        # products, divided among its |B| leaves.
+        grad_scores_rows = to_products(grad_scores)
+        inverse_count = const.inverse_count
+        new = [torch.addcmul(acc_q, batched_matmul(grad_scores_rows, key), inverse_count,
+                             value=scale),
+               torch.addcmul(acc_k, batched_matmul(grad_scores_rows.transpose(-1, -2), query),
+                             inverse_count, value=scale),
+               torch.addcmul(acc_v, batched_matmul(to_products(scaled_weight).transpose(-1, -2),
+                                                   grad), inverse_count)]
+        if parent_gamma is not None:  # Euclidean key term
+            new.append(torch.addcmul(parent_gamma, grad_scores.sum(1).transpose(1, 2),
+                                     inverse_count[..., 0]))
+        if block.leaf_range is not None:
+            for target, values in zip((grad_q, grad_k, grad_v, leaf_gamma), new):
+                leaf_range_target(target, block).copy_(values)
+            return
+        delta, *targets = grad_columns.split(slot_rows(down, block, heads))
+        delta.copy_(child_delta.transpose(1, 2))
+        for target, values in zip(targets, new):
+            target.copy_(values)
+
     for index in reversed(range(len(layout.levels))):
         level = layout.levels[index]
         parents = down.index_select(0, layout.cached_rows(f'parents{index}', heads))
+        if (release and layout.slotted_leaves.numel() == 0
+                and all(block.leaf_range is not None for block in level.blocks)):
+            # the rest reads the inputs: the slot buffers are not needed any more
+            nodes = up = down = None
         for offset, block in level_blocks(level):
-            const = constants(block, q.dtype)
-            parent_delta, acc_q, acc_k, acc_v, parent_gamma = grad_columns.split(
-                flat_view(parents, offset, heads, (block.num_families, ))[:, :, None])
-            rows = read(up, leaf_grads, block)
-            grad, through = rows[..., :value_dim], by_child(rows[..., value_dim])
-            nodes = read(state.nodes, leaf_inputs, block)
-            query, key, value = columns.query(nodes), columns.key(nodes), columns.value(nodes)
-            weight, coupled = pair_view(state.weights, block), pair_view(coupled_pairs, block)
-            parent_mass = family_view(family_log_mass, block).exp()[:, None]  # [H, 1, F]
-            row_sum = (coupled.sum(2) - by_child(diagonal(coupled))).mul_(parent_mass).add_(through)
-            residual = row_sum.sub_(by_child(parent_delta) * const.share)  # [H, w, F]
-            # score gradient, diagonal included: P w_bc (g_b . v_c) - w_bc residual_b
-            grad_scores = coupled.mul_(parent_mass[:, None]).sub_(weight * residual[:, :, None])
-            child_delta = through - by_child(diagonal(weight)) * residual
-            # A cluster child's diagonal is -phi, not a score of its own
-            # leaves: it passes no gradient to q, k or the bias.
-            diagonal(grad_scores).mul_(const.not_cluster)
-            if grad_bias is not None:
-                pair_view(grad_bias, block).copy_(grad_scores)
-            scaled_weight = weight * parent_mass[:, None]
-            diagonal(scaled_weight).mul_(const.not_cluster)
-            # A child's gradient is its ancestors' accumulated share plus its
-            # own products, divided among its |B| leaves.
-            grad_scores_rows = to_products(grad_scores)
-            inverse_count = const.inverse_count
-            new_q = torch.addcmul(acc_q, torch.matmul(grad_scores_rows, key), inverse_count,
-                                  value=scale)
-            new_k = torch.addcmul(acc_k, torch.matmul(grad_scores_rows.transpose(-1, -2), query),
-                                  inverse_count, value=scale)
-            new_v = torch.addcmul(acc_v, torch.matmul(to_products(scaled_weight).transpose(-1, -2),
-                                                      grad), inverse_count)
-            new_gamma = None
-            if parent_gamma is not None:  # Euclidean key term
-                new_gamma = torch.addcmul(parent_gamma, grad_scores.sum(1).transpose(1, 2),
-                                          inverse_count[..., 0])
-            if block.leaf_range is not None:
-                for target, new in ((grad_q, new_q), (grad_k, new_k), (grad_v, new_v),
-                                    (leaf_gamma, new_gamma)):
-                    if new is not None:
-                        leaf_range_target(target, block).copy_(new)
-                continue
-            delta, q_rows, k_rows, v_rows, gamma = grad_columns.split(slot_rows(down, block, heads))
-            for part, new in ((delta, child_delta.transpose(1, 2)), (q_rows, new_q),
-                              (k_rows, new_k), (v_rows, new_v), (gamma, new_gamma)):
-                if new is not None:
-                    part.copy_(new)
+            step_down(block, flat_view(parents, offset, heads, (block.num_families, )))
+            if release:
+                weights[block.index] = None
     leaves = layout.slotted_leaves
     if leaves.numel() > 0:
         _, q_rows, k_rows, v_rows, gamma = grad_columns.split(read_leaves(down, layout, heads))
@@ -536,7 +666,8 @@ class HSAFunction(torch.autograd.Function):
         terms = ScoreTerms(pair_bias, euclidean, causal)
         state, result = forward_sweeps(q, k, v, layout, scale, terms)
         ctx.save_for_backward(q, k, v)
-        ctx.state = state
+        # the backward pass needs neither log mu nor the leaves' own terms
+        ctx.state = state._replace(self_log=None, leaf_phi=None, leaf_key_norm=None)
         ctx.leaf_log_mass, ctx.family_log_mass = result.leaf_log_mass, result.family_log_mass
         ctx.layout, ctx.scale = layout, scale
         ctx.terms = ScoreTerms(None, euclidean, causal)
@@ -549,9 +680,20 @@ class HSAFunction(torch.autograd.Function):
                                "higher-order gradients (create_graph=True) use "
                                "backend='scatter'")
         q, k, v = ctx.saved_tensors
+        # When autograd frees the graph after this pass (no retain_graph), the
+        # sweeps may drop the forward state as they go.
+        release = not _graph_is_kept()
         with torch.autocast(q.device.type, enabled=False):
             grad_q, grad_k, grad_v, grad_bias = backward_sweeps(
-                grad_out, q, k, v, ctx.layout, ctx.scale, ctx.state, ctx.leaf_log_mass,
-                ctx.family_log_mass, ctx.terms,
-                grad_pair_bias=ctx.needs_input_grad[3])
+                grad_out, q, k, v, ctx.layout, ctx.scale,
+                ctx.__dict__.pop('state') if release else ctx.state, ctx.leaf_log_mass,
+                ctx.family_log_mass, ctx.terms, grad_pair_bias=ctx.needs_input_grad[3],
+                release=release)
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
+
+
+def _graph_is_kept() -> bool:
+    r"""Whether the running backward pass keeps the graph (``retain_graph``);
+    :obj:`True` when torch cannot tell, which only costs memory."""
+    keep_graph = getattr(torch._C._autograd, '_get_current_graph_task_keep_graph', None)
+    return True if keep_graph is None else bool(keep_graph())

@@ -56,6 +56,7 @@ class LayoutBlock:
     r"""Families of one level padded to a common width: an ``[F, w]``
     grid of slots."""
     level: int  #: depth of the parent clusters
+    index: int  #: position in :attr:`SlotLayout.blocks`
     num_families: int  #: F
     width: int  #: w, the padded number of children
     slot_start: int  #: first slot in the slot space of all blocks
@@ -67,9 +68,8 @@ class LayoutBlock:
     #: ``(start, end)`` leaf ids when the block is a leaf range
     leaf_range: Optional[Tuple[int, int]]
     share: Tensor  #: ``[F, w]`` :math:`|B| / |A|`, 0 at padding
-    log_count: Tensor  #: ``[F, w]`` :math:`\log|B|`, :math:`-\infty` at padding
-    inverse_count: Tensor  #: ``[F, w]`` :math:`1 / |B|`, 0 at padding
-    cluster: Tensor  #: ``[F, w]`` 1.0 at cluster children, else 0.0
+    count: Tensor  #: ``[F, w]`` :math:`|B|`, the leaves below each child, 0 at padding
+    cluster: Tensor  #: ``[F, w]`` (bool) the cluster children
 
     @property
     def num_slots(self) -> int:
@@ -122,11 +122,9 @@ class SlotLayout:
     #: ``[num_slots + num_roots]`` row (per head) of every slot in the slot
     #: buffers, ``-1`` in leaf ranges
     slot_row: Tensor
-    #: ``[num_slots + num_roots]`` row-space block start and block size of
-    #: every slot, to place head ``h`` at ``H * start + h * size + offset``
-    slot_block_row: Tensor
-    slot_block_size: Tensor
-    slot_block: Tensor  #: ``[num_slots]`` block of every slot (index into :attr:`blocks`)
+    #: ``[num_slots + num_roots]`` block of every slot (index into
+    #: :attr:`blocks`; the roots count as one more block)
+    slot_block: Tensor
     slotted_leaves: Tensor  #: leaves outside leaf ranges (not isolated)
     padding_slots: Tensor  #: slots of no node in blocks that are not leaf ranges
     isolated_leaves: Tensor  #: leaves that are roots of their own tree
@@ -170,10 +168,15 @@ class SlotLayout:
 
     def rows(self, slots: Tensor, heads: int) -> Tensor:
         r"""``[len(slots), H]`` rows of :obj:`slots` for every head."""
+        if ('row_table', 0) not in self._rows:
+            blocks = self.blocks
+            self._rows[('row_table', 0)] = torch.tensor(
+                [[b.row_start for b in blocks] + [self.root_row],
+                 [b.num_slots for b in blocks] + [self.num_rows - self.root_row]],
+                dtype=torch.long, device=self.node_slot.device).view(2, len(blocks) + 1)
+        start, size = self._rows[('row_table', 0)][:, self.slot_block[slots], None]
         head = torch.arange(heads, device=slots.device)
-        start = self.slot_block_row[slots, None]
-        return (heads * start + head * self.slot_block_size[slots, None]
-                + self.slot_row[slots, None] - start)
+        return heads * start + head * size + self.slot_row[slots, None] - start
 
     def cached_rows(self, name: str, heads: int) -> Tensor:
         r"""Row indices used on every call, per number of heads:
@@ -358,18 +361,11 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
                            - block_slot_start[slot_block])
     node_slot[roots] = torch.arange(num_slots, num_slots + roots.numel())
     slot_row = torch.cat([slot_row, torch.arange(num_block_rows, num_block_rows + roots.numel())])
-    slot_block_row = torch.cat([torch.where(range_slot, -1, block_row_start[slot_block]),
-                                torch.full((roots.numel(), ), num_block_rows)])
-    slot_block_size = torch.cat([torch.where(range_slot, -1, block_slots[slot_block]),
-                                 torch.full((roots.numel(), ), roots.numel())])
-
     # per-slot constants, viewed per block
     count = num_leaves_below.to(torch.float64)
     slot_count = torch.where(present, count[slot_node.clamp(min=0)], 0.0)
     share = slot_count / count[slot_parent]
-    log_count = slot_count.log()  # -inf at padding
-    inverse_count = torch.where(present, 1.0 / slot_count.clamp(min=1.0), 0.0)
-    cluster = (slot_node >= num_leaves).to(torch.float64)
+    cluster = slot_node >= num_leaves
 
     levels: List[LayoutLevel] = []
     pair_start = 0
@@ -380,14 +376,13 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
     for index, (level, width, first, size) in enumerate(blocks_meta):
         begin, end = slot_start_list[index], slot_start_list[index] + width * size
         block = LayoutBlock(
-            level=level, num_families=size, width=width, slot_start=begin,
+            level=level, index=index, num_families=size, width=width, slot_start=begin,
             pair_start=pair_start, family_start=family_start_list[index],
             row_start=-1 if range_list[index] else row_start_list[index],
             leaf_range=(leaf_start[index], leaf_start[index] + end - begin) if range_list[index]
             else None,
             share=share[begin:end].view(size, width),
-            log_count=log_count[begin:end].view(size, width),
-            inverse_count=inverse_count[begin:end].view(size, width),
+            count=slot_count[begin:end].view(size, width),
             cluster=cluster[begin:end].view(size, width))
         pair_start += width * width * size
         if not levels or levels[-1].level != level:
@@ -406,8 +401,8 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
     return SlotLayout(num_leaves=num_leaves, num_nodes=num_nodes, levels=levels,
                       num_slots=num_slots, num_pairs=pair_start, num_families=families.numel(),
                       num_rows=num_block_rows + roots.numel(), root_row=num_block_rows,
-                      node_slot=node_slot, slot_row=slot_row, slot_block_row=slot_block_row,
-                      slot_block_size=slot_block_size, slot_block=slot_block,
+                      node_slot=node_slot, slot_row=slot_row,
+                      slot_block=torch.cat([slot_block, torch.full((roots.numel(), ), num_blocks)]),
                       slotted_leaves=slotted, padding_slots=padding,
                       isolated_leaves=leaves[is_root[:num_leaves]],
                       sibling_index=sibling_index)
