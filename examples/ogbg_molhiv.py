@@ -53,6 +53,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--seeds', type=int, nargs='+', default=[0])
     p.add_argument('--epochs', type=int, default=30)
     p.add_argument('--batch-size', type=int, default=32, help='global batch (split over ranks)')
+    p.add_argument('--workers', type=int, default=0,
+                   help='DataLoader worker processes (HSA plans each batch there; default: 0)')
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--weight-decay', type=float, default=0.0)
     p.add_argument('--hidden', type=int, default=64)
@@ -199,8 +201,12 @@ def run_seed(name: str, seed: int, args, dataset, data, split, evaluator,
              dist_info: Dict[str, Any]) -> Dict[str, Any]:
     device = dist_info['device']
     from torch.utils.data import DistributedSampler
+    from functools import partial
+
     from torch_geometric.loader import DataLoader
     from tqdm.auto import tqdm
+
+    from hsa_geo.loader import HierarchyLoader
 
     world, rank = dist_info['world_size'], dist_info['rank']
     if args.batch_size % world:
@@ -239,10 +245,13 @@ def run_seed(name: str, seed: int, args, dataset, data, split, evaluator,
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     sampler = DistributedSampler(subset['train'], num_replicas=world, rank=rank, shuffle=True,
                                  seed=seed)
-    train_loader = DataLoader(subset['train'], batch_size=args.batch_size // world,
-                              sampler=sampler)
-    valid_loader = DataLoader(subset['valid'], batch_size=256)
-    test_loader = DataLoader(subset['test'], batch_size=256)
+    # HSA's batches come with their forest and sweep layout planned by the
+    # loader (in its workers, with --workers > 0), not in the training step
+    loader = partial(HierarchyLoader, layout_device=device) if name == 'hsa' else DataLoader
+    train_loader = loader(subset['train'], batch_size=args.batch_size // world, sampler=sampler,
+                          num_workers=args.workers)
+    valid_loader = loader(subset['valid'], batch_size=256)
+    test_loader = loader(subset['test'], batch_size=256)
     metric = evaluator.eval_metric
 
     for epoch in range(start_epoch, args.epochs):

@@ -43,7 +43,7 @@ from torch import Tensor
 #: Fixed cost of one block relative to one padded sibling pair, per head
 #: (see the module docstring); measured by
 #: ``python -m hsa_geo.benchmarks.batches --calibrate`` on the 2-core CPU.
-BLOCK_COST = 2048
+BLOCK_COST = 4096
 
 #: Upper bound on padded sibling pairs (F * w * w) of one block on CPU, so a
 #: block's temporaries stay cache- and memory-friendly at any N; a GPU plan
