@@ -223,11 +223,11 @@ def by_child(scalars: Tensor) -> Tensor:
 
 
 class Constants(NamedTuple):
-    share: Tensor  #: ``[w, F]`` |B|/|A|
+    share: Tensor  #: ``[w, F]`` :math:`|B| / |A|`
     share_rows: Tensor  #: ``[F, w, 1]`` the same, for the rows' layout
-    log_count: Tensor  #: ``[1, w, F]`` log|C| per column, -inf at padding
+    log_count: Tensor  #: ``[1, w, F]`` :math:`\log|C|` per column, :math:`-\infty` at padding
     later: Optional[Tensor]  #: ``[w, w, 1]`` later siblings (causal), else None
-    inverse_count: Tensor  #: ``[F, w, 1]`` 1/|B| for the rows' layout
+    inverse_count: Tensor  #: ``[F, w, 1]`` :math:`1 / |B|` for the rows' layout
     cluster: Tensor  #: ``[F, w, 1]`` 1 at cluster children
     not_cluster: Tensor  #: ``[F, w]`` 0 at cluster children
 
@@ -282,7 +282,7 @@ def write_family_means(parent: Children, children: Children, const: Constants) -
 # ------------------------------------------------------------------ bottom-up
 class ForwardState(NamedTuple):
     r"""What the sweeps keep for the top-down sweep and the backward pass."""
-    nodes: Tensor  #: ``[H * rows, C]`` slot buffer: (mean) q, k, v, phi (, |k|^2)
+    nodes: Tensor  #: ``[H * rows, C]`` slot buffer: (mean) q, k, v, phi and the mean squared key norm
     weights: List[Tensor]  #: ``[H, w, w, F]`` family weights of every block (layout order)
     self_log: Tensor  #: ``[H, S]`` log mu of every slot
     leaf_phi: Tensor  #: ``[N, H]``

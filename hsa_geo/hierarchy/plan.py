@@ -1,13 +1,14 @@
-"""The sweep plan: a hierarchy's families grouped so each DP step is one
-dense tensor operation.
+"""The family plan: a hierarchy's families grouped by parent depth and
+number of children.
 
-A *family* is a cluster with its children. HSA's sweeps visit families in
-depth order (deepest first on the way up, root first on the way down); all
-families whose parents share a depth and that have the same number of
-children :math:`b` form one :class:`FamilyBlock`, whose children are an
-:math:`F \times b` index matrix. Sibling interactions of a block are then a
-batched :math:`b \times b` matrix product, and child-to-parent reductions are
-sums over the fixed-width second axis: segment reductions without padding.
+A *family* is a cluster with its children. All families whose parents share
+a depth and that have the same number of children :math:`b` form one
+:class:`FamilyBlock`, whose children are an :math:`F \times b` index matrix.
+The plan fixes the order of the ordered sibling pairs
+(:meth:`SweepPlan.sibling_pairs`, which per-pair tensors such as a pair bias
+follow) and drives the scatter backend, strictly causal HSA and the
+positional terms. The fused sweeps run on the padded slot layout of
+:mod:`hsa_geo.hierarchy.layout` instead.
 """
 from __future__ import annotations
 
