@@ -231,8 +231,8 @@ def choose_buckets(widths: List[int], counts: List[int],
 
         >>> choose_buckets([2, 3, 4], [10, 30, 5])      # few families: one block
         [(0, 2)]
-        >>> choose_buckets([2, 3, 4], [1000, 300, 5])   # many: padding costs more
-        [(0, 0), (1, 1), (2, 2)]
+        >>> choose_buckets([2, 3, 4], [1000, 300, 5])   # many narrow ones stay apart
+        [(0, 0), (1, 2)]
         >>> choose_buckets([2, 32], [1000, 100])        # far apart: two blocks
         [(0, 0), (1, 1)]
     """
