@@ -160,10 +160,28 @@ def _padded_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
     sweeps, ``[H * P]`` (differentiable)."""
     if pair_bias is None:
         return None
-    layout = hierarchy.layout(q.device)
-    positions = hierarchy.sibling_pair_positions(q.device)
-    padded = pair_bias.new_zeros(layout.num_pairs, q.size(1))
-    return padded.index_put((positions, ), pair_bias).t()
+    positions, sources = hierarchy.sibling_pair_positions(q.device, with_sources=True)
+    return _ToLayoutOrder.apply(pair_bias.t().contiguous(), positions, sources)
+
+
+class _ToLayoutOrder(torch.autograd.Function):
+    r"""``[H, E]`` per-pair values in :meth:`Hierarchy.sibling_pairs` order
+    to the padded per-pair order of the slot layout, ``[H, P]`` (zeros at
+    padding), and back for the gradient: a gather both ways (the map is
+    one-to-one), which is several times faster than a scatter along the
+    pairs."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, positions: Tensor, sources: Tensor) -> Tensor:
+        ctx.save_for_backward(positions)
+        if sources.numel() > values.size(1):  # one zero column for the padding pairs
+            values = torch.cat([values, values.new_zeros(values.size(0), 1)], dim=1)
+        return values.index_select(1, sources)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        positions, = ctx.saved_tensors
+        return grad.index_select(1, positions), None, None
 
 
 def _scatter_plan(plan) -> ScatterPlan:

@@ -268,18 +268,25 @@ class Hierarchy:
                 self.num_leaves_below.cpu(), self.first_leaf.cpu(), pairs_per_block)
         return self._layouts[device]
 
-    def sibling_pair_positions(self, device: Optional[torch.device] = None) -> Tensor:
+    def sibling_pair_positions(self, device: Optional[torch.device] = None,
+                               with_sources: bool = False):
         r"""``[E]`` positions of the ordered sibling pairs (in
         :meth:`sibling_pairs` order) in the padded per-pair buffers of
-        :meth:`layout` (cached per device)."""
+        :meth:`layout` and, with :obj:`with_sources`, the inverse map
+        ``[P]``: the pair at every padded position (:math:`E` at padding).
+        Cached per device."""
         device = torch.device(device) if device is not None else self.parent.device
         key = f'pair_positions_{device}'
         if key not in self._cache:
             layout = self.layout(device)
             row, col = self.plan(device).sibling_pairs()
-            self._cache[key] = layout.pair_positions(layout.node_slot[row],
-                                                     layout.sibling_index[col])
-        return self._cache[key]
+            positions = layout.pair_positions(layout.node_slot[row], layout.sibling_index[col])
+            sources = torch.full((layout.num_pairs, ), positions.numel(), dtype=torch.long,
+                                 device=device)
+            sources[positions] = torch.arange(positions.numel(), device=device)
+            self._cache[key] = (positions, sources)
+        positions, sources = self._cache[key]
+        return (positions, sources) if with_sources else positions
 
     def to(self, device) -> 'Hierarchy':
         r"""A copy on :obj:`device` (sharing the cached plans)."""
