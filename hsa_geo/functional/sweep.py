@@ -319,7 +319,7 @@ def rowwise_dot(left: Tensor, right: Tensor) -> Tensor:
 def _scattered(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     r"""``[num_rows, ..., 1]`` with :obj:`values` at :obj:`rows` (a view when
     they are all rows)."""
-    if rows.numel() == num_rows:
+    if rows.numel() == num_rows:  # all rows, in order
         return values[..., None]
     out = values.new_zeros((num_rows, ) + values.shape[1:] + (1, ))
     out[rows] = values[..., None]
@@ -349,30 +349,26 @@ def leaf_columns(q: Tensor, k: Tensor, v: Tensor, leaf_phi: Tensor,
     return columns
 
 
-def fill_leaves(buffer: Tensor, layout: SlotLayout, columns: List[Tensor]) -> None:
-    r"""Writes the rows of the slotted leaves into a slot buffer."""
-    leaves = layout.slotted_leaves
-    if leaves.numel() == 0:
-        return
-    heads = columns[0].size(1)
-    if leaves.numel() < layout.num_leaves:
-        columns = [c[leaves] for c in columns]
-    rows = torch.cat(columns, dim=-1) if len(columns) > 1 else columns[0]
-    buffer.index_copy_(0, layout.cached_rows('leaves', heads).view(-1),
-                       rows.reshape(-1, buffer.size(1)))
+def leaf_slot_buffer(layout: SlotLayout, columns: List[Tensor], width: int) -> Tensor:
+    r"""A slot buffer ``[H * rows, width]`` holding the rows of the slotted
+    leaves (per-leaf tensors ``[N, H, c]`` side by side) and zeros in every
+    other row, padding included: one concatenation and one gather."""
+    first = columns[0]
+    heads, num_leaves = first.size(1), layout.num_leaves
+    if layout.slotted_leaves.numel() == 0:
+        return first.new_zeros(heads * layout.num_rows, width)
+    rows = first.new_empty(num_leaves + 1, heads, width)
+    torch.cat(columns, dim=-1, out=rows[:num_leaves])
+    rows[num_leaves] = 0.0
+    return rows.view(-1, width).index_select(0, layout.cached_rows('sources', heads))
 
 
-def slot_buffer(like: Tensor, layout: SlotLayout, heads: int, width: int,
-                zero_padding: bool) -> Tensor:
+def slot_buffer(like: Tensor, layout: SlotLayout, heads: int, width: int) -> Tensor:
     r"""An uninitialised slot buffer ``[H * rows, width]`` with its root
-    rows (and, with :obj:`zero_padding`, its padding rows) set to 0: the
-    only rows a sweep reads before it writes them."""
+    rows set to 0: the only rows a top-down sweep reads before it writes
+    them."""
     buffer = like.new_empty(heads * layout.num_rows, width)
     buffer[heads * layout.root_row:] = 0.0
-    if zero_padding:
-        padding = layout.cached_rows('padding', heads)
-        if padding.numel() > 0:
-            buffer.index_fill_(0, padding.view(-1), 0.0)
     return buffer
 
 
@@ -393,8 +389,7 @@ def bottom_up(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: float,
     columns = NodeColumns(q.size(2), v.size(2), terms.euclidean)
     leaf_phi, key_norm = leaf_terms(q, k, layout, scale, terms)
     leaves = LeafInputs(q, k, v, leaf_phi, key_norm)
-    nodes = slot_buffer(q, layout, heads, columns.width, zero_padding=True)
-    fill_leaves(nodes, layout, leaf_columns(*leaves))
+    nodes = leaf_slot_buffer(layout, leaf_columns(*leaves), columns.width)
     weights: List[Tensor] = []
     self_log = q.new_empty(heads, layout.num_slots)
     for index, level in enumerate(layout.levels):
@@ -449,7 +444,7 @@ def top_down(v: Tensor, layout: SlotLayout, state: ForwardState) -> TopDown:
     share further down instead (:math:`u_B = y_B - P(A)\mu(B)\bar v_B`).
     """
     num_leaves, heads, value_dim = v.shape
-    down = slot_buffer(v, layout, heads, value_dim + 1, zero_padding=False)
+    down = slot_buffer(v, layout, heads, value_dim + 1)
     out = v.new_empty(num_leaves, heads, value_dim)
     leaf_log_mass = v.new_zeros(num_leaves, heads)
     family_log_mass = v.new_empty(heads, layout.num_families)
@@ -525,11 +520,13 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
     columns, weights = state.columns, list(state.weights)
     grad_columns = GradColumns(dim, value_dim, terms.euclidean)
     # through[B] = dL/dlog P(B): everything below B, weighted by its mass
-    up = slot_buffer(q, layout, heads, value_dim + 1, zero_padding=True)  # summed g, through
     slotted = layout.slotted_leaves
+    leaf_through = None
     if slotted.numel() > 0:
         leaf_through = rowwise_dot(grad_out[slotted], v[slotted]).mul_(leaf_log_mass[slotted].exp())
-        fill_leaves(up, layout, [grad_out, _scattered(leaf_through, slotted, layout.num_leaves)])
+        leaf_through = _scattered(leaf_through, slotted, layout.num_leaves)
+    # summed upstream gradients and through
+    up = leaf_slot_buffer(layout, [grad_out, leaf_through], value_dim + 1)
     # w_bc (g_b . v_c) of every pair: kept from the way up for the way down
     # when small, recomputed on the way down otherwise (memory at large N)
     keep_couplings = heads * layout.num_pairs <= KEEP_COUPLINGS
@@ -564,7 +561,7 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
         up.index_copy_(0, layout.cached_rows(f'parents{index}', heads), parents)
 
     # delta[B] = dL/dt_BB, the gradient of B's own (diagonal) score
-    down = slot_buffer(q, layout, heads, grad_columns.width, zero_padding=False)
+    down = slot_buffer(q, layout, heads, grad_columns.width)
     grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format)
                               for t in (q, k, v))
     leaf_gamma = q.new_zeros(num_leaves, heads) if terms.euclidean else None

@@ -126,7 +126,6 @@ class SlotLayout:
     #: :attr:`blocks`; the roots count as one more block)
     slot_block: Tensor
     slotted_leaves: Tensor  #: leaves outside leaf ranges (not isolated)
-    padding_slots: Tensor  #: slots of no node in blocks that are not leaf ranges
     isolated_leaves: Tensor  #: leaves that are roots of their own tree
     sibling_index: Tensor  #: ``[N + M]`` position among siblings (0 at roots)
     _rows: Dict[Tuple[str, int], Tensor] = field(default_factory=dict)
@@ -180,16 +179,23 @@ class SlotLayout:
 
     def cached_rows(self, name: str, heads: int) -> Tensor:
         r"""Row indices used on every call, per number of heads:
-        ``'leaves'`` (``[L, H]`` of :attr:`slotted_leaves`), ``'padding'``
-        (of :attr:`padding_slots`) and
+        ``'leaves'`` (``[L, H]`` of :attr:`slotted_leaves`), ``'sources'``
+        (``[H * rows]``, the leaf row that fills every buffer row) and
         ``'parents<i>'`` (``[H * F]`` of level ``i``'s parents, in the
         block-major, head-major order of the family buffers)."""
         key = (name, heads)
         if key not in self._rows:
             if name == 'leaves':
                 rows = self.rows(self.node_slot[self.slotted_leaves], heads)
-            elif name == 'padding':
-                rows = self.rows(self.padding_slots, heads).view(-1)
+            elif name == 'sources':
+                # the source of every buffer row in leaf rows [(N + 1) * H]
+                # (leaf i, head h at i * H + h; the extra leaf N is zeros)
+                rows = torch.arange(heads, device=self.node_slot.device).repeat(self.num_rows)
+                rows += heads * self.num_leaves
+                leaves = self.slotted_leaves
+                targets = self.rows(self.node_slot[leaves], heads)
+                rows[targets.view(-1)] = (heads * leaves[:, None]
+                                          + torch.arange(heads, device=leaves.device)).view(-1)
             else:
                 level = self.levels[int(name[len('parents'):])]
                 parts, start = [], 0
@@ -397,12 +403,11 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
     leaves = torch.arange(num_leaves)
     leaf_row = slot_row[node_slot[:num_leaves].clamp(min=0)]
     slotted = leaves[(leaf_row >= 0) & ~is_root[:num_leaves]]
-    padding = torch.arange(num_slots)[~present & ~range_slot]
     return SlotLayout(num_leaves=num_leaves, num_nodes=num_nodes, levels=levels,
                       num_slots=num_slots, num_pairs=pair_start, num_families=families.numel(),
                       num_rows=num_block_rows + roots.numel(), root_row=num_block_rows,
                       node_slot=node_slot, slot_row=slot_row,
                       slot_block=torch.cat([slot_block, torch.full((roots.numel(), ), num_blocks)]),
-                      slotted_leaves=slotted, padding_slots=padding,
+                      slotted_leaves=slotted,
                       isolated_leaves=leaves[is_root[:num_leaves]],
                       sibling_index=sibling_index)
