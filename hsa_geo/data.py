@@ -23,12 +23,11 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 class NestedSignal(Data):
     r"""A :class:`~torch_geometric.data.Data` carrying a hierarchy over its
     nodes (the leaves) in :obj:`hierarchy_edge_index` and
-    :obj:`num_clusters`, and, for an :attr:`~hsa_geo.Hierarchy.ordered`
-    hierarchy (from a sequence or grid builder), :obj:`hierarchy_ordered`
-    set to :obj:`True`; the attribute is left out otherwise, so a dataset
-    should not mix ordered and unordered hierarchies (PyG batches the
-    attributes of the first graph), or set :obj:`hierarchy_ordered=False`
-    on the unordered ones.
+    :obj:`num_clusters`, and whether it is
+    :attr:`~hsa_geo.Hierarchy.ordered` (a sequence or grid builder's) in
+    :obj:`hierarchy_ordered`. Every graph carries the flag, so PyG batches
+    any mix of ordered and unordered graphs; the batch's forest is ordered
+    only when all its graphs are.
 
     Example::
 
@@ -38,7 +37,7 @@ class NestedSignal(Data):
         >>> h = Hierarchy.from_parent(torch.tensor([3, 3, 4, 4, -1]), num_leaves=3)
         >>> data = NestedSignal.from_hierarchy(torch.randn(3, 8), h)
         >>> data
-        NestedSignal(x=[3, 8], hierarchy_edge_index=[2, 4], num_clusters=2)
+        NestedSignal(x=[3, 8], hierarchy_edge_index=[2, 4], num_clusters=2, hierarchy_ordered=False)
         >>> hierarchy_from_data(data).parent.tolist()
         [3, 3, 4, 4, -1]
     """
@@ -60,13 +59,11 @@ class NestedSignal(Data):
 
 def hierarchy_attributes(hierarchy: Hierarchy) -> Dict[str, Any]:
     r"""The attributes of a :class:`NestedSignal` that store a single-graph
-    :obj:`hierarchy`: :obj:`hierarchy_edge_index`, :obj:`num_clusters` and,
-    when it is ordered, :obj:`hierarchy_ordered`."""
-    attributes = dict(hierarchy_edge_index=hierarchy.edge_index,
-                      num_clusters=hierarchy.num_clusters)
-    if hierarchy.ordered:
-        attributes['hierarchy_ordered'] = True
-    return attributes
+    :obj:`hierarchy`: :obj:`hierarchy_edge_index`, :obj:`num_clusters` and
+    :obj:`hierarchy_ordered` (always present, so that graphs of both kinds
+    batch together)."""
+    return dict(hierarchy_edge_index=hierarchy.edge_index,
+                num_clusters=hierarchy.num_clusters, hierarchy_ordered=hierarchy.ordered)
 
 
 #: Attributes :func:`hierarchy_attributes` may set (a new hierarchy replaces

@@ -103,7 +103,7 @@ def test_nested_signal_carries_the_flag_through_batching():
     assert hierarchy_from_data(ordered).ordered
     unordered_tree = Hierarchy.from_parent(torch.tensor([3, 3, 4, 4, -1]), 3)
     unordered = NestedSignal.from_hierarchy(torch.randn(3, 2), unordered_tree)
-    assert 'hierarchy_ordered' not in unordered
+    assert unordered.hierarchy_ordered is False
     assert not hierarchy_from_data(unordered).ordered
 
     batch = Batch.from_data_list([ordered, ordered])
@@ -124,5 +124,16 @@ def test_add_hierarchy_keeps_the_flag_of_a_callable():
     no_x = AddHierarchy(lambda d: chunk_sequence(d.num_nodes, 3))(
         Data(num_nodes=9, edge_index=torch.tensor([[0, 1], [1, 2]])))
     assert no_x.hierarchy_ordered is True and hierarchy_from_data(no_x).ordered
-    # re-applying a clustering transform drops a stale flag
-    assert 'hierarchy_ordered' not in AddHierarchy('louvain')(ordered)
+    # re-applying a clustering transform replaces a stale flag
+    assert AddHierarchy('louvain')(ordered).hierarchy_ordered is False
+
+
+@pytest.mark.parametrize('order', [(True, False), (False, True)])
+def test_batches_mixing_ordered_and_unordered_graphs_are_unordered(order):
+    # the flag is stored on every graph: PyG's collate sees the same keys
+    # whatever comes first, and the answer does not depend on the order
+    unordered_tree = Hierarchy.from_parent(torch.tensor([3, 3, 4, 4, -1]), 3)
+    graphs = {True: NestedSignal.from_hierarchy(torch.randn(7, 2), chunk_sequence(7, 3)),
+              False: NestedSignal.from_hierarchy(torch.randn(3, 2), unordered_tree)}
+    hierarchy = hierarchy_from_data(Batch.from_data_list([graphs[o] for o in order]))
+    assert not hierarchy.ordered and hierarchy.num_trees == 2

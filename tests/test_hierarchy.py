@@ -96,3 +96,14 @@ def test_plan_moves_to_device_and_edge_index():
     plan = hierarchy.plan()
     moved = hierarchy.to('cpu')
     assert moved.plan() is plan
+
+
+def test_batching_refuses_a_forest_as_one_graph():
+    # a forest would become one graph with two roots, and a readout would
+    # give that graph a total weight of 2
+    forest = Hierarchy.from_parent(torch.tensor([3, 3, -1, -1]), 3)
+    assert forest.num_trees == 2
+    with pytest.raises(ValueError, match='input 1 is a forest of 2 trees'):
+        Hierarchy.batch_hierarchies([Hierarchy.flat(2), forest])
+    with pytest.raises(TypeError, match='input 0 is a Tensor'):
+        Hierarchy.batch_hierarchies([torch.tensor([1, -1])])

@@ -99,6 +99,8 @@ class Hierarchy:
     @classmethod
     def batch_hierarchies(cls, hierarchies: Sequence['Hierarchy']) -> 'Hierarchy':
         r"""Joins hierarchies into one forest (one tree per input graph).
+        Every input must be a single tree (a forest raises a
+        :class:`ValueError` naming it).
 
         Leaves keep their order graph after graph (as PyG concatenates
         :obj:`x`), and all clusters follow all leaves. The result records the
@@ -107,6 +109,17 @@ class Hierarchy:
         """
         if len(hierarchies) == 0:
             raise ValueError("batch_hierarchies() needs at least one hierarchy")
+        for index, h in enumerate(hierarchies):
+            if not isinstance(h, Hierarchy):
+                raise TypeError(f"batch_hierarchies() takes Hierarchy objects, but input {index} "
+                                f"is a {type(h).__name__}")
+            if h.num_trees != 1:
+                # one graph id per input: a forest would become one graph with
+                # several roots (and readouts would add its trees up)
+                raise ValueError(f"batch_hierarchies() joins one tree per graph, but input "
+                                 f"{index} is a forest of {h.num_trees} trees (roots "
+                                 f"{h.roots[:5].tolist()}); give it one root cluster, or pass "
+                                 f"its trees as separate inputs")
         total_leaves = sum(h.num_leaves for h in hierarchies)
         parents, batches, depths, counts = [], [], [], []
         leaf_offset, cluster_offset = 0, total_leaves
