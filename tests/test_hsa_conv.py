@@ -81,3 +81,15 @@ def test_bad_input_errors():
         conv(torch.randn(3, 2, 4), Hierarchy.flat(3))
     with pytest.raises(ValueError, match='4 rows but the hierarchy has 3 leaves'):
         conv(torch.randn(4, 4), Hierarchy.flat(3))
+
+
+def test_bias_false_drops_every_bias_and_pairs_of_sizes_are_refused():
+    conv = HSAConv(8, 4, heads=2, bias=False)
+    assert all(lin.bias is None for lin in (conv.lin_query, conv.lin_key, conv.lin_value))
+    assert conv.lin_skip.bias is None and conv.bias is None
+    assert all(lin.bias is not None for lin in (HSAConv(8, 4).lin_query, HSAConv(8, 4).lin_key))
+    with pytest.raises(ValueError, match='one .in_channels.'):
+        HSAConv((8, 6), 4)
+    for heads in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="'heads' must be a positive int"):
+            HSAConv(8, 4, heads=heads)

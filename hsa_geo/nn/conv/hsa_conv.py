@@ -62,7 +62,10 @@ class HSAConv(MessagePassing):
             output of each head during training (HSA never materialises
             per-pair weights to drop). (default: :obj:`0.`)
         bias (bool, optional): If set to :obj:`False`, the layer will not
-            learn an additive bias. (default: :obj:`True`)
+            learn an additive bias, neither in its output nor in the query,
+            key and value projections (as
+            :class:`~torch_geometric.nn.conv.TransformerConv`).
+            (default: :obj:`True`)
         root_weight (bool, optional): If set to :obj:`False`, the layer will
             not add the transformed root node features
             :math:`\mathbf{W}_1 \mathbf{x}_i` to the output.
@@ -114,6 +117,12 @@ class HSAConv(MessagePassing):
         positional: Union[str, torch.nn.Module, None] = None,
         **kwargs,
     ):
+        if isinstance(in_channels, (tuple, list)):
+            raise ValueError(f"HSAConv attends among the leaves of one hierarchy, so it takes "
+                             f"one 'in_channels' (an int, or -1 for lazy), not a pair "
+                             f"{tuple(in_channels)} of source and target sizes")
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"'heads' must be a positive int (got {heads!r})")
         kwargs.setdefault('aggr', 'add')
         super().__init__(node_dim=0, **kwargs)
         self.in_channels = in_channels
@@ -131,9 +140,10 @@ class HSAConv(MessagePassing):
             positional = SiblingPositionBias(heads, kind=positional)
         self.positional = positional
 
-        self.lin_query = Linear(in_channels, heads * out_channels)
-        self.lin_key = Linear(in_channels, heads * out_channels)
-        self.lin_value = Linear(in_channels, heads * out_channels)
+        # as in TransformerConv, bias=False also drops the projections' biases
+        self.lin_query = Linear(in_channels, heads * out_channels, bias=bias)
+        self.lin_key = Linear(in_channels, heads * out_channels, bias=bias)
+        self.lin_value = Linear(in_channels, heads * out_channels, bias=bias)
         width = heads * out_channels if concat else out_channels
         if root_weight:
             self.lin_skip = Linear(in_channels, width, bias=bias)
