@@ -525,3 +525,20 @@ def test_pair_bias_on_a_hierarchy_without_sibling_pairs(options):
     bias = torch.zeros(0, 2, dtype=torch.float64, requires_grad=True)
     out = hsa(q, k, v, hierarchy, pair_bias=bias, **options)
     torch.testing.assert_close(out, v)
+
+
+@pytest.mark.parametrize('offset', [0.0, 1e2, 1e3, 1e4])
+@pytest.mark.parametrize('backend', ['fused', 'scatter'])
+def test_euclidean_energy_keeps_float32_precision_under_a_common_offset(offset, backend):
+    # ||q - k||^2 is shift-invariant; expanded into q.k and |k|^2 it would
+    # lose ~offset^2 * 2^-24 to cancellation (0.36 at offset 1000 before)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(64, 2, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    # inputs rounded to float32 once; the reference computes on them exactly
+    q, k, v = ((t + shift).float() for t, shift in ((q, offset), (k, offset), (v, 0.0)))
+    hierarchy = Hierarchy.flat(64)
+    reference = hsa(q.double(), k.double(), v.double(), hierarchy, energy='euclidean',
+                    backend=backend)
+    out = hsa(q, k, v, hierarchy, energy='euclidean', backend=backend)
+    error = float((out.double() - reference).abs().max() / reference.abs().max())
+    assert error <= 1e-4, error

@@ -107,6 +107,8 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     euclidean = energy == 'euclidean'
+    if euclidean:
+        q, k = _centered(q, k)
     if causal == 'strict':
         plan = hierarchy.plan(q.device)
         if 'family_groups' not in plan.cache:
@@ -150,6 +152,8 @@ def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: 
     compute = torch.float32 if dtype in _UPCAST else dtype
     q, k, v = ((t.unsqueeze(1) if single_head else t).to(compute) for t in (q, k, v))
     scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    if energy == 'euclidean':
+        q, k = _centered(q, k)
     out = fused_hsa(q, k, v, padded_bias, key, scale, energy == 'euclidean', bool(causal))
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
@@ -209,6 +213,8 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     _no_strict(causal)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     euclidean = energy == 'euclidean'
+    if euclidean:
+        q, k = _centered(q, k)
     phi = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean, bool(causal))[0]
     if euclidean:  # the row term the sweeps leave out
         phi = phi + 0.5 * scale * subtree_mean((q * q).sum(-1), plan)
@@ -245,6 +251,8 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     layout = hierarchy.layout(q.device)
     heads = q.size(1)
     terms = ScoreTerms(_padded_bias(pair_bias, hierarchy, q), energy == 'euclidean', bool(causal))
+    if terms.euclidean:
+        q, k = _centered(q, k)
     with torch.autocast(q.device.type, enabled=False):
         state = bottom_up(q, k, q.new_zeros(q.size(0), heads, 0), layout, scale, terms)
         result = top_down(q.new_zeros(q.size(0), heads, 0), layout, state)
@@ -333,6 +341,17 @@ def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
                          f"({row}, {col}); to keep two subtrees apart, split the hierarchy "
                          f"or use causal=True rather than an infinite bias")
     return pair_bias.to(q.dtype).expand(num_pairs, heads)
+
+
+def _centered(q: Tensor, k: Tensor):
+    r""":math:`q - c` and :math:`k - c` for the keys' mean :math:`c` (per
+    head). :math:`\Vert q_i - k_j \Vert^2` does not change, but the
+    sweeps expand it into :math:`q \cdot k` and :math:`\Vert k \Vert^2`
+    terms, which cancel catastrophically when q and k share a large offset;
+    centred, they stay at the scale of the differences. :math:`c` is
+    detached: the result does not depend on it."""
+    center = k.detach().mean(0, keepdim=True)
+    return q - center, k - center
 
 
 def _no_strict(causal) -> None:
