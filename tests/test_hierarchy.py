@@ -107,3 +107,27 @@ def test_batching_refuses_a_forest_as_one_graph():
         Hierarchy.batch_hierarchies([Hierarchy.flat(2), forest])
     with pytest.raises(TypeError, match='input 0 is a Tensor'):
         Hierarchy.batch_hierarchies([torch.tensor([1, -1])])
+
+
+def test_an_in_place_edit_of_the_parent_pointers_is_caught():
+    import pickle
+
+    from hsa_geo.functional import hsa
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4)
+    q = torch.randn(4, 2, 3)
+    hsa(q, q, q, hierarchy)  # plans cached
+    copy = pickle.loads(pickle.dumps(hierarchy))  # a copy starts clean
+    hsa(q, q, q, copy)
+    hierarchy.parent[1] = 5  # the cached plans would describe the old tree
+    with pytest.raises(ValueError, match='modified in place'):
+        hsa(q, q, q, hierarchy)
+
+
+def test_a_scale_that_needs_its_gradient_is_refused():
+    from hsa_geo.functional import hsa
+    hierarchy = Hierarchy.flat(3)
+    q = torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match='requires grad'):
+        hsa(q, q, q, hierarchy, scale=torch.tensor(0.5, requires_grad=True))
+    torch.testing.assert_close(hsa(q, q, q, hierarchy, scale=torch.tensor(0.5)),
+                               hsa(q, q, q, hierarchy, scale=0.5))

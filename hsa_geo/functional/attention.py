@@ -104,7 +104,7 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
                backend: str, pair_bias: Optional[Tensor], energy: str,
                causal: Union[bool, str]) -> Tensor:
     (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
-    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     euclidean = energy == 'euclidean'
     if euclidean:
@@ -151,7 +151,7 @@ def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: 
     single_head, dtype = q.dim() == 2, q.dtype
     compute = torch.float32 if dtype in _UPCAST else dtype
     q, k, v = ((t.unsqueeze(1) if single_head else t).to(compute) for t in (q, k, v))
-    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q)
     if energy == 'euclidean':
         q, k = _centered(q, k)
     out = fused_hsa(q, k, v, padded_bias, key, scale, energy == 'euclidean', bool(causal))
@@ -208,7 +208,7 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     :math:`|T|\,\phi(\mathrm{root}_T)` over its trees). Keywords as in
     :func:`hsa`."""
     (q, k), single_head, dtype = _prepare((q, k), hierarchy)
-    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q)
     plan = _scatter_plan(hierarchy.plan(q.device))
     _no_strict(causal)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
@@ -245,7 +245,7 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     Keywords as in :func:`hsa` (later siblings get weight 0 when
     :obj:`causal`)."""
     (q, k), single_head, _ = _prepare((q, k), hierarchy)
-    scale = q.size(-1) ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q)
     _no_strict(causal)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     layout = hierarchy.layout(q.device)
@@ -341,6 +341,19 @@ def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
                          f"({row}, {col}); to keep two subtrees apart, split the hierarchy "
                          f"or use causal=True rather than an infinite bias")
     return pair_bias.to(q.dtype).expand(num_pairs, heads)
+
+
+def _scale(scale, q: Tensor) -> float:
+    r"""The score scale as a number (:math:`1/\sqrt{D}` by default)."""
+    if scale is None:
+        return q.size(-1) ** -0.5
+    if isinstance(scale, Tensor) and scale.requires_grad:
+        raise ValueError("'scale' is a tensor that requires grad, but HSA takes the scale as a "
+                         "number (its gradient would be lost); to learn a temperature, multiply "
+                         "q by it before calling hsa")
+    if isinstance(scale, Tensor) and scale.numel() != 1:
+        raise ValueError(f"'scale' must be one number (got a tensor of shape {tuple(scale.shape)})")
+    return float(scale)
 
 
 def _centered(q: Tensor, k: Tensor):

@@ -53,6 +53,9 @@ class Hierarchy:
         self._plans: Dict[torch.device, SweepPlan] = {}
         self._layouts: Dict[torch.device, slot_layout.SlotLayout] = {}
         self._cache: Dict[str, object] = {}
+        # everything cached derives from the parent pointers: remember their
+        # version, so that an in-place edit is caught rather than ignored
+        self._parent_version = parent._version
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -243,9 +246,25 @@ class Hierarchy:
                 f"{int(self.first_leaf[node])}..{int(self.last_leaf[node])}; number the "
                 f"leaves in sequence order (depth-first), as the sequence builders do")
 
+    def __setstate__(self, state):
+        # a copy (pickled to a loader worker and back, torch.save) starts its
+        # own version count
+        self.__dict__.update(state)
+        self._parent_version = self.parent._version
+
+    def check_unchanged(self) -> None:
+        r"""Raises a :class:`ValueError` if :attr:`parent` was modified in
+        place after the hierarchy was built: its depths, counts and cached
+        plans would silently describe the old tree."""
+        if self.parent._version != self._parent_version:
+            raise ValueError("hierarchy.parent was modified in place after the Hierarchy was "
+                             "built; its depths, leaf counts and cached sweep plans describe the "
+                             "old tree. Build a new one: Hierarchy.from_parent(parent, num_leaves)")
+
     def plan(self, device: Optional[torch.device] = None) -> SweepPlan:
         r"""The sweep plan (families grouped by depth and size) on
         :obj:`device`, computed once per device and cached."""
+        self.check_unchanged()
         device = torch.device(device) if device is not None else self.parent.device
         if device not in self._plans:
             # CPU blocks are cut to stay cache-sized; a GPU wants few, large
@@ -262,7 +281,7 @@ class Hierarchy:
         (:mod:`hsa_geo.hierarchy.layout`) on :obj:`device`, computed once
         per device and cached."""
         device = torch.device(device) if device is not None else self.parent.device
-        layout = self.prepare_layout(device)
+        layout = self.prepare_layout(device)  # checks the parent pointers
         if layout.node_slot.device != device:
             layout = self._layouts[device] = layout.to(device)
         return layout
@@ -272,6 +291,7 @@ class Hierarchy:
         keeping its tensors on the CPU until :meth:`layout` asks for it: a
         data-loading worker can plan a GPU batch without touching the GPU.
         GPU layouts use much larger blocks (few, large launches)."""
+        self.check_unchanged()
         device = torch.device(device) if device is not None else self.parent.device
         if device not in self._layouts:
             pairs_per_block = (slot_layout.PAIRS_PER_BLOCK if device.type == 'cpu'
