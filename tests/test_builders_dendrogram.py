@@ -108,3 +108,12 @@ def test_leaves_are_observations():
     h = from_features(x, max_children=None, max_depth=2)
     top = [leaf_sets(h)[c] for c in children_of(h)[int(h.roots[0])]]
     assert sorted(sorted(label[list(s)].tolist()) for s in top) == [[0] * 5, [1] * 5]
+
+
+@pytest.mark.parametrize('height', [float('nan'), float('inf')])
+def test_a_linkage_with_a_height_that_is_not_finite_is_refused(height):
+    from scipy.cluster.hierarchy import linkage
+    Z = linkage(np.array([[0.0], [0.1], [5.0], [5.1], [5.3], [9.0]]), 'average')
+    Z[2, 2] = height
+    with pytest.raises(ValueError, match='merge 2 has height'):
+        from_linkage(Z)

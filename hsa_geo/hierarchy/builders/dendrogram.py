@@ -52,7 +52,8 @@ def from_linkage(Z, max_depth: Optional[int] = None,
 
     Raises:
         ValueError: for a matrix that is not a valid linkage (scipy's
-            message), or a bad :obj:`max_depth`.
+            message, or a height that is not finite), or a bad
+            :obj:`max_depth`.
 
     Complexity: :math:`O(D\, n \log n)`, vectorised.
 
@@ -74,6 +75,10 @@ def from_linkage(Z, max_depth: Optional[int] = None,
         is_valid_linkage(Z, throw=True, name='Z')
     except (TypeError, ValueError) as error:
         raise ValueError(f"Not a valid linkage matrix: {error}") from None
+    bad = np.flatnonzero(~np.isfinite(Z[:, 2]))
+    if bad.size:  # scipy accepts NaN heights; the cuts would follow them silently
+        raise ValueError(f"Not a valid linkage matrix: merge {int(bad[0])} has height "
+                         f"{Z[bad[0], 2]} (heights must be finite)")
     num_leaves = Z.shape[0] + 1
     max_children = check_max_children(max_children)
     if max_depth is None:
