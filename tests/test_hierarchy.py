@@ -131,3 +131,35 @@ def test_a_scale_that_needs_its_gradient_is_refused():
         hsa(q, q, q, hierarchy, scale=torch.tensor(0.5, requires_grad=True))
     torch.testing.assert_close(hsa(q, q, q, hierarchy, scale=torch.tensor(0.5)),
                                hsa(q, q, q, hierarchy, scale=0.5))
+
+
+@pytest.mark.parametrize('num_leaves, message', [
+    (-1, 'at least one leaf'), (0, 'at least one leaf'), (torch.tensor(2.9), 'must be an integer'),
+    (2.0, 'must be an integer'), (True, 'must be an integer')])
+def test_leaf_counts_are_checked_at_every_entry(num_leaves, message):
+    with pytest.raises(ValueError, match=message):
+        Hierarchy.flat(num_leaves)
+    with pytest.raises(ValueError, match=message):
+        Hierarchy.from_parent(torch.tensor([3, 3, 3, -1]), num_leaves)
+
+
+def test_integer_leaf_counts_of_any_kind_are_accepted():
+    import numpy as np
+    for count in (np.int64(3), torch.tensor(3), 3):
+        assert Hierarchy.flat(count).num_leaves == 3
+        assert Hierarchy.from_parent(torch.tensor([3, 3, 3, -1]), count).num_leaves == 3
+
+
+def test_degenerate_feature_sizes_get_clear_errors():
+    from hsa_geo import HSAConv
+    from hsa_geo.functional import hsa
+    hierarchy = Hierarchy.flat(3)
+    with pytest.raises(ValueError, match='at least one feature'):
+        hsa(torch.randn(3, 2, 0), torch.randn(3, 2, 0), torch.randn(3, 2, 4), hierarchy)
+    with pytest.raises(ValueError, match='no heads'):
+        hsa(torch.randn(3, 0, 4), torch.randn(3, 0, 4), torch.randn(3, 0, 4), hierarchy)
+    # values without features are fine: an empty output
+    assert hsa(torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 0),
+               hierarchy).shape == (3, 2, 0)
+    with pytest.raises(ValueError, match="'out_channels' must be a positive int"):
+        HSAConv(8, 0)

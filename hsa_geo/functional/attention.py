@@ -391,6 +391,11 @@ def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):
             raise ValueError(f"{name} must be a floating-point tensor (got {tensor.dtype})")
         if tensor.device != first.device:
             raise ValueError(f"{name} is on {tensor.device} but q is on {first.device}")
+    if first.size(-1) == 0:
+        raise ValueError(f"q and k need at least one feature per head (got shape "
+                         f"{tuple(first.shape)}): the scores are q . k / sqrt(D)")
+    if first.dim() == 3 and first.size(1) == 0:
+        raise ValueError(f"q has no heads (shape {tuple(first.shape)})")
     if tensors[1].size(-1) != first.size(-1):
         raise ValueError(f"k's last dimension {tensors[1].size(-1)} differs from q's "
                          f"{first.size(-1)}")

@@ -1,6 +1,7 @@
 """The nested signal's tree: leaves ``0..N-1`` and cluster nodes ``N..N+M-1``."""
 from __future__ import annotations
 
+import numbers
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -95,6 +96,7 @@ class Hierarchy:
     def flat(cls, num_leaves: int) -> 'Hierarchy':
         r"""One root with :obj:`num_leaves` leaf children: HSA over it is
         exactly softmax attention."""
+        num_leaves = _leaf_count(num_leaves)
         parent = torch.full((num_leaves + 1, ), num_leaves, dtype=torch.long)
         parent[-1] = -1
         return cls.from_parent(parent, num_leaves, ordered=True)
@@ -413,6 +415,22 @@ class Hierarchy:
 
 
 # ---------------------------------------------------------------- validation
+def _leaf_count(num_leaves) -> int:
+    r"""A positive integer number of leaves: an ``int``, a NumPy integer or a
+    one-element integer tensor (what the builders hand around)."""
+    if isinstance(num_leaves, Tensor):
+        if num_leaves.numel() != 1 or num_leaves.is_floating_point() or \
+                num_leaves.dtype == torch.bool:
+            raise ValueError(f"'num_leaves' must be an integer (got {num_leaves!r})")
+        num_leaves = int(num_leaves)
+    elif isinstance(num_leaves, bool) or not isinstance(num_leaves, numbers.Integral):
+        raise ValueError(f"'num_leaves' must be an integer (got {num_leaves!r})")
+    num_leaves = int(num_leaves)
+    if num_leaves <= 0:
+        raise ValueError(f"A hierarchy needs at least one leaf (got num_leaves={num_leaves})")
+    return num_leaves
+
+
 def _check_parent(parent, num_leaves) -> Tensor:
     if not isinstance(parent, Tensor):
         raise ValueError(f"'parent' must be a torch.Tensor (got {type(parent).__name__})")
@@ -420,12 +438,7 @@ def _check_parent(parent, num_leaves) -> Tensor:
         raise ValueError(f"'parent' must hold integer node ids (got dtype {parent.dtype})")
     if parent.dim() != 1:
         raise ValueError(f"'parent' must be one-dimensional (got shape {tuple(parent.shape)})")
-    if isinstance(num_leaves, bool) or not isinstance(num_leaves, int):
-        if not (isinstance(num_leaves, Tensor) and num_leaves.numel() == 1):
-            raise ValueError(f"'num_leaves' must be an int (got {num_leaves!r})")
-    num_leaves = int(num_leaves)
-    if num_leaves <= 0:
-        raise ValueError(f"A hierarchy needs at least one leaf (got num_leaves={num_leaves})")
+    num_leaves = _leaf_count(num_leaves)
     num_nodes = parent.numel()
     if num_nodes < num_leaves:
         raise ValueError(

@@ -123,6 +123,8 @@ class HSAConv(MessagePassing):
                              f"{tuple(in_channels)} of source and target sizes")
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
             raise ValueError(f"'heads' must be a positive int (got {heads!r})")
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"'out_channels' must be a positive int (got {out_channels!r})")
         kwargs.setdefault('aggr', 'add')
         super().__init__(node_dim=0, **kwargs)
         self.in_channels = in_channels
