@@ -148,9 +148,7 @@ def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: 
     r""":func:`hsa` as traced by :func:`torch.compile`: one custom operator
     (:mod:`hsa_geo.functional.compiled`), no guard on the hierarchy."""
     key, padded_bias = _compiled_inputs(q, k, v, hierarchy, pair_bias, energy, causal)
-    single_head, dtype = q.dim() == 2, q.dtype
-    compute = torch.float32 if dtype in _UPCAST else dtype
-    q, k, v = ((t.unsqueeze(1) if single_head else t).to(compute) for t in (q, k, v))
+    (q, k, v), single_head, dtype = _to_compute((q, k, v))
     scale = _scale(scale, q)
     if energy == 'euclidean':
         q, k = _centered(q, k)
@@ -161,7 +159,7 @@ def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: 
 
 def _padded_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
     r"""The pair bias ``[E, H]`` in the padded per-pair layout of the fused
-    sweeps, ``[H * P]`` (differentiable)."""
+    sweeps, ``[H, P]`` (differentiable)."""
     if pair_bias is None:
         return None
     positions, sources = hierarchy.sibling_pair_positions(q.device, with_sources=True)
@@ -402,8 +400,14 @@ def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):
     if first.size(0) != hierarchy.num_leaves:
         raise ValueError(f"q has {first.size(0)} rows but the hierarchy has "
                          f"{hierarchy.num_leaves} leaves (one row per leaf needed)")
-    single_head = first.dim() == 2
-    dtype = first.dtype
+    return _to_compute(tensors)
+
+
+def _to_compute(tensors: Tuple[Tensor, ...]):
+    r"""Adds the head axis to 2-D input and upcasts half precision (no
+    check: traced as is under :func:`torch.compile`)."""
+    single_head = tensors[0].dim() == 2
+    dtype = tensors[0].dtype
     compute = torch.float32 if dtype in _UPCAST else dtype
     tensors = tuple((t.unsqueeze(1) if single_head else t).to(compute) for t in tensors)
     return tensors, single_head, dtype

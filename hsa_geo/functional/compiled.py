@@ -22,6 +22,7 @@ the state.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -35,18 +36,19 @@ from hsa_geo.hierarchy.layout import SlotLayout
 _REGISTRY: 'OrderedDict[int, SlotLayout]' = OrderedDict()
 _REGISTRY_SIZE = 64
 _NEXT_ID = itertools.count(1)
+#: The key of every layout that has one (dropped with the layout).
+_KEYS: 'weakref.WeakKeyDictionary[SlotLayout, Tensor]' = weakref.WeakKeyDictionary()
 
 
 def layout_key(hierarchy, device: torch.device) -> Tensor:
     r"""The key of :obj:`hierarchy`'s layout on :obj:`device` (created
     once per hierarchy; registers the layout)."""
     layout = hierarchy.layout(device)
-    key = layout._rows.get(('key', 0))
+    key = _KEYS.get(layout)
     if key is None:
         identity = next(_NEXT_ID)
-        key = torch.cat([torch.tensor([identity, hierarchy.num_leaves]),
-                         hierarchy.parent.cpu().to(torch.long)])
-        layout._rows[('key', 0)] = key
+        key = _KEYS[layout] = torch.cat([torch.tensor([identity, hierarchy.num_leaves]),
+                                         hierarchy.parent.cpu().to(torch.long)])
     _remember(int(key[0]), layout)
     return key
 
@@ -67,7 +69,7 @@ def layout_from_key(key: Tensor, device: torch.device) -> SlotLayout:
         from hsa_geo.hierarchy.hierarchy import Hierarchy
         hierarchy = Hierarchy.from_parent(key[2:].clone(), int(key[1]))
         layout = hierarchy.layout(device)
-        layout._rows[('key', 0)] = key
+        _KEYS[layout] = key
         _remember(identity, layout)
     return layout
 

@@ -3,7 +3,7 @@ r"""The exact HSA dynamic program on the slot layout
 padded family blocks, and the hand-derived backward pass (two more sweeps).
 docs/derivation.rst derives every line; the names follow it:
 
-* ``scores[h, f, b, c]`` = :math:`\bar s(B, C) + \log|C|` for siblings
+* ``scores[h, b, c, f]`` = :math:`\bar s(B, C) + \log|C|` for siblings
   :math:`B \neq C`, :math:`-\phi(B)` on the diagonal, :math:`-\infty` for
   padding columns (and later siblings when causal);
 * ``weight`` = :math:`\exp(\text{scores} - \log Z_B)`, row-stochastic over
@@ -33,8 +33,7 @@ class ScoreTerms(NamedTuple):
     r"""What is added to the dot-product scores :math:`\tau\, q_i^\top k_j`
     (docs/derivation.rst): a bias per sibling pair, the Euclidean energy's
     key term and the causal mask."""
-    #: ``[H * P]`` bias per padded pair of the layout (block-major, then
-    #: head-major), or None
+    #: ``[H, P]`` bias per padded pair of the layout, or None
     pair_bias: Optional[Tensor] = None
     #: Euclidean energy :math:`-\tfrac{\tau}{2}\Vert q_i - k_j\Vert^2`: the
     #: sweeps add the column term :math:`-\tfrac{\tau}{2}\,\overline{\Vert k
@@ -115,7 +114,8 @@ def slot_rows(buffer: Tensor, block: LayoutBlock, heads: int) -> Tensor:
 
 def leaf_range_view(leaf_tensor: Tensor, block: LayoutBlock) -> Tensor:
     r"""``[H, F, w, ...]`` view of the rows of a leaf-range block in a
-    per-leaf tensor ``[N, H, ...]`` (strided; no copy)."""
+    per-leaf tensor ``[N, H, ...]`` (strided; no copy): read from, or
+    written in place."""
     start, end = block.leaf_range
     return leaf_tensor[start:end].transpose(0, 1).unflatten(1, (block.num_families, block.width))
 
@@ -171,14 +171,6 @@ def batched_matmul(left: Tensor, right: Tensor) -> Tensor:
     for head in range(left.size(0)):
         torch.matmul(left[head], right[head], out=out[head])
     return out
-
-
-def leaf_range_target(leaf_tensor: Tensor, block: LayoutBlock) -> Tensor:
-    r"""``[H, F, w, ...]`` view of the rows of a leaf-range block in a
-    per-leaf tensor ``[N, H, ...]`` (written in place)."""
-    start, end = block.leaf_range
-    rows = leaf_tensor[start:end].transpose(0, 1)
-    return rows.reshape(rows.size(0), block.num_families, block.width, *rows.shape[2:])
 
 
 def level_blocks(level: LayoutLevel):
@@ -463,8 +455,8 @@ def top_down(v: Tensor, layout: SlotLayout, state: ForwardState) -> TopDown:
             child_log_mass = (slot_view(state.self_log, block).transpose(1, 2)
                               + parent_log_mass[..., None])  # [H, F, w]
             if block.leaf_range is not None:
-                leaf_range_target(out, block).copy_(child_out)
-                leaf_range_target(leaf_log_mass, block).copy_(child_log_mass)
+                leaf_range_view(out, block).copy_(child_out)
+                leaf_range_view(leaf_log_mass, block).copy_(child_log_mass)
                 continue
             cluster = constants(block, v.dtype).cluster
             own = (diagonal(weight)[..., None] * parent_mass).mul_(cluster)  # [H, F, w, 1]
@@ -613,7 +605,7 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
                                      inverse_count[..., 0]))
         if block.leaf_range is not None:
             for target, values in zip((grad_q, grad_k, grad_v, leaf_gamma), new):
-                leaf_range_target(target, block).copy_(values)
+                leaf_range_view(target, block).copy_(values)
             return
         delta, *targets = grad_columns.split(slot_rows(down, block, heads))
         delta.copy_(child_delta.transpose(1, 2))
@@ -665,7 +657,7 @@ def forward_sweeps(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: f
 
 class HSAFunction(torch.autograd.Function):
     r"""Fused HSA on ``[N, H, D]`` inputs (any memory layout) and an
-    optional padded pair bias ``[H * P]``. Saves the slot buffer, the
+    optional padded pair bias ``[H, P]``. Saves the slot buffer, the
     family weights and per-leaf state: nothing quadratic."""
 
     @staticmethod

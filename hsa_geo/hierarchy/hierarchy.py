@@ -146,9 +146,9 @@ class Hierarchy:
         # graph's are computed once and kept with it)
         leaf_offsets = torch.cumsum(torch.tensor([0] + [h.num_leaves for h in hierarchies[:-1]]), 0)
         shift = torch.repeat_interleave(leaf_offsets, torch.tensor([h.num_nodes for h in hierarchies]))
-        for key, attribute in (('first_leaf', 'first_leaf'), ('last_leaf', 'last_leaf')):
-            merged = torch.cat([getattr(h, attribute).cpu() for h in hierarchies]) + shift
-            batched._cache[key] = merged[order].to(batched.parent.device)
+        for name in ('first_leaf', 'last_leaf'):
+            merged = torch.cat([getattr(h, name).cpu() for h in hierarchies]) + shift
+            batched._cache[name] = merged[order].to(batched.parent.device)
         return batched
 
     def new_node_ids(self, leaf_offset: int, cluster_offset: int) -> Tensor:

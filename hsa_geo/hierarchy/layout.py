@@ -100,7 +100,7 @@ class LayoutLevel:
                            self.parent_slot.to(device))
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity
 class SlotLayout:
     r"""Everything the fused sweeps need, computed once per hierarchy.
 
@@ -128,6 +128,16 @@ class SlotLayout:
     slotted_leaves: Tensor  #: leaves outside leaf ranges (not isolated)
     isolated_leaves: Tensor  #: leaves that are roots of their own tree
     sibling_index: Tensor  #: ``[N + M]`` position among siblings (0 at roots)
+    #: ``[4, K]`` pair start, families, width and slot start of every block
+    block_table: Tensor
+    #: ``[2, K + 1]`` first row and rows (per head) of every block, the
+    #: roots last
+    row_table: Tensor
+    #: leaves that have a pair of their own (not isolated), and its position
+    #: in a per-pair buffer
+    paired_leaves: Optional[Tensor] = None
+    leaf_pair_positions: Optional[Tensor] = None
+    #: row indices per (name, number of heads), see :meth:`cached_rows`
     _rows: Dict[Tuple[str, int], Tensor] = field(default_factory=dict)
 
     @property
@@ -138,13 +148,7 @@ class SlotLayout:
         r"""Positions in a per-pair buffer ``[H, P]`` (families innermost:
         block ``[w, w, F]``) of the pairs (child in slot :obj:`slots`,
         sibling in column :obj:`columns`)."""
-        if ('blocks', 0) not in self._rows:
-            blocks = self.blocks
-            self._rows[('blocks', 0)] = torch.tensor(
-                [[b.pair_start for b in blocks], [b.num_families for b in blocks],
-                 [b.width for b in blocks], [b.slot_start for b in blocks]],
-                dtype=torch.long, device=self.node_slot.device).view(4, len(blocks))
-        pair_start, num_families, width, slot_start = self._rows[('blocks', 0)][:, self.slot_block[slots]]
+        pair_start, num_families, width, slot_start = self.block_table[:, self.slot_block[slots]]
         local = slots - slot_start
         family, row = local // width, local % width
         return pair_start + (row * width + columns) * num_families + family
@@ -152,28 +156,16 @@ class SlotLayout:
     def leaf_diagonal(self, padded: Tensor) -> Tensor:
         r"""``[N, H]`` entries of the leaves' own pairs :math:`(i, i)` in a
         per-pair buffer ``[H, P]`` (0 for a leaf that is a root of its own)."""
-        key = ('leaf_pairs', 0)
-        if key not in self._rows:
-            leaves = torch.arange(self.num_leaves, device=self.node_slot.device)
-            leaves = leaves[self.node_slot[:self.num_leaves] < self.num_slots]
-            self._rows[key] = (leaves, self.pair_positions(self.node_slot[leaves],
-                                                           self.sibling_index[leaves]))
-        leaves, positions = self._rows[key]
-        if leaves.numel() == self.num_leaves:
-            return padded[:, positions].t()
+        values = padded[:, self.leaf_pair_positions].t()
+        if self.paired_leaves.numel() == self.num_leaves:
+            return values
         out = padded.new_zeros(self.num_leaves, padded.size(0))
-        out[leaves] = padded[:, positions].t()
+        out[self.paired_leaves] = values
         return out
 
     def rows(self, slots: Tensor, heads: int) -> Tensor:
         r"""``[len(slots), H]`` rows of :obj:`slots` for every head."""
-        if ('row_table', 0) not in self._rows:
-            blocks = self.blocks
-            self._rows[('row_table', 0)] = torch.tensor(
-                [[b.row_start for b in blocks] + [self.root_row],
-                 [b.num_slots for b in blocks] + [self.num_rows - self.root_row]],
-                dtype=torch.long, device=self.node_slot.device).view(2, len(blocks) + 1)
-        start, size = self._rows[('row_table', 0)][:, self.slot_block[slots], None]
+        start, size = self.row_table[:, self.slot_block[slots], None]
         head = torch.arange(heads, device=slots.device)
         return heads * start + head * size + self.slot_row[slots, None] - start
 
@@ -403,11 +395,22 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
     leaves = torch.arange(num_leaves)
     leaf_row = slot_row[node_slot[:num_leaves].clamp(min=0)]
     slotted = leaves[(leaf_row >= 0) & ~is_root[:num_leaves]]
-    return SlotLayout(num_leaves=num_leaves, num_nodes=num_nodes, levels=levels,
-                      num_slots=num_slots, num_pairs=pair_start, num_families=families.numel(),
-                      num_rows=num_block_rows + roots.numel(), root_row=num_block_rows,
-                      node_slot=node_slot, slot_row=slot_row,
-                      slot_block=torch.cat([slot_block, torch.full((roots.numel(), ), num_blocks)]),
-                      slotted_leaves=slotted,
-                      isolated_leaves=leaves[is_root[:num_leaves]],
-                      sibling_index=sibling_index)
+    blocks = [block for level in levels for block in level.blocks]
+    layout = SlotLayout(
+        num_leaves=num_leaves, num_nodes=num_nodes, levels=levels, num_slots=num_slots,
+        num_pairs=pair_start, num_families=families.numel(),
+        num_rows=num_block_rows + roots.numel(), root_row=num_block_rows,
+        node_slot=node_slot, slot_row=slot_row,
+        slot_block=torch.cat([slot_block, torch.full((roots.numel(), ), num_blocks)]),
+        slotted_leaves=slotted, isolated_leaves=leaves[is_root[:num_leaves]],
+        sibling_index=sibling_index,
+        block_table=torch.tensor([[b.pair_start for b in blocks], [b.num_families for b in blocks],
+                                  [b.width for b in blocks], [b.slot_start for b in blocks]],
+                                 dtype=torch.long).view(4, num_blocks),
+        row_table=torch.tensor([[b.row_start for b in blocks] + [num_block_rows],
+                                [b.num_slots for b in blocks] + [roots.numel()]],
+                               dtype=torch.long).view(2, num_blocks + 1))
+    layout.paired_leaves = leaves[~is_root[:num_leaves]]
+    layout.leaf_pair_positions = layout.pair_positions(node_slot[layout.paired_leaves],
+                                                       sibling_index[layout.paired_leaves])
+    return layout
