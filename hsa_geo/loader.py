@@ -2,7 +2,9 @@ r"""A PyG :class:`~torch_geometric.loader.DataLoader` that plans the forest
 of every batch where the data is loaded.
 
 Every training step meets a new batch of nested signals, and HSA needs the
-batch's forest and its slot layout (:mod:`hsa_geo.hierarchy.layout`).
+batch's forest and what its sweeps read: the family tables of the CPU
+kernel (:mod:`hsa_geo.functional.kernel`) or, on a GPU, the slot layout
+(:mod:`hsa_geo.hierarchy.layout`).
 Built inside the model's forward, they cost the training step a few
 milliseconds per batch (``python -m hsa_geo.benchmarks.batches``, column
 ``plan``). :class:`HierarchyLoader` builds them in its collate function
@@ -19,11 +21,13 @@ from torch_geometric.data import Dataset
 from torch_geometric.loader import DataLoader
 
 from hsa_geo.data import PLANNED_KEY, hierarchy_from_data
+from hsa_geo.functional.kernel import prepare as prepare_fused
 
 
 class PlanningCollater:
     r"""Wraps a collate function: collates, then attaches the batch's
-    planned forest (hierarchy, sweep layout) as :obj:`batch.hierarchy`."""
+    planned forest (hierarchy, family tables or sweep layout) as
+    :obj:`batch.hierarchy`."""
 
     def __init__(self, collate_fn, device: Optional[Union[str, torch.device]] = None):
         self.collate_fn = collate_fn
@@ -32,7 +36,7 @@ class PlanningCollater:
     def __call__(self, data_list: List[Any]):
         batch = self.collate_fn(data_list)
         hierarchy = hierarchy_from_data(batch)
-        hierarchy.prepare_layout(self.device)
+        prepare_fused(hierarchy, self.device)
         setattr(batch, PLANNED_KEY, hierarchy)
         return batch
 
@@ -40,7 +44,7 @@ class PlanningCollater:
 class HierarchyLoader(DataLoader):
     r"""A :class:`torch_geometric.loader.DataLoader` of
     :class:`~hsa_geo.data.NestedSignal` that builds each batch's forest and
-    sweep layout in its collate function, so that with ``num_workers > 0``
+    sweep plan in its collate function, so that with ``num_workers > 0``
     the training loop does not pay for them.
 
     Args:
@@ -49,8 +53,8 @@ class HierarchyLoader(DataLoader):
         batch_size (int, optional): (default: :obj:`1`)
         shuffle (bool, optional): (default: :obj:`False`)
         layout_device (str or torch.device, optional): The device the model
-            runs on: its layout is built (on the CPU, in the loader) and
-            moved there when first used. (default: :obj:`"cpu"`)
+            runs on: what HSA's sweeps read there is built (on the CPU, in
+            the loader) and moved there when first used. (default: :obj:`"cpu"`)
         **kwargs (optional): Further :class:`torch_geometric.loader.DataLoader`
             arguments (``num_workers``, ``follow_batch``, ...).
 

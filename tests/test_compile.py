@@ -57,13 +57,14 @@ def test_automatic_dynamic_shapes_recompile_once():
     assert graphs[2] == graphs[1]  # sizes became dynamic after the first change
 
 
-def test_the_operator_rebuilds_a_layout_it_no_longer_holds():
+@pytest.mark.parametrize('cpu_kernel', [False, True])
+def test_the_operator_rebuilds_a_hierarchy_it_no_longer_holds(cpu_kernel):
     hierarchy = batches()[0]
     q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
-    key = compiled.layout_key(hierarchy, q.device)
+    key = compiled.hierarchy_key(hierarchy)
     compiled._REGISTRY.clear()
-    out = compiled.fused_hsa(q, k, v, None, key, 0.5, False, False)
+    out = compiled.fused_hsa(q, k, v, None, key, 0.5, False, False, cpu_kernel)
     torch.testing.assert_close(out, hsa(q, k, v, hierarchy, scale=0.5), atol=1e-12, rtol=0)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     expected = torch.autograd.grad(hsa(q, k, v, hierarchy, scale=0.5).sum(), (q, k, v))
@@ -71,11 +72,12 @@ def test_the_operator_rebuilds_a_layout_it_no_longer_holds():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_operator_registrations_pass_opcheck():
+@pytest.mark.parametrize('cpu_kernel', [False, True])
+def test_operator_registrations_pass_opcheck(cpu_kernel):
     hierarchy = random_hierarchy(3)
     q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, requires_grad=True) for _ in range(3))
-    key = compiled.layout_key(hierarchy, q.device)
-    torch.library.opcheck(compiled.fused_hsa, (q, k, v, None, key, 0.5, False, False),
+    key = compiled.hierarchy_key(hierarchy)
+    torch.library.opcheck(compiled.fused_hsa, (q, k, v, None, key, 0.5, False, False, cpu_kernel),
                           test_utils=('test_schema', 'test_faketensor',
                                       'test_autograd_registration'))
 

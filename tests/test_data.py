@@ -44,6 +44,7 @@ def test_hierarchy_loader_plans_the_forest_in_the_collate():
     from torch_geometric.loader import DataLoader
 
     from hsa_geo.data import hierarchy_from_data
+    from hsa_geo.functional.kernel import use_cpu_kernel
     from hsa_geo.loader import HierarchyLoader
     from hsa_geo.transforms import AddHierarchy
     graphs = [AddHierarchy('louvain', max_children=8, seed=seed)(KarateClub()[0])
@@ -52,7 +53,12 @@ def test_hierarchy_loader_plans_the_forest_in_the_collate():
     plain = next(iter(DataLoader(graphs, batch_size=5)))
     hierarchy = hierarchy_from_data(planned)
     assert hierarchy is planned.hierarchy  # no rebuild in the training step
-    assert torch.device('cpu') in hierarchy._layouts
+    # what the CPU sweeps read is ready: the kernel's tables (or, with the
+    # kernel off, the slot layout)
+    assert hierarchy._family_tables is not None
+    with use_cpu_kernel(False):
+        planned = next(iter(HierarchyLoader(graphs, batch_size=5)))
+    assert torch.device('cpu') in hierarchy_from_data(planned)._layouts
     rebuilt = hierarchy_from_data(plain)
     assert torch.equal(hierarchy.parent, rebuilt.parent)
     assert torch.equal(hierarchy.batch, rebuilt.batch)

@@ -18,11 +18,14 @@ Workloads (real offline data, :mod:`hsa_geo.benchmarks.batch_workloads`):
 
 Every step of training meets a new batch, so every HSA call pays for the
 forest: ``hsa`` times :func:`~hsa_geo.data.hierarchy_from_data` (molecules)
-or :meth:`~hsa_geo.Hierarchy.batch_hierarchies` (documents), the slot layout
-and :func:`hsa_geo.functional.hsa`, forward and backward;
-``hsa (planned)`` the attention alone on a forest planned beforehand (what a
-:class:`~hsa_geo.loader.HierarchyLoader` worker hands over), and ``plan``
-the forest and layout alone. The flat baselines get the same q, k, v
+or :meth:`~hsa_geo.Hierarchy.batch_hierarchies` (documents), what the sweeps
+read (the CPU kernel's family tables; the slot layout on a GPU) and
+:func:`hsa_geo.functional.hsa`, forward and backward; ``hsa (planned)`` the
+attention alone on a forest planned beforehand (what a
+:class:`~hsa_geo.loader.HierarchyLoader` worker hands over), ``plan`` the
+forest and its plan alone, and ``tensor sweeps (planned)`` the attention on
+the engine the CPU kernel replaces (:mod:`hsa_geo.functional.sweep`, still
+the GPU engine). The flat baselines get the same q, k, v
 ``[T, 4, 16]`` (float32): ``sdpa`` is
 :func:`~torch.nn.functional.scaled_dot_product_attention` on the graphs
 padded by :func:`~torch_geometric.utils.to_dense_batch` with a key mask,
@@ -33,8 +36,8 @@ padding mask. All calls are timed in interleaved rounds
 (:func:`~hsa_geo.benchmarks.timing.time_interleaved`); ratios are medians of
 per-round ratios.
 
-With ``--calibrate`` it also times the attention (planned, forward+backward)
-on layouts built with several bucket costs
+With ``--calibrate`` it also times the tensor sweeps (planned,
+forward+backward) on layouts built with several bucket costs
 (:data:`~hsa_geo.hierarchy.layout.BLOCK_COST`), side by side: the
 measurement behind the default.
 """
@@ -54,6 +57,9 @@ from hsa_geo.benchmarks.batch_workloads import WORKLOADS, Workload, load_workloa
 from hsa_geo.benchmarks.scaling import run_and_report, target_lines
 from hsa_geo.benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
 from hsa_geo.functional import hsa
+from hsa_geo.functional.kernel import available as kernel_available
+from hsa_geo.functional.kernel import prepare as prepare_fused
+from hsa_geo.functional.kernel import use_cpu_kernel
 from hsa_geo.functional.sweep import HSAFunction
 from hsa_geo.hierarchy.layout import build_slot_layout
 
@@ -85,18 +91,26 @@ def attention_calls(workload: Workload, backward: bool = True) -> Dict[str, Call
     x = torch.randn(tokens, HEADS * DIM, generator=generator, requires_grad=True)
     mha = torch.nn.MultiheadAttention(HEADS * DIM, HEADS, batch_first=True)
     batch = workload.batch
+    device = q.device
     planned = workload.forest()
-    planned.layout()
+    prepare_fused(planned, device)
+    planned.layout(device)  # for the tensor sweeps
 
     def step(out: Tensor) -> None:
         if backward:
             out.sum().backward()
 
     def run_hsa():
-        step(hsa(q, k, v, workload.forest()))
+        forest = workload.forest()
+        prepare_fused(forest, device)
+        step(hsa(q, k, v, forest))
 
     def run_planned():
         step(hsa(q, k, v, planned))
+
+    def run_tensor_sweeps():
+        with use_cpu_kernel(False):
+            step(hsa(q, k, v, planned))
 
     def run_sdpa():
         step(padded_sdpa(q, k, v, batch))
@@ -107,10 +121,12 @@ def attention_calls(workload: Workload, backward: bool = True) -> Dict[str, Call
         step(out[mask])
 
     def run_plan():
-        workload.forest().layout()
+        prepare_fused(workload.forest(), device)
 
     calls = {'hsa': run_hsa, 'hsa (planned)': run_planned, 'sdpa': run_sdpa, 'mha': run_mha,
              'plan': run_plan}
+    if kernel_available(q):
+        calls['tensor sweeps (planned)'] = run_tensor_sweeps
     if not backward:
         calls = {name: torch.no_grad()(call) for name, call in calls.items() if name != 'plan'}
     return calls
@@ -178,7 +194,7 @@ def evaluate_targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
             continue
         measured = entry['forward_backward']['ratio_to_sdpa']['hsa']
         targets.append({
-            'name': f'{entry["name"]}: HSA fwd+bwd (forest + layout included) / flat SDPA',
+            'name': f'{entry["name"]}: HSA fwd+bwd (forest + plan included) / flat SDPA',
             'limit': limit, 'measured': measured,
             'status': 'PASS' if measured is not None and measured <= limit else 'FAIL',
             'detail': f'<= {limit:g}x'})
@@ -189,7 +205,7 @@ def format_report(results: Dict[str, Any]) -> str:
     lines = [f'threads={results["config"]["threads"]}, load average before '
              f'{results["machine"]["load_average"]}, after '
              f'{results["machine"]["load_average_after"]}', '']
-    calls = ['hsa', 'hsa (planned)', 'plan', 'sdpa', 'mha']
+    calls = ['hsa', 'hsa (planned)', 'tensor sweeps (planned)', 'plan', 'sdpa', 'mha']
     header = ['workload', 'mode'] + calls + ['hsa / sdpa', 'hsa (planned) / sdpa', 'hsa / mha']
     rows = []
     for entry in results['workloads']:

@@ -9,7 +9,9 @@ from torch import Tensor
 
 from hsa_geo.functional.dense import _path_to_root
 from hsa_geo.functional.causal import build_family_groups, hsa_strict_causal
-from hsa_geo.functional.compiled import fused_hsa, layout_key
+from hsa_geo.functional import kernel as cpu_kernel
+from hsa_geo.functional.compiled import fused_hsa, hierarchy_key
+from hsa_geo.functional.kernel import KernelHSAFunction
 from hsa_geo.functional.scatter_sweep import (ScatterPlan, build_scatter_plan, hsa_scatter,
                                               scatter_bottom_up, subtree_mean)
 from hsa_geo.functional.sweep import HSAFunction, ScoreTerms, bottom_up, top_down
@@ -115,6 +117,9 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
             plan.cache['family_groups'] = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
         out = hsa_strict_causal(q, k, v, plan, _scatter_plan(plan), plan.cache['family_groups'],
                                 scale, pair_bias, euclidean)
+    elif backend == 'fused' and cpu_kernel.available(q):
+        out = KernelHSAFunction.apply(q, k, v, None if pair_bias is None else pair_bias.t(),
+                                      hierarchy.family_tables(), scale, euclidean, causal)
     elif backend == 'fused':
         out = HSAFunction.apply(q, k, v, _padded_bias(pair_bias, hierarchy, q),
                                 hierarchy.layout(q.device), scale, euclidean, causal)
@@ -136,23 +141,30 @@ _hsa_eager_outside_graph = torch.compiler.disable(_hsa_eager)
 def _compiled_inputs(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
                      pair_bias: Optional[Tensor], energy: str, causal: Union[bool, str]):
     r"""Everything of :func:`hsa` under :func:`torch.compile` that reads the
-    hierarchy, run outside the graph: the checks, the layout key and the
-    padded pair bias (differentiable)."""
+    hierarchy, run outside the graph: the checks, the hierarchy's key, the
+    engine and the pair bias in its order (differentiable)."""
     (q, k, v), _, _ = _prepare((q, k, v), hierarchy)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
-    return layout_key(hierarchy, q.device), _padded_bias(pair_bias, hierarchy, q)
+    use_kernel = cpu_kernel.available(q)
+    if use_kernel:
+        engine_bias = None if pair_bias is None else pair_bias.t().contiguous()
+    else:
+        engine_bias = _padded_bias(pair_bias, hierarchy, q)
+    return hierarchy_key(hierarchy), engine_bias, use_kernel
 
 
 def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Optional[float],
                   pair_bias: Optional[Tensor], energy: str, causal: Union[bool, str]) -> Tensor:
     r""":func:`hsa` as traced by :func:`torch.compile`: one custom operator
     (:mod:`hsa_geo.functional.compiled`), no guard on the hierarchy."""
-    key, padded_bias = _compiled_inputs(q, k, v, hierarchy, pair_bias, energy, causal)
+    key, engine_bias, use_kernel = _compiled_inputs(q, k, v, hierarchy, pair_bias, energy,
+                                                    causal)
     (q, k, v), single_head, dtype = _to_compute((q, k, v))
     scale = _scale(scale, q)
     if energy == 'euclidean':
         q, k = _centered(q, k)
-    out = fused_hsa(q, k, v, padded_bias, key, scale, energy == 'euclidean', bool(causal))
+    out = fused_hsa(q, k, v, engine_bias, key, scale, energy == 'euclidean', bool(causal),
+                    use_kernel)
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
 

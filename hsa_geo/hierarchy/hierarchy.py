@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from hsa_geo.hierarchy import layout as slot_layout
-from hsa_geo.hierarchy.plan import PAIRS_PER_BLOCK, SweepPlan, build_sweep_plan
+from hsa_geo.hierarchy.plan import (PAIRS_PER_BLOCK, FamilyTables, SweepPlan,
+                                    build_family_tables, build_sweep_plan)
 
 
 class Hierarchy:
@@ -53,6 +54,7 @@ class Hierarchy:
         self.ordered = bool(ordered)
         self._plans: Dict[torch.device, SweepPlan] = {}
         self._layouts: Dict[torch.device, slot_layout.SlotLayout] = {}
+        self._family_tables: Optional[FamilyTables] = None
         self._cache: Dict[str, object] = {}
         # everything cached derives from the parent pointers: remember their
         # version, so that an in-place edit is caught rather than ignored
@@ -252,6 +254,7 @@ class Hierarchy:
         # a copy (pickled to a loader worker and back, torch.save) starts its
         # own version count
         self.__dict__.update(state)
+        self.__dict__.setdefault('_family_tables', None)
         self._parent_version = self.parent._version
 
     def check_unchanged(self) -> None:
@@ -303,6 +306,16 @@ class Hierarchy:
                 self.num_leaves_below.cpu(), self.first_leaf.cpu(), pairs_per_block)
         return self._layouts[device]
 
+    def family_tables(self) -> FamilyTables:
+        r"""The families as flat CPU tables
+        (:class:`~hsa_geo.hierarchy.plan.FamilyTables`), what the CPU
+        kernel of the fused sweeps reads; built once and cached."""
+        self.check_unchanged()
+        if self._family_tables is None:
+            self._family_tables = build_family_tables(self.parent.cpu(), self.depth.cpu(),
+                                                      self.first_leaf.cpu())
+        return self._family_tables
+
     def sibling_pair_positions(self, device: Optional[torch.device] = None,
                                with_sources: bool = False):
         r"""``[E]`` positions of the ordered sibling pairs (in
@@ -330,6 +343,7 @@ class Hierarchy:
                           None if self.batch is None else self.batch.to(device), self.ordered)
         moved._plans = dict(self._plans)
         moved._layouts = dict(self._layouts)
+        moved._family_tables = self._family_tables
         return moved
 
     def summary(self) -> Dict[str, float]:

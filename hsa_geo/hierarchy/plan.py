@@ -121,6 +121,59 @@ class SweepPlan:
         return torch.cat(pairs, dim=1)
 
 
+def ordered_children(parent: Tensor, depth: Tensor, first_leaf: Tensor):
+    r"""Every non-root node and its parent, ordered by (parent depth
+    descending, family size, family's first leaf, child's first leaf):
+    families become contiguous runs of siblings in sibling order, deepest
+    first, and families of consecutive leaves consecutive runs. Returns
+    ``(child, family_of_child, num_children)`` (``num_children`` per node).
+    This order defines :meth:`SweepPlan.sibling_pairs`."""
+    child = (parent >= 0).nonzero().view(-1)
+    family_of_child = parent[child]
+    num_children = torch.bincount(family_of_child, minlength=parent.numel())
+    order = torch.argsort(first_leaf[child])
+    for key in (first_leaf[family_of_child], num_children[family_of_child],
+                -depth[family_of_child]):
+        order = order[torch.argsort(key[order], stable=True)]
+    return child[order], family_of_child[order], num_children
+
+
+@dataclass
+class FamilyTables:
+    r"""The families of a hierarchy as flat tables (CPU ``int64``), for
+    sweeps that visit one family at a time (the CPU kernel of
+    :mod:`hsa_geo.functional.kernel`): families in bottom-up level order
+    (parent depth descending), children in sibling order, and the
+    :math:`b^2` ordered pairs of every family row-major, in the order of
+    :meth:`SweepPlan.sibling_pairs` (so a per-pair tensor needs no
+    reordering)."""
+    family_node: Tensor  #: ``[F]`` the cluster of every family
+    #: ``[F + 1]`` the children of family f are ``children[child_ptr[f]:child_ptr[f + 1]]``
+    child_ptr: Tensor
+    children: Tensor  #: node ids
+    pair_ptr: Tensor  #: ``[F + 1]`` first pair of every family; ``pair_ptr[-1]`` = E
+    level_ptr: Tensor  #: ``[L + 1]`` families of every level, deepest level first
+    num_nodes: int
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pair_ptr[-1])
+
+
+def build_family_tables(parent: Tensor, depth: Tensor, first_leaf: Tensor) -> FamilyTables:
+    r""":class:`FamilyTables` of a validated hierarchy (CPU tensors): one
+    ordering of the children and a few cumulative sums, :math:`O((N + M)
+    \log(N + M))`."""
+    child, family_of_child, _ = ordered_children(parent, depth, first_leaf)
+    family_node, sizes = torch.unique_consecutive(family_of_child, return_counts=True)
+    level_sizes = torch.unique_consecutive(depth[family_node], return_counts=True)[1]
+    zero = torch.zeros(1, dtype=torch.long)
+    return FamilyTables(family_node=family_node, child_ptr=torch.cat([zero, sizes.cumsum(0)]),
+                        children=child, pair_ptr=torch.cat([zero, (sizes * sizes).cumsum(0)]),
+                        level_ptr=torch.cat([zero, level_sizes.cumsum(0)]),
+                        num_nodes=parent.numel())
+
+
 def build_sweep_plan(parent: Tensor, num_leaves: int, depth: Tensor,
                      num_leaves_below: Tensor, first_leaf: Tensor,
                      pairs_per_block: int = PAIRS_PER_BLOCK) -> SweepPlan:
@@ -132,20 +185,7 @@ def build_sweep_plan(parent: Tensor, num_leaves: int, depth: Tensor,
     Cost: a few sorts over the :math:`N + M` nodes, :math:`O((N+M)\log(N+M))`.
     """
     num_nodes = parent.numel()
-    child = (parent >= 0).nonzero().view(-1)
-    family_of_child = parent[child]
-    num_children = torch.bincount(family_of_child, minlength=num_nodes)
-
-    # Order children by (parent depth descending, family size, family's first
-    # leaf, child's first leaf): families become contiguous runs, blocks
-    # contiguous groups of runs, and families of consecutive leaves
-    # consecutive runs.
-    order = torch.argsort(first_leaf[child])
-    for key in (first_leaf[family_of_child], num_children[family_of_child],
-                -depth[family_of_child]):
-        order = order[torch.argsort(key[order], stable=True)]
-    child = child[order]
-    family_of_child = family_of_child[order]
+    child, family_of_child, num_children = ordered_children(parent, depth, first_leaf)
     family_depth = depth[family_of_child]
     family_size = num_children[family_of_child]
 

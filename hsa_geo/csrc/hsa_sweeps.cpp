@@ -1,0 +1,542 @@
+// The exact HSA sweeps as plain loops over families, for the CPU.
+//
+// The tensor sweeps (hsa_geo/functional/sweep.py) spend their time on many
+// small tensor operations over padded blocks; on batches of small graphs
+// (families of 2-6 children) that is per-operation overhead and memory
+// traffic, not arithmetic. Here every family is one pass over its b x b
+// sibling pairs, per head, with the same formulas and names
+// (docs/derivation.rst, "Forward pass" and "Backward pass"):
+//
+//   scores  S[i][j] = scale mq(B_i).mk(B_j) + log|B_j| (+ key term, + bias),
+//           S[i][i] = -phi(B_i), -inf for a later sibling when causal;
+//   weight  W[i][j] = exp(S[i][j] - log Z_i), log Z_i = logsumexp_j S[i][j];
+//   phi(A)  = -sum_i |B_i|/|A| log Z_i;
+//   top-down: y_i = u_A + P(A) sum_j W[i][j] mv(B_j); a leaf outputs y_i,
+//           a cluster passes u = y_i - P(A) W[i][i] mv(B_i) and
+//           log P(B_i) = log P(A) + log W[i][i] down.
+//
+// Families of one level are independent and run in parallel. The tree comes
+// as tables built once per hierarchy (hsa_geo.hierarchy.plan.FamilyTables):
+// families in bottom-up level order, their children in sibling order, the
+// b x b pairs of every family row-major (the order of a pair bias).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+struct Tree {
+  const int64_t* family_node;  // [F] the cluster node of every family
+  const int64_t* child_ptr;    // [F + 1] children of family f: child_ptr[f] .. child_ptr[f + 1]
+  const int64_t* children;     // node ids, sibling order
+  const int64_t* pair_ptr;     // [F + 1] first of the family's b * b pairs (row-major)
+  const int64_t* level_ptr;    // [L + 1] families of every level, deepest level first
+  int64_t num_families;
+  int64_t num_levels;
+  int64_t num_leaves;
+  int64_t num_nodes;
+  int64_t num_pairs;  // sum of b * b
+
+  Tree(const at::Tensor& family_node_, const at::Tensor& child_ptr_, const at::Tensor& children_,
+       const at::Tensor& pair_ptr_, const at::Tensor& level_ptr_, int64_t num_leaves_,
+       int64_t num_nodes_)
+      : family_node(family_node_.data_ptr<int64_t>()),
+        child_ptr(child_ptr_.data_ptr<int64_t>()),
+        children(children_.data_ptr<int64_t>()),
+        pair_ptr(pair_ptr_.data_ptr<int64_t>()),
+        level_ptr(level_ptr_.data_ptr<int64_t>()),
+        num_families(family_node_.numel()),
+        num_levels(level_ptr_.numel() - 1),
+        num_leaves(num_leaves_),
+        num_nodes(num_nodes_),
+        num_pairs(pair_ptr_.data_ptr<int64_t>()[family_node_.numel()]) {}
+
+};
+
+void check_tables(const at::Tensor& family_node, const at::Tensor& child_ptr,
+                  const at::Tensor& children, const at::Tensor& pair_ptr,
+                  const at::Tensor& level_ptr) {
+  for (const at::Tensor* table : {&family_node, &child_ptr, &children, &pair_ptr, &level_ptr}) {
+    TORCH_CHECK(table->scalar_type() == at::kLong && table->is_contiguous() &&
+                    table->device().is_cpu(),
+                "hsa_sweeps: tree tables must be contiguous int64 CPU tensors");
+  }
+  TORCH_CHECK(child_ptr.numel() == family_node.numel() + 1 &&
+                  pair_ptr.numel() == family_node.numel() + 1 && level_ptr.numel() >= 1,
+              "hsa_sweeps: inconsistent tree tables");
+}
+
+// leaf counts |X| of every node (leaves 1), bottom-up
+std::vector<double> leaf_counts(const Tree& tree) {
+  std::vector<double> count(tree.num_nodes, 0.0);
+  for (int64_t node = 0; node < tree.num_leaves; ++node) count[node] = 1.0;
+  for (int64_t family = 0; family < tree.num_families; ++family) {
+    double total = 0.0;
+    for (int64_t c = tree.child_ptr[family]; c < tree.child_ptr[family + 1]; ++c)
+      total += count[tree.children[c]];
+    count[tree.family_node[family]] = total;
+  }
+  return count;
+}
+
+template <typename scalar_t>
+std::vector<scalar_t> logarithms(const std::vector<double>& values) {
+  std::vector<scalar_t> out(values.size());
+  for (size_t index = 0; index < values.size(); ++index)
+    out[index] = static_cast<scalar_t>(std::log(values[index]));
+  return out;
+}
+
+// four partial sums: the compiler may not reorder a floating-point sum,
+// and one running sum waits on every addition
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* left, const scalar_t* right, int64_t size) {
+  scalar_t part0 = 0, part1 = 0, part2 = 0, part3 = 0;
+  int64_t d = 0;
+  for (; d + 4 <= size; d += 4) {
+    part0 += left[d] * right[d];
+    part1 += left[d + 1] * right[d + 1];
+    part2 += left[d + 2] * right[d + 2];
+    part3 += left[d + 3] * right[d + 3];
+  }
+  for (; d < size; ++d) part0 += left[d] * right[d];
+  return (part0 + part1) + (part2 + part3);
+}
+
+// Runs body(first, last) over ranges of families, level by level in the
+// given direction, the families of a level in parallel.
+template <typename Body>
+void sweep_levels(const Tree& tree, bool bottom_up, const Body& body) {
+  for (int64_t step = 0; step < tree.num_levels; ++step) {
+    const int64_t level = bottom_up ? step : tree.num_levels - 1 - step;
+    const int64_t begin = tree.level_ptr[level], end = tree.level_ptr[level + 1];
+    at::parallel_for(begin, end, 64, body);
+  }
+}
+
+// Per-node rows: a leaf's are the inputs, a cluster's its row of `means`
+// (mean query, mean key, mean value, phi, mean squared key norm). With
+// Dim > 0 the query, key and value widths are all Dim, known to the
+// compiler: the loops over features unroll and vectorise.
+template <typename scalar_t, int64_t Dim>
+struct NodeRows {
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  scalar_t* means;
+  int64_t heads, runtime_dim, runtime_value_dim, width, num_leaves;
+
+  int64_t dim() const { return Dim > 0 ? Dim : runtime_dim; }
+  int64_t value_dim() const { return Dim > 0 ? Dim : runtime_value_dim; }
+  scalar_t* cluster_row(int64_t node, int64_t head) const {
+    return means + ((node - num_leaves) * heads + head) * width;
+  }
+  const scalar_t* query(int64_t node, int64_t head) const {
+    return node < num_leaves ? q + (node * heads + head) * dim() : cluster_row(node, head);
+  }
+  const scalar_t* key(int64_t node, int64_t head) const {
+    return node < num_leaves ? k + (node * heads + head) * dim() : cluster_row(node, head) + dim();
+  }
+  const scalar_t* value(int64_t node, int64_t head) const {
+    return node < num_leaves ? v + (node * heads + head) * value_dim()
+                             : cluster_row(node, head) + 2 * dim();
+  }
+  // the mean squared key norm (Euclidean energy)
+  scalar_t key_norm(int64_t node, int64_t head) const {
+    if (node < num_leaves) {
+      const scalar_t* row = key(node, head);
+      return dot(row, row, dim());
+    }
+    return cluster_row(node, head)[2 * dim() + value_dim() + 1];
+  }
+};
+
+template <typename scalar_t, int64_t Dim>
+void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const scalar_t* bias,
+                  scalar_t scale, bool euclidean, bool causal, scalar_t* weights, scalar_t* out, scalar_t* log_mass) {
+  const int64_t heads = rows.heads, dim = rows.dim(), value_dim = rows.value_dim();
+  const int64_t num_leaves = tree.num_leaves;
+  const std::vector<double> count = leaf_counts(tree);
+  const std::vector<scalar_t> log_count = logarithms<scalar_t>(count);
+  const scalar_t minus_infinity = -std::numeric_limits<scalar_t>::infinity();
+  const scalar_t key_scale = scalar_t(-0.5) * scale;
+  // log mu of every node, per head
+  std::vector<scalar_t> self_log(tree.num_nodes * heads, 0);
+
+  sweep_levels(tree, true, [&](int64_t first, int64_t last) {
+    std::vector<scalar_t> column_term;  // log|C| (+ the key term) of every sibling
+    for (int64_t family = first; family < last; ++family) {
+      const int64_t* child = tree.children + tree.child_ptr[family];
+      const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
+      const int64_t parent = tree.family_node[family];
+      const double parent_count = count[parent];
+      column_term.resize(size);
+      for (int64_t head = 0; head < heads; ++head) {
+        scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
+        const scalar_t* head_bias = bias == nullptr ? nullptr : bias + head * tree.num_pairs;
+        for (int64_t j = 0; j < size; ++j)
+          column_term[j] = euclidean ? key_scale * rows.key_norm(child[j], head) : scalar_t(0);
+        scalar_t parent_phi = 0;
+        for (int64_t i = 0; i < size; ++i) {
+          const int64_t row_node = child[i];
+          const scalar_t* query = rows.query(row_node, head);
+          scalar_t* score = weight + i * size;
+          // a cluster's own entry is -phi(B); a leaf's is its own score s_ii
+          const int64_t columns = causal ? i + 1 : size;
+          for (int64_t j = 0; j < columns; ++j) {
+            const int64_t column_node = child[j];
+            if (j == i && row_node >= num_leaves) {
+              score[j] = -rows.cluster_row(row_node, head)[2 * dim + value_dim];
+              continue;
+            }
+            scalar_t value = scale * dot(query, rows.key(column_node, head), dim) + column_term[j];
+            if (j != i) value += log_count[column_node];
+            if (head_bias != nullptr) value += head_bias[tree.pair_ptr[family] + i * size + j];
+            score[j] = value;
+          }
+          scalar_t largest = minus_infinity;
+          for (int64_t j = 0; j < columns; ++j) largest = std::max(largest, score[j]);
+          const scalar_t own_score = score[i];
+          scalar_t total = 0;
+          for (int64_t j = 0; j < columns; ++j) {
+            score[j] = std::exp(score[j] - largest);
+            total += score[j];
+          }
+          const scalar_t inverse_total = scalar_t(1) / total;
+          for (int64_t j = 0; j < columns; ++j) score[j] *= inverse_total;
+          for (int64_t j = columns; j < size; ++j) score[j] = 0;  // later siblings (causal)
+          const scalar_t log_partition = largest + std::log(total);
+          self_log[row_node * heads + head] = own_score - log_partition;
+          parent_phi -= static_cast<scalar_t>(count[row_node] / parent_count) * log_partition;
+        }
+        // the parent's leaf-weighted means
+        scalar_t* parent_row = rows.cluster_row(parent, head);
+        for (int64_t c = 0; c < 2 * dim + value_dim; ++c) parent_row[c] = 0;
+        scalar_t parent_key_norm = 0;
+        for (int64_t i = 0; i < size; ++i) {
+          const scalar_t share = static_cast<scalar_t>(count[child[i]] / parent_count);
+          const scalar_t* query = rows.query(child[i], head);
+          const scalar_t* key = rows.key(child[i], head);
+          const scalar_t* value = rows.value(child[i], head);
+          for (int64_t d = 0; d < dim; ++d) parent_row[d] += share * query[d];
+          for (int64_t d = 0; d < dim; ++d) parent_row[dim + d] += share * key[d];
+          for (int64_t d = 0; d < value_dim; ++d) parent_row[2 * dim + d] += share * value[d];
+          if (euclidean) parent_key_norm += share * rows.key_norm(child[i], head);
+        }
+        parent_row[2 * dim + value_dim] = parent_phi;
+        parent_row[2 * dim + value_dim + 1] = parent_key_norm;
+      }
+    }
+  });
+
+  // top-down: u (what reaches a cluster from its ancestors' siblings), log P
+  const int64_t num_clusters = tree.num_nodes - num_leaves;
+  std::vector<scalar_t> message(num_clusters * heads * value_dim, 0);
+  sweep_levels(tree, false, [&](int64_t first, int64_t last) {
+    std::vector<scalar_t> output(value_dim);
+    for (int64_t family = first; family < last; ++family) {
+      const int64_t* child = tree.children + tree.child_ptr[family];
+      const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
+      const int64_t parent = tree.family_node[family];
+      for (int64_t head = 0; head < heads; ++head) {
+        const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
+        const scalar_t parent_log_mass = log_mass[parent * heads + head];
+        const scalar_t parent_mass = std::exp(parent_log_mass);
+        const scalar_t* parent_message =
+            message.data() + ((parent - num_leaves) * heads + head) * value_dim;
+        for (int64_t i = 0; i < size; ++i) {
+          const int64_t node = child[i];
+          for (int64_t d = 0; d < value_dim; ++d) output[d] = parent_message[d];
+          const int64_t columns = causal ? i + 1 : size;
+          for (int64_t j = 0; j < columns; ++j) {
+            const scalar_t share = parent_mass * weight[i * size + j];
+            const scalar_t* value = rows.value(child[j], head);
+            for (int64_t d = 0; d < value_dim; ++d) output[d] += share * value[d];
+          }
+          log_mass[node * heads + head] = parent_log_mass + self_log[node * heads + head];
+          if (node < num_leaves) {
+            scalar_t* target = out + (node * heads + head) * value_dim;
+            for (int64_t d = 0; d < value_dim; ++d) target[d] = output[d];
+          } else {  // a cluster hands its own share further down
+            const scalar_t own = parent_mass * weight[i * size + i];
+            const scalar_t* value = rows.value(node, head);
+            scalar_t* target = message.data() + ((node - num_leaves) * heads + head) * value_dim;
+            for (int64_t d = 0; d < value_dim; ++d) target[d] = output[d] - own * value[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Calls body(std::integral_constant<int64_t, Dim>) with Dim the common
+// width of queries and values when it is a usual head width, else 0.
+template <typename Body>
+void with_fixed_dim(int64_t dim, int64_t value_dim, const Body& body) {
+  if (dim == value_dim) {
+    switch (dim) {
+      case 8: return body(std::integral_constant<int64_t, 8>());
+      case 16: return body(std::integral_constant<int64_t, 16>());
+      case 32: return body(std::integral_constant<int64_t, 32>());
+      case 64: return body(std::integral_constant<int64_t, 64>());
+      default: break;
+    }
+  }
+  body(std::integral_constant<int64_t, 0>());
+}
+
+std::vector<at::Tensor> check_inputs(const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 3 && k.sizes() == q.sizes() && v.dim() == 3 && v.size(0) == q.size(0) &&
+                  v.size(1) == q.size(1),
+              "hsa_sweeps: q, k [N, H, D] and v [N, H, D_v] expected");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "hsa_sweeps: q, k and v must share a dtype");
+  return {q.contiguous(), k.contiguous(), v.contiguous()};
+}
+
+// Returns the output [N, H, D_v], the clusters' rows [M, H, 2D + D_v + 2],
+// the weights [H, pairs] and log P of every node [N + M, H].
+std::vector<at::Tensor> hsa_sweeps_forward(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const c10::optional<at::Tensor>& pair_bias, const at::Tensor& family_node,
+    const at::Tensor& child_ptr, const at::Tensor& children, const at::Tensor& pair_ptr,
+    const at::Tensor& level_ptr, int64_t num_nodes, double scale,
+    bool euclidean, bool causal) {
+  check_tables(family_node, child_ptr, children, pair_ptr, level_ptr);
+  auto inputs = check_inputs(q_, k_, v_);
+  const at::Tensor &q = inputs[0], &k = inputs[1], &v = inputs[2];
+  const int64_t num_leaves = q.size(0), heads = q.size(1), dim = q.size(2), value_dim = v.size(2);
+  Tree tree(family_node, child_ptr, children, pair_ptr, level_ptr, num_leaves,
+            num_nodes);
+  const int64_t width = 2 * dim + value_dim + 2;
+  at::Tensor means = at::zeros({num_nodes - num_leaves, heads, width}, q.options());
+  at::Tensor weights = at::empty({heads, tree.num_pairs}, q.options());
+  at::Tensor out = v.clone();  // an isolated leaf attends to itself
+  at::Tensor log_mass = at::zeros({num_nodes, heads}, q.options());
+  at::Tensor bias;
+  if (pair_bias.has_value() && pair_bias->defined()) {
+    bias = pair_bias->to(q.scalar_type()).contiguous();
+    TORCH_CHECK(bias.dim() == 2 && bias.size(0) == heads && bias.size(1) == tree.num_pairs,
+                "hsa_sweeps: pair bias [H, E] expected, one column per ordered sibling pair");
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hsa_sweeps_forward", [&] {
+    with_fixed_dim(dim, value_dim, [&](auto fixed) {
+      constexpr int64_t Dim = decltype(fixed)::value;
+      NodeRows<scalar_t, Dim> rows{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                   v.data_ptr<scalar_t>(), means.data_ptr<scalar_t>(),
+                                   heads, dim, value_dim, width, num_leaves};
+      forward_impl<scalar_t, Dim>(
+          tree, rows, bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+          static_cast<scalar_t>(scale), euclidean, causal,
+          weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), log_mass.data_ptr<scalar_t>());
+    });
+  });
+  return {out, means, weights, log_mass};
+}
+
+template <typename scalar_t, int64_t Dim>
+void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const scalar_t* grad_out,
+                   const scalar_t* weights, const scalar_t* log_mass, scalar_t scale,
+                   bool euclidean, bool causal, scalar_t* grad_bias,
+                   scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
+  const int64_t heads = rows.heads, dim = rows.dim(), value_dim = rows.value_dim();
+  const int64_t num_leaves = tree.num_leaves, num_clusters = tree.num_nodes - num_leaves;
+  const std::vector<double> count = leaf_counts(tree);
+  // bottom-up: the summed upstream gradient G and `through` (dL/dlog P) of
+  // every cluster; w_ij (G_i . v_j) of every pair
+  std::vector<scalar_t> gradient(num_clusters * heads * value_dim, 0);
+  std::vector<scalar_t> through(tree.num_nodes * heads, 0);
+  std::vector<scalar_t> coupled(heads * tree.num_pairs, 0);
+  auto gradient_row = [&](int64_t node, int64_t head) -> const scalar_t* {
+    return node < num_leaves ? grad_out + (node * heads + head) * value_dim
+                             : gradient.data() + ((node - num_leaves) * heads + head) * value_dim;
+  };
+  sweep_levels(tree, true, [&](int64_t first, int64_t last) {
+    for (int64_t family = first; family < last; ++family) {
+      const int64_t* child = tree.children + tree.child_ptr[family];
+      const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
+      const int64_t parent = tree.family_node[family];
+      for (int64_t head = 0; head < heads; ++head) {
+        const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
+        scalar_t* couple = coupled.data() + head * tree.num_pairs + tree.pair_ptr[family];
+        const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
+        scalar_t* parent_gradient =
+            gradient.data() + ((parent - num_leaves) * heads + head) * value_dim;
+        scalar_t parent_through = 0, off_diagonal = 0;
+        for (int64_t i = 0; i < size; ++i) {
+          const int64_t node = child[i];
+          const scalar_t* grad = gradient_row(node, head);
+          if (node < num_leaves)  // through of a leaf: P(i) (g_i . v_i)
+            through[node * heads + head] = std::exp(log_mass[node * heads + head]) *
+                                           dot(grad, rows.value(node, head), value_dim);
+          parent_through += through[node * heads + head];
+          for (int64_t d = 0; d < value_dim; ++d) parent_gradient[d] += grad[d];
+          const int64_t columns = causal ? i + 1 : size;
+          for (int64_t j = 0; j < columns; ++j) {
+            const scalar_t value =
+                weight[i * size + j] * dot(grad, rows.value(child[j], head), value_dim);
+            couple[i * size + j] = value;
+            if (j != i) off_diagonal += value;
+          }
+        }
+        through[parent * heads + head] = parent_through + parent_mass * off_diagonal;
+      }
+    }
+  });
+
+  // top-down: delta (dL/d of the node's own diagonal score) and the
+  // accumulated gradients of the mean query, key, value and key-norm term
+  const int64_t acc_width = 2 * dim + value_dim + 1;
+  std::vector<scalar_t> delta(num_clusters * heads, 0);
+  std::vector<scalar_t> accumulated(num_clusters * heads * acc_width, 0);
+  std::vector<scalar_t> leaf_gamma(euclidean ? num_leaves * heads : 0, 0);
+  sweep_levels(tree, false, [&](int64_t first, int64_t last) {
+    std::vector<scalar_t> residual, new_row(acc_width);
+    for (int64_t family = first; family < last; ++family) {
+      const int64_t* child = tree.children + tree.child_ptr[family];
+      const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
+      const int64_t parent = tree.family_node[family];
+      const double parent_count = count[parent];
+      residual.resize(size);
+      for (int64_t head = 0; head < heads; ++head) {
+        const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
+        scalar_t* grad_score = coupled.data() + head * tree.num_pairs + tree.pair_ptr[family];
+        const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
+        const scalar_t parent_delta = delta[(parent - num_leaves) * heads + head];
+        const scalar_t* parent_acc =
+            accumulated.data() + ((parent - num_leaves) * heads + head) * acc_width;
+        // residual_i = P(A) sum_{j != i} c_ij + through_i - delta_A |B_i| / |A|
+        for (int64_t i = 0; i < size; ++i) {
+          scalar_t row_sum = 0;
+          for (int64_t j = 0; j < size; ++j) row_sum += grad_score[i * size + j];
+          row_sum -= grad_score[i * size + i];
+          residual[i] = parent_mass * row_sum + through[child[i] * heads + head] -
+                        parent_delta * static_cast<scalar_t>(count[child[i]] / parent_count);
+        }
+        // score gradients P(A) c_ij - w_ij residual_i (a cluster's own
+        // diagonal is -phi: it reaches q, k and the bias through delta)
+        for (int64_t i = 0; i < size; ++i) {
+          for (int64_t j = 0; j < size; ++j)
+            grad_score[i * size + j] =
+                parent_mass * grad_score[i * size + j] - weight[i * size + j] * residual[i];
+          if (child[i] >= num_leaves) grad_score[i * size + i] = 0;
+          if (grad_bias != nullptr) {
+            scalar_t* head_bias = grad_bias + head * tree.num_pairs + tree.pair_ptr[family];
+            for (int64_t j = 0; j < size; ++j) head_bias[i * size + j] = grad_score[i * size + j];
+          }
+        }
+        for (int64_t i = 0; i < size; ++i) {
+          const int64_t node = child[i];
+          const bool cluster = node >= num_leaves;
+          const scalar_t inverse_count = static_cast<scalar_t>(1.0 / count[node]);
+          for (int64_t c = 0; c < acc_width; ++c) new_row[c] = parent_acc[c];
+          scalar_t* new_query = new_row.data();
+          scalar_t* new_key = new_row.data() + dim;
+          scalar_t* new_value = new_row.data() + 2 * dim;
+          scalar_t gamma = 0;
+          for (int64_t j = 0; j < size; ++j) {
+            // row i: the query's share; column i: the key's, the value's and
+            // the key-norm term's
+            const scalar_t row_score = scale * inverse_count * grad_score[i * size + j];
+            const scalar_t column_score = grad_score[j * size + i];
+            const scalar_t key_score = scale * inverse_count * column_score;
+            const scalar_t* key = rows.key(child[j], head);
+            const scalar_t* query = rows.query(child[j], head);
+            for (int64_t d = 0; d < dim; ++d) new_query[d] += row_score * key[d];
+            for (int64_t d = 0; d < dim; ++d) new_key[d] += key_score * query[d];
+            const scalar_t value_weight =
+                (j == i && cluster) ? scalar_t(0) : inverse_count * parent_mass * weight[j * size + i];
+            if (value_weight != 0) {
+              const scalar_t* grad = gradient_row(child[j], head);
+              for (int64_t d = 0; d < value_dim; ++d) new_value[d] += value_weight * grad[d];
+            }
+            gamma += column_score;
+          }
+          new_row[acc_width - 1] += inverse_count * gamma;
+          if (cluster) {
+            delta[(node - num_leaves) * heads + head] =
+                through[node * heads + head] - weight[i * size + i] * residual[i];
+            scalar_t* target =
+                accumulated.data() + ((node - num_leaves) * heads + head) * acc_width;
+            for (int64_t c = 0; c < acc_width; ++c) target[c] = new_row[c];
+          } else {
+            const int64_t offset = node * heads + head;
+            for (int64_t d = 0; d < dim; ++d) grad_q[offset * dim + d] = new_query[d];
+            for (int64_t d = 0; d < dim; ++d) grad_k[offset * dim + d] = new_key[d];
+            for (int64_t d = 0; d < value_dim; ++d) grad_v[offset * value_dim + d] = new_value[d];
+            if (euclidean) leaf_gamma[offset] = new_row[acc_width - 1];
+          }
+        }
+      }
+    }
+  });
+  if (euclidean) {  // d s_ij / d k_j gains -scale k_j per unit of gamma
+    for (int64_t offset = 0; offset < num_leaves * heads; ++offset) {
+      const scalar_t* key = rows.k + offset * dim;
+      for (int64_t d = 0; d < dim; ++d)
+        grad_k[offset * dim + d] -= scale * leaf_gamma[offset] * key[d];
+    }
+  }
+}
+
+// Returns the gradients of q, k, v and (when bias_grad) the padded pair bias.
+std::vector<at::Tensor> hsa_sweeps_backward(
+    const at::Tensor& grad_out_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& means, const at::Tensor& weights, const at::Tensor& log_mass,
+    const at::Tensor& family_node, const at::Tensor& child_ptr, const at::Tensor& children,
+    const at::Tensor& pair_ptr, const at::Tensor& level_ptr, double scale, bool euclidean,
+    bool causal, bool bias_grad) {
+  check_tables(family_node, child_ptr, children, pair_ptr, level_ptr);
+  auto inputs = check_inputs(q_, k_, v_);
+  const at::Tensor &q = inputs[0], &k = inputs[1], &v = inputs[2];
+  const int64_t num_leaves = q.size(0), heads = q.size(1), dim = q.size(2), value_dim = v.size(2);
+  const int64_t num_nodes = log_mass.size(0);
+  Tree tree(family_node, child_ptr, children, pair_ptr, level_ptr, num_leaves,
+            num_nodes);
+  at::Tensor grad_out = grad_out_.to(q.scalar_type()).contiguous();
+  TORCH_CHECK(grad_out.sizes() == v.sizes(), "hsa_sweeps: grad_out must match v");
+  at::Tensor grad_q = at::zeros_like(q), grad_k = at::zeros_like(k);
+  at::Tensor grad_v = grad_out.clone();  // an isolated leaf's output is its value
+  at::Tensor grad_bias = bias_grad ? at::zeros({heads, tree.num_pairs}, q.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hsa_sweeps_backward", [&] {
+    with_fixed_dim(dim, value_dim, [&](auto fixed) {
+      constexpr int64_t Dim = decltype(fixed)::value;
+      NodeRows<scalar_t, Dim> rows{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                   v.data_ptr<scalar_t>(), means.data_ptr<scalar_t>(),
+                                   heads, dim, value_dim, means.size(2), num_leaves};
+      backward_impl<scalar_t, Dim>(
+          tree, rows, grad_out.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
+          log_mass.data_ptr<scalar_t>(), static_cast<scalar_t>(scale), euclidean, causal,
+          bias_grad ? grad_bias.data_ptr<scalar_t>() : nullptr,
+          grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
+    });
+  });
+  if (!bias_grad) grad_bias = at::empty({0}, q.options());
+  return {grad_q, grad_k, grad_v, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hsa_geo_cpu, m) {
+  m.def(
+      "sweeps_forward(Tensor q, Tensor k, Tensor v, Tensor? pair_bias, Tensor family_node, "
+      "Tensor child_ptr, Tensor children, Tensor pair_ptr, Tensor level_ptr, "
+      "int num_nodes, float scale, bool euclidean, bool causal) -> Tensor[]");
+  m.def(
+      "sweeps_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor means, "
+      "Tensor weights, Tensor log_mass, Tensor family_node, Tensor child_ptr, Tensor children, "
+      "Tensor pair_ptr, Tensor level_ptr, float scale, "
+      "bool euclidean, bool causal, bool bias_grad) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(hsa_geo_cpu, CPU, m) {
+  m.impl("sweeps_forward", &hsa_sweeps_forward);
+  m.impl("sweeps_backward", &hsa_sweeps_backward);
+}

@@ -1,0 +1,164 @@
+"""The CPU kernel of the fused sweeps (hsa_geo/csrc/hsa_sweeps.cpp): exact
+against the dense definition and equal to the tensor sweeps, over forests of
+mixed depth and branching, every score term, float32 and float64, head
+widths the kernel specialises and others, and several threads."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hsa_geo.functional.kernel as kernel
+from hsa_geo import Hierarchy
+from hsa_geo.functional import hsa, hsa_dense
+from hsa_geo.hierarchy.plan import build_family_tables
+from random_trees import number_leaves_depth_first, random_hierarchy, random_parent
+
+pytestmark = pytest.mark.skipif(not kernel.load(), reason="the CPU kernel could not be built")
+
+
+def forest(seed: int, trees: int, causal: bool = False, **kwargs) -> Hierarchy:
+    parts = []
+    for tree in range(trees):
+        parent, num_leaves = random_parent(seed * 7 + tree, shuffle_leaves=not causal, **kwargs)
+        if causal:
+            parent = number_leaves_depth_first(parent, num_leaves)
+        parts.append(Hierarchy.from_parent(parent, num_leaves))
+    return Hierarchy.batch_hierarchies(parts)
+
+
+def run(q, k, v, hierarchy, cpu_kernel, **terms):
+    with kernel.use_cpu_kernel(cpu_kernel):
+        return hsa(q, k, v, hierarchy, **terms)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31 - 1), trees=st.integers(1, 4), max_depth=st.integers(1, 6),
+       max_children=st.integers(1, 9), dim=st.sampled_from([3, 8, 16]),
+       value_dim=st.sampled_from([None, 5]), energy=st.sampled_from(['dot', 'euclidean']),
+       causal=st.booleans(), biased=st.booleans())
+def test_kernel_equals_the_dense_definition(seed, trees, max_depth, max_children, dim, value_dim,
+                                            energy, causal, biased):
+    hierarchy = forest(seed % 10_000, trees, causal, max_depth=max_depth,
+                       max_children=max_children, max_leaves=16)
+    generator = torch.Generator().manual_seed(seed % 997)
+    shapes = [(dim, ), (dim, ), (value_dim or dim, )]
+    q, k, v = (1.5 * torch.randn(hierarchy.num_leaves, 2, *shape, generator=generator,
+                                 dtype=torch.float64).requires_grad_() for shape in shapes)
+    terms = dict(energy=energy, causal=causal)
+    if biased:
+        terms['pair_bias'] = torch.randn(hierarchy.num_sibling_pairs, 2, generator=generator,
+                                         dtype=torch.float64, requires_grad=True)
+    out = run(q, k, v, hierarchy, True, **terms)
+    expected = torch.einsum('hij,jhd->ihd', hsa_dense(q, k, hierarchy, **terms), v)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    inputs = [q, k, v] + ([terms['pair_bias']] if biased else [])
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize('dim', [4, 16, 64])
+@pytest.mark.parametrize('energy', ['dot', 'euclidean'])
+def test_kernel_in_float32_is_as_accurate_as_the_tensor_sweeps(dim, energy):
+    hierarchy = Hierarchy.batch_hierarchies([random_hierarchy(seed, max_leaves=60)
+                                             for seed in range(6)])
+    generator = torch.Generator().manual_seed(dim)
+    inputs64 = [torch.randn(hierarchy.num_leaves, 4, dim, generator=generator,
+                            dtype=torch.float64) for _ in range(3)]
+    inputs64.append(torch.randn(hierarchy.num_sibling_pairs, 4, generator=generator,
+                                dtype=torch.float64))
+
+    def outputs(cpu_kernel, dtype):
+        q, k, v, bias = (t.to(dtype).requires_grad_() for t in inputs64)
+        out = run(q, k, v, hierarchy, cpu_kernel, energy=energy, pair_bias=bias)
+        return [out, *torch.autograd.grad(out.square().sum(), (q, k, v, bias))]
+
+    reference = outputs(True, torch.float64)
+    kernel32, sweeps32 = outputs(True, torch.float32), outputs(False, torch.float32)
+    for want, got, other in zip(reference, kernel32, sweeps32):
+        error = float((got.detach().double() - want).abs().max())
+        assert error <= max(1e-5 * float(want.abs().max()),
+                            2 * float((other.detach().double() - want).abs().max())), error
+
+
+def test_threads_give_the_same_result():
+    # families of one level run in parallel; each writes only its own rows
+    hierarchy = Hierarchy.batch_hierarchies([random_hierarchy(seed) for seed in range(40)])
+    q, k, v = (torch.randn(hierarchy.num_leaves, 2, 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out = run(q, k, v, hierarchy, True)
+            results.append([out, *torch.autograd.grad(out.sum(), (q, k, v))])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_family_tables_follow_the_sibling_pair_order():
+    hierarchy = forest(5, 3, max_depth=5, max_children=6, max_leaves=20)
+    tables = build_family_tables(hierarchy.parent, hierarchy.depth, hierarchy.first_leaf)
+    pairs = []
+    for family in range(tables.family_node.numel()):
+        children = tables.children[tables.child_ptr[family]:tables.child_ptr[family + 1]]
+        assert bool((hierarchy.parent[children] == tables.family_node[family]).all())
+        assert int(tables.pair_ptr[family + 1] - tables.pair_ptr[family]) == children.numel() ** 2
+        pairs.append(torch.stack([children.repeat_interleave(children.numel()),
+                                  children.repeat(children.numel())]))
+    assert torch.equal(torch.cat(pairs, dim=1), hierarchy.sibling_pairs())
+    # levels: parents' depths never increase from one level to the next
+    depths = hierarchy.depth[tables.family_node]
+    for level in range(tables.level_ptr.numel() - 1):
+        part = depths[tables.level_ptr[level]:tables.level_ptr[level + 1]]
+        assert bool((part == part[0]).all())
+        if level > 0:
+            assert int(part[0]) < int(depths[tables.level_ptr[level] - 1])
+
+
+def test_isolated_leaves_and_single_child_chains():
+    # a lone leaf (its own tree), a chain root -> cluster -> cluster -> leaf,
+    # and a normal tree, in one forest
+    parts = [Hierarchy.flat(1), Hierarchy.from_parent(torch.tensor([1, 2, 3, -1]), 1),
+             random_hierarchy(3)]
+    hierarchy = Hierarchy.batch_hierarchies(parts)
+    q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    out = run(q, k, v, hierarchy, True)
+    expected = run(q, k, v, hierarchy, False)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out[:2], v[:2], atol=1e-12, rtol=0)  # they attend to themselves
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(expected.sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_without_a_compiler_hsa_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(kernel, '_LOADED', None)
+    monkeypatch.setattr(kernel, '_SOURCE', '/nonexistent/hsa_sweeps.cpp')
+    hierarchy = random_hierarchy(1)
+    q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, dtype=torch.float64) for _ in range(3))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        out = hsa(q, k, v, hierarchy)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # warned once
+        hsa(q, k, v, hierarchy)
+    monkeypatch.setattr(kernel, '_LOADED', True)
+    torch.testing.assert_close(out, hsa(q, k, v, hierarchy), atol=1e-12, rtol=0)
+
+
+def test_double_backward_is_refused_with_a_pointer_to_the_scatter_backend():
+    hierarchy = random_hierarchy(2)
+    q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    out = run(q, k, v, hierarchy, True)
+    with pytest.raises(RuntimeError, match="backend='scatter'"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
