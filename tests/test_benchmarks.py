@@ -222,3 +222,18 @@ def test_the_batch_baselines_are_softmax_within_each_graph():
         expected = torch.nn.functional.scaled_dot_product_attention(
             q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1))
         torch.testing.assert_close(out[rows], expected.transpose(0, 1))
+
+
+def test_engines_benchmark_writes_its_json(tmp_path):
+    from hsa_geo.benchmarks import engines
+    from hsa_geo.functional.kernel import load
+    if not load():
+        pytest.skip("the CPU kernel could not be built")
+    out = tmp_path / 'engines.json'
+    results = engines.main(['--log2', '8', '--branching', '3', '--threads', '1', '--repeats', '1',
+                            '--out', str(out)])
+    row, = json.loads(out.read_text())['rows']
+    assert row['branching'] == 3 and row['threads'] == 1
+    assert _positive_finite(row['kernel / tensor sweeps'])
+    assert results['rows'][0]['seconds']['kernel'] > 0
+

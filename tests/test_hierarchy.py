@@ -163,3 +163,19 @@ def test_degenerate_feature_sizes_get_clear_errors():
                hierarchy).shape == (3, 2, 0)
     with pytest.raises(ValueError, match="'out_channels' must be a positive int"):
         HSAConv(8, 0)
+
+
+def test_a_saved_hierarchy_loads_under_the_weights_only_default(tmp_path):
+    from hsa_geo.functional import hsa
+    hierarchy = Hierarchy.batch_hierarchies([Hierarchy.from_parent(
+        torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4), Hierarchy.flat(3)])
+    q = torch.randn(7, 2, 3)
+    expected = hsa(q, q, q, hierarchy)  # with its plans cached
+    hierarchy.layout()
+    hierarchy.plan()
+    path = tmp_path / 'hierarchy.pt'
+    torch.save(hierarchy, path)
+    loaded = torch.load(path)  # weights_only=True by default
+    assert torch.equal(loaded.parent, hierarchy.parent)
+    assert torch.equal(loaded.batch, hierarchy.batch)
+    torch.testing.assert_close(hsa(q, q, q, loaded), expected)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from hsa_geo.hierarchy import layout as slot_layout
-from hsa_geo.hierarchy.plan import (PAIRS_PER_BLOCK, FamilyTables, SweepPlan,
+from hsa_geo.hierarchy.plan import (PAIRS_PER_BLOCK, FamilyBlock, FamilyTables, SweepPlan,
                                     build_family_tables, build_sweep_plan)
 
 
@@ -578,3 +578,11 @@ def _leaves_first_order(num_leaves: List[int], num_clusters: List[int]) -> Tenso
         clusters.append(torch.arange(offset + n, offset + n + m))
         offset += n + m
     return torch.cat(leaves + clusters)
+
+
+# A Hierarchy saved with torch.save (with its cached plans) loads under
+# torch.load's weights_only default (torch >= 2.6) only if its classes are
+# allow-listed; they hold tensors, numbers and containers only.
+torch.serialization.add_safe_globals([
+    Hierarchy, SweepPlan, FamilyBlock, FamilyTables, slot_layout.SlotLayout,
+    slot_layout.LayoutLevel, slot_layout.LayoutBlock])
