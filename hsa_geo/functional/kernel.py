@@ -50,8 +50,12 @@ def load(verbose: bool = False) -> bool:
         if _LOADED is None:
             try:
                 from torch.utils.cpp_extension import load as load_extension
-                load_extension('hsa_geo_sweeps', [_SOURCE], extra_cflags=['-O3'],
-                               is_python_module=False, verbose=verbose)
+                # OpenMP: at::parallel_for is a header template that runs the
+                # families of a level on torch's threads only when the
+                # extension itself is built with it (libgomp is torch's own)
+                load_extension('hsa_geo_sweeps', [_SOURCE], extra_cflags=['-O3', '-fopenmp'],
+                               extra_ldflags=['-fopenmp'], is_python_module=False,
+                               verbose=verbose)
                 _LOADED = True
             except Exception as error:  # no compiler, no ninja, a read-only cache...
                 _LOADED = False
