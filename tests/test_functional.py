@@ -284,3 +284,33 @@ def test_cuda_matches_cpu(dtype, tolerance):
     forest = Hierarchy.batch_hierarchies([hierarchy, Hierarchy.flat(3)]).to('cuda')
     q = torch.randn(forest.num_leaves, 2, 3, device='cuda', dtype=dtype)
     assert hsa(q, q, q, forest).device.type == 'cuda'
+
+
+def test_dense_reference_checks_its_inputs_like_hsa():
+    from hsa_geo.functional import hsa_dense
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4)
+    q = torch.randn(4, 2, 3)
+    with pytest.raises(ValueError, match="'causal' must be False, True or 'strict'"):
+        hsa_dense(q, q, hierarchy, causal='yes')
+    extra = torch.zeros(hierarchy.num_sibling_pairs + 3, 2)
+    with pytest.raises(ValueError, match='ordered sibling pairs'):
+        hsa_dense(q, q, hierarchy, pair_bias=extra)
+    with pytest.raises(TypeError, match='q must be a torch.Tensor'):
+        hsa_dense(q.numpy(), q, hierarchy)
+    with pytest.raises(TypeError, match='q must be a torch.Tensor'):
+        hsa(q.numpy(), q, q, hierarchy)
+    # no sibling pairs: an empty bias is the right shape
+    single = Hierarchy.from_parent(torch.tensor([-1]), 1)  # a lone leaf: E = 0
+    x = torch.randn(1, 2, 3)
+    torch.testing.assert_close(hsa_dense(x, x, single, pair_bias=torch.zeros(0, 2)),
+                               torch.ones(2, 1, 1))
+
+
+def test_dense_reference_handles_deep_chains():
+    from hsa_geo.functional import hsa_dense
+    depth = 1500  # past Python's recursion limit
+    parent = torch.tensor([2, 2] + list(range(3, 2 + depth)) + [-1])
+    hierarchy = Hierarchy.from_parent(parent, 2)
+    q, k, v = (torch.randn(2, 1, 3, dtype=torch.float64) for _ in range(3))
+    dense = hsa_dense(q, k, hierarchy)
+    torch.testing.assert_close(torch.einsum('hij,jhd->ihd', dense, v), hsa(q, k, v, hierarchy))

@@ -93,3 +93,10 @@ def test_bias_false_drops_every_bias_and_pairs_of_sizes_are_refused():
     for heads in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="'heads' must be a positive int"):
             HSAConv(8, 4, heads=heads)
+
+
+def test_causal_takes_the_values_hsa_takes_and_repr_shows_them():
+    with pytest.raises(ValueError, match="'causal' must be False, True or 'strict'"):
+        HSAConv(8, 4, causal='yes')
+    assert 'causal=True' in repr(HSAConv(8, 4, causal=True))
+    assert "causal='strict'" in repr(HSAConv(8, 4, causal='strict'))

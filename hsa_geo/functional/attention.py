@@ -91,6 +91,7 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     """
     if backend not in ('fused', 'scatter'):
         raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
+    _check_types((q, k, v))
     terms = dict(pair_bias=pair_bias, energy=energy, causal=causal)
     if torch.compiler.is_compiling():
         if backend == 'fused' and causal != 'strict':
@@ -389,8 +390,9 @@ def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):
     input and upcasts half precision."""
     if not isinstance(hierarchy, Hierarchy):
         raise TypeError(f"'hierarchy' must be a hsa_geo.Hierarchy (got {type(hierarchy).__name__})")
-    first = tensors[0]
     names = 'qkv'
+    _check_types(tensors)
+    first = tensors[0]
     if first.dim() not in (2, 3):
         raise ValueError(f"q must be [N, H, D] or [N, D] (got shape {tuple(first.shape)})")
     for name, tensor in zip(names, tensors):
@@ -413,6 +415,13 @@ def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):
         raise ValueError(f"q has {first.size(0)} rows but the hierarchy has "
                          f"{hierarchy.num_leaves} leaves (one row per leaf needed)")
     return _to_compute(tensors)
+
+
+def _check_types(tensors: Tuple[Tensor, ...]) -> None:
+    for name, tensor in zip('qkv', tensors):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (got {type(tensor).__name__}); "
+                            f"convert it with torch.as_tensor")
 
 
 def _to_compute(tensors: Tuple[Tensor, ...]):

@@ -55,14 +55,14 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     Returns:
         ``[H, N, N]`` (``[N, N]`` for two-dimensional input); rows sum to 1.
     """
-    single_head = q.dim() == 2
+    # the same checks as hsa's (imported here: attention.py imports this module)
+    from hsa_geo.functional.attention import _check_terms, _prepare, _scale
+    _, single_head, _ = _prepare((q, k), hierarchy)
     if single_head:
         q, k = q.unsqueeze(1), k.unsqueeze(1)
+    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     num_leaves, heads, dim = q.shape
-    if num_leaves != hierarchy.num_leaves:
-        raise ValueError(f"q has {num_leaves} rows but the hierarchy has "
-                         f"{hierarchy.num_leaves} leaves")
-    scale = dim ** -0.5 if scale is None else scale
+    scale = _scale(scale, q)
     parent: List[int] = hierarchy.parent.tolist()
     num_nodes = len(parent)
     children: Dict[int, List[int]] = {}
@@ -96,13 +96,12 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     phi: Dict[int, Tensor] = {}
     log_z: Dict[int, Tensor] = {}
 
-    def solve(node: int) -> Tensor:
+    # children before parents (deepest first): no recursion, any depth
+    for node in sorted(range(num_nodes), key=lambda node: -int(hierarchy.depth[node])):
         if node < num_leaves:
             phi[node] = -mean_score[:, node, node]
-            return phi[node]
+            continue
         family = children[node]
-        for child in family:
-            solve(child)
         total = 0.0
         for child in family:
             terms = [-phi[child]] + [size[other].log() + mean_score[:, child, other]
@@ -111,10 +110,6 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
             log_z[child] = torch.logsumexp(torch.stack(terms), 0)
             total = total + size[child] / size[node] * log_z[child]
         phi[node] = -total
-        return phi[node]
-
-    for root in (node for node, up in enumerate(parent) if up < 0):
-        solve(root)
 
     log_attention = q.new_full((heads, num_leaves, num_leaves), float('-inf'))
     for i, path_i in enumerate(paths):
@@ -179,7 +174,7 @@ def _bias_per_leaf_pair(pair_bias: Tensor, hierarchy: Hierarchy, membership: Ten
     leaf pair of the block :math:`\ell(B) \times \ell(C)`, and of a
     leaf's own pair on the diagonal."""
     num_leaves = membership.size(1)
-    bias = pair_bias.reshape(pair_bias.size(0), -1).expand(-1, heads)
+    bias = pair_bias  # [E, H], checked by _check_terms
     out = bias.new_zeros(heads, num_leaves, num_leaves)
     rows, cols = hierarchy.sibling_pairs().tolist()
     for pair, (row, col) in enumerate(zip(rows, cols)):

@@ -78,8 +78,10 @@ class HSAConv(MessagePassing):
             norm is then :math:`d\,\sigma^2 / (\sigma^2 + \epsilon)
             \approx d`, and both energies give the same attention up to a
             relative :math:`\epsilon / \sigma^2`. (default: :obj:`False`)
-        causal (bool, optional): Causal HSA over the leaf order (every
-            subtree must hold consecutive leaves). (default: :obj:`False`)
+        causal (bool or str, optional): Causal HSA over the leaf order (every
+            subtree must hold consecutive leaves): :obj:`True` or
+            :obj:`"strict"`, as in :func:`hsa_geo.functional.hsa`.
+            (default: :obj:`False`)
         positional (str or torch.nn.Module, optional): The positional term:
             :obj:`"learned"`, :obj:`"sinusoidal"` or :obj:`"rotary"` for a
             :class:`~hsa_geo.nn.SiblingPositionBias` of that kind, or any
@@ -113,7 +115,7 @@ class HSAConv(MessagePassing):
         root_weight: bool = True,
         energy: str = 'dot',
         normalize_qk: bool = False,
-        causal: bool = False,
+        causal: Union[bool, str] = False,
         positional: Union[str, torch.nn.Module, None] = None,
         **kwargs,
     ):
@@ -137,6 +139,8 @@ class HSAConv(MessagePassing):
             raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
         self.energy = energy
         self.normalize_qk = normalize_qk
+        if not isinstance(causal, bool) and causal != 'strict':
+            raise ValueError(f"'causal' must be False, True or 'strict' (got {causal!r})")
         self.causal = causal
         if isinstance(positional, str):
             positional = SiblingPositionBias(heads, kind=positional)
@@ -259,6 +263,6 @@ class HSAConv(MessagePassing):
         if self.energy != 'dot':
             options += f', energy={self.energy!r}'
         if self.causal:
-            options += ', causal=True'
+            options += f', causal={self.causal!r}'
         return (f'{self.__class__.__name__}({self.in_channels}, '
                 f'{self.out_channels}, heads={self.heads}{options})')
