@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 import hsa_geo.functional.kernel as kernel
 from hsa_geo import Hierarchy
-from hsa_geo.functional import hsa, hsa_dense
+from hsa_geo.functional import hsa
 from hsa_geo.hierarchy.plan import build_family_tables
+from dense_checks import assert_equals_dense
 from random_trees import number_leaves_depth_first, random_hierarchy, random_parent
 
 pytestmark = pytest.mark.skipif(not kernel.load(), reason="the CPU kernel could not be built")
@@ -51,14 +52,7 @@ def test_kernel_equals_the_dense_definition(seed, trees, max_depth, max_children
         terms['pair_bias'] = torch.randn(hierarchy.num_sibling_pairs, 2, generator=generator,
                                          dtype=torch.float64, requires_grad=True)
     out = run(q, k, v, hierarchy, True, **terms)
-    expected = torch.einsum('hij,jhd->ihd', hsa_dense(q, k, hierarchy, **terms), v)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
-    inputs = [q, k, v] + ([terms['pair_bias']] if biased else [])
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, inputs, grad)
-    want = torch.autograd.grad(expected, inputs, grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    assert_equals_dense(out, q, k, v, hierarchy, **terms)
 
 
 @pytest.mark.parametrize('dim', [4, 16, 64])

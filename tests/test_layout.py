@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 import hsa_geo.hierarchy.layout as layout_module
 from hsa_geo import Hierarchy
-from hsa_geo.functional import hsa, hsa_dense
+from hsa_geo.functional import hsa
 from hsa_geo.functional.kernel import use_cpu_kernel
 from hsa_geo.hierarchy.layout import build_slot_layout, choose_buckets
+from dense_checks import assert_equals_dense
 from random_trees import balanced_parent, random_parent
 
 
@@ -122,11 +123,4 @@ def test_sweeps_on_any_layout_equal_the_dense_definition(seed, trees, max_depth,
                                          dtype=torch.float64, requires_grad=True)
     with use_cpu_kernel(False):  # the tensor sweeps, which read the layout
         out = hsa(q, k, v, hierarchy, **terms)
-    expected = torch.einsum('hij,jhd->ihd', hsa_dense(q, k, hierarchy, **terms), v)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
-    inputs = [q, k, v] + ([terms['pair_bias']] if biased else [])
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, inputs, grad)
-    want = torch.autograd.grad(expected, inputs, grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+    assert_equals_dense(out, q, k, v, hierarchy, **terms)

@@ -32,6 +32,7 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from hsa_geo.functional.sweep import refuse_double_backward
 from hsa_geo.hierarchy.plan import FamilyTables
 
 _SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'csrc', 'hsa_sweeps.cpp')
@@ -142,10 +143,7 @@ class KernelHSAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError("hsa(backend='fused') can be differentiated once; for "
-                               "higher-order gradients (create_graph=True) use "
-                               "backend='scatter'")
+        refuse_double_backward()
         q, k, v, *state = ctx.saved_tensors
         bias_grad = ctx.needs_input_grad[3]
         grad_q, grad_k, grad_v, grad_bias = kernel_backward(

@@ -676,10 +676,7 @@ class HSAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError("hsa(backend='fused') can be differentiated once; for "
-                               "higher-order gradients (create_graph=True) use "
-                               "backend='scatter'")
+        refuse_double_backward()
         q, k, v = ctx.saved_tensors
         # When autograd frees the graph after this pass (no retain_graph), the
         # sweeps may drop the forward state as they go.
@@ -691,6 +688,14 @@ class HSAFunction(torch.autograd.Function):
                 ctx.family_log_mass, ctx.terms, grad_pair_bias=ctx.needs_input_grad[3],
                 release=release)
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
+
+
+def refuse_double_backward() -> None:
+    r"""The fused backward passes are hand-derived, not differentiable."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("hsa(backend='fused') can be differentiated once; for "
+                           "higher-order gradients (create_graph=True) use "
+                           "backend='scatter'")
 
 
 def _graph_is_kept() -> bool:
