@@ -314,3 +314,12 @@ def test_dense_reference_handles_deep_chains():
     q, k, v = (torch.randn(2, 1, 3, dtype=torch.float64) for _ in range(3))
     dense = hsa_dense(q, k, hierarchy)
     torch.testing.assert_close(torch.einsum('hij,jhd->ihd', dense, v), hsa(q, k, v, hierarchy))
+
+
+@pytest.mark.parametrize('backend', ['fused', 'scatter'])
+def test_a_family_too_wide_for_memory_is_refused_at_once(backend):
+    # a flat tree over 200,000 leaves: 4e10 sibling pairs, ~160 GB per head
+    hierarchy = Hierarchy.flat(200_000)
+    q = torch.randn(200_000, 1, 4)
+    with pytest.raises(MemoryError, match=r'node 200000 alone has 200000 children.*limit_children'):
+        hsa(q, q, q, hierarchy, backend=backend)

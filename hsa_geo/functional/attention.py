@@ -2,6 +2,7 @@ r"""Public functional HSA: the attention itself, its log-partition
 :math:`\phi`, and its block-level weights."""
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -109,6 +110,8 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
     (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
     scale = _scale(scale, q)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    if causal != 'strict':
+        _check_pair_memory(hierarchy, q)
     euclidean = energy == 'euclidean'
     if euclidean:
         q, k = _centered(q, k)
@@ -352,6 +355,37 @@ def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
                          f"({row}, {col}); to keep two subtrees apart, split the hierarchy "
                          f"or use causal=True rather than an infinite bias")
     return pair_bias.to(q.dtype).expand(num_pairs, heads)
+
+
+#: Per-pair numbers the sweeps hold at once, per head: the weights, their
+#: gradients and the couplings (or the edge lists of the scatter backend).
+PAIR_BUFFERS = 3
+
+
+def _check_pair_memory(hierarchy: Hierarchy, q: Tensor) -> None:
+    r"""Refuses at once, naming the widest family, a hierarchy whose
+    :math:`\sum_A b_A^2` sibling pairs would not fit in this machine's
+    memory (a flat tree over 200,000 leaves needs some 160 GB), instead of
+    failing deep inside an allocation."""
+    children = hierarchy.num_children
+    pairs = int((children * children).sum())
+    needed = PAIR_BUFFERS * pairs * q.size(1) * q.element_size()
+    available = _physical_memory()
+    if available is not None and needed > available:
+        widest = int(children.argmax())
+        raise MemoryError(
+            f"HSA over this hierarchy needs about {needed / 2**30:.0f} GiB for its {pairs} "
+            f"sibling pairs x {q.size(1)} heads, more than this machine's "
+            f"{available / 2**30:.0f} GiB: node {widest} alone has {int(children[widest])} "
+            f"children (b^2 pairs). Split wide families first, e.g. "
+            f"hsa_geo.hierarchy.limit_children(hierarchy, max_children=64)")
+
+
+def _physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
 
 
 def _scale(scale, q: Tensor) -> float:
