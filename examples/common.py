@@ -263,6 +263,18 @@ def init_distributed() -> Dict[str, Any]:
     return {'world_size': 1, 'rank': 0, 'backend': None, 'local_rank': 0}
 
 
+def mean_over_ranks(total: float, count: float, device: torch.device) -> float:
+    r"""``total / count`` summed over all ranks (this process alone when not
+    distributed): a training loss logged by rank 0 then covers every rank's
+    graphs, not its own share."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, count = float(sums[0]), float(sums[1])
+    return total / max(count, 1)
+
+
 def finish_distributed(info: Dict[str, Any]) -> None:
     if info['world_size'] > 1:
         import torch.distributed as dist

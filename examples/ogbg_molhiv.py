@@ -280,7 +280,8 @@ def run_seed(name: str, seed: int, args, dataset, data, split, evaluator,
                     break
         valid = evaluate(name, model, valid_loader, evaluator, device)
         test = evaluate(name, model, test_loader, evaluator, device)
-        record = {'epoch': epoch + 1, 'steps': steps, 'train_loss': total / max(count, 1),
+        record = {'epoch': epoch + 1, 'steps': steps,
+                  'train_loss': common.mean_over_ranks(total, count, device),
                   f'valid_{metric}': valid[metric], f'test_{metric}': test[metric],
                   'epoch_seconds': timer.seconds}
         history.append(record)

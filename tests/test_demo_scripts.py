@@ -103,6 +103,8 @@ def test_ddp_two_cpu_processes_match_one(offline_root, tmp_path):
     assert not torch.equal(one['model']['head.0.weight'], _initial_head(offline_root))
     h1, h2 = one['history'][0], two['history'][0]
     assert abs(h1['test_rocauc'] - h2['test_rocauc']) < 1e-3
+    # the logged loss covers both ranks' graphs, not rank 0's share
+    assert abs(h1['train_loss'] - h2['train_loss']) < 1e-4 * abs(h1['train_loss'])
 
 
 def _initial_head(offline_root):
