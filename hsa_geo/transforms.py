@@ -46,7 +46,8 @@ class AddHierarchy(BaseTransform):
             (default: :obj:`False`)
         use_edge_weight (bool, optional): Pass a one-dimensional
             :obj:`edge_weight` (or :obj:`edge_attr`) of the graph to the
-            networkx method as edge weights. (default: :obj:`False`)
+            networkx method, or to METIS, as edge weights.
+            (default: :obj:`False`)
         **kwargs: Passed to the builder (e.g. :obj:`resolution`,
             :obj:`max_levels`, :obj:`split`).
 
@@ -99,13 +100,13 @@ class AddHierarchy(BaseTransform):
         edge_index = data.edge_index if 'edge_index' in data else None
         if edge_index is None:
             edge_index = torch.empty(2, 0, dtype=torch.long)
+        weight = self._edge_weight(data)
         if self.method == 'metis':
             return from_edge_index_metis(edge_index, num_nodes, max_children=self.max_children,
                                          seed=self.seed, keep_chains=self.keep_chains,
-                                         **self.kwargs)
+                                         edge_weight=weight, **self.kwargs)
         graph = nx.Graph()
         graph.add_nodes_from(range(num_nodes))
-        weight = self._edge_weight(data)
         if weight is None:
             graph.add_edges_from(edge_index.t().tolist())
         else:

@@ -117,3 +117,28 @@ def test_arxiv_sized_graph_within_a_minute():
     h = from_edge_index_metis(edge_index, block.numel())
     assert time.perf_counter() - start < 60
     assert_valid_tree(h, block.numel(), max_children=32)
+
+
+def test_metis_follows_edge_weights():
+    # two paths 0..7 and 8..15 joined by rungs (i, i + 8): unweighted, the
+    # cheapest cut crosses two path edges; with heavy path edges and light
+    # rungs, it is the rungs
+    from torch_geometric.data import Data
+    from hsa_geo.transforms import AddHierarchy
+    paths = [(i, i + 1) for i in range(7)] + [(i + 8, i + 9) for i in range(7)]
+    rungs = [(i, i + 8) for i in range(8)]
+    edge_index = torch.tensor(paths + rungs).t()
+    weight = torch.tensor([100.0] * len(paths) + [1.0] * len(rungs))
+    data = Data(edge_index=edge_index, edge_weight=weight, num_nodes=16)
+
+    def halves(use_edge_weight):
+        hierarchy = AddHierarchy('metis', max_children=9, use_edge_weight=use_edge_weight,
+                                 seed=0).hierarchy(data)
+        parent = hierarchy.parent[:16]
+        return bool((parent[:8] == parent[0]).all() and (parent[8:] == parent[8]).all())
+
+    assert halves(True)
+    assert not halves(False)
+    with pytest.raises(ValueError, match='positive and finite: edge 0'):
+        from_edge_index_metis(edge_index, 16, max_children=8,
+                              edge_weight=torch.cat([torch.zeros(1), weight[1:]]))

@@ -2,7 +2,7 @@ r"""Hierarchies for large graphs by recursive METIS partitioning."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,7 +17,7 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 def from_edge_index_metis(edge_index, num_nodes: Optional[int] = None,
                           max_children: int = DEFAULT_MAX_CHILDREN, seed: int = 0,
-                          keep_chains: bool = False) -> Hierarchy:
+                          keep_chains: bool = False, edge_weight=None) -> Hierarchy:
     r"""Builds a balanced hierarchy over a (large) graph by recursive METIS
     partitioning (`pymetis <https://pypi.org/project/PyMetis/>`_).
 
@@ -30,8 +30,9 @@ def from_edge_index_metis(edge_index, num_nodes: Optional[int] = None,
     more in the rare part where METIS' size tolerance overshoots), with
     full families at the bottom. All subgraphs of one level are extracted together
     with array operations, so the Python work is one METIS call per cluster
-    with more than :math:`m` nodes. The graph is used as undirected and
-    unweighted; self-loops and repeated edges are ignored.
+    with more than :math:`m` nodes. The graph is used as undirected;
+    self-loops are ignored, and repeated edges (both directions included)
+    count once, or add their weights.
 
     Args:
         edge_index (torch.Tensor): ``[2, E]`` edges (either or both
@@ -43,6 +44,10 @@ def from_edge_index_metis(edge_index, num_nodes: Optional[int] = None,
         seed (int, optional): METIS' random seed. (default: :obj:`0`)
         keep_chains (bool, optional): Keep single-child clusters.
             (default: :obj:`False`)
+        edge_weight (torch.Tensor, optional): ``[E]`` positive weights:
+            METIS then minimises the weight of the cut edges. They are
+            scaled to METIS' integers (the largest to 1000, none below 1).
+            (default: :obj:`None`: every edge weighs 1)
 
     Returns:
         Hierarchy: One tree over the :math:`N` nodes (leaf :obj:`i` = node
@@ -76,15 +81,17 @@ def from_edge_index_metis(edge_index, num_nodes: Optional[int] = None,
     max_children = check_max_children(max_children)
     if max_children is None:
         raise ValueError("METIS needs a target family size: give max_children")
-    src, dst, num_nodes = undirected_edges(edge_index, num_nodes)
-    partition = _MetisPartitioner(pymetis, src, dst, num_nodes, max_children, int(seed))
+    src, dst, num_nodes, weight = undirected_edges(edge_index, num_nodes, edge_weight)
+    partition = _MetisPartitioner(pymetis, src, dst, num_nodes, max_children, int(seed),
+                                  _metis_weights(weight))
     parent = partition.build()
     return finalize(parent, num_nodes, max_children, keep_chains)
 
 
-def undirected_edges(edge_index, num_nodes: Optional[int]) -> Tuple[np.ndarray, np.ndarray, int]:
+def undirected_edges(edge_index, num_nodes: Optional[int], edge_weight=None):
     r"""Both directions of every edge once, without self-loops, sorted by
-    (source, target), and the number of nodes."""
+    (source, target), the number of nodes and, with :obj:`edge_weight`, the
+    summed weight of every such edge (else None)."""
     if not isinstance(edge_index, torch.Tensor):
         edge_index = torch.as_tensor(np.asarray(edge_index))
     if edge_index.dtype == torch.bool or edge_index.is_floating_point() \
@@ -106,9 +113,40 @@ def undirected_edges(edge_index, num_nodes: Optional[int]) -> Tuple[np.ndarray, 
             raise ValueError(f"Edge {column} refers to node {bad}, outside [0, {num_nodes - 1}]")
     src = np.concatenate([edges[0], edges[1]])
     dst = np.concatenate([edges[1], edges[0]])
+    if edge_weight is not None:
+        weight = _check_edge_weight(edge_weight, edges.shape[1])
+        keep = src != dst
+        key, inverse = np.unique(src[keep] * num_nodes + dst[keep], return_inverse=True)
+        summed = np.bincount(inverse, weights=np.concatenate([weight, weight])[keep])
+        return key // num_nodes, key % num_nodes, num_nodes, summed
     key = np.sort(src[src != dst] * num_nodes + dst[src != dst])
     key = key[np.concatenate([key[:1] == key[:1], key[1:] != key[:-1]])]  # faster than unique
-    return key // num_nodes, key % num_nodes, num_nodes
+    return key // num_nodes, key % num_nodes, num_nodes, None
+
+
+def _check_edge_weight(edge_weight, num_edges: int) -> np.ndarray:
+    weight = torch.as_tensor(edge_weight).detach().cpu()
+    if weight.dim() == 2 and weight.size(1) == 1:
+        weight = weight.view(-1)
+    if weight.dim() != 1 or weight.numel() != num_edges:
+        raise ValueError(f"edge_weight must have shape [{num_edges}] (one weight per edge), "
+                         f"got {tuple(weight.shape)}")
+    weight = weight.to(torch.float64).numpy()
+    bad = np.flatnonzero(~np.isfinite(weight) | (weight <= 0))
+    if bad.size:
+        raise ValueError(f"edge_weight must be positive and finite: edge {int(bad[0])} has "
+                         f"weight {weight[bad[0]]}")
+    return weight
+
+
+#: METIS takes integer edge weights: the largest becomes this.
+METIS_WEIGHT_SCALE = 1000
+
+
+def _metis_weights(weight: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    if weight is None or weight.size == 0:
+        return weight
+    return np.maximum(1, np.rint(weight * (METIS_WEIGHT_SCALE / weight.max()))).astype(np.int64)
 
 
 #: METIS lets parts exceed their target size by up to 3 % (its default
@@ -129,9 +167,9 @@ def num_parts(size: int, max_children: int) -> int:
 
 
 class _MetisPartitioner:
-    def __init__(self, pymetis, src, dst, num_nodes, max_children, seed):
+    def __init__(self, pymetis, src, dst, num_nodes, max_children, seed, weight=None):
         self.pymetis = pymetis
-        self.src, self.dst = src, dst
+        self.src, self.dst, self.weight = src, dst, weight
         self.num_nodes = num_nodes
         self.max_children = max_children
         self.options = pymetis.Options(seed=seed)
@@ -189,6 +227,7 @@ class _MetisPartitioner:
         edge_group = group_src[inside]
         order = np.argsort(edge_group, kind='stable')
         edge_src, edge_dst = local[edge_src[order]], local[edge_dst[order]]
+        edge_weight = None if self.weight is None else self.weight[inside][order]
         edge_counts = np.bincount(edge_group, minlength=len(large))
         edge_starts = np.concatenate([[0], np.cumsum(edge_counts)])
 
@@ -199,7 +238,8 @@ class _MetisPartitioner:
             degree = np.bincount(edge_src[span], minlength=nodes.size)
             xadj = np.concatenate([[0], np.cumsum(degree)]).astype(self.index_dtype)
             adjncy = edge_dst[span].astype(self.index_dtype)
-            for part in self._cut(nodes.size, xadj, adjncy):
+            weights = None if edge_weight is None else edge_weight[span].astype(self.index_dtype)
+            for part in self._cut(nodes.size, xadj, adjncy, weights):
                 part_nodes = nodes[part]
                 if part_nodes.size == 1:
                     self.leaf_parent[part_nodes] = cluster
@@ -207,9 +247,11 @@ class _MetisPartitioner:
                     next_groups.append((self.new_cluster(cluster), part_nodes))
         return next_groups
 
-    def _cut(self, size: int, xadj, adjncy) -> List[np.ndarray]:
+    def _cut(self, size: int, xadj, adjncy, weights=None) -> List[np.ndarray]:
         count = num_parts(size, self.max_children)
-        if hasattr(self.pymetis, 'CSRAdjacency'):  # pymetis >= 2025.2
+        if weights is not None:  # edge weights go with the raw CSR arrays
+            graph = dict(xadj=xadj, adjncy=adjncy, eweights=weights)
+        elif hasattr(self.pymetis, 'CSRAdjacency'):  # pymetis >= 2025.2
             graph = dict(adjacency=self.pymetis.CSRAdjacency(xadj, adjncy))
         else:  # pragma: no cover - older pymetis
             graph = dict(xadj=xadj, adjncy=adjncy)
