@@ -25,7 +25,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -83,6 +85,45 @@ std::vector<double> leaf_counts(const Tree& tree) {
     count[tree.family_node[family]] = total;
   }
   return count;
+}
+
+// whether every node is some family's child (roots and isolated leaves are not)
+std::vector<char> has_parent(const Tree& tree) {
+  std::vector<char> out(tree.num_nodes, 0);
+  const int64_t num_children = tree.child_ptr[tree.num_families];
+  for (int64_t c = 0; c < num_children; ++c) out[tree.children[c]] = 1;
+  return out;
+}
+
+// A buffer left uninitialised: every entry is written before it is read
+// (a root's rows, which no family writes, are zeroed by the caller), which
+// spares a pass over memory per buffer and call at large N.
+template <typename scalar_t>
+std::unique_ptr<scalar_t[]> uninitialised(int64_t size) {
+  return std::unique_ptr<scalar_t[]>(new scalar_t[size]);
+}
+
+// Zeroes the `width` numbers per head of every root cluster in a
+// [clusters, heads, width] buffer.
+template <typename scalar_t>
+void zero_roots(scalar_t* buffer, const std::vector<char>& parented, int64_t num_leaves,
+                int64_t heads, int64_t width) {
+  for (int64_t node = num_leaves; node < static_cast<int64_t>(parented.size()); ++node)
+    if (!parented[node])
+      std::fill_n(buffer + (node - num_leaves) * heads * width, heads * width, scalar_t(0));
+}
+
+// Copies (or zeroes, with source null) the rows of the isolated leaves.
+template <typename scalar_t>
+void isolated_rows(scalar_t* target, const scalar_t* source, const std::vector<char>& parented,
+                   int64_t num_leaves, int64_t row) {
+  for (int64_t leaf = 0; leaf < num_leaves; ++leaf) {
+    if (parented[leaf]) continue;
+    if (source == nullptr)
+      std::fill_n(target + leaf * row, row, scalar_t(0));
+    else
+      std::copy_n(source + leaf * row, row, target + leaf * row);
+  }
 }
 
 template <typename scalar_t>
@@ -261,7 +302,9 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
 
   // top-down: u (what reaches a cluster from its ancestors' siblings), log P
   const int64_t num_clusters = tree.num_nodes - num_leaves;
-  std::vector<scalar_t> message(num_clusters * heads * value_dim, 0);
+  const std::vector<char> parented = has_parent(tree);
+  auto message = uninitialised<scalar_t>(num_clusters * heads * value_dim);
+  zero_roots(message.get(), parented, num_leaves, heads, value_dim);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> row_weight;  // P(A) w_ij of one row
     for (int64_t family = first; family < last; ++family) {
@@ -274,7 +317,7 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
         const scalar_t parent_log_mass = log_mass[parent * heads + head];
         const scalar_t parent_mass = std::exp(parent_log_mass);
         const scalar_t* parent_message =
-            message.data() + ((parent - num_leaves) * heads + head) * value_dim;
+            message.get() + ((parent - num_leaves) * heads + head) * value_dim;
         auto value_of = [&](int64_t j) { return rows.value(child[j], head); };
         for (int64_t i = 0; i < size; ++i) {
           const int64_t node = child[i];
@@ -286,13 +329,15 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
           scalar_t* target = out + (node * heads + head) * value_dim;
           if (node >= num_leaves) {
             row_weight[i] = 0;
-            target = message.data() + ((node - num_leaves) * heads + head) * value_dim;
+            target = message.get() + ((node - num_leaves) * heads + head) * value_dim;
           }
           weighted_rows(target, parent_message, row_weight.data(), columns, value_dim, value_of);
         }
       }
     }
   });
+  // an isolated leaf (a tree of its own) attends to itself
+  isolated_rows(out, rows.v, parented, num_leaves, heads * value_dim);
 }
 
 // Calls body(std::integral_constant<int64_t, Dim>) with Dim the common
@@ -336,9 +381,9 @@ std::vector<at::Tensor> hsa_sweeps_forward(
   Tree tree(family_node, child_ptr, children, pair_ptr, level_ptr, num_leaves,
             num_nodes);
   const int64_t width = 2 * dim + value_dim + 2;
-  at::Tensor means = at::zeros({num_nodes - num_leaves, heads, width}, q.options());
+  at::Tensor means = at::empty({num_nodes - num_leaves, heads, width}, q.options());
   at::Tensor weights = at::empty({heads, tree.num_pairs}, q.options());
-  at::Tensor out = v.clone();  // an isolated leaf attends to itself
+  at::Tensor out = at::empty_like(v);
   at::Tensor log_mass = at::zeros({num_nodes, heads}, q.options());
   at::Tensor bias;
   if (pair_bias.has_value() && pair_bias->defined()) {
@@ -373,11 +418,12 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   // every cluster, from the couplings w_ij (G_i . v_j) of its pairs (computed
   // again on the way down rather than kept: at 2^20 leaves they would be
   // as large as the weights)
-  std::vector<scalar_t> gradient(num_clusters * heads * value_dim, 0);
-  std::vector<scalar_t> through(tree.num_nodes * heads, 0);
+  auto gradient = uninitialised<scalar_t>(num_clusters * heads * value_dim);
+  auto through = uninitialised<scalar_t>(tree.num_nodes * heads);
+  const std::vector<char> parented = has_parent(tree);
   auto gradient_row = [&](int64_t node, int64_t head) -> const scalar_t* {
     return node < num_leaves ? grad_out + (node * heads + head) * value_dim
-                             : gradient.data() + ((node - num_leaves) * heads + head) * value_dim;
+                             : gradient.get() + ((node - num_leaves) * heads + head) * value_dim;
   };
   sweep_levels(tree, true, [&](int64_t first, int64_t last) {
     for (int64_t family = first; family < last; ++family) {
@@ -388,7 +434,8 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
         scalar_t* parent_gradient =
-            gradient.data() + ((parent - num_leaves) * heads + head) * value_dim;
+            gradient.get() + ((parent - num_leaves) * heads + head) * value_dim;
+        std::fill_n(parent_gradient, value_dim, scalar_t(0));
         scalar_t parent_through = 0, off_diagonal = 0;
         for (int64_t i = 0; i < size; ++i) {
           const int64_t node = child[i];
@@ -411,8 +458,10 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   // top-down: delta (dL/d of the node's own diagonal score) and the
   // accumulated gradients of the mean query, key, value and key-norm term
   const int64_t acc_width = 2 * dim + value_dim + 1;
-  std::vector<scalar_t> delta(num_clusters * heads, 0);
-  std::vector<scalar_t> accumulated(num_clusters * heads * acc_width, 0);
+  auto delta = uninitialised<scalar_t>(num_clusters * heads);
+  auto accumulated = uninitialised<scalar_t>(num_clusters * heads * acc_width);
+  zero_roots(delta.get(), parented, num_leaves, heads, 1);
+  zero_roots(accumulated.get(), parented, num_leaves, heads, acc_width);
   std::vector<scalar_t> leaf_gamma(euclidean ? num_leaves * heads : 0, 0);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> residual, grad_scores, coefficients;
@@ -430,7 +479,7 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
         const scalar_t parent_delta = delta[(parent - num_leaves) * heads + head];
         const scalar_t* parent_acc =
-            accumulated.data() + ((parent - num_leaves) * heads + head) * acc_width;
+            accumulated.get() + ((parent - num_leaves) * heads + head) * acc_width;
         // couplings c_ij = w_ij (G_i . v_j), then
         // residual_i = P(A) sum_{j != i} c_ij + through_i - delta_A |B_i| / |A|
         for (int64_t i = 0; i < size; ++i) {
@@ -483,7 +532,7 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
           if (cluster) value_weight[i] = 0;
           const int64_t offset = node * heads + head;
           scalar_t* cluster_acc =
-              cluster ? accumulated.data() + ((node - num_leaves) * heads + head) * acc_width
+              cluster ? accumulated.get() + ((node - num_leaves) * heads + head) * acc_width
                       : nullptr;
           scalar_t* query_target = cluster ? cluster_acc : grad_q + offset * dim;
           scalar_t* key_target = cluster ? cluster_acc + dim : grad_k + offset * dim;
@@ -504,6 +553,10 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
       }
     }
   });
+  // an isolated leaf's output is its own value
+  isolated_rows<scalar_t>(grad_q, nullptr, parented, num_leaves, heads * dim);
+  isolated_rows<scalar_t>(grad_k, nullptr, parented, num_leaves, heads * dim);
+  isolated_rows<scalar_t>(grad_v, grad_out, parented, num_leaves, heads * value_dim);
   if (euclidean) {  // d s_ij / d k_j gains -scale k_j per unit of gamma
     for (int64_t offset = 0; offset < num_leaves * heads; ++offset) {
       const scalar_t* key = rows.k + offset * dim;
@@ -529,8 +582,7 @@ std::vector<at::Tensor> hsa_sweeps_backward(
             num_nodes);
   at::Tensor grad_out = grad_out_.to(q.scalar_type()).contiguous();
   TORCH_CHECK(grad_out.sizes() == v.sizes(), "hsa_sweeps: grad_out must match v");
-  at::Tensor grad_q = at::zeros_like(q), grad_k = at::zeros_like(k);
-  at::Tensor grad_v = grad_out.clone();  // an isolated leaf's output is its value
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   at::Tensor grad_bias = bias_grad ? at::zeros({heads, tree.num_pairs}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hsa_sweeps_backward", [&] {
     with_fixed_dim(dim, value_dim, [&](auto fixed) {
