@@ -131,10 +131,24 @@ def ordered_children(parent: Tensor, depth: Tensor, first_leaf: Tensor):
     child = (parent >= 0).nonzero().view(-1)
     family_of_child = parent[child]
     num_children = torch.bincount(family_of_child, minlength=parent.numel())
-    order = torch.argsort(first_leaf[child])
-    for key in (first_leaf[family_of_child], num_children[family_of_child],
-                -depth[family_of_child]):
-        order = order[torch.argsort(key[order], stable=True)]
+    if child.numel() == 0:
+        return child, family_of_child, num_children
+    keys = [first_leaf[child], first_leaf[family_of_child], num_children[family_of_child],
+            int(depth.max()) - depth[family_of_child]]  # least significant first
+    # one sort of a combined key when it fits in 63 bits, else one stable
+    # sort per key
+    extents = [int(key.max()) + 1 for key in keys]
+    bits = sum(max(extent - 1, 1).bit_length() for extent in extents)
+    if bits <= 62:
+        combined, factor = torch.zeros_like(child), 1
+        for key, extent in zip(keys, extents):
+            combined += key * factor
+            factor *= extent
+        order = torch.argsort(combined)
+    else:
+        order = torch.argsort(keys[0])
+        for key in keys[1:]:
+            order = order[torch.argsort(key[order], stable=True)]
     return child[order], family_of_child[order], num_children
 
 
