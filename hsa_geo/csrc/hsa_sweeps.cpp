@@ -59,6 +59,11 @@ struct Tree {
         num_nodes(num_nodes_),
         num_pairs(pair_ptr_.data_ptr<int64_t>()[family_node_.numel()]) {}
 
+  const int64_t* children_of(int64_t family) const { return children + child_ptr[family]; }
+  int64_t num_children(int64_t family) const {
+    return child_ptr[family + 1] - child_ptr[family];
+  }
+
 };
 
 void check_tables(const at::Tensor& family_node, const at::Tensor& child_ptr,
@@ -237,9 +242,8 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
   sweep_levels(tree, true, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> column_term;  // log|C| (+ the key term) of every sibling
     for (int64_t family = first; family < last; ++family) {
-      const int64_t* child = tree.children + tree.child_ptr[family];
-      const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
-      const int64_t parent = tree.family_node[family];
+      const int64_t* child = tree.children_of(family);
+      const int64_t size = tree.num_children(family), parent = tree.family_node[family];
       const double parent_count = count[parent];
       column_term.resize(size);
       for (int64_t head = 0; head < heads; ++head) {
@@ -308,9 +312,8 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> row_weight;  // P(A) w_ij of one row
     for (int64_t family = first; family < last; ++family) {
-      const int64_t* child = tree.children + tree.child_ptr[family];
-      const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
-      const int64_t parent = tree.family_node[family];
+      const int64_t* child = tree.children_of(family);
+      const int64_t size = tree.num_children(family), parent = tree.family_node[family];
       row_weight.resize(size);
       for (int64_t head = 0; head < heads; ++head) {
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
@@ -427,9 +430,8 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   };
   sweep_levels(tree, true, [&](int64_t first, int64_t last) {
     for (int64_t family = first; family < last; ++family) {
-      const int64_t* child = tree.children + tree.child_ptr[family];
-      const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
-      const int64_t parent = tree.family_node[family];
+      const int64_t* child = tree.children_of(family);
+      const int64_t size = tree.num_children(family), parent = tree.family_node[family];
       for (int64_t head = 0; head < heads; ++head) {
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
@@ -466,9 +468,8 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> residual, grad_scores, coefficients;
     for (int64_t family = first; family < last; ++family) {
-      const int64_t* child = tree.children + tree.child_ptr[family];
-      const int64_t size = tree.child_ptr[family + 1] - tree.child_ptr[family];
-      const int64_t parent = tree.family_node[family];
+      const int64_t* child = tree.children_of(family);
+      const int64_t size = tree.num_children(family), parent = tree.family_node[family];
       const double parent_count = count[parent];
       residual.resize(size);
       grad_scores.resize(size * size);
