@@ -100,3 +100,11 @@ def test_causal_takes_the_values_hsa_takes_and_repr_shows_them():
         HSAConv(8, 4, causal='yes')
     assert 'causal=True' in repr(HSAConv(8, 4, causal=True))
     assert "causal='strict'" in repr(HSAConv(8, 4, causal='strict'))
+
+
+def test_input_width_that_differs_from_in_channels_is_named():
+    conv = HSAConv(16, 8, heads=2)
+    with pytest.raises(ValueError, match='built for 16 input channels, but x has 12'):
+        conv(torch.randn(5, 12), Hierarchy.flat(5))
+    lazy = HSAConv(-1, 8, heads=2)  # lazy: any width on first call
+    assert lazy(torch.randn(5, 12), Hierarchy.flat(5)).shape == (5, 16)

@@ -218,6 +218,9 @@ class HSAConv(MessagePassing):
         if x.dim() != 2:
             raise ValueError(f"HSAConv expects leaf features of shape [N, F] "
                              f"(got {tuple(x.shape)})")
+        if self.in_channels > 0 and x.size(1) != self.in_channels:
+            raise ValueError(f"HSAConv was built for {self.in_channels} input channels, but x "
+                             f"has {x.size(1)} (shape {tuple(x.shape)})")
         heads, channels = self.heads, self.out_channels
         query = self._project(self.lin_query, x, self.normalize_qk)
         key = self._project(self.lin_key, x, self.normalize_qk)
