@@ -142,10 +142,9 @@ def attach_hierarchies(dataset: Iterable, method: str = 'louvain', max_children:
                        seed: int = 0, progress: bool = True, desc: str = 'hierarchies') -> List:
     r"""Every graph as a :class:`~hsa_geo.data.NestedSignal` carrying a
     hierarchy over its nodes (community detection on its own edges)."""
-    from tqdm.auto import tqdm
     from hsa_geo.data import NestedSignal
     out = []
-    for data in tqdm(dataset, desc=desc, disable=not progress, leave=False):
+    for data in progress_bar(dataset, progress, desc=desc, leave=False):
         hierarchy = graph_hierarchy(data.num_nodes, data.edge_index, method, max_children, seed)
         extra = {k: v for k, v in data.to_dict().items() if k not in ('x', 'num_nodes')}
         out.append(NestedSignal.from_hierarchy(data.x, hierarchy, **extra))
@@ -153,6 +152,14 @@ def attach_hierarchies(dataset: Iterable, method: str = 'louvain', max_children:
 
 
 # ------------------------------------------------------------ training
+def progress_bar(iterable, enabled: bool = True, **kwargs):
+    r"""A tqdm bar that is drawn on a terminal only: with its output
+    redirected to a log, tqdm stays quiet (``disable=None``) instead of
+    writing one line per redraw."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, disable=None if enabled else True, **kwargs)
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -130,7 +130,7 @@ def make_figure(payload: Dict[str, Any], root: str, path: str, args) -> None:
     means = [summary[n]['test_rocauc']['mean'] for n in names]
     stds = [summary[n]['test_rocauc']['std'] for n in names]
     axes[0, 2].bar(names, means, yerr=stds, color=[colors.get(n, 'gray') for n in names])
-    axes[0, 2].set(title='test ROC-AUC at best validation epoch', ylim=(max(0, min(means) - 15), 100))
+    axes[0, 2].set(title='test ROC-AUC at best validation epoch', ylim=(0, 100))
     for i, m in enumerate(means):
         axes[0, 2].text(i, m + 0.5, f'{m:.1f}', ha='center', fontsize=9)
 

@@ -153,8 +153,9 @@ def train_one(name, seed, train, valid, test, args):
         model.train()
         order = torch.randperm(len(train), generator=generator).tolist()
         batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        # disable=None: drawn on a terminal only, quiet in a log
         bar = tqdm(batches, desc=f'{name} seed {seed} epoch {epoch + 1}/{args.epochs}',
-                   disable=args.no_progress, leave=False)
+                   disable=True if args.no_progress else None, leave=False)
         start, running = time.perf_counter(), 0.0
         for step, indices in enumerate(bar):
             input_ids, position, batch, forest, labels = train.batch(indices)

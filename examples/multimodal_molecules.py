@@ -78,12 +78,11 @@ def parse_args(argv=None):
 def build_records(dataset, smiles: List[str], vocab: Dict[str, int], args,
                   progress: bool) -> Dict[str, List]:
     r"""Four views of every molecule, one per variant (NestedSignals)."""
-    from tqdm.auto import tqdm
     from hsa_geo.data import NestedSignal
     from hsa_geo.hierarchy import Hierarchy, chunk_sequence, compose
     records: Dict[str, List] = {v: [] for v in VARIANTS}
-    for index in tqdm(range(len(dataset)), desc='molecule records', disable=not progress,
-                      leave=False):
+    for index in common.progress_bar(range(len(dataset)), progress, desc='molecule records',
+                                     leave=False):
         data = dataset[index]
         n_atoms = data.num_nodes
         tokens = tokenize(smiles[index])
@@ -148,7 +147,6 @@ def evaluate(model, loader, evaluator):
 def main(argv=None) -> int:
     import pandas as pd
     from torch_geometric.loader import DataLoader
-    from tqdm.auto import tqdm
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -187,8 +185,9 @@ def main(argv=None) -> int:
                 model.train()
                 total, count = 0.0, 0
                 with common.Timer() as timer:
-                    for batch in tqdm(train_loader, desc=f'{variant} seed {seed} epoch {epoch + 1}',
-                                      leave=False, disable=args.no_progress):
+                    for batch in common.progress_bar(
+                            train_loader, not args.no_progress, leave=False,
+                            desc=f'{variant} seed {seed} epoch {epoch + 1}'):
                         out = forward(model, batch)
                         loss = F.binary_cross_entropy_with_logits(
                             out, batch.y.view(out.shape).float())

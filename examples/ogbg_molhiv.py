@@ -261,8 +261,9 @@ def run_seed(name: str, seed: int, args, dataset, data, split, evaluator,
         train_model.train()
         total, count = 0.0, 0
         with common.Timer() as timer:
-            bar = tqdm(train_loader, desc=f'{name} seed {seed} epoch {epoch + 1}/{args.epochs}',
-                       leave=False, disable=args.no_progress or rank != 0)
+            bar = common.progress_bar(train_loader, not args.no_progress and rank == 0,
+                                      desc=f'{name} seed {seed} epoch {epoch + 1}/{args.epochs}',
+                                      leave=False)
             for batch in bar:
                 batch = batch.to(device)
                 out = model_forward(name, train_model, batch)

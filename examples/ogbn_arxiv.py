@@ -95,7 +95,6 @@ def build_model(name, args, in_channels, num_classes):
 
 def main(argv=None) -> int:
     from torch_geometric.utils import to_undirected
-    from tqdm.auto import tqdm
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -134,8 +133,8 @@ def main(argv=None) -> int:
                     return model(data.x, edge_index, hierarchy)
                 return model(data.x, edge_index)
 
-            bar = tqdm(range(start, args.epochs), desc=f'{name} seed {seed}',
-                       disable=args.no_progress)
+            bar = common.progress_bar(range(start, args.epochs), not args.no_progress,
+                                      desc=f'{name} seed {seed}')
             for epoch in bar:
                 with common.Timer() as timer:
                     model.train()

@@ -158,3 +158,14 @@ def test_demo_quick_writes_table_and_figure(tmp_path, capsys):
     assert figure.is_file() and figure.stat().st_size > 20_000
     assert str(figure) in text
     assert json.load(open(tmp_path / 'demo_metrics.json'))['summary'].keys() == {'hsa', 'gin'}
+
+
+def test_progress_bars_stay_quiet_when_the_output_is_not_a_terminal():
+    code = ("import sys; sys.path.insert(0, 'examples'); import common; "
+            "bar = common.progress_bar(range(500), True, desc='x'); "
+            "[None for _ in bar]; print('disabled', bar.disable)")
+    done = subprocess.run([sys.executable, '-c', code], cwd=osp.dirname(EXAMPLES),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 'disabled True' in done.stdout
+    assert done.stderr.count('\r') == 0  # no redraws in a log

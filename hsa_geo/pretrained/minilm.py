@@ -37,7 +37,7 @@ def encode_documents(model: nn.Module, documents: Sequence[TokenizedDocument],
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
         from tqdm import tqdm
-        chunks = tqdm(chunks, desc='encode', leave=False)
+        chunks = tqdm(chunks, desc='encode', leave=False, disable=None)  # quiet in logs
     for chunk in chunks:
         length = max(documents[i].num_tokens for i in chunk)
         input_ids = torch.zeros(len(chunk), length, dtype=torch.long)
