@@ -121,12 +121,14 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
             plan.cache['family_groups'] = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
         out = hsa_strict_causal(q, k, v, plan, _scatter_plan(plan), plan.cache['family_groups'],
                                 scale, pair_bias, euclidean)
-    elif backend == 'fused' and cpu_kernel.available(q):
-        out = KernelHSAFunction.apply(q, k, v, None if pair_bias is None else pair_bias.t(),
-                                      hierarchy.family_tables(), scale, euclidean, causal)
     elif backend == 'fused':
-        out = HSAFunction.apply(q, k, v, _padded_bias(pair_bias, hierarchy, q),
-                                hierarchy.layout(q.device), scale, euclidean, causal)
+        use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
+        if use_kernel:
+            out = KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
+                                          euclidean, causal)
+        else:
+            out = HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale,
+                                    euclidean, causal)
     else:
         out = hsa_scatter(q, k, v, _scatter_plan(hierarchy.plan(q.device)), scale, pair_bias,
                           euclidean, causal)
@@ -149,11 +151,7 @@ def _compiled_inputs(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     engine and the pair bias in its order (differentiable)."""
     (q, k, v), _, _ = _prepare((q, k, v), hierarchy)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
-    use_kernel = cpu_kernel.available(q)
-    if use_kernel:
-        engine_bias = None if pair_bias is None else pair_bias.t().contiguous()
-    else:
-        engine_bias = _padded_bias(pair_bias, hierarchy, q)
+    use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
     return hierarchy_key(hierarchy), engine_bias, use_kernel
 
 
@@ -171,6 +169,15 @@ def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: 
                     use_kernel)
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
+
+
+def _fused_engine(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
+    r"""Which engine runs ``backend='fused'`` on :obj:`q`'s device (the CPU
+    kernel when it is available) and the pair bias in that engine's order:
+    ``[H, E]`` for the kernel, padded ``[H, P]`` for the tensor sweeps."""
+    if cpu_kernel.available(q):
+        return True, None if pair_bias is None else pair_bias.t().contiguous()
+    return False, _padded_bias(pair_bias, hierarchy, q)
 
 
 def _padded_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
@@ -329,8 +336,7 @@ def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
     in :obj:`q`'s compute dtype."""
     if energy not in ENERGIES:
         raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
-    if not isinstance(causal, bool) and causal != 'strict':
-        raise ValueError(f"'causal' must be False, True or 'strict' (got {causal!r})")
+    check_causal(causal)
     if causal:
         hierarchy.check_contiguous()
     if pair_bias is None:
@@ -367,11 +373,11 @@ def _check_pair_memory(hierarchy: Hierarchy, q: Tensor) -> None:
     :math:`\sum_A b_A^2` sibling pairs would not fit in this machine's
     memory (a flat tree over 200,000 leaves needs some 160 GB), instead of
     failing deep inside an allocation."""
-    children = hierarchy.num_children
-    pairs = int((children * children).sum())
+    pairs = hierarchy.num_sibling_pairs
     needed = PAIR_BUFFERS * pairs * q.size(1) * q.element_size()
     available = _physical_memory()
     if available is not None and needed > available:
+        children = hierarchy.num_children
         widest = int(children.argmax())
         raise MemoryError(
             f"HSA over this hierarchy needs about {needed / 2**30:.0f} GiB for its {pairs} "
@@ -386,6 +392,13 @@ def _physical_memory() -> Optional[int]:
         return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
     except (AttributeError, ValueError, OSError):  # not a POSIX system
         return None
+
+
+def check_causal(causal) -> None:
+    r"""Raises a :class:`ValueError` unless :obj:`causal` is :obj:`False`,
+    :obj:`True` or :obj:`"strict"`."""
+    if not isinstance(causal, bool) and causal != 'strict':
+        raise ValueError(f"'causal' must be False, True or 'strict' (got {causal!r})")
 
 
 def _scale(scale, q: Tensor) -> float:

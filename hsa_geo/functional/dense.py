@@ -97,7 +97,7 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     log_z: Dict[int, Tensor] = {}
 
     # children before parents (deepest first): no recursion, any depth
-    for node in sorted(range(num_nodes), key=lambda node: -int(hierarchy.depth[node])):
+    for node in torch.argsort(hierarchy.depth.cpu(), descending=True, stable=True).tolist():
         if node < num_leaves:
             phi[node] = -mean_score[:, node, node]
             continue

@@ -233,8 +233,12 @@ class Hierarchy:
 
     @property
     def num_sibling_pairs(self) -> int:
-        r""":math:`E = \sum_A b_A^2`, the rows of a per-pair tensor."""
-        return self.plan().num_pairs
+        r""":math:`E = \sum_A b_A^2`, the rows of a per-pair tensor (from the
+        children counts: no plan is built for it)."""
+        if 'num_sibling_pairs' not in self._cache:
+            children = self.num_children
+            self._cache['num_sibling_pairs'] = int((children * children).sum())
+        return self._cache['num_sibling_pairs']
 
     def check_contiguous(self) -> None:
         r"""Raises a :class:`ValueError` naming the first node whose leaves

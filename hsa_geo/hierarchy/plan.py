@@ -7,8 +7,9 @@ a depth and that have the same number of children :math:`b` form one
 The plan fixes the order of the ordered sibling pairs
 (:meth:`SweepPlan.sibling_pairs`, which per-pair tensors such as a pair bias
 follow) and drives the scatter backend, strictly causal HSA and the
-positional terms. The fused sweeps run on the padded slot layout of
-:mod:`hsa_geo.hierarchy.layout` instead.
+positional terms. The fused sweeps read the same order as flat
+:class:`FamilyTables` (the CPU kernel) or the padded slot layout of
+:mod:`hsa_geo.hierarchy.layout` (the tensor sweeps).
 """
 from __future__ import annotations
 

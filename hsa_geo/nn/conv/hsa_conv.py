@@ -7,7 +7,7 @@ from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
 from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
-from hsa_geo.functional.attention import ENERGIES
+from hsa_geo.functional.attention import ENERGIES, check_causal
 from hsa_geo.hierarchy import Hierarchy
 from hsa_geo.nn.positional import SiblingPositionBias
 
@@ -139,8 +139,7 @@ class HSAConv(MessagePassing):
             raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
         self.energy = energy
         self.normalize_qk = normalize_qk
-        if not isinstance(causal, bool) and causal != 'strict':
-            raise ValueError(f"'causal' must be False, True or 'strict' (got {causal!r})")
+        check_causal(causal)
         self.causal = causal
         if isinstance(positional, str):
             positional = SiblingPositionBias(heads, kind=positional)
