@@ -5,7 +5,9 @@ from torch._dynamo.utils import counters
 
 from hsa_geo import Hierarchy, HSAConv
 from hsa_geo.functional import compiled, hsa
+from hsa_geo.functional.attention import _padded_bias
 from hsa_geo.functional.kernel import load as load_cpu_kernel
+from hsa_geo.functional.kernel import use_cpu_kernel
 from random_trees import random_hierarchy
 
 
@@ -26,13 +28,20 @@ def batches():
             for seed, trees, depth in ((1, 3, 8), (20, 5, 3), (40, 2, 6))]
 
 
-@pytest.mark.parametrize('energy', ['dot', 'euclidean'])
-def test_compiled_model_does_not_recompile_across_batches(energy):
+@pytest.mark.parametrize('energy,backend,cpu_kernel', [
+    ('dot', 'aot_eager', True), ('euclidean', 'aot_eager', True), ('dot', 'inductor', True),
+    ('dot', 'inductor', False)])  # False: the tensor sweeps, the GPU engine
+def test_compiled_model_does_not_recompile_across_batches(energy, backend, cpu_kernel):
+    with use_cpu_kernel(cpu_kernel):
+        compile_three_batches(energy, backend)
+
+
+def compile_three_batches(energy, backend):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model = TwoLayers(energy)
-    compiled_model = torch.compile(model, backend='aot_eager', dynamic=True)
+    compiled_model = torch.compile(model, backend=backend, dynamic=True)
     graphs = []
     for hierarchy in batches():
         x = torch.randn(hierarchy.num_leaves, 8, requires_grad=True)
@@ -83,6 +92,28 @@ def test_operator_registrations_pass_opcheck(cpu_kernel):
     torch.library.opcheck(compiled.fused_hsa, (q, k, v, None, key, 0.5, False, False, cpu_kernel),
                           test_utils=('test_schema', 'test_faketensor',
                                       'test_autograd_registration'))
+
+
+@pytest.mark.parametrize('cpu_kernel', [False, pytest.param(True, marks=pytest.mark.skipif(
+    not load_cpu_kernel(), reason="the CPU kernel could not be built"))])
+@pytest.mark.parametrize('biased', [False, True])
+def test_backward_operator_on_strided_inputs_passes_opcheck(cpu_kernel, biased):
+    # HSAConv's q, k, v are views of one projection; the fake backward once
+    # copied their strides where the real one returns contiguous gradients,
+    # and inductor (torch.compile's default) refused the graph
+    hierarchy = random_hierarchy(3)
+    q, k, v = (torch.randn(2, hierarchy.num_leaves, 3).transpose(0, 1).requires_grad_()
+               for _ in range(3))
+    bias = None
+    if biased:
+        pair_bias = torch.randn(hierarchy.num_sibling_pairs, 2)
+        bias = (pair_bias.t().contiguous() if cpu_kernel
+                else _padded_bias(pair_bias, hierarchy, q).detach())
+    key = compiled.hierarchy_key(hierarchy)
+    grad = torch.randn(hierarchy.num_leaves, 2, 3)
+    torch.library.opcheck(compiled.fused_hsa_backward,
+                          (grad, q, k, v, bias, key, 0.5, False, False, cpu_kernel, biased),
+                          test_utils=('test_schema', 'test_faketensor'))
 
 
 @pytest.mark.parametrize('backend', ['fused', 'scatter'])

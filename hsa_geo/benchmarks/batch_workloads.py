@@ -8,7 +8,7 @@ new batch must."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -82,16 +82,42 @@ def imdb_documents(count: int, tokens: int) -> List:
     return documents
 
 
-def load_workload(name: str) -> Workload:
+def workload_source(name: str) -> Dict[str, object]:
+    r"""What :func:`load_workload` builds a workload from: the collated
+    molecule batch (``'batch'``), or the documents' hierarchies and the
+    graph of every token (``'hierarchies'``, ``'graph'``). Needs rdkit, or
+    the IMDB reviews and the MiniLM tokenizer."""
     kind, count, tokens = WORKLOADS[name]
     if kind == 'molecules':
         from torch_geometric.data import Batch
-
-        from hsa_geo.data import hierarchy_from_data
-        batch = Batch.from_data_list(chembl_molecules(count))
-        return Workload(name, batch.batch, lambda: hierarchy_from_data(batch))
+        return {'batch': Batch.from_data_list(chembl_molecules(count))}
     from hsa_geo.text import document_hierarchy
     documents = imdb_documents(count, tokens)
-    hierarchies = [document_hierarchy(d) for d in documents]
-    graph = torch.cat([torch.full((d.num_tokens, ), i) for i, d in enumerate(documents)])
-    return Workload(name, graph, lambda: Hierarchy.batch_hierarchies(hierarchies))
+    return {'hierarchies': [document_hierarchy(d) for d in documents],
+            'graph': torch.cat([torch.full((d.num_tokens, ), i)
+                                for i, d in enumerate(documents)])}
+
+
+def save_workloads(path: str, names=tuple(WORKLOADS)) -> None:
+    r"""Saves the sources of the workloads :obj:`names` to :obj:`path`, for
+    a machine without the offline data (a lent GPU, say):
+    ``load_workload(name, path)`` reads them back."""
+    torch.save({name: workload_source(name) for name in names}, path)
+
+
+def load_workload(name: str, saved: Optional[str] = None) -> Workload:
+    r"""The workload :obj:`name`, built from the offline data or, with
+    :obj:`saved`, from a file written by :func:`save_workloads`."""
+    if saved is not None:
+        sources = torch.load(saved, weights_only=False)  # our own file
+        if name not in sources:
+            raise KeyError(f"{saved} holds no workload {name!r} (it has {sorted(sources)})")
+        source = sources[name]
+    else:
+        source = workload_source(name)
+    if 'batch' in source:
+        from hsa_geo.data import hierarchy_from_data
+        batch = source['batch']
+        return Workload(name, batch.batch, lambda: hierarchy_from_data(batch))
+    hierarchies = source['hierarchies']
+    return Workload(name, source['graph'], lambda: Hierarchy.batch_hierarchies(hierarchies))

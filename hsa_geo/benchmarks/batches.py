@@ -4,7 +4,11 @@ many small graphs or documents, not one giant tree.
 Run from the repository root::
 
     python -m hsa_geo.benchmarks.batches [--repeats 15] [--threads 1] \
-        [--out benchmarks/results/batches.json] [--calibrate]
+        [--device cpu] [--out benchmarks/results/batches.json] [--calibrate]
+
+On a machine without the offline data (a lent GPU), save the workloads
+first (``--save-workloads PATH``) and read them there with
+``--saved-workloads PATH``.
 
 Workloads (real offline data, :mod:`hsa_geo.benchmarks.batch_workloads`):
 
@@ -53,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.utils import to_dense_batch
 
-from hsa_geo.benchmarks.batch_workloads import WORKLOADS, Workload, load_workload
+from hsa_geo.benchmarks.batch_workloads import WORKLOADS, Workload, load_workload, save_workloads
 from hsa_geo.benchmarks.scaling import run_and_report, target_lines
 from hsa_geo.benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
 from hsa_geo.functional import hsa
@@ -82,18 +86,29 @@ def padded_sdpa(q: Tensor, k: Tensor, v: Tensor, batch: Tensor) -> Tensor:
     return out.transpose(1, 2)[mask]
 
 
-def attention_calls(workload: Workload, backward: bool = True) -> Dict[str, Callable[[], Any]]:
-    r"""The timed calls of one workload."""
+def attention_calls(workload: Workload, backward: bool = True,
+                    device: torch.device = torch.device('cpu'),
+                    errors: Optional[List[str]] = None) -> Dict[str, Callable[[], Any]]:
+    r"""The timed calls of one workload on :obj:`device`. On a GPU the
+    forest is built and planned on the CPU (as a data loader's collate
+    does) and moved to the device in the timed call; the planned HSA call
+    is also replayed from a CUDA graph (a failed capture is appended to
+    :obj:`errors`)."""
+    device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     tokens = workload.num_leaves
-    q, k, v = (torch.randn(tokens, HEADS, DIM, generator=generator, requires_grad=True)
+    q, k, v = (torch.randn(tokens, HEADS, DIM, generator=generator).to(device).requires_grad_()
                for _ in range(3))
-    x = torch.randn(tokens, HEADS * DIM, generator=generator, requires_grad=True)
-    mha = torch.nn.MultiheadAttention(HEADS * DIM, HEADS, batch_first=True)
-    batch = workload.batch
-    device = q.device
-    planned = workload.forest()
-    prepare_fused(planned, device)
+    x = torch.randn(tokens, HEADS * DIM, generator=generator).to(device).requires_grad_()
+    mha = torch.nn.MultiheadAttention(HEADS * DIM, HEADS, batch_first=True).to(device)
+    batch = workload.batch.to(device)
+
+    def new_forest():
+        forest = workload.forest()
+        prepare_fused(forest, device)
+        return forest if device.type == 'cpu' else forest.to(device)
+
+    planned = new_forest()
     planned.layout(device)  # for the tensor sweeps
 
     def step(out: Tensor) -> None:
@@ -101,9 +116,7 @@ def attention_calls(workload: Workload, backward: bool = True) -> Dict[str, Call
             out.sum().backward()
 
     def run_hsa():
-        forest = workload.forest()
-        prepare_fused(forest, device)
-        step(hsa(q, k, v, forest))
+        step(hsa(q, k, v, new_forest()))
 
     def run_planned():
         step(hsa(q, k, v, planned))
@@ -127,9 +140,32 @@ def attention_calls(workload: Workload, backward: bool = True) -> Dict[str, Call
              'plan': run_plan}
     if kernel_available(q):
         calls['tensor sweeps (planned)'] = run_tensor_sweeps
+    if device.type == 'cuda':
+        try:
+            calls['hsa (planned, CUDA graph)'] = cuda_graph_replay(
+                run_planned if backward else torch.no_grad()(run_planned))
+        except Exception as error:  # recorded: a capture may meet a host sync
+            if errors is not None:
+                errors.append(f'{workload.name}: CUDA graph capture failed: {error!r}'[:500])
     if not backward:
         calls = {name: torch.no_grad()(call) for name, call in calls.items() if name != 'plan'}
     return calls
+
+
+def cuda_graph_replay(call: Callable[[], Any]) -> Callable[[], Any]:
+    r""":obj:`call` captured once into a CUDA graph (after warm-up runs on a
+    side stream); returns the graph's replay. Its inputs and the gradients
+    it accumulates stay in place, as a fixed plan allows."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
 
 
 #: Bucket costs compared by ``--calibrate`` (padded pairs per block).
@@ -159,23 +195,26 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.time()
+    device = torch.device(args.device)
     results: Dict[str, Any] = {
         'benchmark': 'batches', 'config': {'heads': HEADS, 'dim': DIM, 'dtype': 'float32',
-                                           'repeats': args.repeats, 'threads': args.threads},
-        'machine': machine_info(), 'workloads': [], 'errors': []}
+                                           'repeats': args.repeats, 'threads': args.threads,
+                                           'device': str(device)},
+        'machine': machine_info(device), 'workloads': [], 'errors': []}
     for name in args.workloads:
-        workload = load_workload(name)
+        workload = load_workload(name, args.saved_workloads)
         entry: Dict[str, Any] = {'name': name, **workload.describe()}
         print(f'{name}: {entry["num_leaves"]} leaves, {entry["num_graphs"]} graphs', flush=True)
         for mode, backward in (('forward', False), ('forward_backward', True)):
-            samples = time_interleaved(attention_calls(workload, backward), repeats=args.repeats,
-                                       warmup=args.warmup)
+            samples = time_interleaved(attention_calls(workload, backward, device,
+                                                       results['errors']),
+                                       repeats=args.repeats, warmup=args.warmup, device=device)
             entry[mode] = {
                 'seconds': {call: median(times) for call, times in samples.items()},
                 'ratio_to_sdpa': {call: paired_ratio(times, samples['sdpa'])
                                   for call, times in samples.items() if call != 'sdpa'},
                 'samples': samples}
-        if args.calibrate:
+        if args.calibrate and device.type == 'cpu':
             samples = time_interleaved(calibration_calls(workload), repeats=args.repeats,
                                        warmup=args.warmup)
             entry['calibration'] = {call: median(times) for call, times in samples.items()}
@@ -202,10 +241,15 @@ def evaluate_targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def format_report(results: Dict[str, Any]) -> str:
-    lines = [f'threads={results["config"]["threads"]}, load average before '
+    lines = [f'device={results["config"].get("device", "cpu")}, '
+             f'threads={results["config"]["threads"]}, load average before '
              f'{results["machine"]["load_average"]}, after '
              f'{results["machine"]["load_average_after"]}', '']
-    calls = ['hsa', 'hsa (planned)', 'tensor sweeps (planned)', 'plan', 'sdpa', 'mha']
+    calls = ['hsa', 'hsa (planned)', 'tensor sweeps (planned)', 'hsa (planned, CUDA graph)',
+             'plan', 'sdpa', 'mha']
+    calls = [call for call in calls
+             if any(call in entry['forward_backward']['seconds']
+                    for entry in results['workloads'])]
     header = ['workload', 'mode'] + calls + ['hsa / sdpa', 'hsa (planned) / sdpa', 'hsa / mha']
     rows = []
     for entry in results['workloads']:
@@ -244,15 +288,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='torch threads (default: 1, as in the issue\'s measurements)')
     parser.add_argument('--out', default=os.path.join('benchmarks', 'results', 'batches.json'))
     parser.add_argument('--calibrate', action='store_true',
-                        help='also time layouts built with several bucket costs')
+                        help='also time layouts built with several bucket costs (CPU only)')
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--saved-workloads', default=None, metavar='PATH',
+                        help='read the workloads from a file written by --save-workloads '
+                             '(for a machine without the offline data)')
+    parser.add_argument('--save-workloads', default=None, metavar='PATH',
+                        help='write the workloads to PATH and exit')
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be at least 1')
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    return run_and_report(parse_args(argv), run, format_report)
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
+    args = parse_args(argv)
+    if args.save_workloads is not None:
+        save_workloads(args.save_workloads, args.workloads)
+        print(f'saved {len(args.workloads)} workloads to {args.save_workloads}')
+        return None
+    return run_and_report(args, run, format_report)
 
 
 if __name__ == '__main__':

@@ -129,8 +129,10 @@ def hsa_strict_causal(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
     for group, score in zip(groups, scores):
         rows = group.leaf.reshape(1, -1).expand(heads, -1)
         top = top.scatter_reduce(1, rows, score.detach().amax(-1).reshape(heads, -1), 'amax')
+    # the padding column gets a total of 1: a finite log Z, so its weights
+    # are exp(-inf) = 0 and not NaN (a NaN there poisons v's gradient)
     total = torch.cat([(self_score - top[:, :num_leaves]).exp(),
-                       self_score.new_zeros(heads, 1)], dim=1)
+                       self_score.new_ones(heads, 1)], dim=1)
     for group, score in zip(groups, scores):
         mass = (score - _leaf_rows(top, group)[..., None]).exp().sum(-1)
         total = total.index_add(1, group.leaf.reshape(-1), mass.reshape(heads, -1))

@@ -125,9 +125,11 @@ def fused_hsa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
 
 @fused_hsa_backward.register_fake
 def _(grad_out, q, k, v, pair_bias, key, scale, euclidean, causal, cpu_kernel, bias_grad):
+    # contiguous, as the real gradients are (empty_like would copy the
+    # strides of q, k, v, often views of one projection)
     bias = (pair_bias.new_empty(pair_bias.shape) if bias_grad and pair_bias is not None
             else q.new_empty(0))
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), bias]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), bias]
 
 
 def _setup_context(ctx, inputs, output):
