@@ -126,8 +126,9 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
                          cluster_offset[graph_of] + local - num_leaves[graph_of])
     parent = torch.full((num_nodes, ), -1, dtype=torch.long, device=device)
     child, up = new_id[edge[0]], new_id[edge[1]]
-    if torch.unique(child).numel() != child.numel():
-        repeated = child[torch.bincount(child, minlength=num_nodes)[child] > 1][0]
+    parents_per_node = torch.bincount(child, minlength=num_nodes)
+    if bool((parents_per_node > 1).any()):
+        repeated = (parents_per_node > 1).nonzero()[0, 0]
         raise ValueError(f"Node {int(repeated)} has more than one parent in hierarchy_edge_index")
     parent[child] = up
     batch = torch.empty_like(parent)

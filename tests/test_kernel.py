@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hsa_geo.functional.kernel as kernel
+from hsa_geo import native
 from hsa_geo import Hierarchy
 from hsa_geo.functional import hsa
 from hsa_geo.hierarchy.plan import build_family_tables
@@ -136,16 +137,17 @@ def test_isolated_leaves_and_single_child_chains():
 
 
 def test_without_a_compiler_hsa_falls_back_with_a_warning(monkeypatch):
-    monkeypatch.setattr(kernel, '_LOADED', None)
-    monkeypatch.setattr(kernel, '_SOURCE', '/nonexistent/hsa_sweeps.cpp')
-    hierarchy = random_hierarchy(1)
-    q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, dtype=torch.float64) for _ in range(3))
+    monkeypatch.setattr(native, '_LOADED', None)
+    monkeypatch.setattr(native, '_SOURCES', ['/nonexistent/hsa_sweeps.cpp'])
     with pytest.warns(RuntimeWarning, match="could not be built"):
+        hierarchy = random_hierarchy(1)  # the tree analysis is compiled code too
+        q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, dtype=torch.float64)
+                   for _ in range(3))
         out = hsa(q, k, v, hierarchy)
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # warned once
-        hsa(q, k, v, hierarchy)
-    monkeypatch.setattr(kernel, '_LOADED', True)
+        hsa(q, k, v, random_hierarchy(1))
+    monkeypatch.setattr(native, '_LOADED', True)
     torch.testing.assert_close(out, hsa(q, k, v, hierarchy), atol=1e-12, rtol=0)
 
 

@@ -24,47 +24,23 @@ pair bias and its gradient pass as they are.
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
-import warnings
 from typing import Iterator, List, Optional
 
 import torch
 from torch import Tensor
 
+from hsa_geo import native
 from hsa_geo.functional.sweep import refuse_double_backward
 from hsa_geo.hierarchy.plan import FamilyTables
 
-_SOURCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'csrc', 'hsa_sweeps.cpp')
-_LOCK = threading.Lock()
-#: None until the first attempt, then whether the extension loaded
-_LOADED: Optional[bool] = None
 #: switched by :func:`use_cpu_kernel`
-_ENABLED = os.environ.get('HSA_GEO_CPU_KERNEL', '1') != '0'
+_ENABLED = native.ENABLED_BY_ENVIRONMENT
 
 
 def load(verbose: bool = False) -> bool:
-    r"""Compiles (once; torch caches the build) and loads the kernel.
-    Returns whether it is available; warns once if it cannot be built."""
-    global _LOADED
-    with _LOCK:
-        if _LOADED is None:
-            try:
-                from torch.utils.cpp_extension import load as load_extension
-                # OpenMP: at::parallel_for is a header template that runs the
-                # families of a level on torch's threads only when the
-                # extension itself is built with it (libgomp is torch's own)
-                load_extension('hsa_geo_sweeps', [_SOURCE], extra_cflags=['-O3', '-fopenmp'],
-                               extra_ldflags=['-fopenmp'], is_python_module=False,
-                               verbose=verbose)
-                _LOADED = True
-            except Exception as error:  # no compiler, no ninja, a read-only cache...
-                _LOADED = False
-                warnings.warn(f"hsa_geo's CPU kernel could not be built ({type(error).__name__}: "
-                              f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); "
-                              f"HSA runs on the tensor sweeps instead (same results, slower on "
-                              f"small graphs)", RuntimeWarning, stacklevel=2)
-    return _LOADED
+    r"""Compiles (once) and loads the kernel (:func:`hsa_geo.native.load`);
+    returns whether it is available."""
+    return native.load(verbose)
 
 
 def available(tensor: Tensor) -> bool:

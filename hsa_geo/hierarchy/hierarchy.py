@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from hsa_geo.hierarchy import layout as slot_layout
+from hsa_geo.hierarchy.native_tables import TreeAnalysis, analyse_tree
 from hsa_geo.hierarchy.plan import (PAIRS_PER_BLOCK, FamilyBlock, FamilyTables, SweepPlan,
                                     build_family_tables, build_sweep_plan)
 
@@ -87,12 +88,29 @@ class Hierarchy:
                 a cycle, a parent edge across graphs, or a graph with more
                 than one root.
         """
-        parent = _check_parent(parent, num_leaves)
-        depth = _depth_or_raise_on_cycle(parent)
-        num_leaves_below = _count_leaves_below(parent, num_leaves, depth)
+        parent = _parent_as_long(parent, num_leaves)
+        num_leaves = _leaf_count(num_leaves)
+        analysis = analyse_tree(parent, num_leaves)  # compiled, when available
+        if analysis is None:  # or the pointers are invalid: name the problem
+            _check_parent_pointers(parent, num_leaves)
+            depth = _depth_or_raise_on_cycle(parent)
+            num_leaves_below = _count_leaves_below(parent, num_leaves, depth)
+        else:
+            depth, num_leaves_below = analysis.depth, analysis.num_leaves_below
         if batch is not None:
             batch = _check_batch(batch, parent)
-        return cls(parent, num_leaves, depth, num_leaves_below, batch, ordered)
+        hierarchy = cls(parent, num_leaves, depth, num_leaves_below, batch, ordered)
+        if analysis is not None:
+            hierarchy._adopt(analysis)
+        return hierarchy
+
+    def _adopt(self, analysis: TreeAnalysis) -> None:
+        r"""Caches what the compiled tree analysis derived beyond depths
+        and leaf counts: first and last leaves, and the family tables."""
+        device = self.parent.device
+        self._cache['first_leaf'] = analysis.first_leaf.to(device)
+        self._cache['last_leaf'] = analysis.last_leaf.to(device)
+        self._family_tables = analysis.tables
 
     @classmethod
     def flat(cls, num_leaves: int) -> 'Hierarchy':
@@ -120,37 +138,58 @@ class Hierarchy:
             if not isinstance(h, Hierarchy):
                 raise TypeError(f"batch_hierarchies() takes Hierarchy objects, but input {index} "
                                 f"is a {type(h).__name__}")
-            if h.num_trees != 1:
-                # one graph id per input: a forest would become one graph with
-                # several roots (and readouts would add its trees up)
-                raise ValueError(f"batch_hierarchies() joins one tree per graph, but input "
-                                 f"{index} is a forest of {h.num_trees} trees (roots "
-                                 f"{h.roots[:5].tolist()}); give it one root cluster, or pass "
-                                 f"its trees as separate inputs")
-        total_leaves = sum(h.num_leaves for h in hierarchies)
-        parents, batches, depths, counts = [], [], [], []
-        leaf_offset, cluster_offset = 0, total_leaves
-        for graph_id, h in enumerate(hierarchies):
-            parent = h.parent.to(torch.long)
-            new_id = h.new_node_ids(leaf_offset, cluster_offset)
-            parents.append(torch.where(parent < 0, parent, new_id[parent.clamp(min=0)]))
-            batches.append(torch.full((h.num_nodes, ), graph_id, dtype=torch.long))
-            depths.append(h.depth)
-            counts.append(h.num_leaves_below)
-            leaf_offset += h.num_leaves
-            cluster_offset += h.num_clusters
-        order = _leaves_first_order([h.num_leaves for h in hierarchies],
-                                    [h.num_clusters for h in hierarchies])
-        batched = cls(torch.cat(parents)[order], total_leaves,
-                      torch.cat(depths)[order], torch.cat(counts)[order],
-                      torch.cat(batches)[order], all(h.ordered for h in hierarchies))
-        # a graph's first and last leaves move with its leaf offset (each
-        # graph's are computed once and kept with it)
-        leaf_offsets = torch.cumsum(torch.tensor([0] + [h.num_leaves for h in hierarchies[:-1]]), 0)
-        shift = torch.repeat_interleave(leaf_offsets, torch.tensor([h.num_nodes for h in hierarchies]))
+        device = hierarchies[0].parent.device
+        num_leaves = torch.tensor([h.num_leaves for h in hierarchies])
+        num_nodes = torch.tensor([h.num_nodes for h in hierarchies])
+        local_parent = torch.cat([h.parent.cpu().to(torch.long) for h in hierarchies])
+        graph_of = torch.repeat_interleave(torch.arange(len(hierarchies)), num_nodes)
+        roots = torch.bincount(graph_of[local_parent < 0], minlength=len(hierarchies))
+        if bool((roots != 1).any()):
+            # one graph id per input: a forest would become one graph with
+            # several roots (and readouts would add its trees up)
+            index = int((roots != 1).nonzero()[0])
+            raise ValueError(f"batch_hierarchies() joins one tree per graph, but input "
+                             f"{index} is a forest of {int(roots[index])} trees (roots "
+                             f"{hierarchies[index].roots[:5].tolist()}); give it one root "
+                             f"cluster, or pass its trees as separate inputs")
+        # graph g's leaves follow the leaves of graphs < g, its clusters the
+        # clusters of graphs < g after all leaves
+        total_leaves = int(num_leaves.sum())
+        num_clusters = num_nodes - num_leaves
+        leaf_offset = (num_leaves.cumsum(0) - num_leaves)[graph_of]
+        cluster_offset = (num_clusters.cumsum(0) - num_clusters + total_leaves)[graph_of]
+        leaves_of = num_leaves[graph_of]
+
+        def renumber(local: Tensor) -> Tensor:
+            return torch.where(local < leaves_of, local + leaf_offset,
+                               local - leaves_of + cluster_offset)
+
+        local_id = torch.arange(graph_of.numel()) - (num_nodes.cumsum(0) - num_nodes)[graph_of]
+        new_id = renumber(local_id)
+        parent = torch.empty_like(local_parent)
+        parent[new_id] = torch.where(local_parent < 0, local_parent,
+                                     renumber(local_parent.clamp(min=0)))
+        batch = torch.empty_like(graph_of)
+        batch[new_id] = graph_of
+        ordered = all(h.ordered for h in hierarchies)
+        analysis = analyse_tree(parent, total_leaves)
+        if analysis is not None:
+            batched = cls(parent, total_leaves, analysis.depth, analysis.num_leaves_below, batch,
+                          ordered)
+            batched._adopt(analysis)
+            return batched if device.type == 'cpu' else batched.to(device)
+        # without the compiled analysis: the inputs' own depths, counts and
+        # leaf ranges (a graph's leaves move by its leaf offset)
+        depth, count = torch.empty_like(parent), torch.empty_like(parent)
+        depth[new_id] = torch.cat([h.depth.cpu() for h in hierarchies])
+        count[new_id] = torch.cat([h.num_leaves_below.cpu() for h in hierarchies])
+        batched = cls(parent.to(device), total_leaves, depth.to(device), count.to(device),
+                      batch.to(device), ordered)
+        shift = (num_leaves.cumsum(0) - num_leaves)[graph_of]
         for name in ('first_leaf', 'last_leaf'):
-            merged = torch.cat([getattr(h, name).cpu() for h in hierarchies]) + shift
-            batched._cache[name] = merged[order].to(batched.parent.device)
+            merged = torch.empty_like(parent)
+            merged[new_id] = torch.cat([getattr(h, name).cpu() for h in hierarchies]) + shift
+            batched._cache[name] = merged.to(device)
         return batched
 
     def new_node_ids(self, leaf_offset: int, cluster_offset: int) -> Tensor:
@@ -348,6 +387,9 @@ class Hierarchy:
         moved._plans = dict(self._plans)
         moved._layouts = dict(self._layouts)
         moved._family_tables = self._family_tables
+        for name in ('first_leaf', 'last_leaf'):
+            if name in self._cache:
+                moved._cache[name] = self._cache[name].to(device)
         return moved
 
     def summary(self) -> Dict[str, float]:
@@ -449,7 +491,9 @@ def _leaf_count(num_leaves) -> int:
     return num_leaves
 
 
-def _check_parent(parent, num_leaves) -> Tensor:
+def _parent_as_long(parent, num_leaves) -> Tensor:
+    r"""The parent pointers as ``int64``, after the checks that need no pass
+    over them: type, dtype, shape and length."""
     if not isinstance(parent, Tensor):
         raise ValueError(f"'parent' must be a torch.Tensor (got {type(parent).__name__})")
     if parent.dtype == torch.bool or parent.is_floating_point() or parent.is_complex():
@@ -462,13 +506,20 @@ def _check_parent(parent, num_leaves) -> Tensor:
         raise ValueError(
             f"'parent' has length {num_nodes}, but must have one entry per node, "
             f"i.e. num_leaves ({num_leaves}) + number of clusters")
-    parent = parent.to(torch.long)
+    return parent.to(torch.long)
+
+
+def _check_parent_pointers(parent: Tensor, num_leaves: int) -> None:
+    r"""Raises a :class:`ValueError` naming the node for a parent out of
+    range, a node that is its own parent, a leaf with children or a cluster
+    without children."""
+    num_nodes = parent.numel()
     bad = ((parent < -1) | (parent >= num_nodes)).nonzero().view(-1)
     if bad.numel() > 0:
         node = int(bad[0])
         raise ValueError(f"Node {node} has parent {int(parent[node])}, out of range "
                          f"[-1, {num_nodes - 1}]")
-    self_loop = (parent == torch.arange(num_nodes)).nonzero().view(-1)
+    self_loop = (parent == torch.arange(num_nodes, device=parent.device)).nonzero().view(-1)
     if self_loop.numel() > 0:
         raise ValueError(f"Node {int(self_loop[0])} is its own parent (a cycle)")
     leaf_parent = ((parent >= 0) & (parent < num_leaves)).nonzero().view(-1)
@@ -482,7 +533,6 @@ def _check_parent(parent, num_leaves) -> Tensor:
     if empty.numel() > 0:
         node = int(empty[0]) + num_leaves
         raise ValueError(f"Cluster node {node} has no children, so no leaf below it")
-    return parent
 
 
 def _depth_or_raise_on_cycle(parent: Tensor) -> Tensor:
@@ -571,17 +621,6 @@ def _check_batch(batch, parent: Tensor) -> Tensor:
         raise ValueError(f"Graph {graph} has {int(roots_per_graph[graph])} roots "
                          f"(e.g. nodes {roots}); give it one root cluster")
     return batch
-
-
-def _leaves_first_order(num_leaves: List[int], num_clusters: List[int]) -> Tensor:
-    # Position (in the graph-after-graph concatenation) of every node of the
-    # batched numbering, where all leaves come before all clusters.
-    leaves, clusters, offset = [], [], 0
-    for n, m in zip(num_leaves, num_clusters):
-        leaves.append(torch.arange(offset, offset + n))
-        clusters.append(torch.arange(offset + n, offset + n + m))
-        offset += n + m
-    return torch.cat(leaves + clusters)
 
 
 # A Hierarchy saved with torch.save (with its cached plans) loads under
