@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
@@ -55,6 +56,39 @@ class NestedSignal(Data):
         if key == 'hierarchy_edge_index':
             return self.num_nodes + int(self.num_clusters)
         return super().__inc__(key, value, *args, **kwargs)
+
+    def __cat_dim__(self, key: str, value: Any, *args, **kwargs) -> Any:
+        if key == 'hierarchy_edge_index':
+            return HIERARCHY_CAT_DIM
+        return super().__cat_dim__(key, value, *args, **kwargs)
+
+
+def _raise_on_edge_count(edge: Tensor, num_leaves: int, num_clusters: int,
+                         num_graphs: int) -> None:
+    r"""Raises the error that explains a number of parent edges other than
+    one per node but the roots."""
+    child, counts = torch.unique(edge[0], return_counts=True)
+    if bool((counts > 1).any()):
+        raise ValueError(f"Node {int(child[counts > 1][0])} has more than one parent in "
+                         f"hierarchy_edge_index")
+    trees = 'one tree' if num_graphs == 1 else f'{num_graphs} trees'
+    raise ValueError(
+        f"hierarchy_edge_index has {edge.size(-1)} parent edges, but {num_leaves} leaves and "
+        f"{num_clusters} clusters in {trees} have {num_leaves + num_clusters - num_graphs}: "
+        f"the nodes changed after the hierarchy was built (subgraph(), or a transform that "
+        f"adds or drops nodes). Build the hierarchy after such transforms "
+        f"(AddHierarchy last)")
+
+
+#: The dimension along which batches concatenate ``hierarchy_edge_index``:
+#: the last, as for ``edge_index``, but given as a NumPy integer. PyG tells
+#: node and edge attributes apart by their size along a *Python int* cat
+#: dimension (``is_node_attr``, ``is_edge_attr``), so a hierarchy with as
+#: many parent edges as the graph has edges or nodes was permuted, split or
+#: subset with them by ``ToUndirected``, ``RandomLinkSplit``, ``subgraph``.
+#: With any other index type PyG leaves it alone, while concatenation and
+#: slicing (which take any integer index) batch and unbatch it as before.
+HIERARCHY_CAT_DIM = np.int64(-1)
 
 
 def hierarchy_attributes(hierarchy: Hierarchy) -> Dict[str, Any]:
@@ -115,6 +149,8 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
     leaf_offset = torch.cumsum(num_leaves, 0) - num_leaves
     cluster_offset = torch.cumsum(num_clusters, 0) - num_clusters + total_leaves
     num_nodes = int(graph_size.sum())
+    if edge.size(-1) != num_nodes - num_leaves.numel():
+        _raise_on_edge_count(edge, total_leaves, num_nodes - total_leaves, num_leaves.numel())
     if edge.numel() and (int(edge.min()) < 0 or int(edge.max()) >= num_nodes):
         raise ValueError(f"hierarchy_edge_index refers to node ids outside [0, {num_nodes - 1}]")
 

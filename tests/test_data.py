@@ -73,3 +73,65 @@ def test_loader_doctests():
 
     import hsa_geo.loader
     assert doctest.testmod(hsa_geo.loader, raise_on_error=True).attempted > 0
+
+
+# ------------------------------------------- PyG transforms after AddHierarchy
+def _graph_with_hierarchy(num_nodes, edge_index, hierarchy):
+    from hsa_geo.transforms import AddHierarchy
+    data = Data(x=torch.randn(num_nodes, 3), edge_index=edge_index, y=torch.tensor([1]))
+    return AddHierarchy(lambda graph: hierarchy)(data)
+
+
+def _cycle(num_nodes):
+    source = torch.arange(num_nodes)
+    return torch.stack([source, (source + 1) % num_nodes])
+
+
+# hierarchy_edge_index as wide as the graph's edges (6 leaves under one root:
+# 6 parent edges; a directed 6-cycle), and as wide as its nodes
+SIZE_COINCIDENCES = {
+    'as many parent edges as edges': (6, _cycle(6), Hierarchy.flat(6)),
+    'as many parent edges as nodes': (
+        5, torch.tensor([[0, 1, 2], [1, 2, 3]]), Hierarchy.flat(5)),
+}
+
+
+def _transforms():
+    import torch_geometric.transforms as T
+    return {
+        'ToUndirected': T.ToUndirected(), 'AddSelfLoops': T.AddSelfLoops(),
+        'NormalizeFeatures': T.NormalizeFeatures(),
+        'RandomNodeSplit': T.RandomNodeSplit(num_val=1, num_test=1),
+        'RandomLinkSplit': lambda d: T.RandomLinkSplit(num_val=0.2, num_test=0.2)(d)[0],
+        'to_undirected': lambda d: d.update(
+            {'edge_index': __import__('torch_geometric').utils.to_undirected(d.edge_index)}),
+        'coalesce': lambda d: d.coalesce(),
+        'Compose': T.Compose([T.ToUndirected(), T.AddSelfLoops()]),
+    }
+
+
+@pytest.mark.parametrize('case', list(SIZE_COINCIDENCES))
+@pytest.mark.parametrize('transform', list(_transforms()))
+def test_edge_transforms_after_add_hierarchy_keep_the_hierarchy(case, transform):
+    # PyG tells node, edge and other attributes apart by their size; the
+    # hierarchy must not be taken for edges (permuted, split, doubled) or
+    # nodes, whatever its size
+    num_nodes, edge_index, hierarchy = SIZE_COINCIDENCES[case]
+    data = _graph_with_hierarchy(num_nodes, edge_index, hierarchy)
+    assert not data.is_edge_attr('hierarchy_edge_index')
+    assert not data.is_node_attr('hierarchy_edge_index')
+    out = _transforms()[transform](data.clone())
+    assert torch.equal(out.hierarchy_edge_index, data.hierarchy_edge_index)
+    assert torch.equal(hierarchy_from_data(out).parent, hierarchy.parent)
+    batch = next(iter(DataLoader([out, out], batch_size=2)))
+    assert hierarchy_from_data(batch).num_trees == 2
+
+
+@pytest.mark.parametrize('case', list(SIZE_COINCIDENCES))
+def test_a_subgraph_of_a_nested_signal_is_refused_by_name(case):
+    num_nodes, edge_index, hierarchy = SIZE_COINCIDENCES[case]
+    data = _graph_with_hierarchy(num_nodes, edge_index, hierarchy)
+    part = data.subgraph(torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"the nodes changed after the hierarchy was built.*"
+                                         r"AddHierarchy"):
+        hierarchy_from_data(part)
