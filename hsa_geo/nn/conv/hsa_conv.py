@@ -51,6 +51,14 @@ class HSAConv(MessagePassing):
     instead of the dot product; with :obj:`causal=True` leaf :math:`i` only
     attends to leaves :math:`j \le i` (docs/derivation.rst).
 
+    HSA's attention is read with :obj:`return_attention_weights=True` (the
+    weights of the sibling-pair blocks), not through edge messages: the
+    layer passes none, so PyG's
+    :class:`~torch_geometric.explain.algorithm.AttentionExplainer`, which
+    collects attention from message hooks, is refused with an error that
+    says so; set :obj:`explain = False` on the layer to explain the other
+    layers' attention only.
+
     Args:
         in_channels (int): Size of each input sample, or :obj:`-1` to derive
             it from the first input.
@@ -160,6 +168,24 @@ class HSAConv(MessagePassing):
             self.register_parameter('bias', None)
         self.reset_parameters()
 
+    def _refuse_message_hooks(self) -> None:
+        r"""Raises on message hooks (PyG's
+        :class:`~torch_geometric.explain.algorithm.AttentionExplainer`
+        registers them): HSA passes no per-edge messages, so they would
+        never see its attention, and an explanation would silently leave
+        it out. The hooks are removed before raising (they can never fire
+        here), so the layer does not keep failing after the explainer
+        stopped."""
+        if self._message_forward_hooks and self.explain is not False:
+            self._message_forward_hooks.clear()
+            raise RuntimeError(
+                "HSAConv attends over the hierarchy, not along edges: it passes no messages, "
+                "so message hooks (PyG's AttentionExplainer registers them) would never see "
+                "its attention. For HSA's attention use return_attention_weights=True (weights "
+                "of the sibling-pair blocks) or hsa_geo.functional.hsa_dense (the dense "
+                "matrix); to explain only the other layers' attention, set `explain = False` "
+                "on the HSAConv layers (the hooks were removed from this layer)")
+
     def reset_parameters(self):
         super().reset_parameters()
         self.lin_query.reset_parameters()
@@ -220,6 +246,7 @@ class HSAConv(MessagePassing):
         if self.in_channels > 0 and x.size(1) != self.in_channels:
             raise ValueError(f"HSAConv was built for {self.in_channels} input channels, but x "
                              f"has {x.size(1)} (shape {tuple(x.shape)})")
+        self._refuse_message_hooks()
         heads, channels = self.heads, self.out_channels
         query = self._project(self.lin_query, x, self.normalize_qk)
         key = self._project(self.lin_key, x, self.normalize_qk)
