@@ -220,3 +220,12 @@ def test_bad_weights_and_inputs():
     assert from_networkx(G, weight=None).num_leaves == 3
     with pytest.raises(ValueError, match='networkx graph'):
         from_networkx(torch.zeros(2, 3))
+
+
+def test_girvan_newman_refuses_a_hopeless_graph_at_once():
+    import time
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"girvan_newman would take very long on a component "
+                                         r"of 120 nodes and 7140 edges.*'louvain'"):
+        from_networkx(nx.complete_graph(120), method='girvan_newman')
+    assert time.perf_counter() - start < 5  # refused before any betweenness pass
