@@ -86,21 +86,38 @@ def block_local_flops(group: Union[Tensor, Sequence[int]], dim: int,
 
 
 def hsa_flops(hierarchy: Hierarchy, dim: int, value_dim: Optional[int] = None,
-              heads: int = 1) -> int:
+              heads: int = 1, per_edge: bool = True) -> int:
     r"""FLOPs of exact HSA over :obj:`hierarchy`:
     :math:`\big(\sum_A 2b_A^2(D + D_v) + 4E(D + D_v)\big)\cdot H`, with
     :math:`b_A` the number of children of cluster :math:`A` and :math:`E`
     the number of child-to-parent edges (see the module docstring).
+
+    :class:`torch.utils.flop_counter.FlopCounterMode` sees less and more
+    than this. It counts matrix products only, and the tensor sweeps take
+    the scores as products but the value mixes of small families and most
+    per-edge means elementwise (those of wide families are products; leave
+    the per-edge terms out with :obj:`per_edge=False`). It counts what the tensor sweeps
+    execute, and they pad families to a few bucket widths per level (and
+    fold :math:`\log|C|` into the keys as one more column in some blocks),
+    so on them it counts more pairs than the tree has. The CPU kernel is one
+    opaque operator, of which it counts nothing. ``tests/test_flops.py``
+    checks the formula against the counter: equal on a flat tree (one
+    family, all products), bracketed by the score terms and the total on
+    any tree.
 
     Args:
         hierarchy (Hierarchy): The tree or forest over the tokens.
         dim (int): Query/key width :math:`D` per head.
         value_dim (int, optional): Value width. (default: :obj:`dim`)
         heads (int, optional): Number of heads. (default: :obj:`1`)
+        per_edge (bool, optional): Whether to include the per-edge terms
+            :math:`4E(D + D_v)`. (default: :obj:`True`)
     """
     value_dim = dim if value_dim is None else value_dim
     children = hierarchy.num_children[hierarchy.num_leaves:].to(torch.long)
     sibling_pairs = int((children * children).sum())
     edges = hierarchy.num_nodes - hierarchy.num_trees
-    per_head = 2 * sibling_pairs * (dim + value_dim) + 4 * edges * (dim + value_dim)
+    per_head = 2 * sibling_pairs * (dim + value_dim)
+    if per_edge:
+        per_head += 4 * edges * (dim + value_dim)
     return int(per_head * heads)

@@ -57,3 +57,45 @@ def test_hsa_flops_flat_is_softmax_plus_linear(num_leaves):
 def test_flops_doctest():
     result = doctest.testmod(hsa_geo.flops)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _counted(hierarchy, dim, value_dim, heads, block_cost):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hsa_geo.functional.sweep import HSAFunction
+    from hsa_geo.hierarchy.layout import build_slot_layout
+    layout = build_slot_layout(hierarchy.parent, hierarchy.num_leaves, hierarchy.depth,
+                               hierarchy.num_leaves_below, hierarchy.first_leaf,
+                               block_cost=block_cost)
+    q, k = (torch.randn(hierarchy.num_leaves, heads, dim) for _ in range(2))
+    v = torch.randn(hierarchy.num_leaves, heads, value_dim)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        HSAFunction.apply(q, k, v, None, layout, dim ** -0.5)
+    return counter.get_total_flops(), layout
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_pair_terms_agree_with_torch_flop_counter(seed):
+    from random_trees import random_hierarchy
+    dim, value_dim, heads = 8, 5, 2
+    # a flat tree is one block: the counter sees exactly the pair terms
+    flat = Hierarchy.flat(10 + seed)
+    counted, _ = _counted(flat, dim, value_dim, heads, block_cost=0)
+    assert counted == hsa_flops(flat, dim, value_dim, heads, per_edge=False)
+    # any tree, on a layout without padding: the scores are always products
+    # (at least the formula's score terms); the value mixes of small
+    # families and most means are elementwise (not counted), those of wide
+    # families products: never more than all the formula's terms, allowing
+    # the columns that fold log|C| (and the key norm) into the keys
+    forest = Hierarchy.batch_hierarchies([random_hierarchy(seed * 5 + j) for j in range(4)])
+    pairs = hsa_flops(forest, dim, value_dim, heads, per_edge=False)
+    scores = pairs * dim // (dim + value_dim)
+    total = hsa_flops(forest, dim, value_dim, heads)
+    counted, layout = _counted(forest, dim, value_dim, heads, block_cost=0)
+    assert layout.num_pairs == forest.num_sibling_pairs  # no padding
+    assert scores <= counted <= total * (dim + 2 + value_dim) / (dim + value_dim)
+    # the default layout pads families into buckets: the counter counts the
+    # padding, the formula only the tree's pairs
+    counted, layout = _counted(forest, dim, value_dim, heads, block_cost=2048)
+    assert layout.num_pairs >= forest.num_sibling_pairs and counted >= scores
