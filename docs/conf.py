@@ -41,7 +41,7 @@ napoleon_custom_sections = ['Shapes']
 # suppress that warning, so index.rst holds a placeholder line that is
 # replaced by a toctree of the pages present at build time. A folder with an
 # index.rst contributes only that page (it lists the rest itself).
-CORE_PAGES = ['index', 'quickstart', 'derivation', 'complexity', 'api']
+CORE_PAGES = ['index', 'quickstart', 'tutorial', 'derivation', 'complexity', 'api']
 FIRST_PAGES = ['builders', 'models', 'results_text']
 _PLACEHOLDER = '.. optional-pages::'
 

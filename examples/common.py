@@ -118,37 +118,27 @@ def _check_split(split: Dict[str, torch.Tensor], size: int, name: str) -> None:
 
 
 # ------------------------------------------------------------ hierarchies
-def _from_networkx():
-    try:
-        from hsa_geo.hierarchy import from_networkx
-    except ImportError:  # builders not exported yet
-        from hsa_geo.hierarchy.builders.graph import from_networkx
-    return from_networkx
-
-
 def graph_hierarchy(num_nodes: int, edge_index: torch.Tensor, method: str = 'louvain',
                     max_children: int = 8, seed: int = 0):
     r"""A hierarchy over the nodes ``0..num_nodes-1`` of a graph given by
-    :obj:`edge_index`, by :func:`hsa_geo.hierarchy.from_networkx`."""
-    import networkx as nx
-    graph = nx.Graph()
-    graph.add_nodes_from(range(num_nodes))
-    graph.add_edges_from(edge_index.t().tolist())
-    return _from_networkx()(graph, method=method, nodes=list(range(num_nodes)), seed=seed,
-                            max_children=max_children)
+    :obj:`edge_index`, as :class:`~hsa_geo.transforms.AddHierarchy` builds it."""
+    from torch_geometric.data import Data
+
+    from hsa_geo.transforms import AddHierarchy
+    transform = AddHierarchy(method, max_children=max_children, seed=seed)
+    return transform.hierarchy(Data(edge_index=edge_index, num_nodes=num_nodes))
 
 
 def attach_hierarchies(dataset: Iterable, method: str = 'louvain', max_children: int = 8,
                        seed: int = 0, progress: bool = True, desc: str = 'hierarchies') -> List:
     r"""Every graph as a :class:`~hsa_geo.data.NestedSignal` carrying a
-    hierarchy over its nodes (community detection on its own edges)."""
-    from hsa_geo.data import NestedSignal
-    out = []
-    for data in progress_bar(dataset, progress, desc=desc, leave=False):
-        hierarchy = graph_hierarchy(data.num_nodes, data.edge_index, method, max_children, seed)
-        extra = {k: v for k, v in data.to_dict().items() if k not in ('x', 'num_nodes')}
-        out.append(NestedSignal.from_hierarchy(data.x, hierarchy, **extra))
-    return out
+    hierarchy over its nodes (community detection on its own edges): the
+    :class:`~hsa_geo.transforms.AddHierarchy` transform, applied once per
+    graph as a ``pre_transform`` would be (the baselines read the same
+    dataset without it)."""
+    from hsa_geo.transforms import AddHierarchy
+    transform = AddHierarchy(method, max_children=max_children, seed=seed)
+    return [transform(data) for data in progress_bar(dataset, progress, desc=desc, leave=False)]
 
 
 # ------------------------------------------------------------ training

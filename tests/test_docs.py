@@ -38,7 +38,8 @@ def _run(tests):
 
 def test_the_core_pages_have_examples():
     # If a page loses its examples, the test below silently stops covering it.
-    assert {'quickstart.rst', 'derivation.rst', 'complexity.rst'} <= set(_pages_with_examples())
+    assert {'quickstart.rst', 'tutorial.rst', 'derivation.rst',
+            'complexity.rst'} <= set(_pages_with_examples())
 
 
 @pytest.mark.parametrize('page', _pages_with_examples())
