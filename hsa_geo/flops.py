@@ -64,9 +64,25 @@ def softmax_flops(num_tokens: Union[int, Sequence[int]], dim: int,
             (default: :obj:`dim`)
         heads (int, optional): Number of heads :math:`H`. (default: :obj:`1`)
     """
-    value_dim = dim if value_dim is None else value_dim
+    value_dim = _widths(dim, value_dim, heads)
     sizes = [num_tokens] if isinstance(num_tokens, int) else list(num_tokens)
+    for size in sizes:
+        _check_count(size, 'num_tokens', minimum=0)
     return int(sum(2 * n * n * (dim + value_dim) for n in sizes) * heads)
+
+
+def _check_count(value, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"'{name}' must be an integer of at least {minimum} (got {value!r})")
+
+
+def _widths(dim, value_dim, heads) -> int:
+    r"""Checks the widths and the number of heads; returns the value width."""
+    _check_count(dim, 'dim')
+    _check_count(heads, 'heads')
+    value_dim = dim if value_dim is None else value_dim
+    _check_count(value_dim, 'value_dim')
+    return value_dim
 
 
 def block_local_flops(group: Union[Tensor, Sequence[int]], dim: int,
@@ -80,7 +96,10 @@ def block_local_flops(group: Union[Tensor, Sequence[int]], dim: int,
         value_dim (int, optional): Value width. (default: :obj:`dim`)
         heads (int, optional): Number of heads. (default: :obj:`1`)
     """
-    group = torch.as_tensor(group, dtype=torch.long).view(-1)
+    group = torch.as_tensor(group, dtype=torch.long)
+    if group.dim() != 1:
+        raise ValueError(f"'group' must hold one group id per token (got shape "
+                         f"{tuple(group.shape)})")
     sizes = torch.unique(group, return_counts=True)[1].tolist()
     return softmax_flops(sizes, dim, value_dim, heads)
 
@@ -113,7 +132,7 @@ def hsa_flops(hierarchy: Hierarchy, dim: int, value_dim: Optional[int] = None,
         per_edge (bool, optional): Whether to include the per-edge terms
             :math:`4E(D + D_v)`. (default: :obj:`True`)
     """
-    value_dim = dim if value_dim is None else value_dim
+    value_dim = _widths(dim, value_dim, heads)
     children = hierarchy.num_children[hierarchy.num_leaves:].to(torch.long)
     sibling_pairs = int((children * children).sum())
     edges = hierarchy.num_nodes - hierarchy.num_trees

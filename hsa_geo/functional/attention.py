@@ -2,6 +2,7 @@ r"""Public functional HSA: the attention itself, its log-partition
 :math:`\phi`, and its block-level weights."""
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -302,6 +303,14 @@ def block_attention_to_dense(attention: BlockAttention, hierarchy: Hierarchy) ->
     r"""Rebuilds the dense ``[H, N, N]`` (or ``[N, N]``) matrix from
     :class:`BlockAttention`: :math:`a_{ij} = P(\mathrm{parent}(B))\, w_{BC}`
     for :math:`i \in B \neq C \ni j` siblings, :math:`a_{ii} = P(i)`."""
+    rows, cols = hierarchy.sibling_pairs()
+    if (attention.pair_index.shape != (2, rows.numel())
+            or attention.subtree_mass.size(0) != hierarchy.num_nodes
+            or not torch.equal(attention.pair_index.cpu(), torch.stack([rows, cols]).cpu())):
+        raise ValueError(f"the block attention ({attention.pair_index.size(-1)} sibling pairs, "
+                         f"{attention.subtree_mass.size(0)} nodes) is not that of this hierarchy "
+                         f"({rows.numel()} sibling pairs, {hierarchy.num_nodes} nodes): pass the "
+                         f"hierarchy it was computed on")
     single_head = attention.pair_weight.dim() == 1
     pair_weight = attention.pair_weight[:, None] if single_head else attention.pair_weight
     mass = attention.subtree_mass[:, None] if single_head else attention.subtree_mass
@@ -411,6 +420,8 @@ def _scale(scale, q: Tensor) -> float:
                          "q by it before calling hsa")
     if isinstance(scale, Tensor) and scale.numel() != 1:
         raise ValueError(f"'scale' must be one number (got a tensor of shape {tuple(scale.shape)})")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"'scale' must be a finite number (got {float(scale)})")
     return float(scale)
 
 

@@ -141,6 +141,8 @@ class HSAConv(MessagePassing):
         self.out_channels = out_channels
         self.heads = heads
         self.concat = concat
+        if not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"'dropout' must be a probability in [0, 1] (got {dropout})")
         self.dropout = dropout
         self.root_weight = root_weight
         if energy not in ENERGIES:
