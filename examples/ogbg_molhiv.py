@@ -248,8 +248,9 @@ def run_seed(name: str, seed: int, args, dataset, data, split, evaluator,
     # HSA's batches come with their forest and sweep layout planned by the
     # loader (in its workers, with --workers > 0), not in the training step
     loader = partial(HierarchyLoader, layout_device=device) if name == 'hsa' else DataLoader
+    # workers that outlive an epoch: no process start in every epoch's time
     train_loader = loader(subset['train'], batch_size=args.batch_size // world, sampler=sampler,
-                          num_workers=args.workers)
+                          num_workers=args.workers, persistent_workers=args.workers > 0)
     valid_loader = loader(subset['valid'], batch_size=256)
     test_loader = loader(subset['test'], batch_size=256)
     metric = evaluator.eval_metric
