@@ -96,3 +96,15 @@ def random_sequence_hierarchy(seed: int, **kwargs) -> Hierarchy:
     parent, num_leaves = random_parent(seed, **kwargs)
     return Hierarchy.from_parent(number_leaves_depth_first(parent, num_leaves), num_leaves,
                                  ordered=True)
+
+
+def random_forest(seed: int, trees: int, causal: bool = False, **kwargs) -> Hierarchy:
+    r""":obj:`trees` random trees batched into a forest; with :obj:`causal`
+    their leaves are numbered depth-first (every subtree a run of ids)."""
+    parts = []
+    for tree in range(trees):
+        parent, num_leaves = random_parent(seed * 7 + tree, shuffle_leaves=not causal, **kwargs)
+        if causal:
+            parent = number_leaves_depth_first(parent, num_leaves)
+        parts.append(Hierarchy.from_parent(parent, num_leaves))
+    return Hierarchy.batch_hierarchies(parts)

@@ -7,24 +7,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch._dynamo.utils import counters
 
 from hsa_geo import Hierarchy, HSAConv
 from hsa_geo.functional import hsa, hsa_dense
-from random_trees import number_leaves_depth_first, random_hierarchy, random_parent
+from random_trees import random_forest, random_hierarchy
+from test_compile import compile_three_batches
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
-
-
-def forest(seed: int, trees: int, causal: bool = False, **kwargs) -> Hierarchy:
-    parts = []
-    for tree in range(trees):
-        parent, num_leaves = random_parent(seed * 7 + tree, shuffle_leaves=not causal, **kwargs)
-        if causal:
-            parent = number_leaves_depth_first(parent, num_leaves)
-        parts.append(Hierarchy.from_parent(parent, num_leaves))
-    return Hierarchy.batch_hierarchies(parts)
 
 
 def on_cuda(*tensors):
@@ -38,7 +28,7 @@ def on_cuda(*tensors):
        biased=st.booleans(), backend=st.sampled_from(['fused', 'scatter']))
 def test_cuda_equals_the_dense_definition(seed, trees, max_depth, max_children, value_dim,
                                           energy, causal, biased, backend):
-    hierarchy = forest(seed % 10_000, trees, causal, max_depth=max_depth,
+    hierarchy = random_forest(seed % 10_000, trees, causal, max_depth=max_depth,
                        max_children=max_children, max_leaves=16)
     generator = torch.Generator().manual_seed(seed % 997)
     shapes = [(3, ), (3, ), (value_dim or 3, )]
@@ -66,7 +56,7 @@ def test_cuda_equals_the_dense_definition(seed, trees, max_depth, max_children, 
 
 @pytest.mark.parametrize('causal', [False, True, 'strict'])
 def test_float32_on_a_large_batch_matches_the_cpu(causal):
-    hierarchy = forest(5, 64, causal=bool(causal), max_depth=5, max_children=12, max_leaves=60)
+    hierarchy = random_forest(5, 64, causal=bool(causal), max_depth=5, max_children=12, max_leaves=60)
     generator = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(hierarchy.num_leaves, 4, 16, generator=generator, requires_grad=True)
                for _ in range(3))
@@ -106,37 +96,9 @@ def test_autocast_forward_backward(dtype, backend, energy):
     assert float((grad - reference_grad).abs().max()) < tolerance * reference_grad.abs().max()
 
 
-class TwoLayers(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.first = HSAConv(8, 4, heads=2)
-        self.second = HSAConv(8, 4, heads=2)
-
-    def forward(self, x, hierarchy):
-        return self.second(self.first(x, hierarchy).relu(), hierarchy)
-
-
 @pytest.mark.parametrize('backend', ['aot_eager', 'inductor'])
 def test_compiled_model_does_not_recompile_across_batches(backend):
-    torch._dynamo.reset()
-    counters.clear()
-    torch.manual_seed(0)
-    model = TwoLayers().cuda()
-    compiled_model = torch.compile(model, backend=backend, dynamic=True)
-    graphs = []
-    for seed, trees, depth in ((1, 3, 8), (20, 5, 3), (40, 2, 6)):
-        hierarchy = Hierarchy.batch_hierarchies([random_hierarchy(seed + j, max_depth=depth)
-                                                 for j in range(trees)]).to('cuda')
-        x = torch.randn(hierarchy.num_leaves, 8, device='cuda', requires_grad=True)
-        out = compiled_model(x, hierarchy)
-        grad, = torch.autograd.grad(out.square().sum(), x)
-        graphs.append(counters['stats']['unique_graphs'])
-        expected = model(x, hierarchy)
-        expected_grad, = torch.autograd.grad(expected.square().sum(), x)
-        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-4)
-    assert graphs[0] > 0
-    assert graphs[1] == graphs[0] == graphs[2], graphs
+    compile_three_batches('dot', backend, device='cuda', tolerance=1e-4)
 
 
 def test_a_loader_planned_forest_runs_on_the_device():

@@ -167,10 +167,13 @@ def test_degenerate_feature_sizes_get_clear_errors():
 
 def test_a_saved_hierarchy_loads_under_the_weights_only_default(tmp_path):
     from hsa_geo.functional import hsa
+    from hsa_geo.functional.kernel import use_cpu_kernel
     hierarchy = Hierarchy.batch_hierarchies([Hierarchy.from_parent(
         torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4), Hierarchy.flat(3)])
     q = torch.randn(7, 2, 3)
     expected = hsa(q, q, q, hierarchy)  # with its plans cached
+    with use_cpu_kernel(False):  # the GPU engine: the layout's blocks cache constants
+        hsa(q, q, q, hierarchy)
     hierarchy.layout()
     hierarchy.plan()
     path = tmp_path / 'hierarchy.pt'

@@ -15,19 +15,9 @@ from hsa_geo import Hierarchy
 from hsa_geo.functional import hsa
 from hsa_geo.hierarchy.plan import build_family_tables
 from dense_checks import assert_equals_dense
-from random_trees import number_leaves_depth_first, random_hierarchy, random_parent
+from random_trees import random_forest, random_hierarchy
 
 pytestmark = pytest.mark.skipif(not kernel.load(), reason="the CPU kernel could not be built")
-
-
-def forest(seed: int, trees: int, causal: bool = False, **kwargs) -> Hierarchy:
-    parts = []
-    for tree in range(trees):
-        parent, num_leaves = random_parent(seed * 7 + tree, shuffle_leaves=not causal, **kwargs)
-        if causal:
-            parent = number_leaves_depth_first(parent, num_leaves)
-        parts.append(Hierarchy.from_parent(parent, num_leaves))
-    return Hierarchy.batch_hierarchies(parts)
 
 
 def run(q, k, v, hierarchy, cpu_kernel, **terms):
@@ -42,7 +32,7 @@ def run(q, k, v, hierarchy, cpu_kernel, **terms):
        causal=st.booleans(), biased=st.booleans())
 def test_kernel_equals_the_dense_definition(seed, trees, max_depth, max_children, dim, value_dim,
                                             energy, causal, biased):
-    hierarchy = forest(seed % 10_000, trees, causal, max_depth=max_depth,
+    hierarchy = random_forest(seed % 10_000, trees, causal, max_depth=max_depth,
                        max_children=max_children, max_leaves=16)
     generator = torch.Generator().manual_seed(seed % 997)
     shapes = [(dim, ), (dim, ), (value_dim or dim, )]
@@ -99,7 +89,7 @@ def test_threads_give_the_same_result():
 
 
 def test_family_tables_follow_the_sibling_pair_order():
-    hierarchy = forest(5, 3, max_depth=5, max_children=6, max_leaves=20)
+    hierarchy = random_forest(5, 3, max_depth=5, max_children=6, max_leaves=20)
     tables = build_family_tables(hierarchy.parent, hierarchy.depth, hierarchy.first_leaf)
     pairs = []
     for family in range(tables.family_node.numel()):
@@ -136,6 +126,8 @@ def test_isolated_leaves_and_single_child_chains():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.skipif(not native.ENABLED_BY_ENVIRONMENT,
+                    reason="HSA_GEO_CPU_KERNEL=0: nothing tries to build the compiled code")
 def test_without_a_compiler_hsa_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(native, '_LOADED', None)
     monkeypatch.setattr(native, '_SOURCES', ['/nonexistent/hsa_sweeps.cpp'])

@@ -236,6 +236,11 @@ class Constants(NamedTuple):
     not_cluster: Tensor  #: ``[F, w]`` 0 at cluster children
 
 
+# a saved Hierarchy carries its layouts, whose blocks cache these: loading it
+# under torch.load's weights_only default needs the class allow-listed
+torch.serialization.add_safe_globals([Constants])
+
+
 def constants(block: LayoutBlock, dtype: torch.dtype, causal: bool = False) -> Constants:
     r"""The block's per-slot constants in :obj:`dtype` (cached on the block)."""
     cache = block.__dict__.setdefault('_constants', {})
