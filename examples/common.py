@@ -151,9 +151,9 @@ def progress_bar(iterable, enabled: bool = True, **kwargs):
 
 
 def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    r"""Seeds Python, NumPy and torch (:func:`torch_geometric.seed_everything`)."""
+    from torch_geometric import seed_everything
+    seed_everything(seed)
 
 
 def rng_state() -> Dict[str, Any]:

@@ -100,7 +100,7 @@ def test_ddp_two_cpu_processes_match_one(offline_root, tmp_path):
     for key, value in one['model'].items():
         torch.testing.assert_close(two['model'][key], value, atol=2e-5, rtol=1e-4)
     # training moved the weights, so the comparison is not vacuous
-    assert not torch.equal(one['model']['head.0.weight'], _initial_head(offline_root))
+    assert not torch.equal(one['model']['head.lins.0.weight'], _initial_head(offline_root))
     h1, h2 = one['history'][0], two['history'][0]
     assert abs(h1['test_rocauc'] - h2['test_rocauc']) < 1e-3
     # the logged loss covers both ranks' graphs, not rank 0's share
@@ -113,7 +113,7 @@ def _initial_head(offline_root):
     args = ogbg_molhiv.parse_args(['--root', offline_root, '--dropout', '0', '--norm',
                                    'layer_norm', *TINY])
     common.set_seed(0)
-    return ogbg_molhiv.build_model('hsa', args, 1).state_dict()['head.0.weight']
+    return ogbg_molhiv.build_model('hsa', args, 1).state_dict()['head.lins.0.weight']
 
 
 def test_arxiv_script(offline_root, tmp_path):

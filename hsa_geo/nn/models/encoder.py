@@ -4,11 +4,11 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Dropout, Linear, Module, ModuleList, Sequential
 from torch_geometric.nn.inits import reset
+from torch_geometric.nn.models import MLP
 from torch_geometric.nn.resolver import activation_resolver, normalization_resolver
 
 from hsa_geo.functional import BlockAttention
@@ -42,14 +42,11 @@ def resolve_local_conv(conv: Union[str, ConvFactory, None], channels: int,
     from torch_geometric.nn import GATConv, GCNConv, GINConv, GINEConv, SAGEConv
     name = conv.lower()
     if name in ('gin', 'gine'):
-        if norm == 'batch_norm':
-            inner: Module = torch.nn.BatchNorm1d(channels)
-        elif norm is None:
-            inner = torch.nn.Identity()
+        # PyG's MLP: linear, norm (batch norm, or layer norm per node), ReLU, linear
+        if norm is None or norm == 'batch_norm':
+            mlp = MLP([channels] * 3, act='relu', norm=norm)
         else:
-            inner = torch.nn.LayerNorm(channels)
-        mlp = Sequential(Linear(channels, channels), inner, torch.nn.ReLU(),
-                         Linear(channels, channels))
+            mlp = MLP([channels] * 3, act='relu', norm='layer_norm', norm_kwargs={'mode': 'node'})
         if name == 'gin':
             return GINConv(mlp, train_eps=True)
         return GINEConv(mlp, train_eps=True, edge_dim=edge_dim or channels)

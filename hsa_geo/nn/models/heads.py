@@ -1,11 +1,12 @@
 r"""End-to-end models: input encoder, :class:`HSAEncoder`, task head."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.nn import Dropout, Linear, Module, ReLU, Sequential
+from torch.nn import Dropout, Linear, Module
+from torch_geometric.nn.models import MLP
 
 from hsa_geo.hierarchy import Hierarchy
 from hsa_geo.nn.models.encoder import ConvFactory, HSAEncoder
@@ -31,11 +32,9 @@ def _input_encoder(encoder: Union[int, Module], hidden: int) -> Module:
 
 
 def _mlp_head(hidden: int, out_channels: int, dropout: float, layers: int = 2) -> Module:
-    modules: List[Module] = []
-    for _ in range(layers - 1):
-        modules += [Linear(hidden, hidden), ReLU(), Dropout(dropout)]
-    modules.append(Linear(hidden, out_channels))
-    return Sequential(*modules)
+    r"""PyG's :class:`~torch_geometric.nn.models.MLP`: ``layers - 1`` blocks
+    of linear, ReLU and dropout, then a plain linear layer."""
+    return MLP([hidden] * layers + [out_channels], act='relu', norm=None, dropout=dropout)
 
 
 class HSAGraphModel(Module):
