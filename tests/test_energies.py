@@ -485,7 +485,7 @@ def test_hsa_conv_with_bias_energy_causal_and_normalised_qk(energy):
     out, attention = conv(x, hierarchy, return_attention_weights=True, pair_bias=pair_bias)
     dense = block_attention_to_dense(attention, hierarchy)  # [H, N, N]
     assert dense.triu(1).abs().max() == 0
-    value = conv._project(conv.lin_value, x)
+    value = conv.lin_value(x).view(64, 2, 4)
     expected = dense_output(dense, value).reshape(64, 8) + conv.lin_skip(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     out.sum().backward()

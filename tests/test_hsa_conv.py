@@ -142,3 +142,26 @@ def test_attention_explainer_is_refused_by_name_and_can_skip_the_layer():
     assert explanation.edge_mask.shape == (5, )
     assert not model.hsa._message_forward_hooks  # the explainer removed its hooks
     model(x, edge_index)  # and the layer runs as before
+
+
+@pytest.mark.parametrize('normalize_qk', [False, True])
+@pytest.mark.parametrize('bias', [True, False])
+def test_projections_agree_on_both_engines(normalize_qk, bias):
+    # q, k, v come from one product, node-major for the CPU kernel and
+    # heads-first for the tensor sweeps: the same layer either way
+    from hsa_geo.functional.kernel import use_cpu_kernel
+    torch.manual_seed(0)
+    hierarchy = Hierarchy.batch_hierarchies([random_hierarchy(seed) for seed in range(3)])
+    conv = HSAConv(-1, 4, heads=3, normalize_qk=normalize_qk, bias=bias)
+    x = torch.randn(hierarchy.num_leaves, 6, requires_grad=True)
+    results = []
+    for kernel_on in (True, False):
+        with use_cpu_kernel(kernel_on):
+            out = conv(x, hierarchy)
+            results.append((out, *torch.autograd.grad(out.square().sum(), [x, conv.lin_key.weight])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    query = conv.lin_query(x).view(-1, 3, 4)
+    if normalize_qk:
+        query = torch.nn.functional.layer_norm(query, (4, ))
+    torch.testing.assert_close(conv._project_qkv(x)[0], query)

@@ -7,6 +7,7 @@ from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
 from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
+from hsa_geo.functional import kernel as cpu_kernel
 from hsa_geo.functional.attention import ENERGIES, check_causal
 from hsa_geo.hierarchy import Hierarchy
 from hsa_geo.nn.positional import SiblingPositionBias
@@ -250,9 +251,7 @@ class HSAConv(MessagePassing):
                              f"has {x.size(1)} (shape {tuple(x.shape)})")
         self._refuse_message_hooks()
         heads, channels = self.heads, self.out_channels
-        query = self._project(self.lin_query, x, self.normalize_qk)
-        key = self._project(self.lin_key, x, self.normalize_qk)
-        value = self._project(self.lin_value, x)
+        query, key, value = self._project_qkv(x)
         if self.positional is not None:
             position_bias = (self.positional(hierarchy) if modality is None
                              else self.positional(hierarchy, modality))
@@ -274,20 +273,33 @@ class HSAConv(MessagePassing):
             return out, hsa_block_weights(query.detach(), key.detach(), hierarchy, **terms)
         return out
 
-    def _project(self, linear: Linear, x: Tensor, normalize: bool = False) -> Tensor:
-        r"""``linear(x)`` as ``[N, H, C]``, computed heads-first (a view of
-        an ``[H, N, C]`` tensor), the layout the HSA sweeps work in, so no
-        transpose copy is needed on the way in or in the backward pass;
-        optionally layer-normalised per head."""
-        if is_uninitialized_parameter(linear.weight):
-            linear(x[:1])  # lazy in_channels=-1: let PyG's hook size the weight
-        weight = linear.weight.view(self.heads, self.out_channels, -1)
-        out = torch.matmul(x, weight.transpose(1, 2))
-        if linear.bias is not None:
-            out = out + linear.bias.view(self.heads, 1, self.out_channels)
-        if normalize:
-            out = F.layer_norm(out, (self.out_channels, ))
-        return out.transpose(0, 1)
+    def _project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        r"""Queries, keys and values ``[N, H, C]`` by one product with the
+        three projections' weights side by side (one matrix product forward
+        and two backward instead of three and six); queries and keys
+        optionally layer-normalised per head. On the CPU kernel's path the
+        product is node-major (the kernel reads ``[N, H, C]``); elsewhere
+        heads-first, views of ``[H, N, C]`` tensors, the layout the tensor
+        sweeps work in (no transpose copy on the way in or back)."""
+        linears = (self.lin_query, self.lin_key, self.lin_value)
+        for linear in linears:
+            if is_uninitialized_parameter(linear.weight):
+                linear(x[:1])  # lazy in_channels=-1: let PyG's hook size the weight
+        heads, channels = self.heads, self.out_channels
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = None if self.lin_query.bias is None else torch.cat([l.bias for l in linears])
+        if cpu_kernel.available(x):
+            out = F.linear(x, weight, bias).view(-1, 3 * heads, channels)
+            query, key, value = out.split(heads, dim=1)
+        else:
+            out = torch.matmul(x, weight.view(3 * heads, channels, -1).transpose(1, 2))
+            if bias is not None:
+                out = out + bias.view(3 * heads, 1, channels)
+            query, key, value = (t.transpose(0, 1) for t in out.split(heads))
+        if self.normalize_qk:
+            query = F.layer_norm(query, (channels, ))
+            key = F.layer_norm(key, (channels, ))
+        return query, key, value
 
     def __repr__(self) -> str:
         options = ''
