@@ -135,3 +135,36 @@ def test_a_subgraph_of_a_nested_signal_is_refused_by_name(case):
     with pytest.raises(ValueError, match=r"the nodes changed after the hierarchy was built.*"
                                          r"AddHierarchy"):
         hierarchy_from_data(part)
+
+
+def test_nested_signals_round_trip_through_an_in_memory_dataset(tmp_path):
+    # collate and separate take the hierarchy's NumPy-integer cat dimension
+    from torch_geometric.data import Batch, InMemoryDataset
+
+    graphs = [NestedSignal.from_hierarchy(torch.randn(h.num_leaves, 2), h, y=torch.tensor([i]))
+              for i, h in enumerate(random_hierarchy(seed) for seed in range(5))]
+
+    class Nested(InMemoryDataset):
+        def __init__(self, root):
+            super().__init__(root)
+            self.load(self.processed_paths[0])
+
+        @property
+        def processed_file_names(self):
+            return ['data.pt']
+
+        def process(self):
+            self.save(graphs, self.processed_paths[0])
+
+    dataset = Nested(str(tmp_path))
+    reloaded = Nested(str(tmp_path))  # from the processed file
+    for data in (dataset, reloaded):
+        for i, graph in enumerate(graphs):
+            assert torch.equal(data[i].hierarchy_edge_index, graph.hierarchy_edge_index)
+            assert torch.equal(hierarchy_from_data(data[i]).parent,
+                               hierarchy_from_data(graph).parent)
+    batch = Batch.from_data_list(graphs)
+    assert torch.equal(batch.get_example(3).hierarchy_edge_index, graphs[3].hierarchy_edge_index)
+    assert torch.equal(hierarchy_from_data(Batch.from_data_list(batch[[1, 4]])).parent,
+                       Hierarchy.batch_hierarchies([hierarchy_from_data(graphs[1]),
+                                                    hierarchy_from_data(graphs[4])]).parent)
