@@ -124,6 +124,39 @@ def test_flat_readout_is_softmax_attention_pooling():
     torch.testing.assert_close(out, torch.stack(expected))
 
 
+@pytest.mark.parametrize('heads', [1, 2])
+def test_hierarchy_readout_against_brute_force(heads):
+    # scores from the mean key below every node, a sibling softmax at every
+    # family, leaf weight = product of the shares along the path
+    from random_trees import random_hierarchy
+    torch.manual_seed(heads)
+    h = Hierarchy.batch_hierarchies([random_hierarchy(seed) for seed in (1, 2)])
+    x = torch.randn(h.num_leaves, 6, dtype=torch.float64)
+    readout = HierarchyReadout(6, heads=heads).double()
+    torch.nn.init.normal_(readout.query)
+    out, weight = readout(x, h, return_leaf_weights=True)
+    dim = 6 // heads
+    key_means = subtree_means(readout.lin_key(x), h).view(-1, heads, dim)
+    score = (key_means * readout.query).sum(-1) * dim ** -0.5  # [N + M, H]
+    parent = h.parent.tolist()
+    children = {}
+    for node, up in enumerate(parent):
+        if up >= 0:
+            children.setdefault(up, []).append(node)
+    expected_weight = torch.ones(h.num_leaves, heads, dtype=torch.float64)
+    for leaf in range(h.num_leaves):
+        node = leaf
+        while parent[node] >= 0:
+            siblings = children[parent[node]]
+            share = torch.softmax(score[siblings], 0)[siblings.index(node)]
+            expected_weight[leaf] *= share
+            node = parent[node]
+    torch.testing.assert_close(weight, expected_weight)
+    pooled = (x.view(-1, heads, dim) * expected_weight[..., None]).view(-1, 6)
+    expected = torch.stack([pooled[h.leaf_batch == g].sum(0) for g in range(2)])
+    torch.testing.assert_close(out, expected)
+
+
 @pytest.mark.parametrize('mode', ['mean', 'sum'])
 def test_mean_and_sum_readouts(mode):
     _, _, h = two_trees()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -269,6 +269,24 @@ class Hierarchy:
         such as :obj:`pair_bias` of :func:`hsa_geo.functional.hsa` have one
         row per column of this, in this order."""
         return self.plan().sibling_pairs()
+
+    def leaf_ancestor_pairs(self) -> Tuple[Tensor, Tensor]:
+        r"""All pairs (leaf, node on the leaf's path to its root, both
+        included): two index tensors of length
+        :math:`\sum_i (\mathrm{depth}(i) + 1)`, computed once and cached
+        (readouts pool over them in every step)."""
+        self.check_unchanged()
+        if 'leaf_ancestor_pairs' not in self._cache:
+            leaf = torch.arange(self.num_leaves, device=self.parent.device)
+            node, leaves, nodes = leaf, [], []
+            while node.numel() > 0:
+                leaves.append(leaf)
+                nodes.append(node)
+                up = self.parent[node]
+                keep = up >= 0
+                leaf, node = leaf[keep], up[keep]
+            self._cache['leaf_ancestor_pairs'] = (torch.cat(leaves), torch.cat(nodes))
+        return self._cache['leaf_ancestor_pairs']
 
     @property
     def num_sibling_pairs(self) -> int:

@@ -14,18 +14,9 @@ from hsa_geo.hierarchy import Hierarchy
 
 def leaf_ancestor_pairs(hierarchy: Hierarchy) -> Tuple[Tensor, Tensor]:
     r"""All pairs (leaf, node on the leaf's path to its root, both included):
-    two index tensors of length :math:`\sum_i (\mathrm{depth}(i) + 1)`."""
-    parent = hierarchy.parent
-    leaf = torch.arange(hierarchy.num_leaves, device=parent.device)
-    node = leaf
-    leaves, nodes = [], []
-    while node.numel() > 0:
-        leaves.append(leaf)
-        nodes.append(node)
-        up = parent[node]
-        keep = up >= 0
-        leaf, node = leaf[keep], up[keep]
-    return torch.cat(leaves), torch.cat(nodes)
+    two index tensors of length :math:`\sum_i (\mathrm{depth}(i) + 1)`
+    (:meth:`hsa_geo.Hierarchy.leaf_ancestor_pairs`, cached there)."""
+    return hierarchy.leaf_ancestor_pairs()
 
 
 def hierarchy_leaf_weights(score: Tensor, hierarchy: Hierarchy) -> Tensor:
@@ -139,8 +130,13 @@ class HierarchyReadout(Module):
         if hierarchy is None:
             raise ValueError("readout 'hierarchy' needs the hierarchy")
         heads, dim = self.heads, self.channels // self.heads
-        key = subtree_means(self.lin_key(x), hierarchy).view(-1, heads, dim)
-        score = (key * self.query).sum(-1) * dim ** -0.5  # [N + M, H]
+        # a node's score is the query against the mean key below it. It is
+        # linear in the key, and the key linear in x: it is the mean of the
+        # leaves' own scores x_i . (W_k^T q) per head, so no [N, C] key is
+        # formed and the scatter carries H numbers per pair, not C
+        weight = self.lin_key.weight.view(heads, dim, self.channels)
+        direction = torch.einsum('hd,hdc->ch', self.query, weight) * dim ** -0.5  # [C, H]
+        score = subtree_means(x @ direction, hierarchy)  # [N + M, H]
         weight = hierarchy_leaf_weights(score, hierarchy)  # [N, H]
         pooled = (x.view(-1, heads, dim) * weight.unsqueeze(-1)).view(-1, self.channels)
         out = global_add_pool(pooled, batch, num_graphs)
