@@ -363,8 +363,11 @@ def run(args) -> Dict[str, Any]:
         payload: Dict[str, Any] = {'script': 'examples/ogbg_molhiv.py', 'argv': sys.argv[1:],
                                    'config': vars(args), 'world_size': dist_info['world_size'],
                                    'runs': []}
-        for name in args.model:
-            for seed in args.seeds:
+        # seed-major: the models take turns, so a slow phase of a shared
+        # host does not fall on one model's runs only (seconds per epoch are
+        # compared across models)
+        for seed in args.seeds:
+            for name in args.model:
                 result = run_seed(name, seed, args, dataset, data, split, evaluator, dist_info)
                 runs.append(result)
                 payload['runs'].append({k: v for k, v in result.items() if k != 'final_state'})
