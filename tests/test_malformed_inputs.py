@@ -41,7 +41,8 @@ def conv_forward(x, hierarchy=TREE, **kwargs):
 # (id, call, exception type, regex the message must match)
 CASES = [
     # ------------------------------------------------ Hierarchy.from_parent
-    ('parent list', lambda: Hierarchy.from_parent([1, -1], 1), ValueError, 'must be a torch.Tensor'),
+    ('parent list', lambda: Hierarchy.from_parent([1, -1], 1), ValueError,
+     'must be a torch.Tensor'),
     ('parent float', lambda: Hierarchy.from_parent(torch.tensor([1., -1.]), 1), ValueError,
      'integer node ids'),
     ('parent bool', lambda: Hierarchy.from_parent(torch.tensor([True, False]), 1), ValueError,

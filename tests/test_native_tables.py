@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (native.ENABLED_BY_ENVIRONMENT and native.lo
                                 reason="the compiled code is off or could not be built")
 
 
-def random_forest(seed: int, trees: int, isolated: int, **kwargs):
+def shuffled_forest_parent(seed: int, trees: int, isolated: int, **kwargs):
     r"""Parent pointers of :obj:`trees` random trees and :obj:`isolated`
     single leaves, leaves first, clusters after them in a shuffled order."""
     generator = torch.Generator().manual_seed(seed)
@@ -58,8 +58,9 @@ def python_analysis(parent, num_leaves):
 def test_the_analysis_equals_the_pytorch_build(seed, trees, isolated, max_depth, max_children):
     if trees == 0 and isolated == 0:
         isolated = 1
-    parent, num_leaves = random_forest(seed % 100_000, trees, isolated, max_depth=max_depth,
-                                       max_children=max_children, max_leaves=30)
+    parent, num_leaves = shuffled_forest_parent(seed % 100_000, trees, isolated,
+                                                max_depth=max_depth, max_children=max_children,
+                                                max_leaves=30)
     analysis = analyse_tree(parent, num_leaves)
     depth, count, first, last, tables = python_analysis(parent, num_leaves)
     for got, want in zip(analysis[:4], (depth, count, first, last)):
@@ -99,7 +100,7 @@ def test_invalid_pointers_fall_through_to_the_named_errors(pointers, num_leaves,
 
 
 def test_hierarchies_built_either_way_are_the_same(monkeypatch):
-    parent, num_leaves = random_forest(7, 3, 2, max_depth=5, max_children=6)
+    parent, num_leaves = shuffled_forest_parent(7, 3, 2, max_depth=5, max_children=6)
     compiled = Hierarchy.from_parent(parent, num_leaves)
     assert compiled._family_tables is not None  # adopted from the analysis
     monkeypatch.setattr(native, 'ENABLED_BY_ENVIRONMENT', False)
@@ -112,3 +113,13 @@ def test_hierarchies_built_either_way_are_the_same(monkeypatch):
     for name in ('family_node', 'children', 'pair_ptr', 'level_ptr'):
         assert torch.equal(getattr(compiled.family_tables(), name),
                            getattr(plain.family_tables(), name))
+
+
+def test_batched_hierarchies_built_either_way_are_the_same(monkeypatch):
+    from random_trees import random_hierarchy
+    compiled = Hierarchy.batch_hierarchies([random_hierarchy(seed) for seed in range(6)])
+    monkeypatch.setattr(native, 'ENABLED_BY_ENVIRONMENT', False)
+    # the inputs' own depths, counts and leaf ranges, shifted into place
+    plain = Hierarchy.batch_hierarchies([random_hierarchy(seed) for seed in range(6)])
+    for name in ('parent', 'batch', 'depth', 'num_leaves_below', 'first_leaf', 'last_leaf'):
+        assert torch.equal(getattr(compiled, name), getattr(plain, name)), name

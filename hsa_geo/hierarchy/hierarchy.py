@@ -88,8 +88,7 @@ class Hierarchy:
                 a cycle, a parent edge across graphs, or a graph with more
                 than one root.
         """
-        parent = _parent_as_long(parent, num_leaves)
-        num_leaves = _leaf_count(num_leaves)
+        parent, num_leaves = _parent_as_long(parent, num_leaves)
         analysis = analyse_tree(parent, num_leaves)  # compiled, when available
         if analysis is None:  # or the pointers are invalid: name the problem
             _check_parent_pointers(parent, num_leaves)
@@ -185,10 +184,10 @@ class Hierarchy:
         count[new_id] = torch.cat([h.num_leaves_below.cpu() for h in hierarchies])
         batched = cls(parent.to(device), total_leaves, depth.to(device), count.to(device),
                       batch.to(device), ordered)
-        shift = (num_leaves.cumsum(0) - num_leaves)[graph_of]
         for name in ('first_leaf', 'last_leaf'):
             merged = torch.empty_like(parent)
-            merged[new_id] = torch.cat([getattr(h, name).cpu() for h in hierarchies]) + shift
+            merged[new_id] = (torch.cat([getattr(h, name).cpu() for h in hierarchies])
+                              + leaf_offset)
             batched._cache[name] = merged.to(device)
         return batched
 
@@ -509,9 +508,10 @@ def _leaf_count(num_leaves) -> int:
     return num_leaves
 
 
-def _parent_as_long(parent, num_leaves) -> Tensor:
-    r"""The parent pointers as ``int64``, after the checks that need no pass
-    over them: type, dtype, shape and length."""
+def _parent_as_long(parent, num_leaves) -> Tuple[Tensor, int]:
+    r"""The parent pointers as ``int64`` and the number of leaves as an
+    ``int``, after the checks that need no pass over the pointers: type,
+    dtype, shape and length."""
     if not isinstance(parent, Tensor):
         raise ValueError(f"'parent' must be a torch.Tensor (got {type(parent).__name__})")
     if parent.dtype == torch.bool or parent.is_floating_point() or parent.is_complex():
@@ -524,7 +524,7 @@ def _parent_as_long(parent, num_leaves) -> Tensor:
         raise ValueError(
             f"'parent' has length {num_nodes}, but must have one entry per node, "
             f"i.e. num_leaves ({num_leaves}) + number of clusters")
-    return parent.to(torch.long)
+    return parent.to(torch.long), num_leaves
 
 
 def _check_parent_pointers(parent: Tensor, num_leaves: int) -> None:

@@ -287,7 +287,8 @@ class HSAConv(MessagePassing):
                 linear(x[:1])  # lazy in_channels=-1: let PyG's hook size the weight
         heads, channels = self.heads, self.out_channels
         weight = torch.cat([linear.weight for linear in linears])
-        bias = None if self.lin_query.bias is None else torch.cat([l.bias for l in linears])
+        bias = (None if self.lin_query.bias is None
+                else torch.cat([linear.bias for linear in linears]))
         if cpu_kernel.available(x):
             out = F.linear(x, weight, bias).view(-1, 3 * heads, channels)
             query, key, value = out.split(heads, dim=1)

@@ -43,10 +43,9 @@ def resolve_local_conv(conv: Union[str, ConvFactory, None], channels: int,
     name = conv.lower()
     if name in ('gin', 'gine'):
         # PyG's MLP: linear, norm (batch norm, or layer norm per node), ReLU, linear
-        if norm is None or norm == 'batch_norm':
-            mlp = MLP([channels] * 3, act='relu', norm=norm)
-        else:
-            mlp = MLP([channels] * 3, act='relu', norm='layer_norm', norm_kwargs={'mode': 'node'})
+        layer_norm = norm not in (None, 'batch_norm')
+        mlp = MLP([channels] * 3, act='relu', norm='layer_norm' if layer_norm else norm,
+                  norm_kwargs={'mode': 'node'} if layer_norm else None)
         if name == 'gin':
             return GINConv(mlp, train_eps=True)
         return GINEConv(mlp, train_eps=True, edge_dim=edge_dim or channels)
