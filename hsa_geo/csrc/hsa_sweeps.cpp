@@ -412,7 +412,7 @@ std::vector<at::Tensor> hsa_sweeps_forward(
 template <typename scalar_t, int64_t Dim>
 void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const scalar_t* grad_out,
                    const scalar_t* weights, const scalar_t* log_mass, scalar_t scale,
-                   bool euclidean, bool causal, scalar_t* grad_bias,
+                   bool euclidean, bool causal, const scalar_t* grad_phi, scalar_t* grad_bias,
                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
   const int64_t heads = rows.heads, dim = rows.dim(), value_dim = rows.value_dim();
   const int64_t num_leaves = tree.num_leaves, num_clusters = tree.num_nodes - num_leaves;
@@ -463,6 +463,13 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   auto delta = uninitialised<scalar_t>(num_clusters * heads);
   auto accumulated = uninitialised<scalar_t>(num_clusters * heads * acc_width);
   zero_roots(delta.get(), parented, num_leaves, heads, 1);
+  // an upstream gradient of phi(B) enters delta_B = dL/d(-phi(B)) directly
+  // (grad_phi [clusters, heads], or null)
+  if (grad_phi != nullptr)
+    for (int64_t node = num_leaves; node < tree.num_nodes; ++node)
+      if (!parented[node])
+        for (int64_t head = 0; head < heads; ++head)
+          delta[(node - num_leaves) * heads + head] = -grad_phi[(node - num_leaves) * heads + head];
   zero_roots(accumulated.get(), parented, num_leaves, heads, acc_width);
   std::vector<scalar_t> leaf_gamma(euclidean ? num_leaves * heads : 0, 0);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
@@ -545,7 +552,8 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
           const scalar_t new_gamma = parent_acc[acc_width - 1] + inverse_count * gamma;
           if (cluster) {
             delta[(node - num_leaves) * heads + head] =
-                through[node * heads + head] - weight[i * size + i] * residual[i];
+                through[node * heads + head] - weight[i * size + i] * residual[i] -
+                (grad_phi != nullptr ? grad_phi[(node - num_leaves) * heads + head] : 0);
             cluster_acc[acc_width - 1] = new_gamma;
           } else if (euclidean) {
             leaf_gamma[offset] = new_gamma;
@@ -573,7 +581,7 @@ std::vector<at::Tensor> hsa_sweeps_backward(
     const at::Tensor& means, const at::Tensor& weights, const at::Tensor& log_mass,
     const at::Tensor& family_node, const at::Tensor& child_ptr, const at::Tensor& children,
     const at::Tensor& pair_ptr, const at::Tensor& level_ptr, double scale, bool euclidean,
-    bool causal, bool bias_grad) {
+    bool causal, bool bias_grad, const c10::optional<at::Tensor>& grad_phi_) {
   check_tables(family_node, child_ptr, children, pair_ptr, level_ptr);
   auto inputs = check_inputs(q_, k_, v_);
   const at::Tensor &q = inputs[0], &k = inputs[1], &v = inputs[2];
@@ -585,6 +593,13 @@ std::vector<at::Tensor> hsa_sweeps_backward(
   TORCH_CHECK(grad_out.sizes() == v.sizes(), "hsa_sweeps: grad_out must match v");
   at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   at::Tensor grad_bias = bias_grad ? at::zeros({heads, tree.num_pairs}, q.options()) : at::Tensor();
+  at::Tensor grad_phi;
+  if (grad_phi_.has_value() && grad_phi_->defined()) {
+    grad_phi = grad_phi_->to(q.scalar_type()).contiguous();
+    TORCH_CHECK(grad_phi.dim() == 2 && grad_phi.size(0) == num_nodes - num_leaves &&
+                    grad_phi.size(1) == heads,
+                "hsa_sweeps: grad_phi [clusters, H] expected");
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hsa_sweeps_backward", [&] {
     with_fixed_dim(dim, value_dim, [&](auto fixed) {
       constexpr int64_t Dim = decltype(fixed)::value;
@@ -594,6 +609,7 @@ std::vector<at::Tensor> hsa_sweeps_backward(
       backward_impl<scalar_t, Dim>(
           tree, rows, grad_out.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
           log_mass.data_ptr<scalar_t>(), static_cast<scalar_t>(scale), euclidean, causal,
+          grad_phi.defined() ? grad_phi.data_ptr<scalar_t>() : nullptr,
           bias_grad ? grad_bias.data_ptr<scalar_t>() : nullptr,
           grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
     });
@@ -613,7 +629,7 @@ TORCH_LIBRARY(hsa_geo_cpu, m) {
       "sweeps_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor means, "
       "Tensor weights, Tensor log_mass, Tensor family_node, Tensor child_ptr, Tensor children, "
       "Tensor pair_ptr, Tensor level_ptr, float scale, "
-      "bool euclidean, bool causal, bool bias_grad) -> Tensor[]");
+      "bool euclidean, bool causal, bool bias_grad, Tensor? grad_phi=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hsa_geo_cpu, CPU, m) {

@@ -15,7 +15,7 @@ from hsa_geo.functional import kernel as cpu_kernel
 from hsa_geo.functional.compiled import fused_hsa, hierarchy_key
 from hsa_geo.functional.kernel import KernelHSAFunction
 from hsa_geo.functional.scatter_sweep import (ScatterPlan, build_scatter_plan, hsa_scatter,
-                                              scatter_bottom_up, subtree_mean)
+                                              leaf_self_scores, scatter_bottom_up, subtree_mean)
 from hsa_geo.functional.sweep import HSAFunction, ScoreTerms, bottom_up, top_down
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
@@ -55,7 +55,8 @@ _TERMS_DOC = r"""
 def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         scale: Optional[float] = None, backend: str = 'fused', *,
         pair_bias: Optional[Tensor] = None, energy: str = 'dot',
-        causal: Union[bool, str] = False) -> Tensor:
+        causal: Union[bool, str] = False,
+        return_log_partition: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""Hierarchical Self-Attention over the leaves of :obj:`hierarchy`.
 
     Computes :math:`y_i = \sum_j a_{ij} v_j` where :math:`A` is the
@@ -82,9 +83,15 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
             double backward, with :math:`O(\sum_A b_A^2 HD)` memory).
             Both compute the same values. (default: :obj:`"fused"`)
         {terms}
+        return_log_partition (bool, optional): Also return :math:`\phi` of
+            every node, ``[N + M, H]`` (``[N + M]`` for one head), as
+            :func:`hsa_log_partition` computes it, from the same sweeps and
+            differentiable with the output (not with
+            :obj:`causal="strict"`). (default: :obj:`False`)
 
     Returns:
-        ``[N, H, D_v]`` (or ``[N, D_v]``). float16/bfloat16 inputs are
+        ``[N, H, D_v]`` (or ``[N, D_v]``), and :math:`\phi` with
+        :obj:`return_log_partition`. float16/bfloat16 inputs are
         computed in float32 and returned in their own dtype, so their error is
         that of rounding inputs and output: on unit-variance inputs the
         largest deviation from float64 stays below 5e-3 (float16) and 5e-2
@@ -94,9 +101,12 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     if backend not in ('fused', 'scatter'):
         raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
     _check_types((q, k, v))
-    terms = dict(pair_bias=pair_bias, energy=energy, causal=causal)
+    terms = dict(pair_bias=pair_bias, energy=energy, causal=causal,
+                 return_log_partition=return_log_partition)
+    if return_log_partition:
+        _no_strict(causal)
     if torch.compiler.is_compiling():
-        if backend == 'fused' and causal != 'strict':
+        if backend == 'fused' and causal != 'strict' and not return_log_partition:
             return _hsa_compiled(q, k, v, hierarchy, scale, **terms)
         return _hsa_eager_outside_graph(q, k, v, hierarchy, scale, backend, **terms)
     # every input the sweeps see runs in float32 or float64: under autocast
@@ -107,7 +117,7 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
 
 def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Optional[float],
                backend: str, pair_bias: Optional[Tensor], energy: str,
-               causal: Union[bool, str]) -> Tensor:
+               causal: Union[bool, str], return_log_partition: bool = False):
     (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
     scale = _scale(scale, q)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
@@ -126,15 +136,38 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
         use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
         if use_kernel:
             out = KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
-                                          euclidean, causal)
+                                          euclidean, causal, return_log_partition)
         else:
             out = HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale,
-                                    euclidean, causal)
+                                    euclidean, causal, return_log_partition)
+        if return_log_partition:
+            out, cluster_phi = out
+            leaf_phi = -leaf_self_scores(q, k, _leaf_pairs(hierarchy, q.device), scale,
+                                         pair_bias, euclidean)
+            phi = torch.cat([leaf_phi, cluster_phi])
     else:
         out = hsa_scatter(q, k, v, _scatter_plan(hierarchy.plan(q.device)), scale, pair_bias,
-                          euclidean, causal)
+                          euclidean, causal, return_log_partition)
+        if return_log_partition:
+            out, phi = out
     out = out.to(dtype)
-    return out.squeeze(1) if single_head else out
+    out = out.squeeze(1) if single_head else out
+    if not return_log_partition:
+        return out
+    if euclidean:  # the row term the sweeps leave out
+        phi = phi + 0.5 * scale * hierarchy.subtree_means((q * q).sum(-1))
+    phi = phi.to(dtype)
+    return out, phi.squeeze(1) if single_head else phi
+
+
+def _leaf_pairs(hierarchy: Hierarchy, device) -> Tensor:
+    r"""``[N]`` position of every leaf's own pair :math:`(i, i)` in
+    :meth:`Hierarchy.sibling_pairs` order, -1 for an isolated leaf."""
+    rows, cols = hierarchy.sibling_pairs().to(device)
+    own = ((rows == cols) & (rows < hierarchy.num_leaves)).nonzero().view(-1)
+    positions = torch.full((hierarchy.num_leaves, ), -1, dtype=torch.long, device=device)
+    positions[rows[own]] = own
+    return positions
 
 
 hsa.__doc__ = hsa.__doc__.replace('{terms}', _TERMS_DOC.strip())

@@ -101,8 +101,8 @@ def hsa_strict_causal(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
     key_norm = None
     if euclidean:  # mean |k|^2 below every node; the row term cancels within a row
         key_norm = subtree_mean((k * k).sum(-1), scatter_plan).t()  # [H, N + M]
-    self_score = leaf_self_scores(q, k, scatter_plan, scale, pair_bias,
-                                  None if key_norm is None else key_norm.t()).t()  # [H, N]
+    self_score = leaf_self_scores(q, k, scatter_plan.leaf_pair, scale, pair_bias,
+                                  euclidean).t()  # [H, N]
     bias = None if pair_bias is None else pair_bias.t()  # [H, E]
     log_count = plan.num_leaves_below.to(q.dtype).log()
     # one padding row / column (leaf id N) that every group may point at

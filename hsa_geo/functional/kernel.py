@@ -95,34 +95,52 @@ def kernel_forward(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
 
 def kernel_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, tables: FamilyTables,
                     state, scale: float, euclidean: bool = False, causal: bool = False,
-                    bias_grad: bool = False):
+                    bias_grad: bool = False, grad_phi: Optional[Tensor] = None):
     r"""Gradients of q, k, v and (with :obj:`bias_grad`, else an empty
-    tensor) of the pair bias ``[H, E]``."""
+    tensor) of the pair bias ``[H, E]``; :obj:`grad_phi` ``[M, H]`` is an
+    upstream gradient of the clusters' :math:`\phi` (see
+    :func:`cluster_log_partition`)."""
     return torch.ops.hsa_geo_cpu.sweeps_backward(
         grad_out, q, k, v, *state, *_arguments(tables), float(scale), euclidean, causal,
-        bias_grad)
+        bias_grad, grad_phi)
+
+
+def cluster_log_partition(state) -> Tensor:
+    r""":math:`\phi` of every cluster ``[M, H]`` from the kernel's forward
+    state (a view of its cluster rows; with the Euclidean energy without the
+    row term, as the sweeps compute it)."""
+    means = state[0]
+    value_dim_end = means.size(2) - 2  # columns: q, k, v, phi, key norm
+    return means[..., value_dim_end]
 
 
 class KernelHSAFunction(torch.autograd.Function):
     r"""Fused HSA on the CPU kernel: ``[N, H, D]`` inputs (any memory
     layout), a pair bias ``[H, E]`` or None. Saves the clusters' rows, the
-    pair weights and :math:`\log P` of every node: nothing quadratic."""
+    pair weights and :math:`\log P` of every node: nothing quadratic. With
+    :obj:`with_phi`, also returns the clusters' :math:`\phi` ``[M, H]``
+    (differentiable)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
                 tables: FamilyTables, scale: float, euclidean: bool = False,
-                causal: bool = False) -> Tensor:
+                causal: bool = False, with_phi: bool = False):
         out, state = kernel_forward(q, k, v, pair_bias, tables, scale, euclidean, causal)
         ctx.save_for_backward(q, k, v, *state)
         ctx.tables, ctx.options = tables, (scale, euclidean, causal)
+        ctx.set_materialize_grads(False)
+        if with_phi:
+            return out, cluster_log_partition(state).clone()
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Optional[Tensor], grad_phi: Optional[Tensor] = None):
         refuse_double_backward()
         q, k, v, *state = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(v)
         bias_grad = ctx.needs_input_grad[3]
         grad_q, grad_k, grad_v, grad_bias = kernel_backward(
-            grad_out, q, k, v, ctx.tables, state, *ctx.options, bias_grad)
+            grad_out, q, k, v, ctx.tables, state, *ctx.options, bias_grad, grad_phi)
         return (grad_q, grad_k, grad_v, grad_bias if bias_grad else None, None, None, None,
-                None)
+                None, None)

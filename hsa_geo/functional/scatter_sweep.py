@@ -12,7 +12,7 @@ fused sweeps, which are the default.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -87,24 +87,43 @@ def scatter_logsumexp(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     return total.log() + top
 
 
-def subtree_mean(x: Tensor, plan: ScatterPlan) -> Tensor:
+def subtree_mean(x: Tensor, plan: ScatterPlan, leaf_count: Optional[Tensor] = None) -> Tensor:
     r"""``[N + M, ...]`` mean over the leaves below every node of per-leaf
-    rows ``[N, ...]``."""
-    return scatter(x[plan.ancestor_leaf], plan.ancestor_node, 0,
-                   dim_size=plan.parent.numel(), reduce='mean')
+    rows ``[N, ...]``; with :obj:`leaf_count` ``[N]``, the mean weighted by
+    it (a leaf standing for that many leaves with :obj:`x` their mean)."""
+    if leaf_count is None:
+        return scatter(x[plan.ancestor_leaf], plan.ancestor_node, 0,
+                       dim_size=plan.parent.numel(), reduce='mean')
+    weight = leaf_count.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    total = scatter((weight * x)[plan.ancestor_leaf], plan.ancestor_node, 0,
+                    dim_size=plan.parent.numel(), reduce='sum')
+    count = scatter(weight[plan.ancestor_leaf], plan.ancestor_node, 0,
+                    dim_size=plan.parent.numel(), reduce='sum')
+    return total / count
 
 
-def leaf_self_scores(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
-                     pair_bias: Optional[Tensor], key_norm: Optional[Tensor]) -> Tensor:
-    r"""``[N, H]`` :math:`s_{ii}`: the energy of a leaf with itself plus the
-    bias of its own pair (none for a leaf that is a root of its own)."""
+def leaf_self_scores(q: Tensor, k: Tensor, leaf_pair: Tensor, scale: float,
+                     pair_bias: Optional[Tensor], euclidean: bool) -> Tensor:
+    r"""``[N, H]`` :math:`s_{ii}`: the energy of a leaf with itself (the
+    Euclidean key term; the row term cancels) plus the bias of its own pair
+    (:obj:`leaf_pair` ``[N]``, its position, -1 for a leaf that is a root of
+    its own and has none)."""
     self_score = scale * (q * k).sum(-1)
-    if key_norm is not None:  # Euclidean key term; the row term cancels
-        self_score = self_score - 0.5 * scale * key_norm[:q.size(0)]
+    if euclidean:
+        self_score = self_score - 0.5 * scale * (k * k).sum(-1)
     if pair_bias is not None and pair_bias.size(0) > 0:  # no pairs: only isolated leaves
-        has_pair = (plan.leaf_pair >= 0)[:, None]
-        self_score = self_score + torch.where(has_pair, pair_bias[plan.leaf_pair.clamp(min=0)], 0.0)
+        has_pair = (leaf_pair >= 0)[:, None]
+        self_score = self_score + torch.where(has_pair, pair_bias[leaf_pair.clamp(min=0)], 0.0)
     return self_score
+
+
+class NodeSummaries(NamedTuple):
+    r"""What the bottom-up sweep reads of every node."""
+    count: Tensor  #: ``[N + M]`` leaves below (a summary leaf stands for several)
+    query: Tensor  #: ``[N + M, H, D]`` mean query
+    key: Tensor  #: ``[N + M, H, D]`` mean key
+    key_norm: Optional[Tensor]  #: ``[N + M, H]`` mean squared key norm (Euclidean energy)
+    leaf_phi: Tensor  #: ``[N, H]`` :math:`\phi` of the leaves
 
 
 def scatter_bottom_up(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
@@ -114,12 +133,20 @@ def scatter_bottom_up(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
     energy without its row term) and, level by level, the log-weights of
     the kept sibling pairs and those pairs (autograd, twice
     differentiable)."""
-    num_leaves, num_nodes = q.size(0), plan.parent.numel()
-    count = plan.num_leaves_below.to(q.dtype)
-    mean_q, mean_k = subtree_mean(q, plan), subtree_mean(k, plan)
     key_norm = subtree_mean((k * k).sum(-1), plan) if euclidean else None
-    self_score = leaf_self_scores(q, k, plan, scale, pair_bias, key_norm)
-    phi = torch.cat([-self_score, q.new_zeros(num_nodes - num_leaves, q.size(1))])
+    self_score = leaf_self_scores(q, k, plan.leaf_pair, scale, pair_bias, euclidean)
+    nodes = NodeSummaries(plan.num_leaves_below.to(q.dtype), subtree_mean(q, plan),
+                          subtree_mean(k, plan), key_norm, -self_score)
+    return summaries_bottom_up(nodes, plan, scale, pair_bias, causal)
+
+
+def summaries_bottom_up(nodes: NodeSummaries, plan: ScatterPlan, scale: float,
+                        pair_bias: Optional[Tensor] = None, causal: bool = False):
+    r""":func:`scatter_bottom_up` from per-node summaries: the leaves may
+    stand for whole subtrees (their :math:`\phi`, count and means given)."""
+    num_leaves, num_nodes = nodes.leaf_phi.size(0), plan.parent.numel()
+    count, mean_q, mean_k, key_norm = nodes.count, nodes.query, nodes.key, nodes.key_norm
+    phi = torch.cat([nodes.leaf_phi, mean_q.new_zeros(num_nodes - num_leaves, mean_q.size(1))])
     log_weights, kept_pairs = [], []
     for level in plan.levels:  # bottom-up: phi of each parent from its children
         row, col, pair = level.row, level.col, level.pair
@@ -144,17 +171,26 @@ def scatter_bottom_up(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
 
 def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float,
                 pair_bias: Optional[Tensor] = None, euclidean: bool = False,
-                causal: bool = False) -> Tensor:
+                causal: bool = False, return_phi: bool = False):
     r"""HSA on ``[N, H, D]`` inputs by scatter operations (autograd), with
     an optional pair bias ``[E, H]``, the Euclidean energy (its key term;
-    the row term cancels) and the causal restriction to earlier siblings."""
-    num_leaves, num_nodes = q.size(0), plan.parent.numel()
+    the row term cancels) and the causal restriction to earlier siblings;
+    with :obj:`return_phi`, also :math:`\phi` of every node."""
+    phi, log_weights, kept_pairs = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean,
+                                                     causal)
+    out, _ = summaries_top_down(v, subtree_mean(v, plan), plan, log_weights, kept_pairs)
+    return (out, phi) if return_phi else out
+
+
+def summaries_top_down(v: Tensor, node_v: Tensor, plan: ScatterPlan, log_weights: List[Tensor],
+                       kept_pairs) -> Tuple[Tensor, Tensor]:
+    r"""The leaves' outputs ``[N, H, D_v]`` and :math:`\log P` ``[N, H]``
+    from the weights of the bottom-up sweep, the leaves' values :obj:`v` and
+    every node's mean value :obj:`node_v`."""
+    num_leaves, num_nodes = v.size(0), plan.parent.numel()
     leaf, node = plan.ancestor_leaf, plan.ancestor_node
-    mean_v = subtree_mean(v, plan)
-    _, log_weights, kept_pairs = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean,
-                                                   causal)
-    log_mass = q.new_zeros(num_nodes, q.size(1))
-    message = q.new_zeros(num_nodes, q.size(1), v.size(-1))
+    log_mass = v.new_zeros(num_nodes, v.size(1))
+    message = v.new_zeros(num_nodes, v.size(1), v.size(-1))
     for level, (row, col), log_weight in zip(reversed(plan.levels), reversed(kept_pairs),
                                              reversed(log_weights)):  # top-down
         diagonal = row == col
@@ -162,9 +198,10 @@ def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float
         log_mass = log_mass.index_put((rows, ), log_mass[plan.parent[rows]] + log_weight[diagonal])
         off = ~diagonal
         weight = log_weight[off].exp()[..., None]
-        received = scatter(weight * mean_v[col[off]], row[off], 0, dim_size=num_nodes)
+        received = scatter(weight * node_v[col[off]], row[off], 0, dim_size=num_nodes)
         parent_mass = log_mass[plan.parent[level.children]].exp()[..., None]
         message = message.index_put((level.children, ),
                                     parent_mass * received[level.children])
-    own = log_mass[:num_leaves].exp()[..., None] * v
-    return scatter(message[node], leaf, 0, dim_size=num_leaves) + own
+    leaf_log_mass = log_mass[:num_leaves]
+    own = leaf_log_mass.exp()[..., None] * v
+    return scatter(message[node], leaf, 0, dim_size=num_leaves) + own, leaf_log_mass

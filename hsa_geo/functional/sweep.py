@@ -505,13 +505,17 @@ class GradColumns(NamedTuple):
 def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout,
                     scale: float, state: ForwardState, leaf_log_mass: Tensor,
                     family_log_mass: Tensor, terms: ScoreTerms = ScoreTerms(),
-                    grad_pair_bias: bool = False, release: bool = False):
+                    grad_pair_bias: bool = False, release: bool = False,
+                    grad_phi: Optional[Tensor] = None):
     r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v
     (``[N, H, D]``) and, with :obj:`grad_pair_bias`, for the padded pair
     bias (``[H, P]``) by a bottom-up and a top-down sweep
     (docs/derivation.rst, "Backward pass"). With :obj:`release`, the caller
     hands :obj:`state` over, and the slot buffers are dropped once only
-    leaf ranges remain, which lowers the peak while the gradients fill."""
+    leaf ranges remain, which lowers the peak while the gradients fill.
+    :obj:`grad_phi` ``[M, H]`` adds an upstream gradient of the clusters'
+    :math:`\phi` (:func:`cluster_log_partition`): it enters
+    :math:`\delta_B = \partial L / \partial(-\phi(B))` directly."""
     num_leaves, heads, dim = q.shape
     value_dim = v.size(2)
     columns, weights = state.columns, list(state.weights)
@@ -559,6 +563,11 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
 
     # delta[B] = dL/dt_BB, the gradient of B's own (diagonal) score
     down = slot_buffer(q, layout, heads, grad_columns.width)
+    phi_push = None  # -dL/dphi of every cluster's slot row, read as each delta is written
+    if grad_phi is not None:
+        phi_push = q.new_zeros(heads * layout.num_rows, 1)
+        phi_push[_cluster_rows(layout, heads).view(-1), 0] = -grad_phi.reshape(-1).to(q.dtype)
+        down[heads * layout.root_row:, 0] = phi_push[heads * layout.root_row:, 0]
     grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format)
                               for t in (q, k, v))
     leaf_gamma = q.new_zeros(num_leaves, heads) if terms.euclidean else None
@@ -614,6 +623,8 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
             return
         delta, *targets = grad_columns.split(slot_rows(down, block, heads))
         delta.copy_(child_delta.transpose(1, 2))
+        if phi_push is not None:
+            delta.add_(slot_rows(phi_push, block, heads)[..., 0])
         for target, values in zip(targets, new):
             target.copy_(values)
 
@@ -650,6 +661,20 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
     return grad_q, grad_k, grad_v, grad_bias
 
 
+def _cluster_rows(layout: SlotLayout, heads: int) -> Tensor:
+    r"""``[M, H]`` slot-buffer rows of every cluster, in node order."""
+    clusters = torch.arange(layout.num_leaves, layout.node_slot.numel(),
+                            device=layout.node_slot.device)
+    return layout.rows(layout.node_slot[clusters], heads)
+
+
+def cluster_log_partition(state: ForwardState, layout: SlotLayout, heads: int) -> Tensor:
+    r""":math:`\phi` of every cluster ``[M, H]`` from the bottom-up sweep's
+    slot buffer (with the Euclidean energy without the row term)."""
+    rows = _cluster_rows(layout, heads)
+    return state.columns.phi(state.nodes[rows.view(-1)]).view(rows.shape)
+
+
 # ------------------------------------------------------------------ autograd
 def forward_sweeps(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: float,
                    terms: ScoreTerms) -> Tuple[ForwardState, TopDown]:
@@ -663,26 +688,33 @@ def forward_sweeps(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: f
 class HSAFunction(torch.autograd.Function):
     r"""Fused HSA on ``[N, H, D]`` inputs (any memory layout) and an
     optional padded pair bias ``[H, P]``. Saves the slot buffer, the
-    family weights and per-leaf state: nothing quadratic."""
+    family weights and per-leaf state: nothing quadratic. With
+    :obj:`with_phi`, also returns the clusters' :math:`\phi` ``[M, H]``
+    (differentiable)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
                 layout: SlotLayout, scale: float, euclidean: bool = False,
-                causal: bool = False) -> Tensor:
+                causal: bool = False, with_phi: bool = False):
         terms = ScoreTerms(pair_bias, euclidean, causal)
         state, result = forward_sweeps(q, k, v, layout, scale, terms)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v)
         # the backward pass needs neither log mu nor the leaves' own terms
         ctx.state = state._replace(self_log=None, leaf_phi=None, leaf_key_norm=None)
         ctx.leaf_log_mass, ctx.family_log_mass = result.leaf_log_mass, result.family_log_mass
         ctx.layout, ctx.scale = layout, scale
         ctx.terms = ScoreTerms(None, euclidean, causal)
+        if with_phi:
+            return result.out, cluster_log_partition(state, layout, q.size(1))
         return result.out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Optional[Tensor], grad_phi: Optional[Tensor] = None):
         refuse_double_backward()
         q, k, v = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(v)
         # When autograd frees the graph after this pass (no retain_graph), the
         # sweeps may drop the forward state as they go.
         release = not _graph_is_kept()
@@ -691,8 +723,8 @@ class HSAFunction(torch.autograd.Function):
                 grad_out, q, k, v, ctx.layout, ctx.scale,
                 ctx.__dict__.pop('state') if release else ctx.state, ctx.leaf_log_mass,
                 ctx.family_log_mass, ctx.terms, grad_pair_bias=ctx.needs_input_grad[3],
-                release=release)
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
+                release=release, grad_phi=grad_phi)
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None
 
 
 def refuse_double_backward() -> None:

@@ -287,6 +287,15 @@ class Hierarchy:
             self._cache['leaf_ancestor_pairs'] = (torch.cat(leaves), torch.cat(nodes))
         return self._cache['leaf_ancestor_pairs']
 
+    def subtree_means(self, values: Tensor) -> Tensor:
+        r"""Mean of per-leaf rows ``[N, ...]`` over the leaves below every
+        node, ``[N + M, ...]`` (differentiable)."""
+        leaf, node = (index.to(values.device) for index in self.leaf_ancestor_pairs())
+        total = values.new_zeros((self.num_nodes, ) + values.shape[1:])
+        total.index_add_(0, node, values[leaf])
+        count = self.num_leaves_below.to(values.device, values.dtype)
+        return total / count.view(-1, *([1] * (values.dim() - 1)))
+
     @property
     def num_sibling_pairs(self) -> int:
         r""":math:`E = \sum_A b_A^2`, the rows of a per-pair tensor (from the

@@ -54,10 +54,9 @@ def hierarchy_leaf_weights(score: Tensor, hierarchy: Hierarchy) -> Tensor:
 
 
 def subtree_means(x: Tensor, hierarchy: Hierarchy) -> Tensor:
-    r"""Mean of the leaf features below every node, ``[N + M, F]``."""
-    leaf, node = leaf_ancestor_pairs(hierarchy)
-    total = scatter(x[leaf], node, dim=0, dim_size=hierarchy.num_nodes, reduce='sum')
-    return total / hierarchy.num_leaves_below.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    r"""Mean of the leaf features below every node, ``[N + M, F]``
+    (:meth:`hsa_geo.Hierarchy.subtree_means`)."""
+    return hierarchy.subtree_means(x)
 
 
 class HierarchyReadout(Module):

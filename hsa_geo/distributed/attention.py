@@ -1,0 +1,277 @@
+r"""Exact HSA over a hierarchy partitioned across ranks.
+
+Every rank runs the sweeps over the subtrees of its own parts; the ranks
+then exchange one summary per part (mean query, key and value,
+:math:`\phi`), sweep the small top tree, each on its own copy, and finish
+locally. For a leaf :math:`i` below part :math:`B`, with :math:`y^B_i` the
+HSA output of :math:`B`'s subtree alone,
+
+.. math::
+    y_i = P(B)\,\big(y^B_i - \bar v_B\big) + y_B,
+
+where :math:`P(B)` is the attention mass a leaf of :math:`B` keeps inside
+:math:`B` and :math:`y_B` the output of :math:`B` treated as one leaf of
+the top tree (docs/distributed.rst). Both come from the top sweep, which
+needs only the parts' summaries: :math:`\phi(B)` depends on :math:`B`'s
+subtree alone, and the block scores are bilinear in the mean query and key.
+The result equals :func:`hsa_geo.functional.hsa` on the whole hierarchy;
+gradients flow through the exchange (all-gather forward, all-reduce
+backward).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hsa_geo.distributed.collectives import (all_gather_rows, all_reduce_sum,
+                                             check_same_everywhere)
+from hsa_geo.distributed.partition import HierarchyShard
+from hsa_geo.functional.attention import (ENERGIES, _scale, _scatter_plan, _to_compute,
+                                          check_causal, hsa)
+from hsa_geo.functional.scatter_sweep import (NodeSummaries, subtree_mean, summaries_bottom_up,
+                                              summaries_top_down)
+
+
+def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
+                    scale: Optional[float] = None, backend: str = 'fused', *,
+                    pair_bias: Optional[Tensor] = None, top_pair_bias: Optional[Tensor] = None,
+                    energy: str = 'dot', causal: bool = False,
+                    group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    r"""HSA over the leaves of a hierarchy spread over the ranks of
+    :obj:`group`, this rank's rows: exactly the rows
+    :obj:`shard.leaves` of :func:`hsa_geo.functional.hsa` over the whole
+    hierarchy, differentiable. Every rank of the group calls it (a rank
+    without leaves too, with ``[0, H, D]`` tensors), and every rank calls
+    backward through its output: the exchange is collective.
+
+    Communication per call: one all-gather of :math:`P \cdot H \cdot (2D +
+    D_v + 1)` numbers forward (:math:`P`: parts, padded to the most any rank
+    holds) and one all-reduce of as many backward, plus :math:`H D` numbers
+    for the Euclidean energy's centre; none of it grows with :math:`N`.
+
+    Args:
+        q (torch.Tensor): This rank's queries ``[n_r, H, D]`` (or
+            ``[n_r, D]``), rows in the order of :obj:`shard.leaves`.
+        k (torch.Tensor): Keys, same shape.
+        v (torch.Tensor): Values ``[n_r, H, D_v]`` (or ``[n_r, D_v]``).
+        shard (HierarchyShard): This rank's shard of the partition
+            (:meth:`HierarchyPartition.shard`).
+        scale (float, optional): Score scale. (default: :math:`1/\sqrt{D}`)
+        backend (str, optional): Engine of the local sweeps, as in
+            :func:`~hsa_geo.functional.hsa`. (default: :obj:`"fused"`)
+        pair_bias (torch.Tensor, optional): Bias of the sibling pairs of
+            :obj:`shard.local` ``[E_r, H]`` (or ``[E_r]``); the rows
+            :obj:`shard.pair_index` of a global pair bias.
+            (default: :obj:`None`)
+        top_pair_bias (torch.Tensor, optional): Bias of the sibling pairs of
+            the top tree ``[E_top, H]`` (or ``[E_top]``), the same on every
+            rank; the rows :obj:`shard.top.pair_index` of a global pair
+            bias. Its gradient on each rank is this rank's share: summed
+            over ranks (as data-parallel training does with parameters) it
+            is the full gradient. (default: :obj:`None`)
+        energy (str, optional): :obj:`"dot"` or :obj:`"euclidean"`.
+            (default: :obj:`"dot"`)
+        causal (bool, optional): The block-constant causal restriction
+            (:obj:`"strict"` is not block-constant and cannot be split
+            this way). (default: :obj:`False`)
+        group (ProcessGroup, optional): The ranks (default: the world).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("distributed_hsa needs torch.distributed initialised "
+                           "(torch.distributed.init_process_group, or run under torchrun)")
+    _check_shard(shard, group)
+    if energy not in ENERGIES:
+        raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
+    check_causal(causal)
+    if causal == 'strict':
+        raise ValueError("causal='strict' projects every row on its own: it is not "
+                         "block-constant and has no per-part summary; use causal=True")
+    (q, k, v), single_head, dtype = _check_inputs(q, k, v, shard)
+    heads, dim = q.size(1), q.size(2)
+    scale = _scale(scale, q)
+    euclidean = energy == 'euclidean'
+    if euclidean:  # one centre for all ranks (the result does not depend on it)
+        q, k = _centered_globally(q, k, group)
+    top = shard.top
+    top_bias = _check_bias(top_pair_bias, top.hierarchy.num_sibling_pairs, heads, q,
+                           'top_pair_bias', 'shard.top.hierarchy')
+    local_out, summaries = _part_summaries(q, k, v, shard, scale, backend, pair_bias, euclidean,
+                                           causal, top_bias)
+    # every rank's summaries, in top-tree leaf order
+    gathered = all_gather_rows(summaries, group)
+    rows = gathered.flatten(0, 1)[_gather_positions(shard)]  # [P, H, width]
+    part_out, part_log_mass = _top_sweep(rows, top, scale, top_bias, euclidean, bool(causal),
+                                         dim, v.size(2))
+    mine = shard.parts.to(q.device)
+    leaf_part = shard.leaf_part.to(q.device)
+    mean_v = rows[mine][..., 2 * dim:2 * dim + v.size(2)]
+    mass = part_log_mass[mine].exp()[leaf_part][..., None]  # [n_r, H, 1]
+    out = mass * (local_out - mean_v[leaf_part]) + part_out[mine][leaf_part]
+    out = out.to(dtype)
+    return out.squeeze(1) if single_head else out
+
+
+def _check_shard(shard: HierarchyShard, group) -> None:
+    if not isinstance(shard, HierarchyShard):
+        raise TypeError(f"'shard' must be a HierarchyShard (HierarchyPartition.shard(rank)); "
+                        f"got {type(shard).__name__}")
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    if shard.world_size != world_size or shard.rank != rank:
+        raise ValueError(f"rank {rank} of {world_size} was given the shard of rank {shard.rank} "
+                         f"of a partition over {shard.world_size} ranks")
+    checked = getattr(shard, '_checked_groups', None)
+    if checked is None:
+        checked = shard._checked_groups = set()
+    if id(group) not in checked:  # once per shard: the top trees must agree
+        check_same_everywhere(shard.top.fingerprint(), 'the top tree of the partition', group)
+        checked.add(id(group))
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard):
+    for name, tensor in zip('qkv', (q, k, v)):
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor")
+        if tensor.dim() != q.dim() or tensor.dim() not in (2, 3) or \
+                tensor.shape[:-1] != q.shape[:-1]:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; q, k, v must be "
+                             f"[n, H, D] (or [n, D]) with the same rows and heads as q's "
+                             f"{tuple(q.shape)}")
+    if k.size(-1) != q.size(-1) or q.size(-1) == 0:
+        raise ValueError(f"q and k need the same, positive, last dimension "
+                         f"(got {q.size(-1)} and {k.size(-1)})")
+    if q.size(0) != shard.num_leaves:
+        raise ValueError(f"rank {shard.rank}: q has {q.size(0)} rows but the shard holds "
+                         f"{shard.num_leaves} leaves (x[shard.leaves] gives one row per leaf)")
+    return _to_compute((q, k, v))
+
+
+def _check_bias(bias: Optional[Tensor], num_pairs: int, heads: int, q: Tensor, name: str,
+                where: str) -> Optional[Tensor]:
+    if bias is None:
+        return None
+    if bias.dim() == 1:
+        bias = bias[:, None]
+    if bias.dim() != 2 or bias.size(0) != num_pairs or bias.size(1) not in (1, heads):
+        raise ValueError(f"'{name}' has shape {tuple(bias.shape)}, but {where} has "
+                         f"{num_pairs} sibling pairs and q has {heads} heads")
+    if not bool(torch.isfinite(bias).all()):
+        raise ValueError(f"'{name}' is not finite")
+    return bias.to(q.dtype).expand(num_pairs, heads)
+
+
+def _centered_globally(q: Tensor, k: Tensor, group) -> Tuple[Tensor, Tensor]:
+    r"""q and k minus the mean key over all ranks (detached)."""
+    total = torch.cat([k.detach().sum(0).reshape(-1), k.new_full((1, ), k.size(0))])
+    total = all_reduce_sum(total, group)
+    center = (total[:-1] / total[-1].clamp(min=1)).view(1, *k.shape[1:])
+    return q - center, k - center
+
+
+def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scale: float,
+                    backend: str, pair_bias: Optional[Tensor], euclidean: bool, causal: bool,
+                    top_bias: Optional[Tensor]):
+    r"""The local output and the parts' summaries ``[p, H, width]``, padded
+    to the most parts a rank holds.
+
+    A summary row per part and head: mean query, key and value,
+    :math:`\phi` as the sweeps hold it (with the Euclidean energy without
+    the row term, for the common centre) and, for that energy, the mean
+    squared key norm."""
+    heads, dim, value_dim = q.size(1), q.size(2), v.size(2)
+    num_parts = shard.parts.numel()
+    leaf_part = shard.leaf_part.to(q.device)
+    if shard.local is None:
+        local_out, part_phi = v, q.new_zeros(0, heads)
+    else:
+        local_out, phi = hsa(q, k, v, shard.local, scale, backend, pair_bias=pair_bias,
+                             energy='euclidean' if euclidean else 'dot', causal=causal,
+                             return_log_partition=True)
+        part_phi = phi[_part_roots(shard).to(q.device)]
+    count = torch.zeros(num_parts, dtype=q.dtype, device=q.device).index_add_(
+        0, leaf_part, q.new_ones(q.size(0)))[:, None, None]
+
+    def part_mean(values: Tensor) -> Tensor:
+        total = values.new_zeros((num_parts, ) + values.shape[1:])
+        return total.index_add(0, leaf_part, values) / count.view(
+            -1, *([1] * (values.dim() - 1)))
+
+    columns = [part_mean(q), part_mean(k), part_mean(v)]
+    if euclidean:  # phi without the row term scale/2 mean |q|^2
+        part_phi = part_phi - 0.5 * scale * part_mean((q * q).sum(-1))
+    if top_bias is not None:  # a part that is one leaf: the bias of its own pair
+        part_phi = part_phi - _leaf_part_bias(shard, top_bias)
+    columns.append(part_phi[..., None])
+    if euclidean:
+        columns.append(part_mean((k * k).sum(-1))[..., None])
+    rows = torch.cat(columns, dim=-1)
+    most = int(torch.bincount(shard.top.part_rank, minlength=shard.world_size).max())
+    if most > num_parts:
+        rows = torch.cat([rows, rows.new_zeros(most - num_parts, heads, rows.size(-1))])
+    return local_out, rows
+
+
+def _part_roots(shard: HierarchyShard) -> Tensor:
+    r"""``[p_r]`` local node id of every part's root, in :obj:`shard.parts`
+    order."""
+    cache = shard.__dict__.setdefault('_cache', {})
+    if 'part_roots' not in cache:
+        local = shard.local
+        roots = local.roots.cpu()
+        # a root's part: that of its first leaf
+        first = local.first_leaf.cpu()[roots]
+        order = torch.argsort(shard.leaf_part[first])
+        cache['part_roots'] = roots[order]
+    return cache['part_roots']
+
+
+def _leaf_part_bias(shard: HierarchyShard, top_bias: Tensor) -> Tensor:
+    r"""``[p_r, H]`` the top bias of the pair :math:`(B, B)` of every part
+    that is a single leaf of the global hierarchy (0 for the others: a
+    cluster's own pair carries no score)."""
+    top = shard.top
+    rows, cols = top.hierarchy.sibling_pairs().cpu()
+    own = (rows == cols).nonzero().view(-1)
+    position = torch.full((top.num_parts, ), -1, dtype=torch.long)
+    leaf_rows = rows[own] < top.num_parts
+    position[rows[own][leaf_rows]] = own[leaf_rows]
+    position = position[shard.parts]
+    use = (position >= 0) & top.part_is_leaf[shard.parts]
+    values = top_bias[position.clamp(min=0).to(top_bias.device)]
+    return torch.where(use.to(top_bias.device)[:, None], values, 0.0)
+
+
+def _gather_positions(shard: HierarchyShard) -> Tensor:
+    r"""``[P]`` row of every part in the flattened all-gather (rank-major,
+    every rank's parts in order, padded to the most parts of a rank)."""
+    cache = shard.__dict__.setdefault('_cache', {})
+    if 'gather_positions' not in cache:
+        part_rank = shard.top.part_rank
+        most = int(torch.bincount(part_rank, minlength=shard.world_size).max())
+        order = torch.argsort(part_rank, stable=True)
+        slot = torch.empty_like(order)
+        ranks_sorted = part_rank[order]
+        first = torch.searchsorted(ranks_sorted, ranks_sorted, right=False)
+        slot[order] = torch.arange(order.numel()) - first
+        cache['gather_positions'] = part_rank * most + slot
+    return cache['gather_positions']
+
+
+def _top_sweep(rows: Tensor, top, scale: float, top_bias: Optional[Tensor], euclidean: bool,
+               causal: bool, dim: int, value_dim: int):
+    r"""Output ``[P, H, D_v]`` and :math:`\log P` ``[P, H]`` of every part
+    as a leaf of the top tree, from the parts' summary rows."""
+    plan = _scatter_plan(top.hierarchy.plan(rows.device))
+    part_count = top.part_num_leaves.to(rows.device, rows.dtype)
+    node_rows = subtree_mean(rows, plan, leaf_count=part_count)  # [P + T, H, width]
+    query, key = node_rows[..., :dim], node_rows[..., dim:2 * dim]
+    value = rows[..., 2 * dim:2 * dim + value_dim]
+    key_norm = node_rows[..., -1] if euclidean else None
+    count = torch.zeros(plan.parent.numel(), dtype=rows.dtype, device=rows.device).index_add_(
+        0, plan.ancestor_node, part_count[plan.ancestor_leaf])
+    nodes = NodeSummaries(count, query, key, key_norm, rows[..., 2 * dim + value_dim])
+    _, log_weights, kept_pairs = summaries_bottom_up(nodes, plan, scale, top_bias, causal)
+    node_value = node_rows[..., 2 * dim:2 * dim + value_dim]
+    return summaries_top_down(value, node_value, plan, log_weights, kept_pairs)

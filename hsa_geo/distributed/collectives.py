@@ -1,0 +1,107 @@
+r"""The collectives of distributed HSA, differentiable, and a meter of the
+bytes they move.
+
+Exact distributed HSA exchanges only the summaries of the parts (their
+mean query, key and value, :math:`\phi`; a few numbers per part and head):
+one all-gather forward, one all-reduce backward, whatever :math:`N`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class CommunicationMeter:
+    r"""Counts the collectives and the bytes of their buffers on this rank
+    (the gathered or reduced tensors, in bytes; what crosses the wire
+    depends on the backend's algorithm and is of the same order)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.calls = 0
+
+    def add(self, tensor: Tensor) -> None:
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+
+_METERS: List[CommunicationMeter] = []
+
+
+@contextlib.contextmanager
+def count_communication() -> Iterator[CommunicationMeter]:
+    r"""Counts the bytes of distributed HSA's collectives in the block,
+    forward and backward::
+
+        with count_communication() as meter:
+            distributed_hsa(q, k, v, shard).sum().backward()
+        print(meter.bytes, meter.calls)
+    """
+    meter = CommunicationMeter()
+    _METERS.append(meter)
+    try:
+        yield meter
+    finally:
+        _METERS.remove(meter)
+
+
+def _record(tensor: Tensor) -> None:
+    for meter in _METERS:
+        meter.add(tensor)
+
+
+def all_reduce_sum(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    r"""The sum over ranks of :obj:`tensor` (not differentiated)."""
+    tensor = tensor.detach().clone()
+    _record(tensor)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def all_gather_rows(rows: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    r"""``[world_size, *rows.shape]``: every rank's :obj:`rows` (same
+    shape on every rank), differentiable: the gradient of a rank's rows is
+    the sum over ranks of the gradients of its slot."""
+    return _AllGatherRows.apply(rows, group)
+
+
+class _AllGatherRows(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+        ctx.group = group
+        world_size = dist.get_world_size(group)
+        rows = rows.contiguous()
+        gathered = rows.new_empty((world_size, ) + rows.shape)
+        _record(gathered)
+        dist.all_gather(list(gathered.unbind(0)), rows, group=group)
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        _record(grad)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
+def check_same_everywhere(value: int, what: str,
+                          group: Optional[dist.ProcessGroup] = None) -> None:
+    r"""Raises a :class:`ValueError` naming the ranks unless every rank
+    passes the same :obj:`value` (a 63-bit integer)."""
+    world_size = dist.get_world_size(group)
+    mine = torch.tensor([value], dtype=torch.long)
+    everyone = [torch.empty_like(mine) for _ in range(world_size)]
+    _record(mine.new_empty(world_size))
+    dist.all_gather(everyone, mine, group=group)
+    values = [int(t) for t in everyone]
+    if len(set(values)) > 1:
+        rank = dist.get_rank(group)
+        differing = [r for r, other in enumerate(values) if other != values[rank]]
+        raise ValueError(f"rank {rank}: the ranks disagree on {what}; ranks {differing} hold "
+                         f"another than this rank's. Build every rank's shard from the same "
+                         f"hierarchy and partition (same world size, same cut).")
