@@ -6,6 +6,7 @@ from torch import Tensor
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
+from hsa_geo.distributed import HierarchyShard, distributed_hsa
 from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
 from hsa_geo.functional import kernel as cpu_kernel
 from hsa_geo.functional.attention import ENERGIES, check_causal
@@ -227,9 +228,14 @@ class HSAConv(MessagePassing):
 
         Args:
             x (torch.Tensor): The leaf features :math:`(N, F_{in})`.
-            hierarchy (Hierarchy): The tree (or forest, one per graph) over
-                the :math:`N` leaves; build it once per batch, e.g. with
-                :func:`hsa_geo.data.hierarchy_from_data`.
+            hierarchy (Hierarchy or HierarchyShard): The tree (or forest,
+                one per graph) over the :math:`N` leaves; build it once per
+                batch, e.g. with :func:`hsa_geo.data.hierarchy_from_data`.
+                Or this rank's :class:`~hsa_geo.distributed.HierarchyShard`
+                of a hierarchy partitioned across ranks: :obj:`x` holds the
+                shard's leaves and the layer computes exactly the rows of
+                HSA over the whole hierarchy (every rank calls it;
+                docs/distributed.rst).
             return_attention_weights (bool, optional): If set to
                 :obj:`True`, also returns the block-level attention.
                 (default: :obj:`None`)
@@ -252,26 +258,59 @@ class HSAConv(MessagePassing):
         self._refuse_message_hooks()
         heads, channels = self.heads, self.out_channels
         query, key, value = self._project_qkv(x)
+        if isinstance(hierarchy, HierarchyShard):
+            if return_attention_weights:
+                raise ValueError("return_attention_weights is not available over a "
+                                 "HierarchyShard: the block weights of the top tree live on "
+                                 "every rank, those of the parts on their owners")
+            out = self._attend_shard(query, key, value, hierarchy, pair_bias, modality)
+            return self._finish(out, x)
         if self.positional is not None:
             position_bias = (self.positional(hierarchy) if modality is None
                              else self.positional(hierarchy, modality))
             pair_bias = position_bias if pair_bias is None else pair_bias + position_bias
         terms = dict(pair_bias=pair_bias, energy=self.energy, causal=self.causal)
 
-        out = hsa(query, key, value, hierarchy, **terms)
-        out = F.dropout(out, p=self.dropout, training=self.training)
-        out = out.reshape(-1, heads * channels) if self.concat else out.mean(dim=1)
-
-        if self.lin_skip is not None:
-            out = out + self.lin_skip(x)
-        if self.bias is not None:
-            out = out + self.bias
-
+        out = self._finish(hsa(query, key, value, hierarchy, **terms), x)
         if return_attention_weights:
             if pair_bias is not None:
                 terms['pair_bias'] = pair_bias.detach()
             return out, hsa_block_weights(query.detach(), key.detach(), hierarchy, **terms)
         return out
+
+    def _finish(self, out: Tensor, x: Tensor) -> Tensor:
+        r"""Dropout, heads concatenated or averaged, skip and bias."""
+        out = F.dropout(out, p=self.dropout, training=self.training)
+        out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
+        if self.lin_skip is not None:
+            out = out + self.lin_skip(x)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def _attend_shard(self, query: Tensor, key: Tensor, value: Tensor, shard: HierarchyShard,
+                      pair_bias, modality: Optional[Tensor]) -> Tensor:
+        r"""Exact HSA over a hierarchy partitioned across ranks
+        (:func:`hsa_geo.distributed.distributed_hsa`): :obj:`pair_bias` is
+        None or a pair ``(local, top)`` of biases of the shard's two
+        hierarchies; the positional term is evaluated on both."""
+        if pair_bias is not None and not (isinstance(pair_bias, (tuple, list))
+                                          and len(pair_bias) == 2):
+            raise ValueError("over a HierarchyShard, 'pair_bias' is a pair (local, top): the "
+                             "rows shard.pair_index and shard.top.pair_index of a global bias")
+        local_bias, top_bias = pair_bias if pair_bias is not None else (None, None)
+        if self.positional is not None:
+            if modality is not None or getattr(self.positional, 'num_levels', None) is not None:
+                raise ValueError("over a HierarchyShard the positional term may depend on "
+                                 "sibling positions only (no num_levels, no modality): the "
+                                 "shard's trees do not keep the global depths")
+            top_position = self.positional(shard.top.hierarchy)
+            top_bias = top_position if top_bias is None else top_bias + top_position
+            if shard.local is not None:
+                local_position = self.positional(shard.local)
+                local_bias = local_position if local_bias is None else local_bias + local_position
+        return distributed_hsa(query, key, value, shard, pair_bias=local_bias,
+                               top_pair_bias=top_bias, energy=self.energy, causal=self.causal)
 
     def _project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         r"""Queries, keys and values ``[N, H, C]`` by one product with the

@@ -1,0 +1,222 @@
+"""Exact HSA across ranks (hsa_geo.distributed): partitions, then outputs and
+gradients against single-process hsa, on processes spawned with gloo."""
+import datetime
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hsa_geo import Hierarchy, HSAConv
+from hsa_geo.distributed import (HierarchyPartition, count_communication, distributed_hsa,
+                                 partition_hierarchy)
+from hsa_geo.functional import hsa
+from random_trees import balanced_parent, random_forest
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+# ------------------------------------------------------------- partitions
+def test_partition_covers_every_leaf_once_and_balances():
+    hierarchy = Hierarchy.from_parent(balanced_parent(4096, 4), 4096)
+    partition = partition_hierarchy(hierarchy, 4, tolerance=0.1)
+    counts = partition.rank_num_leaves()
+    assert int(counts.sum()) == 4096
+    assert float(counts.max()) <= 1.1 * 4096 / 4
+    leaves = torch.cat([shard.leaves for shard in partition.shards()])
+    assert torch.equal(leaves.sort().values, torch.arange(4096))
+    for shard in partition.shards():
+        assert shard.local.num_leaves == shard.num_leaves
+        # the shard's sibling pairs are the global ones at pair_index
+        rows, cols = shard.local.sibling_pairs()
+        global_rows, global_cols = hierarchy.sibling_pairs()
+        assert torch.equal(shard.node[rows], global_rows[shard.pair_index])
+        assert torch.equal(shard.node[cols], global_cols[shard.pair_index])
+    top = partition.top
+    rows, cols = top.hierarchy.sibling_pairs()
+    global_rows, global_cols = hierarchy.sibling_pairs()
+    assert torch.equal(top.node[rows], global_rows[top.pair_index])
+    assert torch.equal(top.node[cols], global_cols[top.pair_index])
+
+
+def test_top_tree_does_not_grow_with_the_leaves():
+    sizes = []
+    for log2 in (10, 14):
+        hierarchy = Hierarchy.from_parent(balanced_parent(2**log2, 4), 2**log2)
+        sizes.append(partition_hierarchy(hierarchy, 4).top.node.numel())
+    assert sizes[0] == sizes[1]
+
+
+def test_sibling_pairs_of_the_shards_and_top_are_all_the_pairs():
+    hierarchy = random_forest(3, trees=3)
+    partition = partition_hierarchy(hierarchy, 3, tolerance=0.2)
+    used = torch.cat([shard.pair_index for shard in partition.shards()]
+                     + [partition.top.pair_index])
+    # a part's own pair (B, B) is in its parent's family: the top tree's
+    assert torch.equal(used.sort().values, torch.arange(hierarchy.num_sibling_pairs))
+
+
+def test_a_cut_must_cover_every_leaf_once():
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4)
+    with pytest.raises(ValueError, match="leaf 2 lies below no part"):
+        HierarchyPartition.from_parts(hierarchy, [4], [0], 2)
+    with pytest.raises(ValueError, match="leaf 0 lies below two parts"):
+        HierarchyPartition.from_parts(hierarchy, [4, 0, 5], [0, 0, 1], 2)
+    with pytest.raises(ValueError, match="outside 0..1"):
+        HierarchyPartition.from_parts(hierarchy, [4, 5], [0, 2], 2)
+    with pytest.raises(ValueError, match="not a node"):
+        HierarchyPartition.from_parts(hierarchy, [4, 9], [0, 1], 2)
+
+
+def test_distributed_hsa_needs_an_initialised_process_group():
+    hierarchy = Hierarchy.flat(4)
+    shard = partition_hierarchy(hierarchy, 1).shard(0)
+    q = torch.randn(4, 2, 3)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        distributed_hsa(q, q, q, shard)
+
+
+# ------------------------------------------------------------- on ranks
+def run_ranks(world_size: int, worker, tmp_path, *args) -> None:
+    r"""Runs :obj:`worker(rank, world_size, *args)` on :obj:`world_size`
+    processes joined by gloo; an exception in any fails the test."""
+    mp.spawn(_on_rank, args=(world_size, str(tmp_path / 'init'), worker, args),
+             nprocs=world_size)
+
+
+def _on_rank(rank, world_size, init_file, worker, args):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    try:
+        worker(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _partition(hierarchy: Hierarchy, world_size: int, kind: str) -> HierarchyPartition:
+    r"""'balanced'; 'uneven' (every part on rank 0 but the last); 'empty'
+    (the last rank holds nothing)."""
+    balanced = partition_hierarchy(hierarchy, world_size, tolerance=0.2)
+    if kind == 'balanced':
+        return balanced
+    parts = balanced.parts
+    if kind == 'uneven':
+        ranks = torch.zeros_like(parts)
+        ranks[-1] = world_size - 1
+    else:
+        ranks = torch.arange(parts.numel()) % (world_size - 1)
+    return HierarchyPartition(hierarchy, parts, ranks, world_size)
+
+
+def _max_error(pairs) -> float:
+    return max((float((a - b).detach().abs().max()) for a, b in pairs if a.numel() > 0), default=0.0)
+
+
+def _exactness_worker(rank, world_size, kinds, dtypes, seeds):
+    heads, dim = 2, 3
+    for seed in seeds:
+        for causal in (False, True):
+            hierarchy = random_forest(seed, trees=2, causal=causal)
+            generator = torch.Generator().manual_seed(seed)
+            n = hierarchy.num_leaves
+            inputs = [torch.randn(n, heads, dim, generator=generator, dtype=torch.float64)
+                      for _ in range(3)]
+            bias = torch.randn(hierarchy.num_sibling_pairs, heads, generator=generator,
+                               dtype=torch.float64)
+            upstream = torch.randn(n, heads, dim, generator=generator, dtype=torch.float64)
+            for kind in kinds:
+                shard = _partition(hierarchy, world_size, kind).shard(rank)
+                mine = shard.leaves
+                for dtype in dtypes:
+                    for energy in ('dot', 'euclidean'):
+                        q, k, v, b = (t.to(dtype).requires_grad_() for t in inputs + [bias])
+                        expected = hsa(q, k, v, hierarchy, pair_bias=b, energy=energy,
+                                       causal=causal)
+                        expected_grads = torch.autograd.grad(
+                            (expected * upstream.to(dtype)).sum(), (q, k, v, b))
+                        local = [t.detach()[mine].requires_grad_() for t in (q, k, v)]
+                        local_bias = b.detach()[shard.pair_index].requires_grad_()
+                        top_bias = b.detach()[shard.top.pair_index].requires_grad_()
+                        out = distributed_hsa(*local, shard, pair_bias=local_bias,
+                                              top_pair_bias=top_bias, energy=energy,
+                                              causal=causal)
+                        grads = torch.autograd.grad(
+                            (out * upstream.to(dtype)[mine]).sum(),
+                            local + [local_bias, top_bias], allow_unused=True,
+                            materialize_grads=True)  # a rank without leaves uses no q
+                        top_grad = grads[4].clone()  # this rank's share; summed below
+                        dist.all_reduce(top_grad)
+                        pairs = [(out, expected[mine])]
+                        pairs += [(g, e[mine]) for g, e in zip(grads[:3], expected_grads[:3])]
+                        pairs += [(grads[3], expected_grads[3][shard.pair_index]),
+                                  (top_grad, expected_grads[3][shard.top.pair_index])]
+                        error = _max_error(pairs)
+                        assert error < TOLERANCE[dtype], (
+                            f"rank {rank}/{world_size}, seed {seed}, partition {kind}, "
+                            f"{dtype}, {energy}, causal={causal}: error {error:.2e}")
+
+
+@pytest.mark.parametrize('world_size,kinds', [(2, ('balanced', 'uneven')),
+                                              (4, ('balanced', 'empty'))])
+def test_outputs_and_gradients_equal_single_process_hsa(tmp_path, world_size, kinds):
+    run_ranks(world_size, _exactness_worker, tmp_path, kinds,
+              (torch.float64, torch.float32), range(4))
+
+
+def _disagreement_worker(rank, world_size):
+    hierarchy = Hierarchy.from_parent(balanced_parent(64, 4), 64)
+    # rank 1 cuts the tree one level deeper than rank 0
+    partition = partition_hierarchy(hierarchy, world_size, tolerance=1.0 if rank == 0 else 0.2)
+    shard = partition.shard(rank)
+    q = torch.randn(shard.num_leaves, 2, 3)
+    with pytest.raises(ValueError, match="disagree on the top tree"):
+        distributed_hsa(q, q, q, shard)
+
+
+def test_ranks_that_disagree_on_the_top_tree_get_a_clear_error(tmp_path):
+    run_ranks(2, _disagreement_worker, tmp_path)
+
+
+def _layer_worker(rank, world_size):
+    torch.manual_seed(0)
+    hierarchy = random_forest(5, trees=2, causal=True)
+    hierarchy = Hierarchy.from_parent(hierarchy.parent, hierarchy.num_leaves, ordered=True)
+    conv = HSAConv(8, 4, heads=2, positional='learned', causal=True).double()
+    x = torch.randn(hierarchy.num_leaves, 8, dtype=torch.float64)
+    expected = conv(x, hierarchy)
+    expected.pow(2).sum().backward()
+    expected_grads = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    shard = partition_hierarchy(hierarchy, world_size, tolerance=0.2).shard(rank)
+    out = conv(x[shard.leaves], shard)
+    out.pow(2).sum().backward()
+    assert _max_error([(out, expected[shard.leaves])]) < 1e-10
+    for parameter, grad in zip(conv.parameters(), expected_grads):
+        dist.all_reduce(parameter.grad)  # as data-parallel training sums the ranks' shares
+        assert _max_error([(parameter.grad, grad)]) < 1e-10
+
+
+def test_hsa_conv_over_a_shard_equals_the_whole_hierarchy(tmp_path):
+    run_ranks(2, _layer_worker, tmp_path)
+
+
+def _communication_worker(rank, world_size):
+    measured = []
+    for log2 in (10, 14):  # same top tree (4-ary trees: powers of 4)
+        hierarchy = Hierarchy.from_parent(balanced_parent(2**log2, 4), 2**log2)
+        shard = partition_hierarchy(hierarchy, world_size).shard(rank)
+        q = torch.randn(shard.num_leaves, 4, 16, requires_grad=True)
+        distributed_hsa(q, q, q, shard)  # the first call also checks the top tree
+        with count_communication() as meter:
+            distributed_hsa(q, q, q, shard).sum().backward()
+        measured.append(meter.bytes)
+    assert measured[0] == measured[1] > 0, measured
+    # parts x heads x (2D + D_v + 1) float32 numbers, gathered and reduced
+    parts = partition_hierarchy(hierarchy, world_size).top.num_parts
+    assert measured[0] == 2 * 4 * math.ceil(parts / world_size) * world_size * 4 * (3 * 16 + 1)
+
+
+def test_communication_does_not_grow_with_the_leaves(tmp_path):
+    run_ranks(2, _communication_worker, tmp_path)
