@@ -101,18 +101,19 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     if backend not in ('fused', 'scatter'):
         raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
     _check_types((q, k, v))
-    terms = dict(pair_bias=pair_bias, energy=energy, causal=causal,
-                 return_log_partition=return_log_partition)
+    terms = dict(pair_bias=pair_bias, energy=energy, causal=causal)
     if return_log_partition:
         _no_strict(causal)
     if torch.compiler.is_compiling():
         if backend == 'fused' and causal != 'strict' and not return_log_partition:
             return _hsa_compiled(q, k, v, hierarchy, scale, **terms)
-        return _hsa_eager_outside_graph(q, k, v, hierarchy, scale, backend, **terms)
+        return _hsa_eager_outside_graph(q, k, v, hierarchy, scale, backend, **terms,
+                                        return_log_partition=return_log_partition)
     # every input the sweeps see runs in float32 or float64: under autocast
     # the products inside would otherwise be cast down (and mix dtypes)
     with torch.autocast(q.device.type, enabled=False):
-        return _hsa_eager(q, k, v, hierarchy, scale, backend, **terms)
+        return _hsa_eager(q, k, v, hierarchy, scale, backend, **terms,
+                          return_log_partition=return_log_partition)
 
 
 def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Optional[float],
