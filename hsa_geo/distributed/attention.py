@@ -15,7 +15,7 @@ the top tree (docs/distributed.rst). Both come from the top sweep, which
 needs only the parts' summaries: :math:`\phi(B)` depends on :math:`B`'s
 subtree alone, and the block scores are bilinear in the mean query and key.
 The result equals :func:`hsa_geo.functional.hsa` on the whole hierarchy;
-gradients flow through the exchange (all-gather forward, all-reduce
+gradients flow through the exchange (an all-reduce forward and one
 backward).
 """
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hsa_geo.distributed.collectives import (all_gather_rows, all_reduce_sum,
-                                             check_same_everywhere)
+from hsa_geo.distributed.collectives import all_reduce_sum, check_same_everywhere, share_rows
 from hsa_geo.distributed.partition import HierarchyShard
 from hsa_geo.functional.attention import (ENERGIES, _scale, _scatter_plan, _to_compute,
                                           check_causal, hsa)
@@ -47,10 +46,11 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     without leaves too, with ``[0, H, D]`` tensors), and every rank calls
     backward through its output: the exchange is collective.
 
-    Communication per call: one all-gather of :math:`P \cdot H \cdot (2D +
-    D_v + 1)` numbers forward (:math:`P`: parts, padded to the most any rank
-    holds) and one all-reduce of as many backward, plus :math:`H D` numbers
-    for the Euclidean energy's centre; none of it grows with :math:`N`.
+    Communication per call: one all-reduce of :math:`P \cdot H \cdot (2D +
+    D_v + 1)` numbers forward (:math:`P` parts; one more column, the mean
+    squared key norm, and :math:`HD + 1` numbers for the keys' common
+    centre with the Euclidean energy) and one as large backward; none of it
+    grows with :math:`N`.
 
     Args:
         q (torch.Tensor): This rank's queries ``[n_r, H, D]`` (or
@@ -100,9 +100,8 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
                            'top_pair_bias', 'shard.top.hierarchy')
     local_out, summaries = _part_summaries(q, k, v, shard, scale, backend, pair_bias, euclidean,
                                            causal, top_bias)
-    # every rank's summaries, in top-tree leaf order
-    gathered = all_gather_rows(summaries, group)
-    rows = gathered.flatten(0, 1)[_gather_positions(shard)]  # [P, H, width]
+    # every rank's summaries, in top-tree leaf order [P, H, width]
+    rows = share_rows(summaries, shard.parts.to(q.device), top.num_parts, group)
     part_out, part_log_mass = _top_sweep(rows, top, scale, top_bias, euclidean, bool(causal),
                                          dim, v.size(2))
     mine = shard.parts.to(q.device)
@@ -173,8 +172,7 @@ def _centered_globally(q: Tensor, k: Tensor, group) -> Tuple[Tensor, Tensor]:
 def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scale: float,
                     backend: str, pair_bias: Optional[Tensor], euclidean: bool, causal: bool,
                     top_bias: Optional[Tensor]):
-    r"""The local output and the parts' summaries ``[p, H, width]``, padded
-    to the most parts a rank holds.
+    r"""The local output and the parts' summaries ``[p_r, H, width]``.
 
     A summary row per part and head: mean query, key and value,
     :math:`\phi` as the sweeps hold it (with the Euclidean energy without
@@ -206,11 +204,7 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
     columns.append(part_phi[..., None])
     if euclidean:
         columns.append(part_mean((k * k).sum(-1))[..., None])
-    rows = torch.cat(columns, dim=-1)
-    most = int(torch.bincount(shard.top.part_rank, minlength=shard.world_size).max())
-    if most > num_parts:
-        rows = torch.cat([rows, rows.new_zeros(most - num_parts, heads, rows.size(-1))])
-    return local_out, rows
+    return local_out, torch.cat(columns, dim=-1)
 
 
 def _part_roots(shard: HierarchyShard) -> Tensor:
@@ -241,22 +235,6 @@ def _leaf_part_bias(shard: HierarchyShard, top_bias: Tensor) -> Tensor:
     use = (position >= 0) & top.part_is_leaf[shard.parts]
     values = top_bias[position.clamp(min=0).to(top_bias.device)]
     return torch.where(use.to(top_bias.device)[:, None], values, 0.0)
-
-
-def _gather_positions(shard: HierarchyShard) -> Tensor:
-    r"""``[P]`` row of every part in the flattened all-gather (rank-major,
-    every rank's parts in order, padded to the most parts of a rank)."""
-    cache = shard.__dict__.setdefault('_cache', {})
-    if 'gather_positions' not in cache:
-        part_rank = shard.top.part_rank
-        most = int(torch.bincount(part_rank, minlength=shard.world_size).max())
-        order = torch.argsort(part_rank, stable=True)
-        slot = torch.empty_like(order)
-        ranks_sorted = part_rank[order]
-        first = torch.searchsorted(ranks_sorted, ranks_sorted, right=False)
-        slot[order] = torch.arange(order.numel()) - first
-        cache['gather_positions'] = part_rank * most + slot
-    return cache['gather_positions']
 
 
 def _top_sweep(rows: Tensor, top, scale: float, top_bias: Optional[Tensor], euclidean: bool,

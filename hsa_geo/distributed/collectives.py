@@ -3,7 +3,7 @@ bytes they move.
 
 Exact distributed HSA exchanges only the summaries of the parts (their
 mean query, key and value, :math:`\phi`; a few numbers per part and head):
-one all-gather forward, one all-reduce backward, whatever :math:`N`.
+one all-reduce forward, one backward, whatever :math:`N`.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from torch import Tensor
 
 class CommunicationMeter:
     r"""Counts the collectives and the bytes of their buffers on this rank
-    (the gathered or reduced tensors, in bytes; what crosses the wire
-    depends on the backend's algorithm and is of the same order)."""
+    (the reduced or gathered tensors; what crosses the wire depends on the
+    backend's algorithm, e.g. about twice that for a ring all-reduce)."""
 
     def __init__(self):
         self.bytes = 0
@@ -62,31 +62,39 @@ def all_reduce_sum(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) ->
     return tensor
 
 
-def all_gather_rows(rows: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
-    r"""``[world_size, *rows.shape]``: every rank's :obj:`rows` (same
-    shape on every rank), differentiable: the gradient of a rank's rows is
-    the sum over ranks of the gradients of its slot."""
-    return _AllGatherRows.apply(rows, group)
+def share_rows(rows: Tensor, positions: Tensor, num_rows: int,
+               group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    r"""``[num_rows, ...]``: every rank's :obj:`rows` at its
+    :obj:`positions` (each row owned by one rank), differentiable: the
+    gradient of a rank's rows is the sum over ranks of the gradients at its
+    positions.
+
+    One all-reduce of the zero-filled ``[num_rows, ...]`` tensor, forward
+    and backward: ranks may own different numbers of rows, and nothing is
+    padded."""
+    return _ShareRows.apply(rows, positions, num_rows, group)
 
 
-class _AllGatherRows(torch.autograd.Function):
+class _ShareRows(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, rows: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    def forward(ctx, rows: Tensor, positions: Tensor, num_rows: int,
+                group: Optional[dist.ProcessGroup]) -> Tensor:
         ctx.group = group
-        world_size = dist.get_world_size(group)
-        rows = rows.contiguous()
-        gathered = rows.new_empty((world_size, ) + rows.shape)
-        _record(gathered)
-        dist.all_gather(list(gathered.unbind(0)), rows, group=group)
-        return gathered
+        ctx.save_for_backward(positions)
+        shared = rows.new_zeros((num_rows, ) + rows.shape[1:])
+        shared[positions] = rows
+        _record(shared)
+        dist.all_reduce(shared, op=dist.ReduceOp.SUM, group=group)
+        return shared
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        positions, = ctx.saved_tensors
         grad = grad.contiguous().clone()
         _record(grad)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
+        return grad[positions], None, None, None
 
 
 def check_same_everywhere(value: int, what: str,

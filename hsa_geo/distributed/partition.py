@@ -9,11 +9,13 @@ of its own parts; nothing else.
 :func:`partition_hierarchy` chooses a cut that balances the leaves over the
 ranks; :meth:`HierarchyPartition.from_parts` takes any cut and assignment
 (uneven, or with ranks that hold nothing). :meth:`HierarchyPartition.shard`
-gives what one rank needs (:class:`HierarchyShard`).
+gives what one rank needs (:class:`HierarchyShard`): the nodes of its
+parts, renumbered (leaves first, in global order), and the top tree.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -258,34 +260,39 @@ def _node_parts(hierarchy: Hierarchy, parts: Tensor) -> Tensor:
     return node_part
 
 
-def partition_hierarchy(hierarchy: Hierarchy, world_size: int, tolerance: float = 0.05,
-                        max_parts_per_rank: int = 64) -> HierarchyPartition:
+def partition_hierarchy(hierarchy: Hierarchy, world_size: int, parts_per_rank: int = 16,
+                        max_part_share: float = 0.25,
+                        max_parts_per_rank: int = 256) -> HierarchyPartition:
     r"""A partition of :obj:`hierarchy` over :obj:`world_size` ranks with
-    balanced leaf counts.
+    balanced leaf counts and a top tree whose size does not depend on
+    :math:`N`.
 
     Starting from the roots, the part with the most leaves is replaced by
-    its children until no part holds more than :obj:`tolerance` of a rank's
-    share of the leaves (or :obj:`max_parts_per_rank` per rank are
-    reached); the parts, in leaf order, are then cut into
-    :obj:`world_size` consecutive runs of about equal leaf counts. So every
-    rank holds a contiguous range of the leaves when the hierarchy's
-    subtrees do, and the top tree stays small: its size depends on the
-    shape of the tree's top levels and on :obj:`world_size`, not on
-    :math:`N`.
+    its children until there are :obj:`parts_per_rank` parts per rank and
+    none holds more than :obj:`max_part_share` of a rank's share of the
+    leaves (or :obj:`max_parts_per_rank` per rank are reached). The parts
+    then go, largest first, to the rank with the fewest leaves so far. The
+    number of parts, and with it the communication per layer, is set by
+    :obj:`parts_per_rank` and the tree's branching, not by :math:`N`.
 
     Args:
         hierarchy (Hierarchy): The tree or forest.
         world_size (int): Number of ranks.
-        tolerance (float, optional): Largest part, as a fraction of
-            :math:`N / \text{world\_size}`: about the leaf imbalance
-            between ranks. (default: :obj:`0.05`)
-        max_parts_per_rank (int, optional): Bound on the cut's size, i.e.
-            on the communication per layer. (default: :obj:`64`)
+        parts_per_rank (int, optional): Parts to aim for per rank: more
+            balance the leaves better, and cost
+            :math:`H (2D + D_v + 1)` numbers each per exchange.
+            (default: :obj:`16`)
+        max_part_share (float, optional): Largest part, as a fraction of
+            :math:`N / \text{world\_size}`. (default: :obj:`0.25`)
+        max_parts_per_rank (int, optional): Bound on the parts (a wide
+            family splits into many at once). (default: :obj:`256`)
     """
     if int(world_size) < 1:
         raise ValueError(f"'world_size' must be at least 1 (got {world_size})")
-    if not 0 < tolerance <= 1:
-        raise ValueError(f"'tolerance' must be in (0, 1] (got {tolerance})")
+    if int(parts_per_rank) < 1:
+        raise ValueError(f"'parts_per_rank' must be at least 1 (got {parts_per_rank})")
+    if not 0 < max_part_share:
+        raise ValueError(f"'max_part_share' must be positive (got {max_part_share})")
     count = hierarchy.num_leaves_below.cpu()
     parent = hierarchy.parent.cpu()
     # children of every node, grouped (CSR): children_of[start[v]:start[v + 1]]
@@ -293,26 +300,27 @@ def partition_hierarchy(hierarchy: Hierarchy, world_size: int, tolerance: float 
     children_of = has_parent[torch.argsort(parent[has_parent], stable=True)]
     start = torch.zeros(hierarchy.num_nodes + 1, dtype=torch.long)
     start[1:] = torch.cumsum(torch.bincount(parent[has_parent], minlength=hierarchy.num_nodes), 0)
-
-    def children(node: int) -> List[int]:
-        return children_of[int(start[node]):int(start[node + 1])].tolist()
-
     share = hierarchy.num_leaves / world_size
-    parts = set(hierarchy.roots.tolist())
-    max_parts = max_parts_per_rank * world_size
-    while len(parts) < max_parts:
-        largest = max(parts, key=lambda node: int(count[node]))
-        below = children(largest)
-        if int(count[largest]) <= tolerance * share or not below:
+    target, limit = parts_per_rank * world_size, max_parts_per_rank * world_size
+    # a max-heap of the parts by leaf count (ties: the lower node id)
+    heap = [(-int(count[root]), root) for root in hierarchy.roots.tolist()]
+    heapq.heapify(heap)
+    while heap:
+        size, largest = -heap[0][0], heap[0][1]
+        below = children_of[int(start[largest]):int(start[largest + 1])].tolist()
+        if not below or (len(heap) >= target and size <= max_part_share * share):
             break
-        if len(parts) - 1 + len(below) > max_parts:
+        if len(heap) - 1 + len(below) > limit:
             break
-        parts.remove(largest)
-        parts.update(below)
-    part_list = torch.tensor(sorted(parts), dtype=torch.long)
-    order = torch.argsort(hierarchy.first_leaf.cpu()[part_list], stable=True)
-    part_list = part_list[order]
-    sizes = count[part_list].to(torch.float64)
-    middle = torch.cumsum(sizes, 0) - sizes / 2
-    part_rank = (middle / share).floor().to(torch.long).clamp(max=world_size - 1)
-    return HierarchyPartition(hierarchy, part_list, part_rank, world_size)
+        heapq.heappop(heap)
+        for child in below:
+            heapq.heappush(heap, (-int(count[child]), child))
+    parts = torch.tensor(sorted(node for _, node in heap), dtype=torch.long)
+    # largest first to the least loaded rank (ties: the lower rank)
+    load = [(0, rank) for rank in range(world_size)]
+    part_rank = torch.empty_like(parts)
+    for index in torch.argsort(-count[parts], stable=True).tolist():
+        leaves, rank = heapq.heappop(load)
+        part_rank[index] = rank
+        heapq.heappush(load, (leaves + int(count[parts[index]]), rank))
+    return HierarchyPartition(hierarchy, parts, part_rank, world_size)
