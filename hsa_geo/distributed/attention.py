@@ -29,7 +29,7 @@ from torch import Tensor
 from hsa_geo.distributed.collectives import all_reduce_sum, check_same_everywhere, share_rows
 from hsa_geo.distributed.partition import HierarchyShard
 from hsa_geo.functional.attention import (ENERGIES, _scale, _scatter_plan, _to_compute,
-                                          check_causal, hsa)
+                                          check_causal, hsa_and_cluster_log_partition)
 from hsa_geo.functional.scatter_sweep import (NodeSummaries, subtree_mean, summaries_bottom_up,
                                               summaries_top_down)
 
@@ -104,11 +104,13 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     rows = share_rows(summaries, shard.parts.to(q.device), top.num_parts, group)
     part_out, part_log_mass = _top_sweep(rows, top, scale, top_bias, euclidean, bool(causal),
                                          dim, v.size(2))
+    # y_i = P(B) y^B_i + u_B, with u_B = y_B - P(B) mean_v(B) what reaches B from outside
     mine = shard.parts.to(q.device)
     leaf_part = shard.leaf_part.to(q.device)
-    mean_v = rows[mine][..., 2 * dim:2 * dim + v.size(2)]
-    mass = part_log_mass[mine].exp()[leaf_part][..., None]  # [n_r, H, 1]
-    out = mass * (local_out - mean_v[leaf_part]) + part_out[mine][leaf_part]
+    mass = part_log_mass[mine].exp()  # [p_r, H]
+    mean_v = summaries[..., 2 * dim:2 * dim + v.size(2)]
+    incoming = part_out[mine] - mass[..., None] * mean_v
+    out = torch.addcmul(incoming[leaf_part], local_out, mass[leaf_part][..., None])
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
 
@@ -184,10 +186,10 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
     if shard.local is None:
         local_out, part_phi = v, q.new_zeros(0, heads)
     else:
-        local_out, phi = hsa(q, k, v, shard.local, scale, backend, pair_bias=pair_bias,
-                             energy='euclidean' if euclidean else 'dot', causal=causal,
-                             return_log_partition=True)
-        part_phi = phi[_part_roots(shard).to(q.device)]
+        local_out, cluster_phi = hsa_and_cluster_log_partition(
+            q, k, v, shard.local, scale, backend, pair_bias=pair_bias,
+            energy='euclidean' if euclidean else 'dot', causal=causal)
+        part_phi = _part_log_partition(q, k, shard, cluster_phi, scale, euclidean)
     count = torch.zeros(num_parts, dtype=q.dtype, device=q.device).index_add_(
         0, leaf_part, q.new_ones(q.size(0)))[:, None, None]
 
@@ -205,6 +207,29 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
     if euclidean:
         columns.append(part_mean((k * k).sum(-1))[..., None])
     return local_out, torch.cat(columns, dim=-1)
+
+
+def _part_log_partition(q: Tensor, k: Tensor, shard: HierarchyShard, cluster_phi: Tensor,
+                        scale: float, euclidean: bool) -> Tensor:
+    r"""``[p_r, H]`` :math:`\phi` of every part's root: a cluster's from the
+    sweeps, :math:`-s_{ii}` for a part that is one leaf (its own pair lies
+    in the top tree: its bias is added by the caller)."""
+    roots = _part_roots(shard).to(q.device)
+    num_leaves = shard.num_leaves
+    is_leaf = roots < num_leaves
+    phi = q.new_zeros(roots.numel(), q.size(1))
+    if not bool(is_leaf.all()):
+        clusters = (~is_leaf).nonzero().view(-1)
+        phi = phi.index_put((clusters, ), cluster_phi[roots[clusters] - num_leaves])
+    if bool(is_leaf.any()):
+        leaves = roots[is_leaf]
+        own_q, own_k = q[leaves], k[leaves]
+        if euclidean:  # s_ii = -scale/2 |q_i - k_i|^2
+            score = -0.5 * scale * ((own_q - own_k) ** 2).sum(-1)
+        else:
+            score = scale * (own_q * own_k).sum(-1)
+        phi = phi.index_put((is_leaf.nonzero().view(-1), ), -score)
+    return phi
 
 
 def _part_roots(shard: HierarchyShard) -> Tensor:

@@ -113,3 +113,21 @@ def check_same_everywhere(value: int, what: str,
         raise ValueError(f"rank {rank}: the ranks disagree on {what}; ranks {differing} hold "
                          f"another than this rank's. Build every rank's shard from the same "
                          f"hierarchy and partition (same world size, same cut).")
+
+
+def scatter_shards(partition, src: int = 0,
+                   group: Optional[dist.ProcessGroup] = None):
+    r"""This rank's :class:`~hsa_geo.distributed.HierarchyShard`, sent by
+    rank :obj:`src`, which alone builds the hierarchy and its
+    :class:`~hsa_geo.distributed.HierarchyPartition` (the other ranks pass
+    :obj:`None`): no rank but :obj:`src` ever holds the whole tree."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    shards = None
+    if rank == src:
+        if partition is None or partition.world_size != world_size:
+            raise ValueError(f"rank {src} must pass a partition over {world_size} ranks (got "
+                             f"{None if partition is None else partition.world_size})")
+        shards = partition.shards()
+    received = [None]
+    dist.scatter_object_list(received, shards, src=src, group=group)
+    return received[0]

@@ -142,23 +142,46 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
             out = HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale,
                                     euclidean, causal, return_log_partition)
         if return_log_partition:
-            out, cluster_phi = out
-            leaf_phi = -leaf_self_scores(q, k, _leaf_pairs(hierarchy, q.device), scale,
-                                         pair_bias, euclidean)
-            phi = torch.cat([leaf_phi, cluster_phi])
+            out, phi = out
+            if return_log_partition != 'clusters':
+                leaf_pairs = None if pair_bias is None else _leaf_pairs(hierarchy, q.device)
+                leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, pair_bias, euclidean)
+                phi = torch.cat([leaf_phi, phi])
     else:
         out = hsa_scatter(q, k, v, _scatter_plan(hierarchy.plan(q.device)), scale, pair_bias,
                           euclidean, causal, return_log_partition)
         if return_log_partition:
             out, phi = out
+            if return_log_partition == 'clusters':
+                phi = phi[hierarchy.num_leaves:]
     out = out.to(dtype)
     out = out.squeeze(1) if single_head else out
     if not return_log_partition:
         return out
     if euclidean:  # the row term the sweeps leave out
-        phi = phi + 0.5 * scale * hierarchy.subtree_means((q * q).sum(-1))
+        row_term = hierarchy.subtree_means((q * q).sum(-1))
+        if return_log_partition == 'clusters':
+            row_term = row_term[hierarchy.num_leaves:]
+        phi = phi + 0.5 * scale * row_term
     phi = phi.to(dtype)
     return out, phi.squeeze(1) if single_head else phi
+
+
+def hsa_and_cluster_log_partition(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
+                                  scale: Optional[float] = None, backend: str = 'fused', *,
+                                  pair_bias: Optional[Tensor] = None, energy: str = 'dot',
+                                  causal: bool = False) -> Tuple[Tensor, Tensor]:
+    r""":func:`hsa` and :math:`\phi` of the clusters only, ``[M, H]`` (or
+    ``[M]``), differentiable: what ``return_log_partition=True`` returns
+    without the leaves' rows, whose self scores cost a pass over q and k
+    and its backward (distributed HSA needs only the roots of its parts)."""
+    if backend not in ('fused', 'scatter'):
+        raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
+    _check_types((q, k, v))
+    _no_strict(causal)
+    with torch.autocast(q.device.type, enabled=False):
+        return _hsa_eager(q, k, v, hierarchy, scale, backend, pair_bias, energy, causal,
+                          return_log_partition='clusters')
 
 
 def _leaf_pairs(hierarchy: Hierarchy, device) -> Tensor:

@@ -102,7 +102,7 @@ def subtree_mean(x: Tensor, plan: ScatterPlan, leaf_count: Optional[Tensor] = No
     return total / count
 
 
-def leaf_self_scores(q: Tensor, k: Tensor, leaf_pair: Tensor, scale: float,
+def leaf_self_scores(q: Tensor, k: Tensor, leaf_pair: Optional[Tensor], scale: float,
                      pair_bias: Optional[Tensor], euclidean: bool) -> Tensor:
     r"""``[N, H]`` :math:`s_{ii}`: the energy of a leaf with itself (the
     Euclidean key term; the row term cancels) plus the bias of its own pair
