@@ -1,7 +1,12 @@
 """Exact HSA across ranks (hsa_geo.distributed): partitions, then outputs and
 gradients against single-process hsa, on processes spawned with gloo."""
 import datetime
+import json
 import math
+import os
+import os.path as osp
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,3 +227,29 @@ def _communication_worker(rank, world_size):
 
 def test_communication_does_not_grow_with_the_leaves(tmp_path):
     run_ranks(2, _communication_worker, tmp_path)
+
+
+# ------------------------------------------------------------- the example
+EXAMPLE = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'examples',
+                   'distributed_planted_partition.py')
+
+
+def _run_example(tmp_path, world_size: int) -> dict:
+    out = tmp_path / f'run{world_size}.json'
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+               f'--nproc_per_node={world_size}', EXAMPLE, '--num-nodes', '8192',
+               '--epochs', '3', '--eval-every', '1', '--out', str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_example_trains_the_same_on_two_ranks_as_on_one(tmp_path):
+    # the graph does not depend on the number of ranks, and the summed
+    # gradients are those of the global loss: the runs agree step by step
+    one, two = _run_example(tmp_path, 1), _run_example(tmp_path, 2)
+    assert two['world_size'] == 2 and len(two['history']) == 3
+    for single, split in zip(one['history'], two['history']):
+        assert split['loss'] == pytest.approx(single['loss'], rel=1e-4)
+        assert split['test_acc'] == pytest.approx(single['test_acc'], abs=2e-3)

@@ -82,7 +82,7 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("distributed_hsa needs torch.distributed initialised "
                            "(torch.distributed.init_process_group, or run under torchrun)")
-    _check_shard(shard, group)
+    _check_shard(shard, group, q.device if isinstance(q, Tensor) else None)
     if energy not in ENERGIES:
         raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
     check_causal(causal)
@@ -115,7 +115,7 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     return out.squeeze(1) if single_head else out
 
 
-def _check_shard(shard: HierarchyShard, group) -> None:
+def _check_shard(shard: HierarchyShard, group, device) -> None:
     if not isinstance(shard, HierarchyShard):
         raise TypeError(f"'shard' must be a HierarchyShard (HierarchyPartition.shard(rank)); "
                         f"got {type(shard).__name__}")
@@ -127,7 +127,8 @@ def _check_shard(shard: HierarchyShard, group) -> None:
     if checked is None:
         checked = shard._checked_groups = set()
     if id(group) not in checked:  # once per shard: the top trees must agree
-        check_same_everywhere(shard.top.fingerprint(), 'the top tree of the partition', group)
+        check_same_everywhere(shard.top.fingerprint(), 'the top tree of the partition', group,
+                              device)
         checked.add(id(group))
 
 

@@ -98,11 +98,13 @@ class _ShareRows(torch.autograd.Function):
 
 
 def check_same_everywhere(value: int, what: str,
-                          group: Optional[dist.ProcessGroup] = None) -> None:
+                          group: Optional[dist.ProcessGroup] = None,
+                          device: Optional[torch.device] = None) -> None:
     r"""Raises a :class:`ValueError` naming the ranks unless every rank
-    passes the same :obj:`value` (a 63-bit integer)."""
+    passes the same :obj:`value` (a 63-bit integer); :obj:`device` is where
+    the backend exchanges tensors (a GPU for nccl)."""
     world_size = dist.get_world_size(group)
-    mine = torch.tensor([value], dtype=torch.long)
+    mine = torch.tensor([value], dtype=torch.long, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world_size)]
     _record(mine.new_empty(world_size))
     dist.all_gather(everyone, mine, group=group)
