@@ -13,7 +13,7 @@ PYTHON=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,utilization.gpu --format=csv
 $PYTHON -c "import torch, torch_geometric; print('torch', torch.__version__, 'pyg', torch_geometric.__version__, torch.cuda.get_device_name())"
 timeout "${TEST_TIMEOUT:-200}" $PYTHON -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-    tests/test_functional.py -k "cuda" 2>&1 | tee "$OUT/test_cuda.log" | tail -25
+    tests/test_functional.py tests/test_distributed.py -k "cuda" 2>&1 | tee "$OUT/test_cuda.log" | tail -25
 timeout "${BATCHES_TIMEOUT:-150}" $PYTHON -m hsa_geo.benchmarks.batches --device cuda \
     --saved-workloads .gpu/workloads.pt --repeats 15 --out "$OUT/batches_cuda.json" 2>&1 \
     | tee "$OUT/batches_cuda.log" | tail -20

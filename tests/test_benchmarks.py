@@ -237,3 +237,18 @@ def test_engines_benchmark_writes_its_json(tmp_path):
     assert _positive_finite(row['kernel / tensor sweeps'])
     assert results['rows'][0]['seconds']['kernel'] > 0
 
+
+
+def test_distributed_benchmark_writes_its_json(tmp_path):
+    from hsa_geo.benchmarks import distributed
+    out = tmp_path / 'distributed.json'
+    distributed.main(['--log2', '9', '--communication-log2', '9', '12', '--max-world', '2',
+                      '--repeats', '1', '--out', str(out)])
+    results = json.loads(out.read_text())
+    assert [entry['world_size'] for entry in results['weak']] == [1, 2]
+    assert [entry['num_leaves'] for entry in results['communication']] == [512, 1024, 4096]
+    for entry in results['weak'] + results['strong']:
+        assert _positive_finite(entry['seconds_per_layer'])
+        assert entry['max_layer_peak_bytes'] > 0 and entry['communication_bytes'] > 0
+    assert {target['name'] for target in results['targets']} == {
+        'weak scaling memory', 'bytes independent of N', 'bytes per layer'}

@@ -253,3 +253,53 @@ def test_example_trains_the_same_on_two_ranks_as_on_one(tmp_path):
     for single, split in zip(one['history'], two['history']):
         assert split['loss'] == pytest.approx(single['loss'], rel=1e-4)
         assert split['test_acc'] == pytest.approx(single['test_acc'], abs=2e-3)
+
+
+def _errors_and_scatter_worker(rank, world_size):
+    from hsa_geo.distributed import scatter_shards
+    hierarchy = Hierarchy.from_parent(balanced_parent(64, 4), 64)
+    partition = partition_hierarchy(hierarchy, world_size) if rank == 0 else None
+    shard = scatter_shards(partition, src=0)
+    expected = partition_hierarchy(hierarchy, world_size).shard(rank)
+    assert shard.rank == rank and torch.equal(shard.leaves, expected.leaves)
+    q = torch.randn(shard.num_leaves + 1, 2, 3)
+    with pytest.raises(ValueError, match=f"rank {rank}: q has {shard.num_leaves + 1} rows"):
+        distributed_hsa(q, q, q, shard)
+    other = expected if world_size == 1 else partition_hierarchy(hierarchy, world_size).shard(
+        1 - rank)
+    q = torch.randn(other.num_leaves, 2, 3)
+    with pytest.raises(ValueError, match=f"was given the shard of rank {1 - rank}"):
+        distributed_hsa(q, q, q, other)
+    with pytest.raises(ValueError, match="not block-constant"):
+        distributed_hsa(q[:shard.num_leaves], q[:shard.num_leaves], q[:shard.num_leaves], shard,
+                        causal='strict')
+    # one head as [n, D], half precision in and out
+    x = torch.randn(shard.num_leaves, 4, dtype=torch.bfloat16)
+    out = distributed_hsa(x, x, x, shard)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+
+
+def test_bad_input_and_shards_sent_from_rank_zero(tmp_path):
+    run_ranks(2, _errors_and_scatter_worker, tmp_path)
+
+
+def _cuda_worker(rank, world_size):
+    # tensors on the GPU, exchanged by gloo (one GPU: nccl would need one per rank)
+    torch.cuda.set_device(0)
+    hierarchy = random_forest(2, trees=2)
+    shard = partition_hierarchy(hierarchy, world_size, parts_per_rank=4).shard(rank)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(hierarchy.num_leaves, 2, 3, generator=generator, dtype=torch.float64)
+              for _ in range(3)]
+    expected = hsa(*[t.cuda() for t in inputs], hierarchy.to('cuda'), energy='euclidean')
+    local = [t[shard.leaves].cuda().requires_grad_() for t in inputs]
+    out = distributed_hsa(*local, shard, energy='euclidean')
+    out.sum().backward()
+    assert out.device.type == 'cuda' and local[0].grad.device.type == 'cuda'
+    assert _max_error([(out, expected[shard.leaves.cuda()])]) < 1e-10
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_distributed_hsa_on_cuda_tensors(tmp_path):
+    run_ranks(2, _cuda_worker, tmp_path)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hsa_geo.benchmarks.scaling import balanced_parent, run_and_report
+from hsa_geo.benchmarks.scaling import balanced_parent, run_and_report, target_lines
 from hsa_geo.benchmarks.timing import (MiB, PeakMemory, current_rss_bytes, machine_info,
                                        median)
 
@@ -167,7 +167,7 @@ def evaluate_targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
         first, last = weak[0], weak[-1]
         ratio = last['max_layer_peak_bytes'] / first['max_layer_peak_bytes']
         add('weak scaling memory', ratio, 1.2, ratio <= 1.2,
-            f"per-rank layer peak, {last['world_size']} ranks x {last['num_leaves']} leaves vs "
+            f"limit 1.2; per-rank layer peak, {last['world_size']} ranks x {last['num_leaves']} leaves vs "
             f"1 rank x {first['num_leaves']}: {last['max_layer_peak_bytes'] / MiB:.0f} vs "
             f"{first['max_layer_peak_bytes'] / MiB:.0f} MiB")
     communication = results['communication']
@@ -175,10 +175,10 @@ def evaluate_targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
         small, large = communication[0], communication[-1]
         change = abs(large['bytes'] / small['bytes'] - 1)
         add('bytes independent of N', change, 0.1, change <= 0.1,
-            f"{small['bytes']} B at N={small['num_leaves']}, {large['bytes']} B at "
+            f"limit 0.1; {small['bytes']} B at N={small['num_leaves']}, {large['bytes']} B at "
             f"N={large['num_leaves']} ({large['world_size']} ranks)")
         add('bytes per layer', large['bytes'] / 1e6, 1.0, large['bytes'] <= 1e6,
-            f"MB per layer at N={large['num_leaves']}, forward and backward")
+            f"limit 1 MB per layer at N={large['num_leaves']}, forward and backward")
     return targets
 
 
@@ -197,9 +197,7 @@ def format_report(results: Dict[str, Any]) -> str:
                      f"{entry['seconds_per_layer']:7.3f}  {entry['max_layer_peak_bytes'] / MiB:19.1f}"
                      f"  {entry['communication_bytes']:11d}")
     lines.append('')
-    for target in results['targets']:
-        lines.append(f"{target['status']:4s}  {target['name']}: measured "
-                     f"{target['measured']:.3g} (limit {target['threshold']}; {target['detail']})")
+    lines.extend(target_lines(results))
     return '\n'.join(lines)
 
 

@@ -34,6 +34,7 @@ from hsa_geo.functional.scatter_sweep import (NodeSummaries, subtree_mean, summa
                                               summaries_top_down)
 
 
+@torch.compiler.disable  # collectives and the shard's bookkeeping run eagerly
 def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
                     scale: Optional[float] = None, backend: str = 'fused', *,
                     pair_bias: Optional[Tensor] = None, top_pair_bias: Optional[Tensor] = None,
@@ -90,6 +91,17 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
         raise ValueError("causal='strict' projects every row on its own: it is not "
                          "block-constant and has no per-part summary; use causal=True")
     (q, k, v), single_head, dtype = _check_inputs(q, k, v, shard)
+    # as hsa: float32 or float64 throughout, even inside torch.autocast
+    with torch.autocast(q.device.type, enabled=False):
+        out = _distributed(q, k, v, shard, scale, backend, pair_bias, top_pair_bias, energy,
+                           causal, group)
+    out = out.to(dtype)
+    return out.squeeze(1) if single_head else out
+
+
+def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
+                 scale: Optional[float], backend: str, pair_bias: Optional[Tensor],
+                 top_pair_bias: Optional[Tensor], energy: str, causal: bool, group) -> Tensor:
     heads, dim = q.size(1), q.size(2)
     scale = _scale(scale, q)
     euclidean = energy == 'euclidean'
@@ -110,9 +122,7 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     mass = part_log_mass[mine].exp()  # [p_r, H]
     mean_v = summaries[..., 2 * dim:2 * dim + v.size(2)]
     incoming = part_out[mine] - mass[..., None] * mean_v
-    out = torch.addcmul(incoming[leaf_part], local_out, mass[leaf_part][..., None])
-    out = out.to(dtype)
-    return out.squeeze(1) if single_head else out
+    return torch.addcmul(incoming[leaf_part], local_out, mass[leaf_part][..., None])
 
 
 def _check_shard(shard: HierarchyShard, group, device) -> None:
@@ -191,8 +201,7 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
             q, k, v, shard.local, scale, backend, pair_bias=pair_bias,
             energy='euclidean' if euclidean else 'dot', causal=causal)
         part_phi = _part_log_partition(q, k, shard, cluster_phi, scale, euclidean)
-    count = torch.zeros(num_parts, dtype=q.dtype, device=q.device).index_add_(
-        0, leaf_part, q.new_ones(q.size(0)))[:, None, None]
+    count = shard.top.part_num_leaves[shard.parts].to(q.device, q.dtype)
 
     def part_mean(values: Tensor) -> Tensor:
         total = values.new_zeros((num_parts, ) + values.shape[1:])

@@ -208,8 +208,11 @@ class HierarchyPartition:
                                    local_id[parent.clamp(min=0)])
         local = Hierarchy.from_parent(local_parent, num_leaves=leaves.numel(),
                                       ordered=hierarchy.ordered)
-        return HierarchyShard(rank, self.top, local, leaves, node, mine, leaf_part,
-                              self._pair_positions(local, node))
+        pair_index = self._pair_positions(local, node)
+        # the sweep plan behind sibling_pairs() is large (a shard is pickled
+        # to its rank): the rank rebuilds it if its engine needs it
+        local._plans.clear()
+        return HierarchyShard(rank, self.top, local, leaves, node, mine, leaf_part, pair_index)
 
     def shards(self) -> List[HierarchyShard]:
         return [self.shard(rank) for rank in range(self.world_size)]
