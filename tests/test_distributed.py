@@ -17,6 +17,7 @@ from hsa_geo import Hierarchy, HSAConv
 from hsa_geo.distributed import (HierarchyPartition, count_communication, distributed_hsa,
                                  partition_hierarchy)
 from hsa_geo.functional import hsa
+from hsa_geo.functional.kernel import use_cpu_kernel
 from random_trees import balanced_parent, random_forest
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -121,7 +122,13 @@ def _max_error(pairs) -> float:
     return max((float((a - b).detach().abs().max()) for a, b in pairs if a.numel() > 0), default=0.0)
 
 
-def _exactness_worker(rank, world_size, kinds, dtypes, seeds):
+def _exactness_worker(rank, world_size, kinds, dtypes, seeds, kernels):
+    for kernel in kernels:  # the CPU kernel, or the tensor sweeps of the GPU
+        with use_cpu_kernel(kernel):
+            _check_exactness(rank, world_size, kinds, dtypes, seeds)
+
+
+def _check_exactness(rank, world_size, kinds, dtypes, seeds):
     heads, dim = 2, 3
     for seed in seeds:
         for causal in (False, True):
@@ -165,11 +172,11 @@ def _exactness_worker(rank, world_size, kinds, dtypes, seeds):
                             f"{dtype}, {energy}, causal={causal}: error {error:.2e}")
 
 
-@pytest.mark.parametrize('world_size,kinds', [(2, ('balanced', 'uneven')),
-                                              (4, ('balanced', 'empty'))])
-def test_outputs_and_gradients_equal_single_process_hsa(tmp_path, world_size, kinds):
+@pytest.mark.parametrize('world_size,kinds,kernels', [(2, ('balanced', 'uneven'), (True, False)),
+                                                      (4, ('balanced', 'empty'), (True, ))])
+def test_outputs_and_gradients_equal_single_process_hsa(tmp_path, world_size, kinds, kernels):
     run_ranks(world_size, _exactness_worker, tmp_path, kinds,
-              (torch.float64, torch.float32), range(4))
+              (torch.float64, torch.float32), range(4), kernels)
 
 
 def _disagreement_worker(rank, world_size):

@@ -409,10 +409,28 @@ std::vector<at::Tensor> hsa_sweeps_forward(
   return {out, means, weights, log_mass};
 }
 
+// Upstream gradients of some clusters' rows of `means` (their mean query,
+// key, value, phi and mean squared key norm), e.g. of the parts of a
+// distributed hierarchy: `grad` [nodes, heads, width], `index` the row of
+// every cluster's gradient (-1 for none); no gradients when null.
+template <typename scalar_t>
+struct SummaryGradients {
+  const scalar_t* grad;
+  const int64_t* index;
+  int64_t heads, width, num_leaves;
+
+  const scalar_t* row(int64_t node, int64_t head) const {
+    if (grad == nullptr) return nullptr;
+    const int64_t r = index[node - num_leaves];
+    return r < 0 ? nullptr : grad + (r * heads + head) * width;
+  }
+};
+
 template <typename scalar_t, int64_t Dim>
 void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const scalar_t* grad_out,
                    const scalar_t* weights, const scalar_t* log_mass, scalar_t scale,
-                   bool euclidean, bool causal, const scalar_t* grad_phi, scalar_t* grad_bias,
+                   bool euclidean, bool causal, const SummaryGradients<scalar_t>& summary_grad,
+                   scalar_t* grad_bias,
                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
   const int64_t heads = rows.heads, dim = rows.dim(), value_dim = rows.value_dim();
   const int64_t num_leaves = tree.num_leaves, num_clusters = tree.num_nodes - num_leaves;
@@ -463,14 +481,24 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   auto delta = uninitialised<scalar_t>(num_clusters * heads);
   auto accumulated = uninitialised<scalar_t>(num_clusters * heads * acc_width);
   zero_roots(delta.get(), parented, num_leaves, heads, 1);
-  // an upstream gradient of phi(B) enters delta_B = dL/d(-phi(B)) directly
-  // (grad_phi [clusters, heads], or null)
-  if (grad_phi != nullptr)
-    for (int64_t node = num_leaves; node < tree.num_nodes; ++node)
-      if (!parented[node])
-        for (int64_t head = 0; head < heads; ++head)
-          delta[(node - num_leaves) * heads + head] = -grad_phi[(node - num_leaves) * heads + head];
   zero_roots(accumulated.get(), parented, num_leaves, heads, acc_width);
+  // Upstream gradients of a cluster's row (its means, phi, key norm) enter
+  // where that row's gradient is formed: a mean's gradient, shared by its
+  // |B| leaves, is accumulated for them; phi's enters delta_B = dL/d(-phi(B)).
+  auto add_summary_gradient = [&](int64_t node, int64_t head) {
+    const scalar_t* grad = summary_grad.row(node, head);
+    if (grad == nullptr) return;
+    const scalar_t inverse_count = static_cast<scalar_t>(1.0 / count[node]);
+    scalar_t* acc = accumulated.get() + ((node - num_leaves) * heads + head) * acc_width;
+    for (int64_t c = 0; c < 2 * dim + value_dim; ++c) acc[c] += inverse_count * grad[c];
+    delta[(node - num_leaves) * heads + head] -= grad[2 * dim + value_dim];
+    // d mean|k|^2 / dk_j = 2 k_j / |B|; a unit of gamma gives -scale k_j
+    if (euclidean)
+      acc[acc_width - 1] -= 2 * inverse_count * grad[2 * dim + value_dim + 1] / scale;
+  };
+  for (int64_t node = num_leaves; node < tree.num_nodes; ++node)
+    if (!parented[node])
+      for (int64_t head = 0; head < heads; ++head) add_summary_gradient(node, head);
   std::vector<scalar_t> leaf_gamma(euclidean ? num_leaves * heads : 0, 0);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> residual, grad_scores, coefficients;
@@ -552,9 +580,9 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
           const scalar_t new_gamma = parent_acc[acc_width - 1] + inverse_count * gamma;
           if (cluster) {
             delta[(node - num_leaves) * heads + head] =
-                through[node * heads + head] - weight[i * size + i] * residual[i] -
-                (grad_phi != nullptr ? grad_phi[(node - num_leaves) * heads + head] : 0);
+                through[node * heads + head] - weight[i * size + i] * residual[i];
             cluster_acc[acc_width - 1] = new_gamma;
+            add_summary_gradient(node, head);
           } else if (euclidean) {
             leaf_gamma[offset] = new_gamma;
           }
@@ -581,7 +609,8 @@ std::vector<at::Tensor> hsa_sweeps_backward(
     const at::Tensor& means, const at::Tensor& weights, const at::Tensor& log_mass,
     const at::Tensor& family_node, const at::Tensor& child_ptr, const at::Tensor& children,
     const at::Tensor& pair_ptr, const at::Tensor& level_ptr, double scale, bool euclidean,
-    bool causal, bool bias_grad, const c10::optional<at::Tensor>& grad_phi_) {
+    bool causal, bool bias_grad, const c10::optional<at::Tensor>& summary_nodes,
+    const c10::optional<at::Tensor>& summary_grad_) {
   check_tables(family_node, child_ptr, children, pair_ptr, level_ptr);
   auto inputs = check_inputs(q_, k_, v_);
   const at::Tensor &q = inputs[0], &k = inputs[1], &v = inputs[2];
@@ -593,12 +622,24 @@ std::vector<at::Tensor> hsa_sweeps_backward(
   TORCH_CHECK(grad_out.sizes() == v.sizes(), "hsa_sweeps: grad_out must match v");
   at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   at::Tensor grad_bias = bias_grad ? at::zeros({heads, tree.num_pairs}, q.options()) : at::Tensor();
-  at::Tensor grad_phi;
-  if (grad_phi_.has_value() && grad_phi_->defined()) {
-    grad_phi = grad_phi_->to(q.scalar_type()).contiguous();
-    TORCH_CHECK(grad_phi.dim() == 2 && grad_phi.size(0) == num_nodes - num_leaves &&
-                    grad_phi.size(1) == heads,
-                "hsa_sweeps: grad_phi [clusters, H] expected");
+  at::Tensor summary_grad, summary_index;
+  if (summary_grad_.has_value() && summary_grad_->defined()) {
+    TORCH_CHECK(summary_nodes.has_value() && summary_nodes->defined(),
+                "hsa_sweeps: summary gradients need their nodes");
+    summary_grad = summary_grad_->to(q.scalar_type()).contiguous();
+    const at::Tensor nodes = summary_nodes->to(at::kLong).contiguous();
+    TORCH_CHECK(summary_grad.dim() == 3 && summary_grad.size(0) == nodes.numel() &&
+                    summary_grad.size(1) == heads && summary_grad.size(2) == means.size(2),
+                "hsa_sweeps: summary gradients [nodes, H, means width] expected");
+    // the row of every cluster's gradient, -1 for none
+    summary_index = at::full({num_nodes - num_leaves}, -1, nodes.options());
+    const int64_t* node = nodes.data_ptr<int64_t>();
+    int64_t* index = summary_index.data_ptr<int64_t>();
+    for (int64_t r = 0; r < nodes.numel(); ++r) {
+      TORCH_CHECK(node[r] >= num_leaves && node[r] < num_nodes,
+                  "hsa_sweeps: summary nodes must be clusters");
+      index[node[r] - num_leaves] = r;
+    }
   }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hsa_sweeps_backward", [&] {
     with_fixed_dim(dim, value_dim, [&](auto fixed) {
@@ -609,7 +650,10 @@ std::vector<at::Tensor> hsa_sweeps_backward(
       backward_impl<scalar_t, Dim>(
           tree, rows, grad_out.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
           log_mass.data_ptr<scalar_t>(), static_cast<scalar_t>(scale), euclidean, causal,
-          grad_phi.defined() ? grad_phi.data_ptr<scalar_t>() : nullptr,
+          SummaryGradients<scalar_t>{
+              summary_grad.defined() ? summary_grad.data_ptr<scalar_t>() : nullptr,
+              summary_index.defined() ? summary_index.data_ptr<int64_t>() : nullptr, heads,
+              means.size(2), num_leaves},
           bias_grad ? grad_bias.data_ptr<scalar_t>() : nullptr,
           grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
     });
@@ -629,7 +673,8 @@ TORCH_LIBRARY(hsa_geo_cpu, m) {
       "sweeps_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor means, "
       "Tensor weights, Tensor log_mass, Tensor family_node, Tensor child_ptr, Tensor children, "
       "Tensor pair_ptr, Tensor level_ptr, float scale, "
-      "bool euclidean, bool causal, bool bias_grad, Tensor? grad_phi=None) -> Tensor[]");
+      "bool euclidean, bool causal, bool bias_grad, Tensor? summary_nodes=None, "
+      "Tensor? summary_grad=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hsa_geo_cpu, CPU, m) {

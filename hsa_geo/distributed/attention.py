@@ -28,15 +28,15 @@ from torch import Tensor
 
 from hsa_geo.distributed.collectives import all_reduce_sum, check_same_everywhere, share_rows
 from hsa_geo.distributed.partition import HierarchyShard
-from hsa_geo.functional.attention import (ENERGIES, _scale, _scatter_plan, _to_compute,
-                                          check_causal, hsa_and_cluster_log_partition)
+from hsa_geo.functional.attention import (ENERGIES, _check_terms, _scale, _scatter_plan,
+                                          _to_compute, check_causal, hsa_with_summaries)
 from hsa_geo.functional.scatter_sweep import (NodeSummaries, subtree_mean, summaries_bottom_up,
                                               summaries_top_down)
 
 
 @torch.compiler.disable  # collectives and the shard's bookkeeping run eagerly
 def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
-                    scale: Optional[float] = None, backend: str = 'fused', *,
+                    scale: Optional[float] = None, *,
                     pair_bias: Optional[Tensor] = None, top_pair_bias: Optional[Tensor] = None,
                     energy: str = 'dot', causal: bool = False,
                     group: Optional[dist.ProcessGroup] = None) -> Tensor:
@@ -61,8 +61,6 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
         shard (HierarchyShard): This rank's shard of the partition
             (:meth:`HierarchyPartition.shard`).
         scale (float, optional): Score scale. (default: :math:`1/\sqrt{D}`)
-        backend (str, optional): Engine of the local sweeps, as in
-            :func:`~hsa_geo.functional.hsa`. (default: :obj:`"fused"`)
         pair_bias (torch.Tensor, optional): Bias of the sibling pairs of
             :obj:`shard.local` ``[E_r, H]`` (or ``[E_r]``); the rows
             :obj:`shard.pair_index` of a global pair bias.
@@ -93,14 +91,14 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     (q, k, v), single_head, dtype = _check_inputs(q, k, v, shard)
     # as hsa: float32 or float64 throughout, even inside torch.autocast
     with torch.autocast(q.device.type, enabled=False):
-        out = _distributed(q, k, v, shard, scale, backend, pair_bias, top_pair_bias, energy,
+        out = _distributed(q, k, v, shard, scale, pair_bias, top_pair_bias, energy,
                            causal, group)
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
 
 
 def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
-                 scale: Optional[float], backend: str, pair_bias: Optional[Tensor],
+                 scale: Optional[float], pair_bias: Optional[Tensor],
                  top_pair_bias: Optional[Tensor], energy: str, causal: bool, group) -> Tensor:
     heads, dim = q.size(1), q.size(2)
     scale = _scale(scale, q)
@@ -110,8 +108,12 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     top = shard.top
     top_bias = _check_bias(top_pair_bias, top.hierarchy.num_sibling_pairs, heads, q,
                            'top_pair_bias', 'shard.top.hierarchy')
-    local_out, summaries = _part_summaries(q, k, v, shard, scale, backend, pair_bias, euclidean,
-                                           causal, top_bias)
+    local_out, summaries = _part_summaries(q, k, v, shard, scale, pair_bias, euclidean, causal,
+                                           top_bias)
+    if torch.is_grad_enabled() and not summaries.requires_grad:
+        # a rank without leaves (or without inputs that need gradients)
+        # still takes part in the backward's all-reduce
+        summaries = summaries.detach().requires_grad_()
     # every rank's summaries, in top-tree leaf order [P, H, width]
     rows = share_rows(summaries, shard.parts.to(q.device), top.num_parts, group)
     part_out, part_log_mass = _top_sweep(rows, top, scale, top_bias, euclidean, bool(causal),
@@ -183,63 +185,48 @@ def _centered_globally(q: Tensor, k: Tensor, group) -> Tuple[Tensor, Tensor]:
 
 
 def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scale: float,
-                    backend: str, pair_bias: Optional[Tensor], euclidean: bool, causal: bool,
+                    pair_bias: Optional[Tensor], euclidean: bool, causal: bool,
                     top_bias: Optional[Tensor]):
-    r"""The local output and the parts' summaries ``[p_r, H, width]``.
+    r"""The local output and the parts' summaries ``[p_r, H, C]``.
 
     A summary row per part and head: mean query, key and value,
     :math:`\phi` as the sweeps hold it (with the Euclidean energy without
     the row term, for the common centre) and, for that energy, the mean
-    squared key norm."""
+    squared key norm. The engine computes the rows of the parts that are
+    clusters with the output (and takes their gradients into its backward);
+    a part that is one leaf is that leaf's row."""
     heads, dim, value_dim = q.size(1), q.size(2), v.size(2)
-    num_parts = shard.parts.numel()
-    leaf_part = shard.leaf_part.to(q.device)
+    width = 2 * dim + value_dim + 1 + int(euclidean)
+    rows = q.new_zeros(shard.parts.numel(), heads, width)
     if shard.local is None:
-        local_out, part_phi = v, q.new_zeros(0, heads)
-    else:
-        local_out, cluster_phi = hsa_and_cluster_log_partition(
-            q, k, v, shard.local, scale, backend, pair_bias=pair_bias,
-            energy='euclidean' if euclidean else 'dot', causal=causal)
-        part_phi = _part_log_partition(q, k, shard, cluster_phi, scale, euclidean)
-    count = shard.top.part_num_leaves[shard.parts].to(q.device, q.dtype)
-
-    def part_mean(values: Tensor) -> Tensor:
-        total = values.new_zeros((num_parts, ) + values.shape[1:])
-        return total.index_add(0, leaf_part, values) / count.view(
-            -1, *([1] * (values.dim() - 1)))
-
-    columns = [part_mean(q), part_mean(k), part_mean(v)]
-    if euclidean:  # phi without the row term scale/2 mean |q|^2
-        part_phi = part_phi - 0.5 * scale * part_mean((q * q).sum(-1))
-    if top_bias is not None:  # a part that is one leaf: the bias of its own pair
-        part_phi = part_phi - _leaf_part_bias(shard, top_bias)
-    columns.append(part_phi[..., None])
-    if euclidean:
-        columns.append(part_mean((k * k).sum(-1))[..., None])
-    return local_out, torch.cat(columns, dim=-1)
-
-
-def _part_log_partition(q: Tensor, k: Tensor, shard: HierarchyShard, cluster_phi: Tensor,
-                        scale: float, euclidean: bool) -> Tensor:
-    r"""``[p_r, H]`` :math:`\phi` of every part's root: a cluster's from the
-    sweeps, :math:`-s_{ii}` for a part that is one leaf (its own pair lies
-    in the top tree: its bias is added by the caller)."""
+        # no leaves, no rows; but the rows depend on q, k and v as on every
+        # other rank, so that a backward pass towards them (autograd.grad
+        # included) reaches the collective on every rank
+        return v, rows + 0.0 * (q.sum() + k.sum() + v.sum())
+    local = shard.local
+    pair_bias = _check_terms(pair_bias, 'euclidean' if euclidean else 'dot', causal, local, q)
     roots = _part_roots(shard).to(q.device)
-    num_leaves = shard.num_leaves
-    is_leaf = roots < num_leaves
-    phi = q.new_zeros(roots.numel(), q.size(1))
-    if not bool(is_leaf.all()):
-        clusters = (~is_leaf).nonzero().view(-1)
-        phi = phi.index_put((clusters, ), cluster_phi[roots[clusters] - num_leaves])
-    if bool(is_leaf.any()):
-        leaves = roots[is_leaf]
-        own_q, own_k = q[leaves], k[leaves]
-        if euclidean:  # s_ii = -scale/2 |q_i - k_i|^2
-            score = -0.5 * scale * ((own_q - own_k) ** 2).sum(-1)
-        else:
-            score = scale * (own_q * own_k).sum(-1)
-        phi = phi.index_put((is_leaf.nonzero().view(-1), ), -score)
-    return phi
+    is_leaf = roots < local.num_leaves
+    clusters, leaves = (~is_leaf).nonzero().view(-1), is_leaf.nonzero().view(-1)
+    local_out, cluster_rows = hsa_with_summaries(q, k, v, local, scale, pair_bias, euclidean,
+                                                 causal, roots[clusters])
+    rows = rows.index_put((clusters, ), cluster_rows)
+    if leaves.numel() > 0:
+        own_q, own_k, own_v = (t[roots[leaves]] for t in (q, k, v))
+        self_score = scale * (own_q * own_k).sum(-1)
+        columns = [own_q, own_k, own_v]
+        if euclidean:  # the key term of s_ii; the row term is left out
+            key_norm = (own_k * own_k).sum(-1)
+            self_score = self_score - 0.5 * scale * key_norm
+        columns.append(-self_score[..., None])
+        if euclidean:
+            columns.append(key_norm[..., None])
+        rows = rows.index_put((leaves, ), torch.cat(columns, dim=-1))
+    if top_bias is not None:  # a part that is one leaf: the bias of its own pair
+        phi = rows[..., 2 * dim + value_dim] - _leaf_part_bias(shard, top_bias)
+        rows = torch.cat([rows[..., :2 * dim + value_dim], phi[..., None],
+                          rows[..., 2 * dim + value_dim + 1:]], dim=-1)
+    return local_out, rows
 
 
 def _part_roots(shard: HierarchyShard) -> Tensor:

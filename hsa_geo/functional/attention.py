@@ -134,54 +134,48 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
         out = hsa_strict_causal(q, k, v, plan, _scatter_plan(plan), plan.cache['family_groups'],
                                 scale, pair_bias, euclidean)
     elif backend == 'fused':
-        use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
-        if use_kernel:
-            out = KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
-                                          euclidean, causal, return_log_partition)
-        else:
-            out = HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale,
-                                    euclidean, causal, return_log_partition)
+        clusters = None
         if return_log_partition:
-            out, phi = out
-            if return_log_partition != 'clusters':
-                leaf_pairs = None if pair_bias is None else _leaf_pairs(hierarchy, q.device)
-                leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, pair_bias, euclidean)
-                phi = torch.cat([leaf_phi, phi])
+            clusters = torch.arange(hierarchy.num_leaves, hierarchy.num_nodes, device=q.device)
+        out = hsa_with_summaries(q, k, v, hierarchy, scale, pair_bias, euclidean, causal,
+                                 clusters)
+        if return_log_partition:
+            out, rows = out
+            leaf_pairs = None if pair_bias is None else _leaf_pairs(hierarchy, q.device)
+            leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, pair_bias, euclidean)
+            phi = torch.cat([leaf_phi, rows[..., 2 * q.size(2) + v.size(2)]])
     else:
         out = hsa_scatter(q, k, v, _scatter_plan(hierarchy.plan(q.device)), scale, pair_bias,
                           euclidean, causal, return_log_partition)
         if return_log_partition:
             out, phi = out
-            if return_log_partition == 'clusters':
-                phi = phi[hierarchy.num_leaves:]
     out = out.to(dtype)
     out = out.squeeze(1) if single_head else out
     if not return_log_partition:
         return out
     if euclidean:  # the row term the sweeps leave out
-        row_term = hierarchy.subtree_means((q * q).sum(-1))
-        if return_log_partition == 'clusters':
-            row_term = row_term[hierarchy.num_leaves:]
-        phi = phi + 0.5 * scale * row_term
+        phi = phi + 0.5 * scale * hierarchy.subtree_means((q * q).sum(-1))
     phi = phi.to(dtype)
     return out, phi.squeeze(1) if single_head else phi
 
 
-def hsa_and_cluster_log_partition(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
-                                  scale: Optional[float] = None, backend: str = 'fused', *,
-                                  pair_bias: Optional[Tensor] = None, energy: str = 'dot',
-                                  causal: bool = False) -> Tuple[Tensor, Tensor]:
-    r""":func:`hsa` and :math:`\phi` of the clusters only, ``[M, H]`` (or
-    ``[M]``), differentiable: what ``return_log_partition=True`` returns
-    without the leaves' rows, whose self scores cost a pass over q and k
-    and its backward (distributed HSA needs only the roots of its parts)."""
-    if backend not in ('fused', 'scatter'):
-        raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
-    _check_types((q, k, v))
-    _no_strict(causal)
-    with torch.autocast(q.device.type, enabled=False):
-        return _hsa_eager(q, k, v, hierarchy, scale, backend, pair_bias, energy, causal,
-                          return_log_partition='clusters')
+def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: float,
+                       pair_bias: Optional[Tensor], euclidean: bool, causal: bool,
+                       nodes: Optional[Tensor] = None):
+    r"""The fused engine on ``[N, H, D]`` inputs already checked (a pair
+    bias ``[E, H]`` or None; with the Euclidean energy, q and k centred by
+    the caller) and, with :obj:`nodes` (cluster ids), those clusters'
+    summary rows ``[S, H, 2D + D_v + 1 (+ 1)]``: mean query, key and value,
+    :math:`\phi` without the Euclidean row term and, for that energy, the
+    mean squared key norm. Both outputs are differentiable: the engines'
+    backward takes the rows' gradients into their top-down sweep."""
+    use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
+    if use_kernel:
+        return KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
+                                       euclidean, causal, nodes)
+    count = None if nodes is None else hierarchy.num_leaves_below.to(q.device)[nodes]
+    return HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale, euclidean,
+                             causal, nodes, count)
 
 
 def _leaf_pairs(hierarchy: Hierarchy, device) -> Tensor:

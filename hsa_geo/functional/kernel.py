@@ -95,52 +95,61 @@ def kernel_forward(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
 
 def kernel_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, tables: FamilyTables,
                     state, scale: float, euclidean: bool = False, causal: bool = False,
-                    bias_grad: bool = False, grad_phi: Optional[Tensor] = None):
+                    bias_grad: bool = False, summary_nodes: Optional[Tensor] = None,
+                    summary_grad: Optional[Tensor] = None):
     r"""Gradients of q, k, v and (with :obj:`bias_grad`, else an empty
-    tensor) of the pair bias ``[H, E]``; :obj:`grad_phi` ``[M, H]`` is an
-    upstream gradient of the clusters' :math:`\phi` (see
-    :func:`cluster_log_partition`)."""
+    tensor) of the pair bias ``[H, E]``; :obj:`summary_grad` ``[S, H, C]``
+    adds upstream gradients of the rows of the clusters
+    :obj:`summary_nodes` (see :func:`summary_rows`)."""
+    if summary_grad is not None:
+        width = state[0].size(2)
+        if summary_grad.size(2) < width:  # the key-norm column of the dot energy
+            summary_grad = torch.cat([summary_grad, summary_grad.new_zeros(
+                *summary_grad.shape[:2], width - summary_grad.size(2))], dim=2)
     return torch.ops.hsa_geo_cpu.sweeps_backward(
         grad_out, q, k, v, *state, *_arguments(tables), float(scale), euclidean, causal,
-        bias_grad, grad_phi)
+        bias_grad, summary_nodes, summary_grad)
 
 
-def cluster_log_partition(state) -> Tensor:
-    r""":math:`\phi` of every cluster ``[M, H]`` from the kernel's forward
-    state (a view of its cluster rows; with the Euclidean energy without the
-    row term, as the sweeps compute it)."""
+def summary_rows(state, nodes: Tensor, num_leaves: int, euclidean: bool) -> Tensor:
+    r"""``[S, H, C]`` rows of the clusters :obj:`nodes` from the kernel's
+    forward state: mean query, key and value, :math:`\phi` (with the
+    Euclidean energy without the row term, as the sweeps hold it) and, for
+    that energy, the mean squared key norm."""
     means = state[0]
-    value_dim_end = means.size(2) - 2  # columns: q, k, v, phi, key norm
-    return means[..., value_dim_end]
+    width = means.size(2) - (0 if euclidean else 1)
+    return means[nodes - num_leaves, :, :width]
 
 
 class KernelHSAFunction(torch.autograd.Function):
     r"""Fused HSA on the CPU kernel: ``[N, H, D]`` inputs (any memory
     layout), a pair bias ``[H, E]`` or None. Saves the clusters' rows, the
     pair weights and :math:`\log P` of every node: nothing quadratic. With
-    :obj:`with_phi`, also returns the clusters' :math:`\phi` ``[M, H]``
-    (differentiable)."""
+    :obj:`summary_nodes` (cluster ids), also returns those clusters' rows
+    ``[S, H, C]`` (:func:`summary_rows`), differentiable."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
                 tables: FamilyTables, scale: float, euclidean: bool = False,
-                causal: bool = False, with_phi: bool = False):
+                causal: bool = False, summary_nodes: Optional[Tensor] = None):
         out, state = kernel_forward(q, k, v, pair_bias, tables, scale, euclidean, causal)
         ctx.save_for_backward(q, k, v, *state)
         ctx.tables, ctx.options = tables, (scale, euclidean, causal)
+        ctx.summary_nodes = summary_nodes
         ctx.set_materialize_grads(False)
-        if with_phi:
-            return out, cluster_log_partition(state).clone()
+        if summary_nodes is not None:
+            return out, summary_rows(state, summary_nodes, q.size(0), euclidean)
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Optional[Tensor], grad_phi: Optional[Tensor] = None):
+    def backward(ctx, grad_out: Optional[Tensor], summary_grad: Optional[Tensor] = None):
         refuse_double_backward()
         q, k, v, *state = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(v)
         bias_grad = ctx.needs_input_grad[3]
         grad_q, grad_k, grad_v, grad_bias = kernel_backward(
-            grad_out, q, k, v, ctx.tables, state, *ctx.options, bias_grad, grad_phi)
+            grad_out, q, k, v, ctx.tables, state, *ctx.options, bias_grad,
+            ctx.summary_nodes if summary_grad is not None else None, summary_grad)
         return (grad_q, grad_k, grad_v, grad_bias if bias_grad else None, None, None, None,
                 None, None)

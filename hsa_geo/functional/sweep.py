@@ -506,15 +506,19 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
                     scale: float, state: ForwardState, leaf_log_mass: Tensor,
                     family_log_mass: Tensor, terms: ScoreTerms = ScoreTerms(),
                     grad_pair_bias: bool = False, release: bool = False,
-                    grad_phi: Optional[Tensor] = None):
+                    summary_nodes: Optional[Tensor] = None,
+                    summary_grad: Optional[Tensor] = None,
+                    summary_count: Optional[Tensor] = None):
     r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v
     (``[N, H, D]``) and, with :obj:`grad_pair_bias`, for the padded pair
     bias (``[H, P]``) by a bottom-up and a top-down sweep
     (docs/derivation.rst, "Backward pass"). With :obj:`release`, the caller
     hands :obj:`state` over, and the slot buffers are dropped once only
     leaf ranges remain, which lowers the peak while the gradients fill.
-    :obj:`grad_phi` ``[M, H]`` adds an upstream gradient of the clusters'
-    :math:`\phi` (:func:`cluster_log_partition`): it enters
+    :obj:`summary_grad` ``[S, H, C]`` adds upstream gradients of the rows
+    of the clusters :obj:`summary_nodes`, with :obj:`summary_count` leaves
+    below them (:func:`summary_rows`): a mean's
+    enters the gradient its :math:`|B|` leaves share, :math:`\phi`'s enters
     :math:`\delta_B = \partial L / \partial(-\phi(B))` directly."""
     num_leaves, heads, dim = q.shape
     value_dim = v.size(2)
@@ -563,11 +567,11 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
 
     # delta[B] = dL/dt_BB, the gradient of B's own (diagonal) score
     down = slot_buffer(q, layout, heads, grad_columns.width)
-    phi_push = None  # -dL/dphi of every cluster's slot row, read as each delta is written
-    if grad_phi is not None:
-        phi_push = q.new_zeros(heads * layout.num_rows, 1)
-        phi_push[_cluster_rows(layout, heads).view(-1), 0] = -grad_phi.reshape(-1).to(q.dtype)
-        down[heads * layout.root_row:, 0] = phi_push[heads * layout.root_row:, 0]
+    push = None  # the summaries' gradients in the columns of `down`, added as they are written
+    if summary_grad is not None:
+        push = _summary_push(summary_grad.to(q.dtype), summary_nodes, summary_count, layout,
+                             scale, grad_columns)
+        down[heads * layout.root_row:] = push[heads * layout.root_row:]
     grad_q, grad_k, grad_v = (torch.empty_like(t, memory_format=torch.contiguous_format)
                               for t in (q, k, v))
     leaf_gamma = q.new_zeros(num_leaves, heads) if terms.euclidean else None
@@ -623,10 +627,10 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
             return
         delta, *targets = grad_columns.split(slot_rows(down, block, heads))
         delta.copy_(child_delta.transpose(1, 2))
-        if phi_push is not None:
-            delta.add_(slot_rows(phi_push, block, heads)[..., 0])
         for target, values in zip(targets, new):
             target.copy_(values)
+        if push is not None:
+            slot_rows(down, block, heads).add_(slot_rows(push, block, heads))
 
     for index in reversed(range(len(layout.levels))):
         level = layout.levels[index]
@@ -661,18 +665,31 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
     return grad_q, grad_k, grad_v, grad_bias
 
 
-def _cluster_rows(layout: SlotLayout, heads: int) -> Tensor:
-    r"""``[M, H]`` slot-buffer rows of every cluster, in node order."""
-    clusters = torch.arange(layout.num_leaves, layout.node_slot.numel(),
-                            device=layout.node_slot.device)
-    return layout.rows(layout.node_slot[clusters], heads)
+def summary_rows(state: ForwardState, nodes: Tensor, layout: SlotLayout, heads: int) -> Tensor:
+    r"""``[S, H, C]`` slot-buffer rows of the clusters :obj:`nodes`: mean
+    query, key and value, :math:`\phi` (with the Euclidean energy without
+    the row term) and, for that energy, the mean squared key norm."""
+    rows = layout.rows(layout.node_slot[nodes], heads)
+    return state.nodes[rows.view(-1)].view(*rows.shape, state.nodes.size(1))
 
 
-def cluster_log_partition(state: ForwardState, layout: SlotLayout, heads: int) -> Tensor:
-    r""":math:`\phi` of every cluster ``[M, H]`` from the bottom-up sweep's
-    slot buffer (with the Euclidean energy without the row term)."""
-    rows = _cluster_rows(layout, heads)
-    return state.columns.phi(state.nodes[rows.view(-1)]).view(rows.shape)
+def _summary_push(grad: Tensor, nodes: Tensor, count: Tensor, layout: SlotLayout,
+                  scale: float, columns: GradColumns) -> Tensor:
+    r"""``[H * rows, C]`` the gradients of the summary rows of :obj:`nodes`
+    as additions to the backward's top-down buffer: :math:`-\partial L /
+    \partial \phi` to :math:`\delta`, a mean's gradient over :math:`|B|`
+    to the accumulated gradients, the key norm's as :math:`\gamma`."""
+    dim, value_dim = columns.dim, columns.value_dim
+    heads = grad.size(1)
+    count = count.to(grad.dtype)[:, None, None]
+    row = grad.new_zeros(*grad.shape[:2], columns.width)
+    row[..., 0] = -grad[..., 2 * dim + value_dim]
+    row[..., 1:1 + 2 * dim + value_dim] = grad[..., :2 * dim + value_dim] / count
+    if columns.euclidean:  # d mean|k|^2 / dk_j = 2 k_j / |B|; a unit of gamma gives -scale k_j
+        row[..., -1] = -2.0 * grad[..., -1] / (scale * count[..., 0])
+    push = grad.new_zeros(heads * layout.num_rows, columns.width)
+    push[layout.rows(layout.node_slot[nodes], heads).view(-1)] = row.view(-1, columns.width)
+    return push
 
 
 # ------------------------------------------------------------------ autograd
@@ -689,13 +706,14 @@ class HSAFunction(torch.autograd.Function):
     r"""Fused HSA on ``[N, H, D]`` inputs (any memory layout) and an
     optional padded pair bias ``[H, P]``. Saves the slot buffer, the
     family weights and per-leaf state: nothing quadratic. With
-    :obj:`with_phi`, also returns the clusters' :math:`\phi` ``[M, H]``
-    (differentiable)."""
+    :obj:`summary_nodes` (cluster ids), also returns those clusters' rows
+    ``[S, H, C]`` (:func:`summary_rows`), differentiable."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
                 layout: SlotLayout, scale: float, euclidean: bool = False,
-                causal: bool = False, with_phi: bool = False):
+                causal: bool = False, summary_nodes: Optional[Tensor] = None,
+                summary_count: Optional[Tensor] = None):
         terms = ScoreTerms(pair_bias, euclidean, causal)
         state, result = forward_sweeps(q, k, v, layout, scale, terms)
         ctx.set_materialize_grads(False)
@@ -705,12 +723,13 @@ class HSAFunction(torch.autograd.Function):
         ctx.leaf_log_mass, ctx.family_log_mass = result.leaf_log_mass, result.family_log_mass
         ctx.layout, ctx.scale = layout, scale
         ctx.terms = ScoreTerms(None, euclidean, causal)
-        if with_phi:
-            return result.out, cluster_log_partition(state, layout, q.size(1))
+        ctx.summary_nodes, ctx.summary_count = summary_nodes, summary_count
+        if summary_nodes is not None:
+            return result.out, summary_rows(state, summary_nodes, layout, q.size(1))
         return result.out
 
     @staticmethod
-    def backward(ctx, grad_out: Optional[Tensor], grad_phi: Optional[Tensor] = None):
+    def backward(ctx, grad_out: Optional[Tensor], summary_grad: Optional[Tensor] = None):
         refuse_double_backward()
         q, k, v = ctx.saved_tensors
         if grad_out is None:
@@ -723,8 +742,9 @@ class HSAFunction(torch.autograd.Function):
                 grad_out, q, k, v, ctx.layout, ctx.scale,
                 ctx.__dict__.pop('state') if release else ctx.state, ctx.leaf_log_mass,
                 ctx.family_log_mass, ctx.terms, grad_pair_bias=ctx.needs_input_grad[3],
-                release=release, grad_phi=grad_phi)
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None
+                release=release, summary_nodes=ctx.summary_nodes, summary_grad=summary_grad,
+                summary_count=ctx.summary_count)
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None
 
 
 def refuse_double_backward() -> None:
