@@ -2,7 +2,6 @@
 gradients against single-process hsa, on processes spawned with gloo."""
 import datetime
 import json
-import math
 import os
 import os.path as osp
 import subprocess

@@ -28,10 +28,11 @@ from torch import Tensor
 
 from hsa_geo.distributed.collectives import all_reduce_sum, check_same_everywhere, share_rows
 from hsa_geo.distributed.partition import HierarchyShard
-from hsa_geo.functional.attention import (ENERGIES, _check_terms, _scale, _scatter_plan,
-                                          _to_compute, check_causal, hsa_with_summaries)
-from hsa_geo.functional.scatter_sweep import (NodeSummaries, subtree_mean, summaries_bottom_up,
-                                              summaries_top_down)
+from hsa_geo.functional.attention import (ENERGIES, _check_terms, _leaf_pairs, _scale,
+                                          _scatter_plan, _to_compute, check_causal,
+                                          hsa_with_summaries)
+from hsa_geo.functional.scatter_sweep import (NodeSummaries, leaf_self_scores, subtree_mean,
+                                              summaries_bottom_up, summaries_top_down)
 
 
 @torch.compiler.disable  # collectives and the shard's bookkeeping run eagerly
@@ -100,14 +101,16 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
 def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
                  scale: Optional[float], pair_bias: Optional[Tensor],
                  top_pair_bias: Optional[Tensor], energy: str, causal: bool, group) -> Tensor:
-    heads, dim = q.size(1), q.size(2)
+    dim = q.size(2)
     scale = _scale(scale, q)
     euclidean = energy == 'euclidean'
     if euclidean:  # one centre for all ranks (the result does not depend on it)
         q, k = _centered_globally(q, k, group)
     top = shard.top
-    top_bias = _check_bias(top_pair_bias, top.hierarchy.num_sibling_pairs, heads, q,
-                           'top_pair_bias', 'shard.top.hierarchy')
+    try:  # the top tree's bias is checked as hsa checks a pair bias
+        top_bias = _check_terms(top_pair_bias, energy, causal, top.hierarchy, q)
+    except ValueError as error:
+        raise ValueError(f"top_pair_bias (over shard.top.hierarchy): {error}") from None
     local_out, summaries = _part_summaries(q, k, v, shard, scale, pair_bias, euclidean, causal,
                                            top_bias)
     if torch.is_grad_enabled() and not summaries.requires_grad:
@@ -115,11 +118,11 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
         # still takes part in the backward's all-reduce
         summaries = summaries.detach().requires_grad_()
     # every rank's summaries, in top-tree leaf order [P, H, width]
-    rows = share_rows(summaries, shard.parts.to(q.device), top.num_parts, group)
+    mine = shard.parts.to(q.device)
+    rows = share_rows(summaries, mine, top.num_parts, group)
     part_out, part_log_mass = _top_sweep(rows, top, scale, top_bias, euclidean, bool(causal),
                                          dim, v.size(2))
     # y_i = P(B) y^B_i + u_B, with u_B = y_B - P(B) mean_v(B) what reaches B from outside
-    mine = shard.parts.to(q.device)
     leaf_part = shard.leaf_part.to(q.device)
     mass = part_log_mass[mine].exp()  # [p_r, H]
     mean_v = summaries[..., 2 * dim:2 * dim + v.size(2)]
@@ -162,20 +165,6 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard):
     return _to_compute((q, k, v))
 
 
-def _check_bias(bias: Optional[Tensor], num_pairs: int, heads: int, q: Tensor, name: str,
-                where: str) -> Optional[Tensor]:
-    if bias is None:
-        return None
-    if bias.dim() == 1:
-        bias = bias[:, None]
-    if bias.dim() != 2 or bias.size(0) != num_pairs or bias.size(1) not in (1, heads):
-        raise ValueError(f"'{name}' has shape {tuple(bias.shape)}, but {where} has "
-                         f"{num_pairs} sibling pairs and q has {heads} heads")
-    if not bool(torch.isfinite(bias).all()):
-        raise ValueError(f"'{name}' is not finite")
-    return bias.to(q.dtype).expand(num_pairs, heads)
-
-
 def _centered_globally(q: Tensor, k: Tensor, group) -> Tuple[Tensor, Tensor]:
     r"""q and k minus the mean key over all ranks (detached)."""
     total = torch.cat([k.detach().sum(0).reshape(-1), k.new_full((1, ), k.size(0))])
@@ -205,58 +194,24 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
         return v, rows + 0.0 * (q.sum() + k.sum() + v.sum())
     local = shard.local
     pair_bias = _check_terms(pair_bias, 'euclidean' if euclidean else 'dot', causal, local, q)
-    roots = _part_roots(shard).to(q.device)
+    roots = shard.part_root.to(q.device)
     is_leaf = roots < local.num_leaves
     clusters, leaves = (~is_leaf).nonzero().view(-1), is_leaf.nonzero().view(-1)
     local_out, cluster_rows = hsa_with_summaries(q, k, v, local, scale, pair_bias, euclidean,
                                                  causal, roots[clusters])
     rows = rows.index_put((clusters, ), cluster_rows)
     if leaves.numel() > 0:
+        # phi = -s_ii; the leaf's own pair lies in the top tree, so does its bias
         own_q, own_k, own_v = (t[roots[leaves]] for t in (q, k, v))
-        self_score = scale * (own_q * own_k).sum(-1)
-        columns = [own_q, own_k, own_v]
-        if euclidean:  # the key term of s_ii; the row term is left out
-            key_norm = (own_k * own_k).sum(-1)
-            self_score = self_score - 0.5 * scale * key_norm
-        columns.append(-self_score[..., None])
+        own_pair = None
+        if top_bias is not None:
+            own_pair = _leaf_pairs(shard.top.hierarchy, q.device)[shard.parts.to(q.device)[leaves]]
+        self_score = leaf_self_scores(own_q, own_k, own_pair, scale, top_bias, euclidean)
+        columns = [own_q, own_k, own_v, -self_score[..., None]]
         if euclidean:
-            columns.append(key_norm[..., None])
+            columns.append((own_k * own_k).sum(-1)[..., None])
         rows = rows.index_put((leaves, ), torch.cat(columns, dim=-1))
-    if top_bias is not None:  # a part that is one leaf: the bias of its own pair
-        phi = rows[..., 2 * dim + value_dim] - _leaf_part_bias(shard, top_bias)
-        rows = torch.cat([rows[..., :2 * dim + value_dim], phi[..., None],
-                          rows[..., 2 * dim + value_dim + 1:]], dim=-1)
     return local_out, rows
-
-
-def _part_roots(shard: HierarchyShard) -> Tensor:
-    r"""``[p_r]`` local node id of every part's root, in :obj:`shard.parts`
-    order."""
-    cache = shard.__dict__.setdefault('_cache', {})
-    if 'part_roots' not in cache:
-        local = shard.local
-        roots = local.roots.cpu()
-        # a root's part: that of its first leaf
-        first = local.first_leaf.cpu()[roots]
-        order = torch.argsort(shard.leaf_part[first])
-        cache['part_roots'] = roots[order]
-    return cache['part_roots']
-
-
-def _leaf_part_bias(shard: HierarchyShard, top_bias: Tensor) -> Tensor:
-    r"""``[p_r, H]`` the top bias of the pair :math:`(B, B)` of every part
-    that is a single leaf of the global hierarchy (0 for the others: a
-    cluster's own pair carries no score)."""
-    top = shard.top
-    rows, cols = top.hierarchy.sibling_pairs().cpu()
-    own = (rows == cols).nonzero().view(-1)
-    position = torch.full((top.num_parts, ), -1, dtype=torch.long)
-    leaf_rows = rows[own] < top.num_parts
-    position[rows[own][leaf_rows]] = own[leaf_rows]
-    position = position[shard.parts]
-    use = (position >= 0) & top.part_is_leaf[shard.parts]
-    values = top_bias[position.clamp(min=0).to(top_bias.device)]
-    return torch.where(use.to(top_bias.device)[:, None], values, 0.0)
 
 
 def _top_sweep(rows: Tensor, top, scale: float, top_bias: Optional[Tensor], euclidean: bool,
@@ -264,13 +219,11 @@ def _top_sweep(rows: Tensor, top, scale: float, top_bias: Optional[Tensor], eucl
     r"""Output ``[P, H, D_v]`` and :math:`\log P` ``[P, H]`` of every part
     as a leaf of the top tree, from the parts' summary rows."""
     plan = _scatter_plan(top.hierarchy.plan(rows.device))
-    part_count = top.part_num_leaves.to(rows.device, rows.dtype)
-    node_rows = subtree_mean(rows, plan, leaf_count=part_count)  # [P + T, H, width]
+    count = top.num_leaves_below.to(rows.device, rows.dtype)  # [P + T]
+    node_rows = subtree_mean(rows, plan, leaf_count=count[:top.num_parts])  # [P + T, H, width]
     query, key = node_rows[..., :dim], node_rows[..., dim:2 * dim]
     value = rows[..., 2 * dim:2 * dim + value_dim]
     key_norm = node_rows[..., -1] if euclidean else None
-    count = torch.zeros(plan.parent.numel(), dtype=rows.dtype, device=rows.device).index_add_(
-        0, plan.ancestor_node, part_count[plan.ancestor_leaf])
     nodes = NodeSummaries(count, query, key, key_norm, rows[..., 2 * dim + value_dim])
     _, log_weights, kept_pairs = summaries_bottom_up(nodes, plan, scale, top_bias, causal)
     node_value = node_rows[..., 2 * dim:2 * dim + value_dim]

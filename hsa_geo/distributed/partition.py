@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,8 +39,8 @@ class TopTree:
     node: Tensor
     #: ``[P]`` rank that owns every part
     part_rank: Tensor
-    #: ``[P]`` leaves of the global hierarchy below every part
-    part_num_leaves: Tensor
+    #: ``[P + T]`` leaves of the global hierarchy below every top-tree node
+    num_leaves_below: Tensor
     #: ``[P]`` whether the part is one leaf of the global hierarchy
     part_is_leaf: Tensor
     #: ``[E_top]`` position of every sibling pair of the top tree among the
@@ -52,6 +52,11 @@ class TopTree:
     def num_parts(self) -> int:
         return int(self.part_rank.numel())
 
+    @property
+    def part_num_leaves(self) -> Tensor:
+        r"""``[P]`` leaves of the global hierarchy below every part."""
+        return self.num_leaves_below[:self.num_parts]
+
     def parts_of(self, rank: int) -> Tensor:
         r"""``[p_r]`` the parts of :obj:`rank`, in order."""
         return (self.part_rank == rank).nonzero().view(-1)
@@ -61,7 +66,7 @@ class TopTree:
         tree, the owners and leaf counts of the parts, the world size."""
         digest = hashlib.sha256()
         for tensor in (self.hierarchy.parent, self.node, self.part_rank,
-                       self.part_num_leaves, self.part_is_leaf):
+                       self.num_leaves_below, self.part_is_leaf):
             digest.update(tensor.detach().cpu().to(torch.long).numpy().tobytes())
             digest.update(b'|')
         digest.update(str(self.world_size).encode())
@@ -88,6 +93,8 @@ class HierarchyShard:
     parts: Tensor
     #: ``[n_r]`` which of :attr:`parts` every local leaf lies below (0 .. p_r - 1)
     leaf_part: Tensor
+    #: ``[p_r]`` local node id of every part's root, in :attr:`parts` order
+    part_root: Tensor
     #: ``[E_r]`` position of every sibling pair of :attr:`local` among the
     #: global hierarchy's :meth:`~hsa_geo.Hierarchy.sibling_pairs`
     pair_index: Tensor
@@ -162,7 +169,7 @@ class HierarchyPartition:
         top_parent = torch.where(global_parent >= 0, top_id[global_parent.clamp(min=0)], -1)
         top = Hierarchy.from_parent(top_parent, num_leaves=parts.numel(),
                                     ordered=hierarchy.ordered)
-        count = hierarchy.num_leaves_below.cpu()[parts]
+        count = hierarchy.num_leaves_below.cpu()[node]
         return TopTree(top, node, self.part_rank, count, parts < hierarchy.num_leaves,
                        self._pair_positions(top, node), self.world_size)
 
@@ -198,7 +205,7 @@ class HierarchyPartition:
         leaf_part = local_part[self.node_part[leaves]]
         if leaves.numel() == 0:
             return HierarchyShard(rank, self.top, None, leaves, node, mine, leaf_part,
-                                  torch.zeros(0, dtype=torch.long))
+                                  torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
         local_id = torch.full((hierarchy.num_nodes, ), -1, dtype=torch.long)
         local_id[node] = torch.arange(node.numel())
         parent = hierarchy.parent.cpu()[node]
@@ -212,7 +219,8 @@ class HierarchyPartition:
         # the sweep plan behind sibling_pairs() is large (a shard is pickled
         # to its rank): the rank rebuilds it if its engine needs it
         local._plans.clear()
-        return HierarchyShard(rank, self.top, local, leaves, node, mine, leaf_part, pair_index)
+        return HierarchyShard(rank, self.top, local, leaves, node, mine, leaf_part,
+                              local_id[self.parts[mine]], pair_index)
 
     def shards(self) -> List[HierarchyShard]:
         return [self.shard(rank) for rank in range(self.world_size)]

@@ -31,7 +31,6 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch_geometric.utils import scatter
 
 from hsa_geo.functional.scatter_sweep import ScatterPlan, leaf_self_scores, subtree_mean
 from hsa_geo.hierarchy.plan import SweepPlan

@@ -256,7 +256,6 @@ class HSAConv(MessagePassing):
             raise ValueError(f"HSAConv was built for {self.in_channels} input channels, but x "
                              f"has {x.size(1)} (shape {tuple(x.shape)})")
         self._refuse_message_hooks()
-        heads, channels = self.heads, self.out_channels
         query, key, value = self._project_qkv(x)
         if isinstance(hierarchy, HierarchyShard):
             if return_attention_weights:
