@@ -70,6 +70,33 @@ def test_kernel_in_float32_is_as_accurate_as_the_tensor_sweeps(dim, energy):
                             2 * float((other.detach().double() - want).abs().max())), error
 
 
+def test_buffers_above_the_huge_page_threshold_give_the_same_result():
+    # outputs, weights and the backward's buffers of at least 4 MiB are
+    # advised onto transparent huge pages before their first write; here
+    # every one of them crosses that size (out and the gradients 4.5 MiB,
+    # the pair weights and bias gradient 4.5 MiB) and must equal the tensor
+    # sweeps
+    hierarchy = Hierarchy.batch_hierarchies([random_hierarchy(seed, max_leaves=300)
+                                             for seed in range(150)])
+    heads = max(4, -(-(9 << 19) // (hierarchy.num_sibling_pairs * 8)))
+    generator = torch.Generator().manual_seed(0)
+    dim = max(8, -(-(9 << 19) // (hierarchy.num_leaves * heads * 8)))
+    inputs = [torch.randn(hierarchy.num_leaves, heads, dim, generator=generator,
+                          dtype=torch.float64) for _ in range(3)]
+    inputs.append(torch.randn(hierarchy.num_sibling_pairs, heads, generator=generator,
+                              dtype=torch.float64))
+    for tensor in inputs:
+        assert tensor.numel() * tensor.element_size() >= 4 << 20
+
+    def outputs(cpu_kernel):
+        q, k, v, bias = (t.clone().requires_grad_() for t in inputs)
+        out = run(q, k, v, hierarchy, cpu_kernel, energy='euclidean', pair_bias=bias)
+        return [out, *torch.autograd.grad(out.square().sum(), (q, k, v, bias))]
+
+    for got, want in zip(outputs(True), outputs(False)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
 def test_threads_give_the_same_result():
     # families of one level run in parallel; each writes only its own rows
     hierarchy = Hierarchy.batch_hierarchies([random_hierarchy(seed) for seed in range(40)])
