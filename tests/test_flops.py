@@ -5,7 +5,8 @@ import torch
 
 import hsa_geo.flops
 from hsa_geo import Hierarchy
-from hsa_geo.flops import block_local_flops, hsa_flops, softmax_flops
+from hsa_geo.flops import (block_local_flops, global_token_flops, hsa_flops,
+                            sliding_window_flops, softmax_flops)
 
 
 def test_softmax_flops_by_hand():
@@ -99,3 +100,21 @@ def test_pair_terms_agree_with_torch_flop_counter(seed):
     # padding, the formula only the tree's pairs
     counted, layout = _counted(forest, dim, value_dim, heads, block_cost=2048)
     assert layout.num_pairs >= forest.num_sibling_pairs and counted >= scores
+
+
+@pytest.mark.parametrize('num_tokens', [1, 2, 7, 30])
+@pytest.mark.parametrize('window', [0, 1, 3, 40])
+def test_sliding_window_and_global_flops_count_the_pairs_of_their_mask(num_tokens, window):
+    position = torch.arange(num_tokens)
+    local = (position[:, None] - position[None, :]).abs() <= window
+    per_pair = 2 * (8 + 5) * 3  # 2 (D + D_v) H
+    assert sliding_window_flops(num_tokens, window, 8, 5, heads=3) == \
+        int(local.sum()) * per_pair
+    for num_global in range(min(num_tokens, 3) + 1):
+        # the global tokens' whole rows and columns: g(2n - g) pairs
+        is_global = position < num_global
+        both = is_global[:, None] | is_global[None, :]
+        assert global_token_flops(num_tokens, num_global, 8, 5, heads=3) == \
+            int(both.sum()) * per_pair
+    with pytest.raises(ValueError, match='num_global'):
+        global_token_flops(3, 4, 8)

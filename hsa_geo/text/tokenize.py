@@ -111,6 +111,20 @@ def tokenize_documents(texts: Sequence[str], tokenizer=None, max_tokens: int = 2
     return documents
 
 
+def strip_special_tokens(document: TokenizedDocument) -> TokenizedDocument:
+    r"""The text tokens of a document made with :obj:`special_tokens`: its
+    ``[CLS]``/``[SEP]`` frame removed, word and sentence ids renumbered from
+    0 (e.g. for the hierarchy over the non-global tokens of
+    :func:`~hsa_geo.pretrained.inject_hsa`'s ``'hsa_global'`` mode)."""
+    if document.num_tokens < 3:
+        raise ValueError(f"A document framed by [CLS]/[SEP] has at least 3 tokens (got "
+                         f"{document.num_tokens})")
+    inner = slice(1, document.num_tokens - 1)
+    word_ids, sentence_ids = document.word_ids[inner], document.sentence_ids[inner]
+    return TokenizedDocument(document.input_ids[inner], word_ids - word_ids[0],
+                             sentence_ids - sentence_ids[0])
+
+
 def _segment(tokens: List[str], words: List[int]):
     # Word ids renumbered 0.. in token order (a new id whenever the
     # tokenizer's word changes); a sentence ends at the last token of a run
