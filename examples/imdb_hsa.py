@@ -18,10 +18,23 @@ Full split (20,000 / 2,500 / 2,500 reviews)::
 
     python examples/imdb_hsa.py --train-size 0 --valid-size 0 --test-size 0 --epochs 3
 
-Writes per-run and mean ± std metrics (test accuracy, training time,
-attention FLOPs per review) to ``--out`` (JSON) and one checkpoint per model
-and seed (the best epoch on the validation set) under ``--checkpoint-dir``;
-a finished run found there is reused, not retrained.
+The grid of issue 13: ``--positions none,absolute`` (a learned absolute
+position embedding or none) and ``--embeddings scratch,minilm`` (token
+embeddings learned from scratch, or the frozen word-piece embeddings of the
+shipped all-MiniLM-L6-v2 through a learned projection: a stand-in for the
+paper's pretrained T5 embeddings), crossed with ``--models``::
+
+    python examples/imdb_hsa.py --models softmax,hsa,hsa_euclid_pos \
+        --positions none,absolute --embeddings scratch,minilm
+
+Writes per-run and mean ± std metrics (test accuracy, training time and
+seconds per step, attention FLOPs per review, validation curves) to
+``--out`` (JSON), with paired differences of every HSA variant to softmax at
+the same positions and embeddings, and of the best HSA to the best softmax
+configuration (both chosen on validation accuracy), each with a 95 %
+bootstrap interval over seeds and test reviews. One checkpoint per run (the
+best epoch on the validation set) goes under ``--checkpoint-dir``; a
+finished run found there is reused, not retrained.
 """
 import argparse
 import json
@@ -40,13 +53,21 @@ from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hi
 from hsa_geo.flops import hsa_flops, softmax_flops
 from hsa_geo.text import (HSA_VARIANTS, MeanPoolClassifier, TextClassifier, TextCorpus,
                           load_imdb, load_split, load_wordpiece_tokenizer)
+from hsa_geo.text.models import POSITIONS
 
 MODELS = ('softmax', 'mean') + tuple(HSA_VARIANTS)
+EMBEDDINGS = ('scratch', 'minilm')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--models', default='hsa,softmax,mean')
+    parser.add_argument('--positions', default='absolute',
+                        help=f'comma-separated subset of {",".join(POSITIONS)}')
+    parser.add_argument('--embeddings', default='scratch',
+                        help=f'comma-separated subset of {",".join(EMBEDDINGS)}')
+    parser.add_argument('--bootstrap', type=int, default=2000,
+                        help='bootstrap resamples of the paired differences')
     parser.add_argument('--seeds', default='0,1,2')
     parser.add_argument('--train-size', type=int, default=5000, help='0 = whole train split')
     parser.add_argument('--valid-size', type=int, default=1000, help='0 = whole valid split')
@@ -66,21 +87,26 @@ def parse_args(argv=None):
 
 def plot(report, path):
     r"""Test accuracy (mean ± std over seeds) against attention FLOPs per
-    review, one point per model."""
+    review, one point per configuration, and the validation curves."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    labels = {'hsa': 'HSA encoder', 'softmax': 'softmax encoder', 'mean': 'mean-pooled embeddings',
-              'hsa_pos': 'HSA + sibling positions', 'hsa_euclid_pos': 'HSA, Euclidean + positions'}
-    figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    for name, row in report['summary'].items():
+    figure, (axis, curves) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, row in report['summary'].items():
         axis.errorbar(row['attention_flops_per_review'] / 1e6, row['test_acc_mean'],
                       yerr=row['test_acc_std'], fmt='o', capsize=4,
-                      label=f"{labels.get(name, name)} ({row['seeds']} seeds)")
+                      label=f"{label} ({row['seeds']} seeds)")
+        runs = [r for r in report['runs'] if run_label(r) == label]
+        epochs = [h['epoch'] for h in runs[0]['history']]
+        mean = [statistics.mean(r['history'][e - 1]['valid_acc'] for r in runs) for e in epochs]
+        curves.plot(epochs, mean, marker='.', label=label)
     axis.set_xlabel('attention MFLOPs per review (forward, all layers)')
     axis.set_ylabel('IMDB test accuracy')
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    curves.set_xlabel('epoch')
+    curves.set_ylabel('validation accuracy (mean over seeds)')
+    for panel in (axis, curves):
+        panel.grid(alpha=0.3)
+    curves.legend(fontsize=6)
     data = report['data']
     axis.set_title(f"from scratch, {data['train']} train / {data['test']} test reviews",
                    fontsize=9)
@@ -89,19 +115,32 @@ def plot(report, path):
     plt.close(figure)
 
 
+def run_label(run):
+    r"""``model/positions/embeddings`` of a run (the mean-pooled baseline
+    has no positions)."""
+    return f"{run['model']}/{run['positions']}/{run['embeddings']}"
+
 
 def build_corpus(texts, labels, ids, tokenizer, args):
     return TextCorpus.from_texts([texts[i] for i in ids.tolist()], labels[ids], tokenizer,
                                  args.max_tokens, max_children=args.max_children or None)
 
 
-def make_model(name, args):
+def make_model(name, args, positions='absolute', table=None):
     kwargs = dict(vocab_size=30522, num_classes=2, width=args.width, dropout=args.dropout)
     if name == 'mean':
         return MeanPoolClassifier(**kwargs)
     return TextClassifier.from_variant(name, depth=args.depth, heads=args.heads,
-                                       max_tokens=args.max_tokens,
+                                       max_tokens=args.max_tokens, positions=positions,
+                                       pretrained_embeddings=table,
                                        max_children=args.max_children or args.max_tokens, **kwargs)
+
+
+def minilm_embeddings():
+    r"""The frozen ``[30522, 384]`` word-piece embedding table of the shipped
+    all-MiniLM-L6-v2."""
+    from hsa_geo.pretrained import load_minilm
+    return load_minilm().embeddings.word_embeddings.weight.detach().clone()
 
 
 def attention_flops(name, corpus, args):
@@ -119,25 +158,34 @@ def attention_flops(name, corpus, args):
 
 
 @torch.no_grad()
-def evaluate(model, corpus, batch_size):
+def evaluate(model, corpus, batch_size, per_review=False):
+    r"""Accuracy on :obj:`corpus` (and with :obj:`per_review` the
+    correctness of every review as a string of 0/1)."""
     model.eval()
-    correct = 0
+    correct = []
     for start in range(0, len(corpus), batch_size):
         indices = list(range(start, min(start + batch_size, len(corpus))))
         input_ids, position, batch, forest, labels = corpus.batch(indices)
-        correct += int((model(input_ids, position, batch, forest).argmax(-1) == labels).sum())
-    return correct / len(corpus)
+        correct.append(model(input_ids, position, batch, forest).argmax(-1) == labels)
+    correct = torch.cat(correct)
+    accuracy = float(correct.double().mean())
+    if per_review:
+        return accuracy, ''.join('1' if c else '0' for c in correct.tolist())
+    return accuracy
 
 
-def train_one(name, seed, train, valid, test, args):
-    path = os.path.join(args.checkpoint_dir, f'{name}_seed{seed}.pt')
+def train_one(name, positions, embeddings, seed, train, valid, test, args, table=None):
+    tag = name if (positions, embeddings) == ('absolute', 'scratch') else \
+        f'{name}_{positions}_{embeddings}'
+    label = f'{name}/{positions}/{embeddings}'
+    path = os.path.join(args.checkpoint_dir, f'{tag}_seed{seed}.pt')
     if os.path.exists(path):
         saved = torch.load(path, weights_only=False)
-        if saved.get('config') == config_of(args) and 'result' in saved:
-            print(f'[{name} seed {seed}] reusing {path}')
+        if saved.get('config') == config_of(args) and 'test_correct' in saved.get('result', {}):
+            print(f'[{label} seed {seed}] reusing {path}')
             return saved['result']
     torch.manual_seed(seed)
-    model = make_model(name, args)
+    model = make_model(name, args, positions, table)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr,
                                   weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
@@ -154,7 +202,7 @@ def train_one(name, seed, train, valid, test, args):
         order = torch.randperm(len(train), generator=generator).tolist()
         batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
         # disable=None: drawn on a terminal only, quiet in a log
-        bar = tqdm(batches, desc=f'{name} seed {seed} epoch {epoch + 1}/{args.epochs}',
+        bar = tqdm(batches, desc=f'{label} seed {seed} epoch {epoch + 1}/{args.epochs}',
                    disable=True if args.no_progress else None, leave=False)
         start, running = time.perf_counter(), 0.0
         for step, indices in enumerate(bar):
@@ -171,18 +219,20 @@ def train_one(name, seed, train, valid, test, args):
         valid_acc = evaluate(model, valid, args.batch_size)
         history.append({'epoch': epoch + 1, 'loss': running, 'valid_acc': valid_acc,
                         'train_time_s': train_time})
-        print(f'[{name} seed {seed}] epoch {epoch + 1}: loss {running:.4f} '
+        print(f'[{label} seed {seed}] epoch {epoch + 1}: loss {running:.4f} '
               f'valid acc {valid_acc:.4f} ({train_time:.0f} s)', flush=True)
         if valid_acc > best_valid:
             best_valid = valid_acc
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     start = time.perf_counter()
-    test_acc = evaluate(model, test, args.batch_size)
-    result = {'model': name, 'seed': seed, 'test_acc': test_acc, 'best_valid_acc': best_valid,
+    test_acc, test_correct = evaluate(model, test, args.batch_size, per_review=True)
+    result = {'model': name, 'positions': positions, 'embeddings': embeddings, 'seed': seed,
+              'test_acc': test_acc, 'best_valid_acc': best_valid,
               'train_time_s': train_time, 'test_time_s': time.perf_counter() - start,
-              'num_parameters': sum(p.numel() for p in model.parameters()),
-              'history': history}
+              'seconds_per_step': train_time / (steps_per_epoch * args.epochs),
+              'num_parameters': sum(p.numel() for p in model.parameters() if p.requires_grad),
+              'history': history, 'test_correct': test_correct}
     os.makedirs(args.checkpoint_dir, exist_ok=True)
     torch.save({'config': config_of(args), 'state_dict': best_state, 'result': result}, path)
     return result
@@ -196,19 +246,67 @@ def config_of(args):
 
 def summarise(runs, flops):
     summary = {}
-    for name in flops:
-        accs = [r['test_acc'] for r in runs if r['model'] == name]
-        times = [r['train_time_s'] for r in runs if r['model'] == name]
-        if not accs:
-            continue
-        summary[name] = {
+    for label in dict.fromkeys(run_label(r) for r in runs):
+        chosen = [r for r in runs if run_label(r) == label]
+        accs = [r['test_acc'] for r in chosen]
+        summary[label] = {
             'test_acc_mean': statistics.mean(accs),
             'test_acc_std': statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            'train_time_s_mean': statistics.mean(times),
-            'attention_flops_per_review': flops[name],
+            'best_valid_acc_mean': statistics.mean(r['best_valid_acc'] for r in chosen),
+            'train_time_s_mean': statistics.mean(r['train_time_s'] for r in chosen),
+            'seconds_per_step_mean': statistics.mean(r['seconds_per_step'] for r in chosen),
+            'attention_flops_per_review': flops[chosen[0]['model']],
             'seeds': len(accs),
         }
     return summary
+
+
+def paired_difference(runs, first, second, resamples, generator):
+    r"""Test accuracy of configuration :obj:`first` minus :obj:`second`
+    over their common seeds: the mean, per seed, and a 95 % interval from a
+    bootstrap that resamples seeds and test reviews."""
+    by_seed = {}
+    for label in (first, second):
+        for r in runs:
+            if run_label(r) == label:
+                by_seed.setdefault(r['seed'], {})[label] = torch.tensor(
+                    [c == '1' for c in r['test_correct']], dtype=torch.float64)
+    seeds = sorted(seed for seed, pair in by_seed.items() if len(pair) == 2)
+    if not seeds:
+        return None
+    difference = torch.stack([by_seed[s][first] - by_seed[s][second] for s in seeds])  # [S, n]
+    seed_draw = torch.randint(len(seeds), (resamples, len(seeds)), generator=generator)
+    review_draw = torch.randint(difference.size(1), (resamples, difference.size(1)),
+                                generator=generator)
+    means = difference[seed_draw[:, :, None], review_draw[:, None, :]].mean((1, 2))
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    return {'first': first, 'second': second, 'seeds': seeds,
+            'difference_mean': float(difference.mean()),
+            'difference_per_seed': difference.mean(1).tolist(), 'ci95': [low, high]}
+
+
+def comparisons(runs, summary, resamples):
+    r"""Every HSA variant against softmax at the same positions and
+    embeddings, and the best HSA against the best softmax configuration
+    (chosen on mean validation accuracy)."""
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for label in summary:
+        name, positions, embeddings = label.split('/')
+        flat = f'softmax/{positions}/{embeddings}'
+        if name in HSA_VARIANTS and flat in summary:
+            out.append(paired_difference(runs, label, flat, resamples, generator))
+
+    def best(names):
+        chosen = [label for label in summary if label.split('/')[0] in names]
+        return max(chosen, key=lambda label: summary[label]['best_valid_acc_mean'], default=None)
+
+    best_hsa, best_flat = best(HSA_VARIANTS), best(('softmax', ))
+    if best_hsa and best_flat:
+        entry = paired_difference(runs, best_hsa, best_flat, resamples, generator)
+        if entry is not None:
+            out.append({**entry, 'kind': 'best HSA vs best softmax (chosen on validation)'})
+    return [entry for entry in out if entry is not None]
 
 
 def main(argv=None):
@@ -223,6 +321,18 @@ def main(argv=None):
         if name not in MODELS:
             raise SystemExit(f'unknown model {name!r}; choose from {MODELS}')
     seeds = [int(s) for s in args.seeds.split(',') if s]
+    position_kinds = [p for p in args.positions.split(',') if p]
+    embedding_kinds = [e for e in args.embeddings.split(',') if e]
+    for kind in position_kinds:
+        if kind not in POSITIONS:
+            raise SystemExit(f'unknown positions {kind!r}; choose from {POSITIONS}')
+    for kind in embedding_kinds:
+        if kind not in EMBEDDINGS:
+            raise SystemExit(f'unknown embeddings {kind!r}; choose from {EMBEDDINGS}')
+    table = minilm_embeddings() if 'minilm' in embedding_kinds else None
+    grid = [(name, positions, embeddings) for embeddings in embedding_kinds
+            for positions in position_kinds for name in models
+            if name != 'mean' or (positions, embeddings) == (position_kinds[0], 'scratch')]
     texts, labels = load_imdb()
     split = load_split(args.split, texts)
     tokenizer = load_wordpiece_tokenizer()
@@ -236,8 +346,11 @@ def main(argv=None):
     shape = [h.summary() for h in test.hierarchies]
     runs = []
     for seed in seeds:
-        for name in models:
-            runs.append(train_one(name, seed, train, valid, test, args))
+        for name, positions, embeddings in grid:
+            runs.append(train_one(name, 'none' if name == 'mean' else positions, embeddings,
+                                  seed, train, valid, test, args,
+                                  table if embeddings == 'minilm' else None))
+            summary = summarise(runs, flops)
             report = {
                 'experiment': 'imdb_from_scratch',
                 'command': 'python ' + ' '.join([os.path.relpath(sys.argv[0], ROOT)] +
@@ -247,15 +360,21 @@ def main(argv=None):
                          'mean_tokens_per_review': sum(d.num_tokens for d in test.documents)
                          / len(test),
                          **hierarchy_shape(shape)},
-                'environment': environment(args.threads),
-                'summary': summarise(runs, flops),
+                'environment': {**environment(args.threads),
+                                'load_average': os.getloadavg()},
+                'summary': summary,
+                'comparisons': comparisons(runs, summary, args.bootstrap),
                 'runs': runs,
             }
             write_report(report, args.out)
-    for name, row in report['summary'].items():
-        print(f"{name:8s} test acc {row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}  "
-              f"train {row['train_time_s_mean']:.0f} s  "
+    for label, row in report['summary'].items():
+        print(f"{label:32s} test acc {row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}  "
+              f"{row['seconds_per_step_mean']:.3f} s/step  "
               f"attention FLOPs/review {row['attention_flops_per_review']:.3g}")
+    for entry in report['comparisons']:
+        low, high = entry['ci95']
+        print(f"{entry['first']} - {entry['second']}: {entry['difference_mean']:+.4f} "
+              f"[{low:+.4f}, {high:+.4f}]")
     if args.plot:
         plot(report, args.plot)
     return report

@@ -148,7 +148,37 @@ def test_text_classifier_shapes_and_grad(tokenizer, attention):
     assert out.shape == (3, 2)
     out.sum().backward()
     assert model.layers[0].attn.qkv.weight.grad.abs().sum() > 0
-    assert repr(model) == f"TextClassifier(attention='{attention}', width=16, depth=2)"
+    assert repr(model) == (f"TextClassifier(attention='{attention}', width=16, depth=2, "
+                           f"positions='absolute', embeddings='learned')")
+
+
+def test_text_classifier_without_positions_and_with_frozen_embeddings(tokenizer):
+    # without positions flat softmax sees a bag of tokens: reversing a
+    # review changes nothing; the frozen table gets no gradient and is not
+    # saved, its projection learns
+    docs = tokenize_documents(['A fine film. Loved it!', 'Dull.'], tokenizer, max_tokens=32)
+    torch.manual_seed(0)
+    table = torch.randn(30522, 12)
+    model = TextClassifier(30522, 2, width=16, depth=2, heads=2, max_tokens=32,
+                           attention='softmax', positions='none', pretrained_embeddings=table,
+                           dropout=0.0).eval()
+    input_ids, position, batch = _packed(docs)
+    reversed_ids = torch.cat([d.input_ids.flip(0) for d in docs])
+    out = model(input_ids, position, batch)
+    assert torch.allclose(out, model(reversed_ids, position, batch), atol=1e-5)
+    with_positions = TextClassifier(30522, 2, width=16, depth=2, heads=2, max_tokens=32,
+                                    attention='softmax', dropout=0.0).eval()
+    assert not torch.allclose(with_positions(input_ids, position, batch),
+                              with_positions(reversed_ids, position, batch), atol=1e-5)
+    out.sum().backward()
+    assert model.token.project.weight.grad.abs().sum() > 0
+    assert not model.token.table.requires_grad
+    assert not any('table' in key for key in model.state_dict())
+    assert "embeddings='frozen'" in repr(model) and "positions='none'" in repr(model)
+    with pytest.raises(ValueError, match='positions'):
+        TextClassifier(30522, 2, positions='relative')
+    with pytest.raises(ValueError, match='pretrained_embeddings'):
+        TextClassifier(30522, 2, pretrained_embeddings=torch.randn(100, 12))
 
 
 @pytest.mark.parametrize('energy', ['dot', 'euclidean'])
@@ -208,6 +238,7 @@ def test_imdb_example_runs_on_a_tiny_slice(tmp_path):
     argv = ['--train-size', '48', '--valid-size', '16', '--test-size', '16', '--epochs', '1',
             '--max-tokens', '48', '--width', '16', '--heads', '2', '--batch-size', '16',
             '--seeds', '0,1', '--out', str(out), '--checkpoint-dir', str(tmp_path / 'ckpt'),
+            '--positions', 'none', '--embeddings', 'scratch,minilm', '--bootstrap', '100',
             '--no-progress', '--plot', str(tmp_path / 'imdb.png')]
     threads = torch.get_num_threads()
     try:
@@ -216,14 +247,31 @@ def test_imdb_example_runs_on_a_tiny_slice(tmp_path):
         torch.set_num_threads(threads)
     saved = json.loads(out.read_text())
     assert (tmp_path / 'imdb.png').stat().st_size > 0
-    assert saved['summary'].keys() == {'hsa', 'softmax', 'mean'}
-    assert len(saved['runs']) == 6
-    for row in saved['summary'].values():
+    summary = saved['summary']
+    assert summary.keys() == {'hsa/none/scratch', 'softmax/none/scratch', 'mean/none/scratch',
+                              'hsa/none/minilm', 'softmax/none/minilm'}
+    assert len(saved['runs']) == 10
+    for row in summary.values():
         assert 0.0 <= row['test_acc_mean'] <= 1.0 and row['seeds'] == 2
-    assert saved['summary']['mean']['attention_flops_per_review'] == 0
-    assert saved['summary']['hsa']['attention_flops_per_review'] > 0
+        assert row['seconds_per_step_mean'] > 0
+    assert summary['mean/none/scratch']['attention_flops_per_review'] == 0
+    assert summary['hsa/none/minilm']['attention_flops_per_review'] > 0
     assert saved['data']['test'] == 16
-    assert len(list((tmp_path / 'ckpt').glob('*.pt'))) == 6
+    assert len(list((tmp_path / 'ckpt').glob('*.pt'))) == 10
+    # paired differences: HSA vs softmax per setting, and best vs best
+    pairs = [(c['first'], c['second']) for c in saved['comparisons']]
+    assert ('hsa/none/scratch', 'softmax/none/scratch') in pairs
+    assert ('hsa/none/minilm', 'softmax/none/minilm') in pairs
+    assert 'best HSA' in saved['comparisons'][-1]['kind']
+    for entry in saved['comparisons']:
+        low, high = entry['ci95']
+        assert -1.0 <= low <= high <= 1.0 and entry['seeds'] == [0, 1]
+        hsa = [r for r in saved['runs'] if f"{r['model']}/{r['positions']}/{r['embeddings']}"
+               == entry['first']]
+        flat = [r for r in saved['runs'] if f"{r['model']}/{r['positions']}/{r['embeddings']}"
+                == entry['second']]
+        expected = sum(a['test_acc'] - b['test_acc'] for a, b in zip(hsa, flat)) / 2
+        assert abs(entry['difference_mean'] - expected) < 1e-9
     # a finished run is reused from its checkpoint, with the same result
     try:
         again = example.main(argv)

@@ -18,6 +18,8 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 from hsa_geo.nn.positional import SiblingPositionBias
 
 ATTENTIONS = ('hsa', 'softmax')
+#: how a token's position enters :class:`TextClassifier`
+POSITIONS = ('absolute', 'none')
 #: HSA with the paper's full energy (issue 6): keyword arguments of
 #: :class:`TextClassifier` per variant name -- plain HSA, with a learned
 #: positional term per sibling pair, and with the Euclidean energy as well
@@ -96,7 +98,7 @@ class TextEncoderLayer(nn.Module):
 
 
 class TextClassifier(nn.Module):
-    r"""Token + position embeddings, :obj:`depth` encoder layers with
+    r"""Token (+ position) embeddings, :obj:`depth` encoder layers with
     :obj:`attention` (``'hsa'`` or ``'softmax'``), mean pooling per document
     and a linear head.
 
@@ -111,6 +113,15 @@ class TextClassifier(nn.Module):
         attention (str, optional): ``'hsa'`` or ``'softmax'``.
             (default: :obj:`'hsa'`)
         dropout (float, optional): Dropout. (default: :obj:`0.1`)
+        positions (str, optional): ``'absolute'`` (a learned embedding of
+            the position in the document is added to every token) or
+            ``'none'`` (the model sees positions only through the
+            hierarchy, if at all). (default: :obj:`'absolute'`)
+        pretrained_embeddings (torch.Tensor, optional): A frozen
+            ``[vocab_size, E]`` token embedding table (e.g. a pretrained
+            model's word-piece embeddings) read through a learned linear
+            map to :obj:`width`, instead of embeddings learned from
+            scratch. Not saved in :meth:`state_dict`. (default: :obj:`None`)
         **attention_kwargs (optional): :obj:`positional`, :obj:`energy`
             and :obj:`max_children` of :class:`TextAttention` (HSA only).
 
@@ -122,11 +133,20 @@ class TextClassifier(nn.Module):
 
     def __init__(self, vocab_size: int, num_classes: int, width: int = 64, depth: int = 2,
                  heads: int = 4, max_tokens: int = 512, attention: str = 'hsa',
-                 dropout: float = 0.1, **attention_kwargs):
+                 dropout: float = 0.1, positions: str = 'absolute',
+                 pretrained_embeddings: Optional[Tensor] = None, **attention_kwargs):
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"'positions' must be one of {POSITIONS} (got {positions!r})")
         self.attention = attention
-        self.token = nn.Embedding(vocab_size, width)
-        self.position = nn.Embedding(max_tokens, width)
+        if pretrained_embeddings is None:
+            self.token = nn.Embedding(vocab_size, width)
+        else:
+            if pretrained_embeddings.dim() != 2 or pretrained_embeddings.size(0) != vocab_size:
+                raise ValueError(f"'pretrained_embeddings' must be [vocab_size={vocab_size}, E] "
+                                 f"(got {tuple(pretrained_embeddings.shape)})")
+            self.token = FrozenEmbedding(pretrained_embeddings, width)
+        self.position = nn.Embedding(max_tokens, width) if positions == 'absolute' else None
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
             TextEncoderLayer(width, heads, attention, dropout, **attention_kwargs)
@@ -136,7 +156,10 @@ class TextClassifier(nn.Module):
 
     def forward(self, input_ids: Tensor, position: Tensor, batch: Tensor,
                 hierarchy: Optional[Hierarchy] = None) -> Tensor:
-        x = self.dropout(self.token(input_ids) + self.position(position))
+        x = self.token(input_ids)
+        if self.position is not None:
+            x = x + self.position(position)
+        x = self.dropout(x)
         for layer in self.layers:
             x = layer(x, batch, hierarchy)
         return self.head(_mean_pool(self.norm(x), batch))
@@ -156,7 +179,22 @@ class TextClassifier(nn.Module):
 
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}(attention={self.attention!r}, '
-                f'width={self.head.in_features}, depth={len(self.layers)})')
+                f'width={self.head.in_features}, depth={len(self.layers)}, '
+                f"positions={'absolute' if self.position is not None else 'none'!r}, "
+                f"embeddings={'frozen' if isinstance(self.token, FrozenEmbedding) else 'learned'!r})")
+
+
+class FrozenEmbedding(nn.Module):
+    r"""A frozen embedding table (a buffer, left out of the state dict)
+    followed by a learned linear map to :obj:`width`."""
+
+    def __init__(self, table: Tensor, width: int):
+        super().__init__()
+        self.register_buffer('table', table.detach().clone(), persistent=False)
+        self.project = nn.Linear(table.size(1), width)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.project(F.embedding(input_ids, self.table))
 
 
 class MeanPoolClassifier(nn.Module):
