@@ -153,6 +153,12 @@ def bootstrap_interval(values: torch.Tensor, resamples: torch.Tensor):
     return float(values.mean()), [low, high]
 
 
+def shown_interval(summary, spec='.4f') -> str:
+    r"""``mean [low, high]`` of a bootstrap summary."""
+    low, high = summary['ci95']
+    return f"{summary['mean']:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
 def probe(train_x, train_y, test_sets):
     r"""Logistic regression on the original train embeddings; per-review
     correctness (1/0) of every test embedding set."""
@@ -313,18 +319,14 @@ def main(argv=None):
     print(f"\n{'pattern':12s} {'method':14s} {'FLOPs':>6s} {'cosine [95% CI]':>24s} "
           f"{'probe acc [95% CI]':>24s} {'time':>6s}")
     for row in rows:
-        cosine, accuracy = row['cosine'], row['probe_accuracy']
         print(f"{row['pattern']:12s} {row['method']:14s} {row['flops_ratio']:6.3f} "
-              f"{cosine['mean']:.4f} [{cosine['ci95'][0]:.4f}, {cosine['ci95'][1]:.4f}] "
-              f"{accuracy['mean']:.4f} [{accuracy['ci95'][0]:.4f}, {accuracy['ci95'][1]:.4f}] "
+              f"{shown_interval(row['cosine'])} {shown_interval(row['probe_accuracy'])} "
               f"x{row['encode_time_ratio']:.2f}")
     print('\nHSA variant - baseline (paired, 95% CI):')
     for entry in comparisons:
-        cosine, accuracy = entry['cosine_difference'], entry['probe_accuracy_difference']
         print(f"{entry['pattern']:12s} {entry['method']:10s} - {entry['baseline']:13s} "
-              f"cosine {cosine['mean']:+.4f} [{cosine['ci95'][0]:+.4f}, {cosine['ci95'][1]:+.4f}]"
-              f"  probe {accuracy['mean']:+.4f} [{accuracy['ci95'][0]:+.4f}, "
-              f"{accuracy['ci95'][1]:+.4f}]")
+              f"cosine {shown_interval(entry['cosine_difference'], '+.4f')}  "
+              f"probe {shown_interval(entry['probe_accuracy_difference'], '+.4f')}")
     if args.plot:
         plot(report, args.plot)
     return report
