@@ -153,6 +153,25 @@ def test_hsa_global_matches_its_definition(cpu_kernel):
     assert torch.allclose(out, expected, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+def test_hsa_global_in_bfloat16(cpu_kernel):
+    # a bfloat16 model: computed in float32 (as hsa does), returned in
+    # bfloat16 within its rounding of the float64 result
+    from random_trees import random_hierarchy
+    from hsa_geo.functional.kernel import use_cpu_kernel
+    torch.manual_seed(4)
+    hierarchy = random_hierarchy(6, max_leaves=12)
+    global_tokens = torch.tensor([0, hierarchy.num_leaves + 1])
+    q, k, v = (torch.randn(hierarchy.num_leaves + 2, 2, 4, dtype=torch.float64)
+               for _ in range(3))
+    with use_cpu_kernel(cpu_kernel):
+        reference = _hsa_global_rows(q, k, v, hierarchy, global_tokens)
+        half = _hsa_global_rows(q.bfloat16(), k.bfloat16(), v.bfloat16(), hierarchy,
+                                global_tokens)
+    assert half.dtype == torch.bfloat16
+    assert float((half.double() - reference).abs().max()) < 0.05 * float(v.abs().max())
+
+
 def test_window_and_block_global_patterns():
     from hsa_geo.pretrained.inject import HSAInjection
     handle = HSAInjection([], [], 'window_global')

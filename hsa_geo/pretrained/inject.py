@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from hsa_geo.functional import hsa, hsa_block_weights
 from hsa_geo.functional import kernel as cpu_kernel
+from hsa_geo.functional.attention import _to_compute
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 MODES = ('hsa', 'hsa_global', 'block', 'block_global', 'window_global')
@@ -237,6 +238,9 @@ class HSAInjection:
         forest = self._forest.to(q.device)
         if self.mode == 'hsa':
             return hsa(q, k, v, forest, scale)
+        # in float32 for half precision (as hsa itself computes), the output
+        # back in the input's dtype
+        (q, k, v), _, dtype = _to_compute((q, k, v))
         is_global = torch.cat(self._global).to(q.device)
         local = ~is_global
         q_local, k_local, v_local = q[local], k[local], v[local]
@@ -262,7 +266,7 @@ class HSAInjection:
             row_out[flags] = global_out
             row_out[~flags] = mixed
             start, local_start = rows.stop, local_rows.stop
-        return out
+        return out.to(dtype)
 
 
 def inject_hsa(model: nn.Module, layers: Optional[Sequence[int]] = None,
