@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
-                                     subset, write_report)
+                                     percentile_interval, subset, write_report)
 from hsa_geo.flops import hsa_flops, softmax_flops
 from hsa_geo.text import (HSA_VARIANTS, MeanPoolClassifier, TextClassifier, TextCorpus,
                           load_imdb, load_split, load_wordpiece_tokenizer)
@@ -115,10 +115,15 @@ def plot(report, path):
     plt.close(figure)
 
 
+def config_label(name, positions, embeddings):
+    r"""``model/positions/embeddings``: the name of one configuration of
+    the grid (the mean-pooled baseline has positions ``none``)."""
+    return f'{name}/{positions}/{embeddings}'
+
+
 def run_label(run):
-    r"""``model/positions/embeddings`` of a run (the mean-pooled baseline
-    has no positions)."""
-    return f"{run['model']}/{run['positions']}/{run['embeddings']}"
+    r"""The configuration label of a finished run."""
+    return config_label(run['model'], run['positions'], run['embeddings'])
 
 
 def build_corpus(texts, labels, ids, tokenizer, args):
@@ -177,7 +182,7 @@ def evaluate(model, corpus, batch_size, per_review=False):
 def train_one(name, positions, embeddings, seed, train, valid, test, args, table=None):
     tag = name if (positions, embeddings) == ('absolute', 'scratch') else \
         f'{name}_{positions}_{embeddings}'
-    label = f'{name}/{positions}/{embeddings}'
+    label = config_label(name, positions, embeddings)
     path = os.path.join(args.checkpoint_dir, f'{tag}_seed{seed}.pt')
     if os.path.exists(path):
         saved = torch.load(path, weights_only=False)
@@ -279,10 +284,10 @@ def paired_difference(runs, first, second, resamples, generator):
     review_draw = torch.randint(difference.size(1), (resamples, difference.size(1)),
                                 generator=generator)
     means = difference[seed_draw[:, :, None], review_draw[:, None, :]].mean((1, 2))
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
     return {'first': first, 'second': second, 'seeds': seeds,
             'difference_mean': float(difference.mean()),
-            'difference_per_seed': difference.mean(1).tolist(), 'ci95': [low, high]}
+            'difference_per_seed': difference.mean(1).tolist(),
+            'ci95': percentile_interval(means)}
 
 
 def comparisons(runs, summary, resamples):
@@ -293,7 +298,7 @@ def comparisons(runs, summary, resamples):
     out = []
     for label in summary:
         name, positions, embeddings = label.split('/')
-        flat = f'softmax/{positions}/{embeddings}'
+        flat = config_label('softmax', positions, embeddings)
         if name in HSA_VARIANTS and flat in summary:
             out.append(paired_difference(runs, label, flat, resamples, generator))
 

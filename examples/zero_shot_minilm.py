@@ -50,7 +50,7 @@ from hsa_geo.pretrained import encode_documents, find_self_attention_modules, in
 from hsa_geo.text import (document_hierarchy, load_imdb, load_split, strip_special_tokens,
                           tokenize_documents)
 from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
-                                     subset, write_report)
+                                     percentile_interval, subset, write_report)
 
 METHODS = ('hsa', 'hsa_global', 'block_global', 'window_global')
 BASELINES = ('block_global', 'window_global')
@@ -148,9 +148,7 @@ class Structures:
 def bootstrap_interval(values: torch.Tensor, resamples: torch.Tensor):
     r"""Mean of per-review :obj:`values` and its 95 % percentile interval
     over the resampled index sets :obj:`resamples` ``[B, n]``."""
-    means = values[resamples].mean(1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
-    return float(values.mean()), [low, high]
+    return float(values.mean()), percentile_interval(values[resamples].mean(1))
 
 
 def shown_interval(summary, spec='.4f') -> str:

@@ -10,7 +10,7 @@ from hsa_geo import Hierarchy  # noqa: E402
 from hsa_geo.pretrained import (encode_documents, find_self_attention_modules,  # noqa: E402
                                 inject_hsa, load_minilm)
 from hsa_geo.functional.dense import hsa_dense  # noqa: E402
-from hsa_geo.pretrained.inject import _grouped_softmax  # noqa: E402
+from hsa_geo.pretrained.inject import _masked_softmax  # noqa: E402
 from hsa_geo.text import (document_hierarchy, strip_special_tokens,  # noqa: E402
                           tokenize_documents)
 
@@ -214,7 +214,7 @@ def test_grouped_softmax_stays_inside_groups():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 5, 2, 4).unbind(0)
     group = torch.tensor([0, 0, 1, 1, 1])
-    out = _grouped_softmax(q, k, v, group, 0.5)
+    out = _masked_softmax(q, k, v, group[:, None] == group[None, :], 0.5)
     for members in (group == 0, group == 1):
         scores = torch.einsum('qhd,khd->hqk', q[members], k[members]) * 0.5
         expected = torch.einsum('hqk,khd->qhd', scores.softmax(-1), v[members])

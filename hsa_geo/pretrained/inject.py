@@ -229,8 +229,7 @@ class HSAInjection:
         # wherever the structure is flat.
         for row in (~valid).any(1).nonzero().view(-1).tolist():
             pad, keep = ~valid[row], valid[row]
-            scores = torch.einsum('qhd,khd->hqk', q[row, pad], k[row, keep]) * scale
-            out[row, pad] = torch.einsum('hqk,khd->qhd', scores.softmax(-1), v[row, keep])
+            out[row, pad] = _masked_softmax(q[row, pad], k[row, keep], v[row, keep], None, scale)
         return out.reshape(size, length, heads * head_dim)
 
     def _hsa_rows(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -371,7 +370,3 @@ def _masked_softmax(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor],
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float('-inf'))
     return torch.einsum('hqk,khd->qhd', scores.softmax(-1), v)
-
-
-def _grouped_softmax(q: Tensor, k: Tensor, v: Tensor, group: Tensor, scale: float) -> Tensor:
-    return _masked_softmax(q, k, v, group[:, None] == group[None, :], scale)

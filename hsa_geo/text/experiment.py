@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import platform
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -49,6 +49,13 @@ def hierarchy_shape(shapes: Sequence[Dict[str, Any]]) -> Dict[str, float]:
     r"""Mean sibling pairs and widest family over documents' summaries."""
     return {'mean_sibling_pairs': sum(s['sibling_pairs'] for s in shapes) / len(shapes),
             'mean_max_children': sum(s['max_children'] for s in shapes) / len(shapes)}
+
+
+def percentile_interval(samples: torch.Tensor) -> List[float]:
+    r"""The 95 % percentile interval ``[low, high]`` of bootstrap
+    :obj:`samples` (e.g. the means of resampled test sets)."""
+    bounds = torch.tensor([0.025, 0.975], dtype=samples.dtype)
+    return torch.quantile(samples, bounds).tolist()
 
 
 def environment(threads: int) -> Dict[str, Any]:
