@@ -79,6 +79,9 @@ def parse_args(argv=None):
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--weight-decay', type=float, default=0.01)
+    parser.add_argument('--report-only', action='store_true',
+                        help='train nothing: report the finished runs of the grid found '
+                             'under --checkpoint-dir (runs trained by separate processes)')
     parser.add_argument('--checkpoint-dir', default=os.path.join(ROOT, 'build', 'checkpoints',
                                                                  'imdb_hsa'))
     add_shared_arguments(parser, 'imdb_hsa', batch_size=32)
@@ -189,6 +192,9 @@ def train_one(name, positions, embeddings, seed, train, valid, test, args, table
         if saved.get('config') == config_of(args) and 'test_correct' in saved.get('result', {}):
             print(f'[{label} seed {seed}] reusing {path}')
             return saved['result']
+    if args.report_only:
+        print(f'[{label} seed {seed}] no finished run at {path}: left out')
+        return None
     torch.manual_seed(seed)
     model = make_model(name, args, positions, table)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr,
@@ -352,9 +358,12 @@ def main(argv=None):
     runs = []
     for seed in seeds:
         for name, positions, embeddings in grid:
-            runs.append(train_one(name, 'none' if name == 'mean' else positions, embeddings,
-                                  seed, train, valid, test, args,
-                                  table if embeddings == 'minilm' else None))
+            run = train_one(name, 'none' if name == 'mean' else positions, embeddings,
+                            seed, train, valid, test, args,
+                            table if embeddings == 'minilm' else None)
+            if run is None:
+                continue
+            runs.append(run)
             summary = summarise(runs, flops)
             report = {
                 'experiment': 'imdb_from_scratch',
@@ -366,12 +375,15 @@ def main(argv=None):
                          / len(test),
                          **hierarchy_shape(shape)},
                 'environment': {**environment(args.threads),
-                                'load_average': os.getloadavg()},
+                                'load_average': os.getloadavg(),
+                                'report_only': args.report_only},
                 'summary': summary,
                 'comparisons': comparisons(runs, summary, args.bootstrap),
                 'runs': runs,
             }
             write_report(report, args.out)
+    if not runs:
+        raise SystemExit(f'no finished run of this grid under {args.checkpoint_dir}')
     for label, row in report['summary'].items():
         print(f"{label:32s} test acc {row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}  "
               f"{row['seconds_per_step_mean']:.3f} s/step  "

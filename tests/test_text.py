@@ -278,6 +278,17 @@ def test_imdb_example_runs_on_a_tiny_slice(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert again['runs'] == report['runs']
+    # report only: a grid with a configuration never trained reports the
+    # finished runs and trains nothing
+    wider = [a if a != 'scratch,minilm' else 'scratch' for a in argv] + [
+        '--models', 'hsa,softmax,hsa_pos', '--report-only', '--out', str(tmp_path / 'only.json')]
+    try:
+        only = example.main(wider)
+    finally:
+        torch.set_num_threads(threads)
+    assert {run['model'] for run in only['runs']} == {'hsa', 'softmax'}
+    assert len(only['runs']) == 4 and only['environment']['report_only']
+    assert len(list((tmp_path / 'ckpt').glob('*.pt'))) == 10
 
 
 @pytest.mark.parametrize('name', ['hsa_geo.text.imdb', 'hsa_geo.text.tokenize',
