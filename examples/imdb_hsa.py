@@ -358,7 +358,26 @@ def main(argv=None):
     print(f'data: {len(train)} / {len(valid)} / {len(test)} reviews, prepared in '
           f'{time.perf_counter() - start:.0f} s', flush=True)
     flops = {name: attention_flops(name, test, args) for name in models}
-    shape = [h.summary() for h in test.hierarchies]
+    command = 'python ' + ' '.join([os.path.relpath(sys.argv[0], ROOT)] +
+                                   (argv if argv is not None else sys.argv[1:]))
+    data = {'train': len(train), 'valid': len(valid), 'test': len(test),
+            'mean_tokens_per_review': sum(d.num_tokens for d in test.documents) / len(test),
+            **hierarchy_shape([h.summary() for h in test.hierarchies])}
+
+    def report_of(runs):
+        summary = summarise(runs, flops)
+        return {
+            'experiment': 'imdb_from_scratch',
+            'command': command,
+            'config': config_of(args),
+            'data': data,
+            'environment': {**environment(args.threads), 'load_average': os.getloadavg(),
+                            'report_only': args.report_only},
+            'summary': summary,
+            'comparisons': comparisons(runs, summary, args.bootstrap),
+            'runs': runs,
+        }
+
     runs = []
     for seed in seeds:
         for name, positions, embeddings in grid:
@@ -368,26 +387,12 @@ def main(argv=None):
             if run is None:
                 continue
             runs.append(run)
-            summary = summarise(runs, flops)
-            report = {
-                'experiment': 'imdb_from_scratch',
-                'command': 'python ' + ' '.join([os.path.relpath(sys.argv[0], ROOT)] +
-                                                (argv if argv is not None else sys.argv[1:])),
-                'config': config_of(args),
-                'data': {'train': len(train), 'valid': len(valid), 'test': len(test),
-                         'mean_tokens_per_review': sum(d.num_tokens for d in test.documents)
-                         / len(test),
-                         **hierarchy_shape(shape)},
-                'environment': {**environment(args.threads),
-                                'load_average': os.getloadavg(),
-                                'report_only': args.report_only},
-                'summary': summary,
-                'comparisons': comparisons(runs, summary, args.bootstrap),
-                'runs': runs,
-            }
-            write_report(report, args.out)
+            if not args.report_only:  # what is finished survives an interrupted grid
+                write_report(report_of(runs), args.out)
     if not runs:
         raise SystemExit(f'no finished run of this grid under {args.checkpoint_dir}')
+    report = report_of(runs)
+    write_report(report, args.out)
     for label, row in report['summary'].items():
         print(f"{label:32s} test acc {row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}  "
               f"{row['seconds_per_step_mean']:.3f} s/step  "

@@ -266,10 +266,8 @@ def test_imdb_example_runs_on_a_tiny_slice(tmp_path):
     for entry in saved['comparisons']:
         low, high = entry['ci95']
         assert -1.0 <= low <= high <= 1.0 and entry['seeds'] == [0, 1]
-        hsa = [r for r in saved['runs'] if f"{r['model']}/{r['positions']}/{r['embeddings']}"
-               == entry['first']]
-        flat = [r for r in saved['runs'] if f"{r['model']}/{r['positions']}/{r['embeddings']}"
-                == entry['second']]
+        hsa = [r for r in saved['runs'] if example.run_label(r) == entry['first']]
+        flat = [r for r in saved['runs'] if example.run_label(r) == entry['second']]
         expected = sum(a['test_acc'] - b['test_acc'] for a, b in zip(hsa, flat)) / 2
         assert abs(entry['difference_mean'] - expected) < 1e-9
     # a finished run is reused from its checkpoint, with the same result

@@ -211,8 +211,8 @@ class HSAInjection:
         valid = _allowed_keys(mask, size, length, hidden.device)
         counts = valid.sum(1).tolist()
         if self._sizes is None:
-            raise RuntimeError("Set the structure (set_hierarchies/set_groups) before the "
-                               "forward call")
+            raise RuntimeError("Set the structure (set_hierarchies/set_groups/set_windows) "
+                               "before the forward call")
         if counts != self._sizes:
             raise ValueError(f"The attention mask lets through {counts} tokens per row, but "
                              f"the structure covers {self._sizes}")
