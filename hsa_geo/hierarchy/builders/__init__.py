@@ -16,11 +16,13 @@ a dendrogram / features    :func:`from_linkage`, :func:`from_features`
 a large PyG graph          :func:`from_edge_index_metis`
 text / sequences           :func:`from_segments`, :func:`from_nested_lengths`,
                            :func:`chunk_sequence`
+bracketed expressions      :func:`from_brackets` (the parse tree)
 images / grids             :func:`grid_quadtree`
 several modalities         :func:`compose`
 an existing hierarchy      :func:`limit_children`
 =========================  ==================================================
 """
+from hsa_geo.hierarchy.builders.brackets import from_brackets
 from hsa_geo.hierarchy.builders.compose import Composed, compose
 from hsa_geo.hierarchy.builders.dendrogram import from_features, from_linkage
 from hsa_geo.hierarchy.builders.graph import from_networkx
@@ -38,6 +40,7 @@ __all__ = [
     'from_segments',
     'from_nested_lengths',
     'chunk_sequence',
+    'from_brackets',
     'from_edge_index_metis',
     'from_linkage',
     'from_features',
