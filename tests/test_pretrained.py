@@ -172,6 +172,52 @@ def test_hsa_global_in_bfloat16(cpu_kernel):
     assert float((half.double() - reference).abs().max()) < 0.05 * float(v.abs().max())
 
 
+def _tiny_bert(**config):
+    # a random one-layer BERT in float64, built offline; sharp attention
+    # (initializer_range 0.5) so that a missing gradient path shows
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=8, max_position_embeddings=16,
+                        initializer_range=0.5, **config)
+    return BertModel(config).double().eval()
+
+
+def _set_structure(handle, mode):
+    # row 0: 6 tokens, globals at 0 and 5; row 1: 4 tokens and 2 padding
+    if mode in ('hsa', 'hsa_global'):
+        pairs = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4)
+        if mode == 'hsa':
+            halves = Hierarchy.from_parent(torch.tensor([6, 6, 6, 7, 7, 7, 8, 8, -1]), 6)
+            handle.set_hierarchies([halves, pairs])
+            return
+        handle.set_hierarchies([pairs, Hierarchy.flat(2)], [[0, 5], [0, 3]])
+    elif mode == 'block':
+        handle.set_groups([torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1])])
+    elif mode == 'block_global':
+        handle.set_groups([torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1])],
+                          [[0, 5], [3]])
+    else:
+        handle.set_windows([1, 1], [6, 4], [[0, 5], [3]])
+
+
+@pytest.mark.parametrize('mode,cpu_kernel', [('hsa', True), ('hsa', False),
+                                             ('hsa_global', True), ('hsa_global', False),
+                                             ('block', True), ('block_global', True),
+                                             ('window_global', True)])
+def test_injected_gradients_are_exact(mode, cpu_kernel):
+    # the injection's backward is that of its forward, in every mode (the
+    # global tokens' weighing against HSA's self weight log a_ii included)
+    from hsa_geo.functional.kernel import use_cpu_kernel
+    model = _tiny_bert()
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    embeds = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    with use_cpu_kernel(cpu_kernel), inject_hsa(model, mode=mode) as handle:
+        _set_structure(handle, mode)
+        assert torch.autograd.gradcheck(
+            lambda x: model(inputs_embeds=x, attention_mask=mask).last_hidden_state, (embeds, ))
+
+
 def test_window_and_block_global_patterns():
     from hsa_geo.pretrained.inject import HSAInjection
     handle = HSAInjection([], [], 'window_global')

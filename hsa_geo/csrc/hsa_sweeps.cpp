@@ -465,7 +465,7 @@ template <typename scalar_t, int64_t Dim>
 void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const scalar_t* grad_out,
                    const scalar_t* weights, const scalar_t* log_mass, scalar_t scale,
                    bool euclidean, bool causal, const SummaryGradients<scalar_t>& summary_grad,
-                   scalar_t* grad_bias,
+                   const scalar_t* leaf_log_mass_grad, scalar_t* grad_bias,
                    scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v) {
   const int64_t heads = rows.heads, dim = rows.dim(), value_dim = rows.value_dim();
   const int64_t num_leaves = tree.num_leaves, num_clusters = tree.num_nodes - num_leaves;
@@ -495,9 +495,12 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
         for (int64_t i = 0; i < size; ++i) {
           const int64_t node = child[i];
           const scalar_t* grad = gradient_row(node, head);
-          if (node < num_leaves)  // through of a leaf: P(i) (g_i . v_i)
+          if (node < num_leaves) {  // through of a leaf: P(i) (g_i . v_i) + dL/dlog a_ii
             through[node * heads + head] = std::exp(log_mass[node * heads + head]) *
                                            dot(grad, rows.value(node, head), value_dim);
+            if (leaf_log_mass_grad != nullptr)
+              through[node * heads + head] += leaf_log_mass_grad[node * heads + head];
+          }
           parent_through += through[node * heads + head];
           for (int64_t d = 0; d < value_dim; ++d) parent_gradient[d] += grad[d];
           const int64_t columns = causal ? i + 1 : size;
@@ -567,13 +570,19 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
           residual[i] = parent_mass * row_sum + through[child[i] * heads + head] -
                         parent_delta * static_cast<scalar_t>(count[child[i]] / parent_count);
         }
-        // score gradients P(A) c_ij - w_ij residual_i (a cluster's own
-        // diagonal is -phi: it reaches q, k and the bias through delta)
+        // score gradients P(A) c_ij - w_ij residual_i off the diagonal; on
+        // it, through_i - w_ii residual_i for a leaf (through_i = dL/dlog P(i)
+        // is P(A) c_ii plus the upstream gradient of log a_ii), while a
+        // cluster's own diagonal is -phi: it reaches q, k and the bias
+        // through delta
         for (int64_t i = 0; i < size; ++i) {
           for (int64_t j = 0; j < size; ++j)
             grad_score[i * size + j] =
                 parent_mass * grad_score[i * size + j] - weight[i * size + j] * residual[i];
-          if (child[i] >= num_leaves) grad_score[i * size + i] = 0;
+          grad_score[i * size + i] =
+              child[i] >= num_leaves
+                  ? 0
+                  : through[child[i] * heads + head] - weight[i * size + i] * residual[i];
           if (grad_bias != nullptr) {
             scalar_t* head_bias = grad_bias + head * tree.num_pairs + tree.pair_ptr[family];
             for (int64_t j = 0; j < size; ++j) head_bias[i * size + j] = grad_score[i * size + j];
@@ -645,7 +654,8 @@ std::vector<at::Tensor> hsa_sweeps_backward(
     const at::Tensor& family_node, const at::Tensor& child_ptr, const at::Tensor& children,
     const at::Tensor& pair_ptr, const at::Tensor& level_ptr, double scale, bool euclidean,
     bool causal, bool bias_grad, const c10::optional<at::Tensor>& summary_nodes,
-    const c10::optional<at::Tensor>& summary_grad_) {
+    const c10::optional<at::Tensor>& summary_grad_,
+    const c10::optional<at::Tensor>& leaf_log_mass_grad_) {
   check_tables(family_node, child_ptr, children, pair_ptr, level_ptr);
   auto inputs = check_inputs(q_, k_, v_);
   const at::Tensor &q = inputs[0], &k = inputs[1], &v = inputs[2];
@@ -678,6 +688,14 @@ std::vector<at::Tensor> hsa_sweeps_backward(
       index[node[r] - num_leaves] = r;
     }
   }
+  // upstream gradients of log a_ii = log P(i) [N, H]: they join `through`
+  at::Tensor leaf_log_mass_grad;
+  if (leaf_log_mass_grad_.has_value() && leaf_log_mass_grad_->defined()) {
+    leaf_log_mass_grad = leaf_log_mass_grad_->to(q.scalar_type()).contiguous();
+    TORCH_CHECK(leaf_log_mass_grad.dim() == 2 && leaf_log_mass_grad.size(0) == num_leaves &&
+                    leaf_log_mass_grad.size(1) == heads,
+                "hsa_sweeps: gradients of the leaves' log mass [N, H] expected");
+  }
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hsa_sweeps_backward", [&] {
     with_fixed_dim(dim, value_dim, [&](auto fixed) {
       constexpr int64_t Dim = decltype(fixed)::value;
@@ -691,6 +709,7 @@ std::vector<at::Tensor> hsa_sweeps_backward(
               summary_grad.defined() ? summary_grad.data_ptr<scalar_t>() : nullptr,
               summary_index.defined() ? summary_index.data_ptr<int64_t>() : nullptr, heads,
               means.size(2), num_leaves},
+          leaf_log_mass_grad.defined() ? leaf_log_mass_grad.data_ptr<scalar_t>() : nullptr,
           bias_grad ? grad_bias.data_ptr<scalar_t>() : nullptr,
           grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>());
     });
@@ -711,7 +730,7 @@ TORCH_LIBRARY(hsa_geo_cpu, m) {
       "Tensor weights, Tensor log_mass, Tensor family_node, Tensor child_ptr, Tensor children, "
       "Tensor pair_ptr, Tensor level_ptr, float scale, "
       "bool euclidean, bool causal, bool bias_grad, Tensor? summary_nodes=None, "
-      "Tensor? summary_grad=None) -> Tensor[]");
+      "Tensor? summary_grad=None, Tensor? leaf_log_mass_grad=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(hsa_geo_cpu, CPU, m) {

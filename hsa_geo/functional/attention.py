@@ -55,8 +55,8 @@ _TERMS_DOC = r"""
 def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         scale: Optional[float] = None, backend: str = 'fused', *,
         pair_bias: Optional[Tensor] = None, energy: str = 'dot',
-        causal: Union[bool, str] = False,
-        return_log_partition: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        causal: Union[bool, str] = False, return_log_partition: bool = False,
+        return_log_self_weight: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     r"""Hierarchical Self-Attention over the leaves of :obj:`hierarchy`.
 
     Computes :math:`y_i = \sum_j a_{ij} v_j` where :math:`A` is the
@@ -88,10 +88,19 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
             :func:`hsa_log_partition` computes it, from the same sweeps and
             differentiable with the output (not with
             :obj:`causal="strict"`). (default: :obj:`False`)
+        return_log_self_weight (bool, optional): Also return the log of
+            every leaf's weight on itself, :math:`\log a_{ii}`, ``[N, H]``
+            (``[N]`` for one head), from the same sweeps (in log space, so
+            it does not underflow) and differentiable with the output on
+            every engine (not with :obj:`causal="strict"`).
+            :math:`e^{s_{ii}} / a_{ii}` is HSA's estimate of row
+            :math:`i`'s softmax normaliser, exact on a flat tree.
+            (default: :obj:`False`)
 
     Returns:
-        ``[N, H, D_v]`` (or ``[N, D_v]``), and :math:`\phi` with
-        :obj:`return_log_partition`. float16/bfloat16 inputs are
+        ``[N, H, D_v]`` (or ``[N, D_v]``), then :math:`\phi` with
+        :obj:`return_log_partition`, then :math:`\log a_{ii}` with
+        :obj:`return_log_self_weight`. float16/bfloat16 inputs are
         computed in float32 and returned in their own dtype, so their error is
         that of rounding inputs and output: on unit-variance inputs the
         largest deviation from float64 stays below 5e-3 (float16) and 5e-2
@@ -102,23 +111,24 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
     _check_types((q, k, v))
     terms = dict(pair_bias=pair_bias, energy=energy, causal=causal)
-    if return_log_partition:
+    outputs = dict(return_log_partition=return_log_partition,
+                   return_log_self_weight=return_log_self_weight)
+    if return_log_partition or return_log_self_weight:
         _no_strict(causal)
     if torch.compiler.is_compiling():
-        if backend == 'fused' and causal != 'strict' and not return_log_partition:
+        if backend == 'fused' and causal != 'strict' and not any(outputs.values()):
             return _hsa_compiled(q, k, v, hierarchy, scale, **terms)
-        return _hsa_eager_outside_graph(q, k, v, hierarchy, scale, backend, **terms,
-                                        return_log_partition=return_log_partition)
+        return _hsa_eager_outside_graph(q, k, v, hierarchy, scale, backend, **terms, **outputs)
     # every input the sweeps see runs in float32 or float64: under autocast
     # the products inside would otherwise be cast down (and mix dtypes)
     with torch.autocast(q.device.type, enabled=False):
-        return _hsa_eager(q, k, v, hierarchy, scale, backend, **terms,
-                          return_log_partition=return_log_partition)
+        return _hsa_eager(q, k, v, hierarchy, scale, backend, **terms, **outputs)
 
 
 def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Optional[float],
                backend: str, pair_bias: Optional[Tensor], energy: str,
-               causal: Union[bool, str], return_log_partition: bool = False):
+               causal: Union[bool, str], return_log_partition: bool = False,
+               return_log_self_weight: bool = False):
     (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
     scale = _scale(scale, q)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
@@ -137,45 +147,48 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
         clusters = None
         if return_log_partition:
             clusters = torch.arange(hierarchy.num_leaves, hierarchy.num_nodes, device=q.device)
-        out = hsa_with_summaries(q, k, v, hierarchy, scale, pair_bias, euclidean, causal,
-                                 clusters)
+        result = hsa_with_summaries(q, k, v, hierarchy, scale, pair_bias, euclidean, causal,
+                                    clusters, self_weight=return_log_self_weight)
+        out, *extra = result if isinstance(result, tuple) else (result, )
         if return_log_partition:
-            out, rows = out
+            rows = extra.pop(0)
             leaf_pairs = None if pair_bias is None else _leaf_pairs(hierarchy, q.device)
             leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, pair_bias, euclidean)
             phi = torch.cat([leaf_phi, rows[..., 2 * q.size(2) + v.size(2)]])
+        log_self_weight = extra.pop(0) if return_log_self_weight else None
     else:
-        out = hsa_scatter(q, k, v, _scatter_plan(hierarchy.plan(q.device)), scale, pair_bias,
-                          euclidean, causal, return_log_partition)
-        if return_log_partition:
-            out, phi = out
-    out = out.to(dtype)
-    out = out.squeeze(1) if single_head else out
-    if not return_log_partition:
-        return out
-    if euclidean:  # the row term the sweeps leave out
-        phi = phi + 0.5 * scale * hierarchy.subtree_means((q * q).sum(-1))
-    phi = phi.to(dtype)
-    return out, phi.squeeze(1) if single_head else phi
+        out, phi, log_self_weight = hsa_scatter(q, k, v, _scatter_plan(hierarchy.plan(q.device)),
+                                                scale, pair_bias, euclidean, causal)
+    outputs = [out]
+    if return_log_partition:
+        if euclidean:  # the row term the sweeps leave out
+            phi = phi + 0.5 * scale * hierarchy.subtree_means((q * q).sum(-1))
+        outputs.append(phi)
+    if return_log_self_weight:
+        outputs.append(log_self_weight)
+    outputs = [t.to(dtype).squeeze(1) if single_head else t.to(dtype) for t in outputs]
+    return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: float,
                        pair_bias: Optional[Tensor], euclidean: bool, causal: bool,
-                       nodes: Optional[Tensor] = None):
+                       nodes: Optional[Tensor] = None, *, self_weight: bool = False):
     r"""The fused engine on ``[N, H, D]`` inputs already checked (a pair
     bias ``[E, H]`` or None; with the Euclidean energy, q and k centred by
     the caller) and, with :obj:`nodes` (cluster ids), those clusters'
     summary rows ``[S, H, 2D + D_v + 1 (+ 1)]``: mean query, key and value,
     :math:`\phi` without the Euclidean row term and, for that energy, the
-    mean squared key norm. Both outputs are differentiable: the engines'
-    backward takes the rows' gradients into their top-down sweep."""
+    mean squared key norm; with :obj:`self_weight`,
+    then the leaves' :math:`\log a_{ii}` ``[N, H]``. Every output is
+    differentiable: the engines' backward takes the rows' gradients into
+    their top-down sweep."""
     use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
     if use_kernel:
         return KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
-                                       euclidean, causal, nodes)
+                                       euclidean, causal, nodes, self_weight)
     count = None if nodes is None else hierarchy.num_leaves_below.to(q.device)[nodes]
     return HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale, euclidean,
-                             causal, nodes, count)
+                             causal, nodes, count, self_weight)
 
 
 def _leaf_pairs(hierarchy: Hierarchy, device) -> Tensor:
@@ -490,8 +503,9 @@ def _centered(q: Tensor, k: Tensor):
 def _no_strict(causal) -> None:
     if causal == 'strict':
         raise ValueError("causal='strict' attention is not block-constant across rows: it "
-                         "has no per-subtree log-partition or block weights; use "
-                         "causal=True, or hsa_dense(..., causal='strict') for the matrix")
+                         "has no per-subtree log-partition, block weights or self weights "
+                         "from the sweeps; use causal=True, or hsa_dense(..., "
+                         "causal='strict') for the matrix")
 
 
 def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):

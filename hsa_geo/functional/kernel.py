@@ -96,11 +96,14 @@ def kernel_forward(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
 def kernel_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, tables: FamilyTables,
                     state, scale: float, euclidean: bool = False, causal: bool = False,
                     bias_grad: bool = False, summary_nodes: Optional[Tensor] = None,
-                    summary_grad: Optional[Tensor] = None):
+                    summary_grad: Optional[Tensor] = None,
+                    leaf_log_mass_grad: Optional[Tensor] = None):
     r"""Gradients of q, k, v and (with :obj:`bias_grad`, else an empty
     tensor) of the pair bias ``[H, E]``; :obj:`summary_grad` ``[S, H, C]``
     adds upstream gradients of the rows of the clusters
-    :obj:`summary_nodes` (see :func:`summary_rows`)."""
+    :obj:`summary_nodes` (see :func:`summary_rows`), and
+    :obj:`leaf_log_mass_grad` ``[N, H]`` those of the leaves'
+    :math:`\log P(i) = \log a_{ii}`."""
     if summary_grad is not None:
         width = state[0].size(2)
         if summary_grad.size(2) < width:  # the key-norm column of the dot energy
@@ -108,7 +111,7 @@ def kernel_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, tables: F
                 *summary_grad.shape[:2], width - summary_grad.size(2))], dim=2)
     return torch.ops.hsa_geo_cpu.sweeps_backward(
         grad_out, q, k, v, *state, *_arguments(tables), float(scale), euclidean, causal,
-        bias_grad, summary_nodes, summary_grad)
+        bias_grad, summary_nodes, summary_grad, leaf_log_mass_grad)
 
 
 def summary_rows(state, nodes: Tensor, num_leaves: int, euclidean: bool) -> Tensor:
@@ -126,30 +129,39 @@ class KernelHSAFunction(torch.autograd.Function):
     layout), a pair bias ``[H, E]`` or None. Saves the clusters' rows, the
     pair weights and :math:`\log P` of every node: nothing quadratic. With
     :obj:`summary_nodes` (cluster ids), also returns those clusters' rows
-    ``[S, H, C]`` (:func:`summary_rows`), differentiable."""
+    ``[S, H, C]`` (:func:`summary_rows`), and with :obj:`self_weight` the
+    leaves' :math:`\log a_{ii}` ``[N, H]``; both differentiable."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
                 tables: FamilyTables, scale: float, euclidean: bool = False,
-                causal: bool = False, summary_nodes: Optional[Tensor] = None):
+                causal: bool = False, summary_nodes: Optional[Tensor] = None,
+                self_weight: bool = False):
         out, state = kernel_forward(q, k, v, pair_bias, tables, scale, euclidean, causal)
         ctx.save_for_backward(q, k, v, *state)
         ctx.tables, ctx.options = tables, (scale, euclidean, causal)
-        ctx.summary_nodes = summary_nodes
+        ctx.summary_nodes, ctx.self_weight = summary_nodes, self_weight
         ctx.set_materialize_grads(False)
+        outputs = [out]
         if summary_nodes is not None:
-            return out, summary_rows(state, summary_nodes, q.size(0), euclidean)
-        return out
+            outputs.append(summary_rows(state, summary_nodes, q.size(0), euclidean))
+        if self_weight:
+            outputs.append(state[2][:q.size(0)].clone())
+        return tuple(outputs) if len(outputs) > 1 else out
 
     @staticmethod
-    def backward(ctx, grad_out: Optional[Tensor], summary_grad: Optional[Tensor] = None):
+    def backward(ctx, grad_out: Optional[Tensor], *extra_grads: Optional[Tensor]):
         refuse_double_backward()
         q, k, v, *state = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(v)
+        extra_grads = list(extra_grads)
+        summary_grad = extra_grads.pop(0) if ctx.summary_nodes is not None else None
+        self_weight_grad = extra_grads.pop(0) if ctx.self_weight else None
         bias_grad = ctx.needs_input_grad[3]
         grad_q, grad_k, grad_v, grad_bias = kernel_backward(
             grad_out, q, k, v, ctx.tables, state, *ctx.options, bias_grad,
-            ctx.summary_nodes if summary_grad is not None else None, summary_grad)
+            ctx.summary_nodes if summary_grad is not None else None, summary_grad,
+            self_weight_grad)
         return (grad_q, grad_k, grad_v, grad_bias if bias_grad else None, None, None, None,
-                None, None)
+                None, None, None)

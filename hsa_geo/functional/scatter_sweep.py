@@ -171,15 +171,17 @@ def summaries_bottom_up(nodes: NodeSummaries, plan: ScatterPlan, scale: float,
 
 def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float,
                 pair_bias: Optional[Tensor] = None, euclidean: bool = False,
-                causal: bool = False, return_phi: bool = False):
+                causal: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     r"""HSA on ``[N, H, D]`` inputs by scatter operations (autograd), with
     an optional pair bias ``[E, H]``, the Euclidean energy (its key term;
-    the row term cancels) and the causal restriction to earlier siblings;
-    with :obj:`return_phi`, also :math:`\phi` of every node."""
+    the row term cancels) and the causal restriction to earlier siblings:
+    the output ``[N, H, D_v]``, :math:`\phi` of every node ``[N + M, H]``
+    and the leaves' :math:`\log a_{ii}` ``[N, H]``."""
     phi, log_weights, kept_pairs = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean,
                                                      causal)
-    out, _ = summaries_top_down(v, subtree_mean(v, plan), plan, log_weights, kept_pairs)
-    return (out, phi) if return_phi else out
+    out, leaf_log_mass = summaries_top_down(v, subtree_mean(v, plan), plan, log_weights,
+                                            kept_pairs)
+    return out, phi, leaf_log_mass
 
 
 def summaries_top_down(v: Tensor, node_v: Tensor, plan: ScatterPlan, log_weights: List[Tensor],

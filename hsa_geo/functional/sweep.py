@@ -508,7 +508,8 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
                     grad_pair_bias: bool = False, release: bool = False,
                     summary_nodes: Optional[Tensor] = None,
                     summary_grad: Optional[Tensor] = None,
-                    summary_count: Optional[Tensor] = None):
+                    summary_count: Optional[Tensor] = None,
+                    leaf_log_mass_grad: Optional[Tensor] = None):
     r"""Gradients of :math:`L = \sum_i g_i \cdot y_i` for q, k, v
     (``[N, H, D]``) and, with :obj:`grad_pair_bias`, for the padded pair
     bias (``[H, P]``) by a bottom-up and a top-down sweep
@@ -519,7 +520,10 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
     of the clusters :obj:`summary_nodes`, with :obj:`summary_count` leaves
     below them (:func:`summary_rows`): a mean's
     enters the gradient its :math:`|B|` leaves share, :math:`\phi`'s enters
-    :math:`\delta_B = \partial L / \partial(-\phi(B))` directly."""
+    :math:`\delta_B = \partial L / \partial(-\phi(B))` directly.
+    :obj:`leaf_log_mass_grad` ``[N, H]`` adds upstream gradients of the
+    leaves' :math:`\log P(i) = \log a_{ii}`: they join :math:`\partial L /
+    \partial \log P(i)`."""
     num_leaves, heads, dim = q.shape
     value_dim = v.size(2)
     columns, weights = state.columns, list(state.weights)
@@ -529,6 +533,8 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
     leaf_through = None
     if slotted.numel() > 0:
         leaf_through = rowwise_dot(grad_out[slotted], v[slotted]).mul_(leaf_log_mass[slotted].exp())
+        if leaf_log_mass_grad is not None:
+            leaf_through.add_(leaf_log_mass_grad[slotted])
         leaf_through = _scattered(leaf_through, slotted, layout.num_leaves)
     # summed upstream gradients and through
     up = leaf_slot_buffer(layout, [grad_out, leaf_through], value_dim + 1)
@@ -543,7 +549,10 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
         if block.leaf_range is not None:  # through of a leaf: P(i) (g_i . v_i)
             grad = leaf_range_view(grad_out, block)
             through = (grad * leaf_range_view(v, block)).sum(-1)
-            return grad, through.mul_(leaf_range_view(leaf_log_mass, block).exp())
+            through.mul_(leaf_range_view(leaf_log_mass, block).exp())
+            if leaf_log_mass_grad is not None:
+                through.add_(leaf_range_view(leaf_log_mass_grad, block))
+            return grad, through
         rows = slot_rows(up, block, heads)
         return rows[..., :value_dim], rows[..., value_dim]
 
@@ -601,9 +610,11 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
         # score gradient, diagonal included: P w_bc (g_b . v_c) - w_bc residual_b
         grad_scores = coupled.mul_(parent_mass[:, None]).sub_(weight * residual[:, :, None])
         child_delta = through - by_child(diagonal(weight)) * residual
-        # A cluster child's diagonal is -phi, not a score of its own leaves:
+        # On the diagonal, a leaf child's score gradient is its delta:
+        # through_i is P(A) c_ii plus the upstream gradient of log a_ii. A
+        # cluster child's diagonal is -phi, not a score of its own leaves:
         # it passes no gradient to q, k or the bias.
-        diagonal(grad_scores).mul_(const.not_cluster)
+        torch.mul(child_delta.transpose(1, 2), const.not_cluster, out=diagonal(grad_scores))
         if grad_bias is not None:
             pair_view(grad_bias, block).copy_(grad_scores)
         scaled_weight = weight * parent_mass[:, None]
@@ -707,13 +718,14 @@ class HSAFunction(torch.autograd.Function):
     optional padded pair bias ``[H, P]``. Saves the slot buffer, the
     family weights and per-leaf state: nothing quadratic. With
     :obj:`summary_nodes` (cluster ids), also returns those clusters' rows
-    ``[S, H, C]`` (:func:`summary_rows`), differentiable."""
+    ``[S, H, C]`` (:func:`summary_rows`), and with :obj:`self_weight` the
+    leaves' :math:`\log a_{ii}` ``[N, H]``; both differentiable."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
                 layout: SlotLayout, scale: float, euclidean: bool = False,
                 causal: bool = False, summary_nodes: Optional[Tensor] = None,
-                summary_count: Optional[Tensor] = None):
+                summary_count: Optional[Tensor] = None, self_weight: bool = False):
         terms = ScoreTerms(pair_bias, euclidean, causal)
         state, result = forward_sweeps(q, k, v, layout, scale, terms)
         ctx.set_materialize_grads(False)
@@ -724,16 +736,25 @@ class HSAFunction(torch.autograd.Function):
         ctx.layout, ctx.scale = layout, scale
         ctx.terms = ScoreTerms(None, euclidean, causal)
         ctx.summary_nodes, ctx.summary_count = summary_nodes, summary_count
+        ctx.self_weight = self_weight
+        outputs = [result.out]
         if summary_nodes is not None:
-            return result.out, summary_rows(state, summary_nodes, layout, q.size(1))
-        return result.out
+            outputs.append(summary_rows(state, summary_nodes, layout, q.size(1)))
+        if self_weight:
+            outputs.append(result.leaf_log_mass.clone())
+        return tuple(outputs) if len(outputs) > 1 else result.out
 
     @staticmethod
-    def backward(ctx, grad_out: Optional[Tensor], summary_grad: Optional[Tensor] = None):
+    def backward(ctx, grad_out: Optional[Tensor], *extra_grads: Optional[Tensor]):
         refuse_double_backward()
         q, k, v = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(v)
+        extra_grads = list(extra_grads)
+        summary_grad = extra_grads.pop(0) if ctx.summary_nodes is not None else None
+        self_weight_grad = extra_grads.pop(0) if ctx.self_weight else None
+        if self_weight_grad is not None:  # read through strided views of its leaf ranges
+            self_weight_grad = self_weight_grad.contiguous()
         # When autograd frees the graph after this pass (no retain_graph), the
         # sweeps may drop the forward state as they go.
         release = not _graph_is_kept()
@@ -743,8 +764,8 @@ class HSAFunction(torch.autograd.Function):
                 ctx.__dict__.pop('state') if release else ctx.state, ctx.leaf_log_mass,
                 ctx.family_log_mass, ctx.terms, grad_pair_bias=ctx.needs_input_grad[3],
                 release=release, summary_nodes=ctx.summary_nodes, summary_grad=summary_grad,
-                summary_count=ctx.summary_count)
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None
+                summary_count=ctx.summary_count, leaf_log_mass_grad=self_weight_grad)
+        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None, None
 
 
 def refuse_double_backward() -> None:

@@ -44,8 +44,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from hsa_geo.functional import hsa, hsa_block_weights
-from hsa_geo.functional import kernel as cpu_kernel
+from hsa_geo.functional import hsa
 from hsa_geo.functional.attention import _to_compute
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
@@ -243,8 +242,8 @@ class HSAInjection:
         is_global = torch.cat(self._global).to(q.device)
         local = ~is_global
         q_local, k_local, v_local = q[local], k[local], v[local]
-        local_out, log_self_weight = _hsa_and_log_self_weight(q_local, k_local, v_local,
-                                                              forest, scale)
+        local_out, log_self_weight = hsa(q_local, k_local, v_local, forest, scale,
+                                         return_log_self_weight=True)
         # log of HSA's normaliser estimate: s_ii - log a_ii
         log_normaliser = scale * (q_local * k_local).sum(-1) - log_self_weight
         out = torch.empty_like(v)
@@ -329,22 +328,6 @@ def _allowed_keys(mask: Optional[Tensor], size: int, length: int, device) -> Ten
             raise ValueError("HSA injection needs a key-padding attention mask (the same "
                              "keys for every query); got one that differs between queries")
     return keys
-
-
-def _hsa_and_log_self_weight(q: Tensor, k: Tensor, v: Tensor, forest: Hierarchy,
-                             scale: float):
-    # HSA's output [N, H, D_v] and log a_ii [N, H]: from one run of the CPU
-    # kernel (which keeps log P of every node), else from a second sweep
-    if cpu_kernel.available(q):
-        out, (_, _, log_mass) = cpu_kernel.kernel_forward(q, k, v, None, forest.family_tables(),
-                                                          scale)
-        return out, log_mass[:forest.num_leaves]
-    self_weight = hsa_block_weights(q.double(), k.double(), forest,
-                                    scale).subtree_mass[:forest.num_leaves]
-    if not bool((self_weight > 0).all()):
-        raise ValueError("HSA's self weight of a token underflowed to 0 even in float64: the "
-                         "global tokens cannot be weighed against it")
-    return hsa(q, k, v, forest, scale), self_weight.log().to(q.dtype)
 
 
 def _global_flags(positions: List[Tensor], sizes: List[int]) -> List[Tensor]:
