@@ -13,6 +13,7 @@ from hsa_geo import Hierarchy, HSAConv, NestedSignal, hierarchy_from_data
 from hsa_geo.flops import block_local_flops, hsa_flops, softmax_flops
 from hsa_geo.functional import (block_attention_to_dense, hsa, hsa_block_weights, hsa_dense,
                                 hsa_log_partition)
+from hsa_geo.functional.attention import hsa_with_summaries
 from hsa_geo.hierarchy import (chunk_sequence, compose, from_edge_index_metis, from_features,
                                from_linkage, from_nested_lengths, from_networkx, from_partitions,
                                from_segments, grid_quadtree, limit_children)
@@ -31,6 +32,11 @@ def attention(function, *args, **kwargs):
     if function is hsa:
         return lambda: hsa(q, k, v, *args, **kwargs)
     return lambda: function(q, k, *args, **kwargs)
+
+
+def summaries(nodes):
+    q, k, v = qkv(dtype=torch.float64)
+    return lambda: hsa_with_summaries(q, k, v, TREE, 0.5, None, False, False, nodes)
 
 
 def conv_forward(x, hierarchy=TREE, **kwargs):
@@ -129,6 +135,17 @@ CASES = [
     ('block weights of another tree', lambda: block_attention_to_dense(
         hsa_block_weights(*qkv()[:2], TREE), Hierarchy.flat(3)), ValueError,
      'is not that of this hierarchy'),
+    ('summaries node -1', summaries(torch.tensor([3, -1])), ValueError,
+     "'nodes'\\[1\\] = -1 is not a node of the hierarchy"),
+    ('summaries leaf node', summaries(torch.tensor([0])), ValueError,
+     "'nodes'\\[0\\] = 0 is a leaf of the hierarchy: .*\\(ids 3 to 4\\)"),
+    ('summaries node past the end', summaries(torch.tensor([5])), ValueError,
+     "'nodes'\\[0\\] = 5 is not a node"),
+    ('summaries repeated node', summaries(torch.tensor([4, 3, 4])), ValueError,
+     "'nodes'\\[2\\] = 4 repeats 'nodes'\\[0\\]"),
+    ('summaries float nodes', summaries(torch.tensor([3.0])), ValueError,
+     "'nodes' must be an integer tensor"),
+    ('summaries 2-d nodes', summaries(torch.tensor([[3]])), ValueError, 'one-dimensional'),
     # -------------------------------------------------------------- HSAConv
     ('conv zero heads', lambda: HSAConv(4, 2, heads=0), ValueError, 'heads'),
     ('conv zero out', lambda: HSAConv(4, 0), ValueError, 'out_channels'),

@@ -175,13 +175,15 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
                        nodes: Optional[Tensor] = None, *, self_weight: bool = False):
     r"""The fused engine on ``[N, H, D]`` inputs already checked (a pair
     bias ``[E, H]`` or None; with the Euclidean energy, q and k centred by
-    the caller) and, with :obj:`nodes` (cluster ids), those clusters'
-    summary rows ``[S, H, 2D + D_v + 1 (+ 1)]``: mean query, key and value,
-    :math:`\phi` without the Euclidean row term and, for that energy, the
-    mean squared key norm; with :obj:`self_weight`,
+    the caller) and, with :obj:`nodes` (distinct cluster ids, checked here),
+    those clusters' summary rows ``[S, H, 2D + D_v + 1 (+ 1)]``: mean
+    query, key and value, :math:`\phi` without the Euclidean row term and,
+    for that energy, the mean squared key norm; with :obj:`self_weight`,
     then the leaves' :math:`\log a_{ii}` ``[N, H]``. Every output is
     differentiable: the engines' backward takes the rows' gradients into
     their top-down sweep."""
+    if nodes is not None:
+        nodes = _check_cluster_ids(nodes, hierarchy, q.device)
     use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
     if use_kernel:
         return KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
@@ -189,6 +191,38 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
     count = None if nodes is None else hierarchy.num_leaves_below.to(q.device)[nodes]
     return HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale, euclidean,
                              causal, nodes, count, self_weight)
+
+
+def _check_cluster_ids(nodes, hierarchy: Hierarchy, device) -> Tensor:
+    r""":obj:`nodes` as a ``[S]`` int64 tensor on :obj:`device` after
+    checking that it holds distinct cluster ids of :obj:`hierarchy`
+    (:math:`N \le` id :math:`< N + M`); a :class:`ValueError` names the
+    first entry that does not."""
+    if not isinstance(nodes, Tensor) or nodes.is_floating_point() or nodes.is_complex() \
+            or nodes.dtype == torch.bool:
+        kind = nodes.dtype if isinstance(nodes, Tensor) else type(nodes).__name__
+        raise ValueError(f"'nodes' must be an integer tensor of cluster ids (got {kind})")
+    if nodes.dim() != 1:
+        raise ValueError(f"'nodes' must be one-dimensional, [S] cluster ids (got shape "
+                         f"{tuple(nodes.shape)})")
+    first, end = hierarchy.num_leaves, hierarchy.num_nodes
+    outside = (nodes < first) | (nodes >= end)
+    if bool(outside.any()):
+        position = int(outside.nonzero()[0])
+        node = int(nodes[position])
+        what = 'a leaf' if 0 <= node < first else 'not a node'
+        clusters = f"ids {first} to {end - 1}" if end > first else "it has none"
+        raise ValueError(f"'nodes'[{position}] = {node} is {what} of the hierarchy: summary "
+                         f"rows exist for its clusters only ({clusters})")
+    ordered, order = nodes.sort(stable=True)
+    repeated = ordered[1:] == ordered[:-1]
+    if bool(repeated.any()):
+        later, earlier = order[1:][repeated], order[:-1][repeated]
+        pick = int(later.argmin())
+        position, node = int(later[pick]), int(nodes[later[pick]])
+        raise ValueError(f"'nodes'[{position}] = {node} repeats 'nodes'[{int(earlier[pick])}]: "
+                         f"each cluster's summary row can be asked for once")
+    return nodes.to(device=device, dtype=torch.long)
 
 
 def _leaf_pairs(hierarchy: Hierarchy, device) -> Tensor:
