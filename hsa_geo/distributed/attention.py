@@ -183,7 +183,9 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
     the row term, for the common centre) and, for that energy, the mean
     squared key norm. The engine computes the rows of the parts that are
     clusters with the output (and takes their gradients into its backward);
-    a part that is one leaf is that leaf's row."""
+    a part that is one leaf is that leaf's row. A bundle of whole trees
+    keeps a row of zeros: as a root of the top tree it receives nothing, and
+    what it sends no other part reads."""
     heads, dim, value_dim = q.size(1), q.size(2), v.size(2)
     width = 2 * dim + value_dim + 1 + int(euclidean)
     rows = q.new_zeros(shard.parts.numel(), heads, width)
@@ -194,9 +196,9 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
         return v, rows + 0.0 * (q.sum() + k.sum() + v.sum())
     local = shard.local
     pair_bias = _check_terms(pair_bias, 'euclidean' if euclidean else 'dot', causal, local, q)
-    roots = shard.part_root.to(q.device)
-    is_leaf = roots < local.num_leaves
-    clusters, leaves = (~is_leaf).nonzero().view(-1), is_leaf.nonzero().view(-1)
+    roots = shard.part_root.to(q.device)  # -1 for the bundle
+    clusters = (roots >= local.num_leaves).nonzero().view(-1)
+    leaves = ((roots >= 0) & (roots < local.num_leaves)).nonzero().view(-1)
     local_out, cluster_rows = hsa_with_summaries(q, k, v, local, scale, pair_bias, euclidean,
                                                  causal, roots[clusters])
     rows = rows.index_put((clusters, ), cluster_rows)
