@@ -218,6 +218,21 @@ def test_injected_gradients_are_exact(mode, cpu_kernel):
             lambda x: model(inputs_embeds=x, attention_mask=mask).last_hidden_state, (embeds, ))
 
 
+@pytest.mark.parametrize('implementation', ['sdpa', 'eager'])
+@pytest.mark.parametrize('config', [dict(is_decoder=True),
+                                    dict(is_decoder=True, add_cross_attention=True)])
+def test_decoders_are_refused(implementation, config):
+    # under sdpa a decoder's layers get a cache and no mask: replacing them
+    # would make the attention bidirectional and leave the cache empty
+    model = _tiny_bert(attn_implementation=implementation, **config)
+    with pytest.raises(ValueError, match='encoders only.*is_decoder=True'):
+        inject_hsa(model)
+    assert all('forward' not in m.__dict__ for m in find_self_attention_modules(model))
+    model.config.is_decoder = model.config.add_cross_attention = False  # the layers still are
+    with pytest.raises(ValueError, match='self-attention layer 0 of BertModel is causal'):
+        inject_hsa(model)
+
+
 def test_window_and_block_global_patterns():
     from hsa_geo.pretrained.inject import HSAInjection
     handle = HSAInjection([], [], 'window_global')

@@ -194,8 +194,8 @@ class HSAInjection:
     # ------------------------------------------------------------- forward
     def _make_forward(self, module: nn.Module):
         def forward(hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
-                    past_key_values=None, **kwargs):
-            if past_key_values is not None:
+                    past_key_values=None, cache=None, **kwargs):
+            if past_key_values is not None or cache is not None:
                 raise ValueError("HSA injection supports encoders only (no key/value cache)")
             return self._attend(module, hidden_states, attention_mask), None
         return forward
@@ -295,6 +295,7 @@ def inject_hsa(model: nn.Module, layers: Optional[Sequence[int]] = None,
     if mode not in MODES:
         raise ValueError(f"'mode' must be one of {MODES} (got {mode!r})")
     modules = find_self_attention_modules(model)
+    _refuse_decoders(model, modules)
     if not modules:
         raise ValueError(f"No BERT-style self-attention module found in "
                          f"{model.__class__.__name__}")
@@ -307,6 +308,26 @@ def inject_hsa(model: nn.Module, layers: Optional[Sequence[int]] = None,
             raise ValueError(f"Layer {index} is already replaced; remove() that injection "
                              f"first")
     return HSAInjection([modules[i] for i in layers], layers, mode)
+
+
+def _refuse_decoders(model: nn.Module, modules: Sequence[nn.Module]) -> None:
+    # A decoder's attention is causal and fills a key/value cache; under
+    # sdpa, transformers passes it neither a mask nor (in every version) the
+    # cache by a name the forward checks, so replacing it would silently
+    # make it bidirectional and leave the cache empty. Its configuration
+    # says so on every attention implementation.
+    config = getattr(model, 'config', None)
+    for flag in ('is_decoder', 'add_cross_attention', 'is_encoder_decoder'):
+        if getattr(config, flag, False) is True:
+            raise ValueError(f"HSA injection supports encoders only, but "
+                             f"{model.__class__.__name__}'s config has {flag}=True (causal "
+                             f"or cross-attention with a key/value cache); load the model as "
+                             f"an encoder")
+    for index, module in enumerate(modules):
+        if getattr(module, 'is_causal', False) is True or \
+                getattr(module, 'is_decoder', False) is True:
+            raise ValueError(f"HSA injection supports encoders only, but self-attention layer "
+                             f"{index} of {model.__class__.__name__} is causal (a decoder)")
 
 
 def _allowed_keys(mask: Optional[Tensor], size: int, length: int, device) -> Tensor:
