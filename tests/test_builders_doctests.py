@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 MODULES = [
+    'hsa_geo.hierarchy.builders.brackets',
     'hsa_geo.hierarchy.builders.compose',
     'hsa_geo.hierarchy.builders.dendrogram',
     'hsa_geo.hierarchy.builders.graph',
@@ -17,6 +18,7 @@ MODULES = [
     'hsa_geo.hierarchy.hierarchy',
     'hsa_geo.transforms',
     'hsa_geo.plot',
+    'hsa_geo.datasets.listops',
 ]
 
 

@@ -61,6 +61,7 @@ def from_brackets(tokens: TokenIds, opening: Sequence[int], closing: Sequence[in
         raise ValueError(f"from_brackets() takes a non-empty 1-D sequence of token ids "
                          f"(got shape {tokens.shape})")
     num_tokens = tokens.size
+    batched = ptr is not None
     if ptr is None:
         ptr = np.array([0, num_tokens], dtype=np.int64)
     else:
@@ -100,7 +101,7 @@ def from_brackets(tokens: TokenIds, opening: Sequence[int], closing: Sequence[in
     parent = np.concatenate([token_list + num_tokens,
                              np.where(list_parent >= 0, list_parent + num_tokens, -1)])
     batch = None
-    if ptr.size > 2:
+    if batched:
         batch = torch.from_numpy(np.concatenate([sequence, sequence[openers]]))
     return Hierarchy.from_parent(torch.from_numpy(parent), num_tokens, batch=batch,
                                  ordered=True)
