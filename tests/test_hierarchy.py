@@ -123,6 +123,22 @@ def test_an_in_place_edit_of_the_parent_pointers_is_caught():
         hsa(q, q, q, hierarchy)
 
 
+def test_the_tree_facts_cannot_be_reassigned():
+    # a new parent tensor would leave the depths, counts and cached plans
+    # of the old tree in place: refused, like an in-place edit
+    from hsa_geo.functional import hsa
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4)
+    q = torch.randn(4, 2, 3)
+    expected = hsa(q, q, q, hierarchy)  # plans cached
+    for name, value in (('parent', torch.tensor([4, 4, 4, 5, 5, 6, -1])), ('num_leaves', 3),
+                        ('depth', hierarchy.depth.clone()),
+                        ('num_leaves_below', hierarchy.num_leaves_below.clone())):
+        with pytest.raises(AttributeError, match=f'Hierarchy.{name} cannot be reassigned'):
+            setattr(hierarchy, name, value)
+    torch.testing.assert_close(hsa(q, q, q, hierarchy), expected)
+    hierarchy.ordered = True  # not a fact the caches derive from
+
+
 def test_a_scale_that_needs_its_gradient_is_refused():
     from hsa_geo.functional import hsa
     hierarchy = Hierarchy.flat(3)
@@ -163,6 +179,48 @@ def test_degenerate_feature_sizes_get_clear_errors():
                hierarchy).shape == (3, 2, 0)
     with pytest.raises(ValueError, match="'out_channels' must be a positive int"):
         HSAConv(8, 0)
+
+
+def test_a_hierarchy_saved_after_every_engine_loads_with_weights_only(tmp_path):
+    # what the engines derive (scatter plans, strict-causal groups, layouts
+    # and their constants, position codes) is not saved with the tree: it
+    # would need its classes allow-listed, and is rebuilt on demand
+    from hsa_geo.functional import (hsa, hsa_block_weights, hsa_log_partition)
+    from hsa_geo.functional.kernel import use_cpu_kernel
+    from hsa_geo.nn import SiblingPositionBias
+    from random_trees import random_sequence_hierarchy
+    hierarchy = random_sequence_hierarchy(3)
+    q = torch.randn(hierarchy.num_leaves, 2, 4, dtype=torch.float64)
+    bias = SiblingPositionBias(heads=2, max_children=64, dim=4).double()(hierarchy)
+    expected = hsa(q, q, q, hierarchy, backend='scatter', pair_bias=bias)
+    for kernel in (True, False):
+        with use_cpu_kernel(kernel):
+            hsa(q, q, q, hierarchy, pair_bias=bias)
+            hsa(q, q, q, hierarchy, causal='strict')
+    hsa_block_weights(q, q, hierarchy)
+    hsa_log_partition(q, q, hierarchy)
+    path = tmp_path / 'hierarchy.pt'
+    torch.save(hierarchy, path)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded.parent, hierarchy.parent) and loaded.ordered
+    assert not loaded._plans and not loaded._layouts and loaded._family_tables is None
+    torch.testing.assert_close(hsa(q, q, q, loaded, pair_bias=bias), expected)
+
+
+def test_a_loader_worker_hands_the_plans_over_with_the_tree():
+    # between processes (multiprocessing's pickler, as DataLoader workers
+    # use) the prepared tables and layouts travel with the tree; a plain
+    # pickle (torch.save) holds the tree only
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4)
+    hierarchy.family_tables()
+    hierarchy.prepare_layout('cpu')
+    shipped = pickle.loads(ForkingPickler.dumps(hierarchy))
+    assert shipped._family_tables is not None and torch.device('cpu') in shipped._layouts
+    shipped.check_unchanged()
+    saved = pickle.loads(pickle.dumps(hierarchy))
+    assert saved._family_tables is None and not saved._layouts
 
 
 def test_a_saved_hierarchy_loads_under_the_weights_only_default(tmp_path):

@@ -168,6 +168,20 @@ def test_pair_rows_are_built_once_per_hierarchy():
     assert hierarchy._cache[keys[0]] is cached
 
 
+def test_an_edited_tree_does_not_keep_its_old_position_codes():
+    # the codes cached on the tree are refused once its parent pointers
+    # change in place (they would be the old tree's pairs); a new tree over
+    # the same pointers gets its own
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 4, 5, 6, 6, -1]), 4, ordered=True)
+    module = SiblingPositionBias(heads=2, max_children=4, dim=4)
+    assert module(hierarchy).shape == (9 + 1 + 4, 2)
+    hierarchy.parent[2] = 5  # now 2 + 2 leaves: 4 + 4 + 4 pairs
+    with pytest.raises(ValueError, match='modified in place'):
+        module(hierarchy)
+    rebuilt = Hierarchy.from_parent(hierarchy.parent.clone(), 4, ordered=True)
+    torch.testing.assert_close(module(rebuilt), direct_bias(module, rebuilt))
+
+
 def test_empty_forest_of_isolated_leaves():
     hierarchy = Hierarchy.from_parent(torch.tensor([-1, -1]), 2, ordered=True)
     bias = SiblingPositionBias(heads=3, max_children=4)(hierarchy)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+from multiprocessing.reduction import ForkingPickler
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +28,13 @@ class Hierarchy:
     Build it with :meth:`from_parent`, which validates the input, or with the
     builders in :mod:`hsa_geo.hierarchy`. Everything derived from the parent
     pointers (depths, leaf counts, the sweep plan used by
-    :func:`hsa_geo.functional.hsa`) is computed once and cached.
+    :func:`hsa_geo.functional.hsa`) is computed once and cached. The tree
+    cannot change under its caches: :attr:`parent`, :attr:`num_leaves`,
+    :attr:`depth` and :attr:`num_leaves_below` cannot be reassigned, and
+    an in-place edit of :attr:`parent` is caught at the next use
+    (:meth:`check_unchanged`). Pickled or saved, a hierarchy holds its tree
+    only; the caches are rebuilt on demand (a loader's worker processes hand
+    them over with the tree).
 
     Example::
 
@@ -40,6 +47,11 @@ class Hierarchy:
         >>> h.num_leaves_below.tolist()
         [1, 1, 1, 1, 2, 2, 4]
     """
+
+    #: The tree facts every cache derives from: set once, in the constructor.
+    _TREE = ('parent', 'num_leaves', 'depth', 'num_leaves_below')
+    #: What is derived from them: left out when the hierarchy is pickled.
+    _DERIVED = ('_plans', '_layouts', '_family_tables', '_cache')
 
     def __init__(self, parent: Tensor, num_leaves: int, depth: Tensor,
                  num_leaves_below: Tensor, batch: Optional[Tensor] = None,
@@ -222,6 +234,7 @@ class Hierarchy:
     @property
     def num_children(self) -> Tensor:
         r"""Number of children of every node (0 for leaves)."""
+        self.check_unchanged()
         if 'num_children' not in self._cache:
             has_parent = self.parent >= 0
             self._cache['num_children'] = torch.bincount(
@@ -243,6 +256,7 @@ class Hierarchy:
     def first_leaf(self) -> Tensor:
         r"""Smallest leaf id below every node (the leaf itself for a leaf);
         siblings are ordered by it."""
+        self.check_unchanged()
         if 'first_leaf' not in self._cache:
             first, last = _first_and_last_leaf(self.parent.cpu(), self.num_leaves,
                                                self.depth.cpu())
@@ -300,6 +314,7 @@ class Hierarchy:
     def num_sibling_pairs(self) -> int:
         r""":math:`E = \sum_A b_A^2`, the rows of a per-pair tensor (from the
         children counts: no plan is built for it)."""
+        self.check_unchanged()
         if 'num_sibling_pairs' not in self._cache:
             children = self.num_children
             self._cache['num_sibling_pairs'] = int((children * children).sum())
@@ -319,12 +334,28 @@ class Hierarchy:
                 f"{int(self.first_leaf[node])}..{int(self.last_leaf[node])}; number the "
                 f"leaves in sequence order (depth-first), as the sequence builders do")
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._TREE and name in self.__dict__:
+            raise AttributeError(
+                f"Hierarchy.{name} cannot be reassigned: the depths, leaf counts and cached "
+                f"sweep plans derive from the tree it was built with. Build a new one: "
+                f"Hierarchy.from_parent(parent, num_leaves)")
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        # the tree only: plans and caches hold engine types (some not
+        # allow-listed for torch.load's weights_only) and are rebuilt on demand
+        return {name: value for name, value in self.__dict__.items()
+                if name not in self._DERIVED}
+
     def __setstate__(self, state):
         # a copy (pickled to a loader worker and back, torch.save) starts its
         # own version count
         self.__dict__.update(state)
-        self.__dict__.setdefault('_family_tables', None)
-        self._parent_version = self.parent._version
+        for name, empty in (('_plans', dict), ('_layouts', dict), ('_cache', dict),
+                            ('_family_tables', lambda: None)):
+            self.__dict__.setdefault(name, empty())
+        self.__dict__['_parent_version'] = self.parent._version
 
     def check_unchanged(self) -> None:
         r"""Raises a :class:`ValueError` if :attr:`parent` was modified in
@@ -392,6 +423,7 @@ class Hierarchy:
         :meth:`layout` and, with :obj:`with_sources`, the inverse map
         ``[P]``: the pair at every padded position (:math:`E` at padding).
         Cached per device."""
+        self.check_unchanged()
         device = torch.device(device) if device is not None else self.parent.device
         key = f'pair_positions_{device}'
         if key not in self._cache:
@@ -650,9 +682,26 @@ def _check_batch(batch, parent: Tensor) -> Tensor:
     return batch
 
 
-# A Hierarchy saved with torch.save (with its cached plans) loads under
-# torch.load's weights_only default (torch >= 2.6) only if its classes are
-# allow-listed; they hold tensors, numbers and containers only.
+def _rebuild_with_derived(state) -> Hierarchy:
+    hierarchy = Hierarchy.__new__(Hierarchy)
+    hierarchy.__setstate__(state)
+    return hierarchy
+
+
+def _reduce_with_derived(hierarchy: Hierarchy):
+    # Between the processes of one run (a loader's worker handing a batch
+    # over, see hsa_geo.loader), the plans travel with the tree: building
+    # them in the worker is the point. torch.save and plain pickles use
+    # __getstate__ (the tree only).
+    return _rebuild_with_derived, (dict(hierarchy.__dict__), )
+
+
+ForkingPickler.register(Hierarchy, _reduce_with_derived)
+
+# A Hierarchy saved with torch.save loads under torch.load's weights_only
+# default (torch >= 2.6) only if its class is allow-listed; files saved by
+# earlier versions also carry its plans, whose classes hold tensors, numbers
+# and containers only.
 torch.serialization.add_safe_globals([
     Hierarchy, SweepPlan, FamilyBlock, FamilyTables, slot_layout.SlotLayout,
     slot_layout.LayoutLevel, slot_layout.LayoutBlock])

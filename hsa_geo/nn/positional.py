@@ -286,6 +286,7 @@ class SiblingPositionBias(Module):
         limit = self.max_children if self.kind == 'learned' else None
         key = (f'sibling_position_code:{device}:{layout}:levels={self.num_levels}:'
                f'modalities={self.num_modalities}:limit={limit}')
+        hierarchy.check_unchanged()  # the codes cached below are the tree's as built
         if key in hierarchy._cache:
             return hierarchy._cache[key]
         plan = hierarchy.plan(device)
