@@ -323,3 +323,31 @@ def test_a_family_too_wide_for_memory_is_refused_at_once(backend):
     q = torch.randn(200_000, 1, 4)
     with pytest.raises(MemoryError, match=r'node 200000 alone has 200000 children.*limit_children'):
         hsa(q, q, q, hierarchy, backend=backend)
+
+
+@pytest.mark.parametrize('backend', ['fused', 'scatter'])
+@pytest.mark.parametrize('causal', [False, True, 'strict'])
+def test_meta_tensors_propagate_shapes(backend, causal):
+    # a model built on the meta device (no memory) runs its forward and
+    # backward for the shapes: every backend and output, no sweep run
+    from hsa_geo import HSAConv
+    hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4)
+    q, k, v = (torch.randn(4, 2, 3, device='meta', requires_grad=True) for _ in range(3))
+    bias = torch.zeros(hierarchy.num_sibling_pairs, 2, device='meta', requires_grad=True)
+    out = hsa(q, k, v, hierarchy, backend=backend, causal=causal, pair_bias=bias)
+    assert out.shape == (4, 2, 3) and out.is_meta
+    out.sum().backward()
+    assert all(t.grad.shape == t.shape and t.grad.is_meta for t in (q, k, v, bias))
+    assert hsa(q[:, 0], k[:, 0], v[:, 0], hierarchy, backend=backend,
+               causal=causal).shape == (4, 3)
+    if causal != 'strict':
+        _, phi, log_self = hsa(q, k, v, hierarchy, backend=backend, causal=causal,
+                               energy='euclidean', return_log_partition=True,
+                               return_log_self_weight=True)
+        assert phi.shape == (7, 2) and log_self.shape == (4, 2) and phi.is_meta
+        assert hsa_log_partition(q, k, hierarchy, causal=causal).shape == (7, 2)
+        weights = hsa_block_weights(q[:, 0], k[:, 0], hierarchy, causal=causal)
+        assert weights.pair_weight.shape == (12, ) and weights.subtree_mass.shape == (7, )
+    with torch.device('meta'):
+        conv = HSAConv(3, 2, heads=2, causal=causal)
+    assert conv(torch.randn(4, 3, device='meta'), hierarchy).shape == (4, 4)

@@ -16,7 +16,7 @@ from hsa_geo.functional.compiled import fused_hsa, hierarchy_key
 from hsa_geo.functional.kernel import KernelHSAFunction
 from hsa_geo.functional.scatter_sweep import (ScatterPlan, build_scatter_plan, hsa_scatter,
                                               leaf_self_scores, scatter_bottom_up, subtree_mean)
-from hsa_geo.functional.sweep import HSAFunction, ScoreTerms, bottom_up, top_down
+from hsa_geo.functional.sweep import HSAFunction, ScoreTerms, autocast_off, bottom_up, top_down
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -121,7 +121,7 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         return _hsa_eager_outside_graph(q, k, v, hierarchy, scale, backend, **terms, **outputs)
     # every input the sweeps see runs in float32 or float64: under autocast
     # the products inside would otherwise be cast down (and mix dtypes)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):
         return _hsa_eager(q, k, v, hierarchy, scale, backend, **terms, **outputs)
 
 
@@ -137,7 +137,9 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
     euclidean = energy == 'euclidean'
     if euclidean:
         q, k = _centered(q, k)
-    if causal == 'strict':
+    if q.is_meta:
+        out, phi, log_self_weight = _shapes_only(q, v, hierarchy, k, pair_bias)
+    elif causal == 'strict':
         plan = hierarchy.plan(q.device)
         if 'family_groups' not in plan.cache:
             plan.cache['family_groups'] = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
@@ -168,6 +170,17 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
         outputs.append(log_self_weight)
     outputs = [t.to(dtype).squeeze(1) if single_head else t.to(dtype) for t in outputs]
     return tuple(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _shapes_only(q: Tensor, v: Tensor, hierarchy: Hierarchy, *inputs: Optional[Tensor]):
+    r"""On the meta device (a model built without memory, shapes only)
+    there is nothing to sweep: the output ``[N, H, D_v]``, :math:`\phi`
+    ``[N + M, H]`` and :math:`\log a_{ii}` ``[N, H]`` as tensors without
+    data, still connected to every input for autograd."""
+    link = q.sum() + sum(t.sum() for t in inputs if t is not None)
+    heads = q.size(1)
+    return (v + 0.0 * link, link.expand(hierarchy.num_nodes, heads),
+            link.expand(hierarchy.num_leaves, heads))
 
 
 def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: float,
@@ -329,15 +342,18 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     :func:`hsa`."""
     (q, k), single_head, dtype = _prepare((q, k), hierarchy)
     scale = _scale(scale, q)
-    plan = _scatter_plan(hierarchy.plan(q.device))
     _no_strict(causal)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
     euclidean = energy == 'euclidean'
     if euclidean:
         q, k = _centered(q, k)
-    phi = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean, bool(causal))[0]
-    if euclidean:  # the row term the sweeps leave out
-        phi = phi + 0.5 * scale * subtree_mean((q * q).sum(-1), plan)
+    if q.is_meta:
+        phi = _shapes_only(q, q, hierarchy, k, pair_bias)[1]
+    else:
+        plan = _scatter_plan(hierarchy.plan(q.device))
+        phi = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean, bool(causal))[0]
+        if euclidean:  # the row term the sweeps leave out
+            phi = phi + 0.5 * scale * subtree_mean((q * q).sum(-1), plan)
     phi = phi.to(dtype)
     return phi.squeeze(1) if single_head else phi
 
@@ -368,12 +384,14 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     scale = _scale(scale, q)
     _no_strict(causal)
     pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    if q.is_meta:
+        return _block_weight_shapes(q, k, hierarchy, pair_bias, single_head)
     layout = hierarchy.layout(q.device)
     heads = q.size(1)
     terms = ScoreTerms(_padded_bias(pair_bias, hierarchy, q), energy == 'euclidean', bool(causal))
     if terms.euclidean:
         q, k = _centered(q, k)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):
         state = bottom_up(q, k, q.new_zeros(q.size(0), heads, 0), layout, scale, terms)
         result = top_down(q.new_zeros(q.size(0), heads, 0), layout, state)
     # log P of every node: leaves from the sweep, clusters and roots from their slots
@@ -395,6 +413,18 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
         result = BlockAttention(result.pair_index, result.pair_weight[:, 0],
                                 result.subtree_mass[:, 0])
     return result
+
+
+def _block_weight_shapes(q: Tensor, k: Tensor, hierarchy: Hierarchy,
+                         pair_bias: Optional[Tensor], single_head: bool) -> BlockAttention:
+    r""":func:`hsa_block_weights` on the meta device: shapes only."""
+    link = _shapes_only(q, q, hierarchy, k, pair_bias)[1][:1]
+    pair_index = hierarchy.sibling_pairs()
+    pair_weight = link.expand(pair_index.size(1), -1)
+    subtree_mass = link.expand(hierarchy.num_nodes, -1)
+    if single_head:
+        return BlockAttention(pair_index, pair_weight[:, 0], subtree_mass[:, 0])
+    return BlockAttention(pair_index, pair_weight, subtree_mass)
 
 
 def block_attention_to_dense(attention: BlockAttention, hierarchy: Hierarchy) -> Tensor:
@@ -461,7 +491,7 @@ def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
     if pair_bias.device != q.device:
         raise ValueError(f"'pair_bias' is on {pair_bias.device} but q is on {q.device}")
     finite = torch.isfinite(pair_bias).all(1)
-    if not bool(finite.all()):
+    if not pair_bias.is_meta and not bool(finite.all()):  # meta: shapes only
         pair = int((~finite).nonzero()[0])
         row, col = hierarchy.plan(q.device).sibling_pairs()[:, pair].tolist()
         raise ValueError(f"'pair_bias' is not finite at row {pair}, the pair of nodes "

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from hsa_geo.functional.kernel import kernel_backward, kernel_forward
-from hsa_geo.functional.sweep import ScoreTerms, backward_sweeps, forward_sweeps
+from hsa_geo.functional.sweep import ScoreTerms, autocast_off, backward_sweeps, forward_sweeps
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 #: Hierarchies kept by id for the custom operator (most recent last).
@@ -114,7 +114,7 @@ def fused_hsa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     leaf_log_mass, family_log_mass = result.leaf_log_mass, result.family_log_mass
     held = [state._replace(self_log=None, leaf_phi=None, leaf_key_norm=None)]  # handed over
     del result, state
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):
         grad_q, grad_k, grad_v, grad_bias = backward_sweeps(
             grad_out, q, k, v, layout, scale, held.pop(), leaf_log_mass, family_log_mass,
             terms, grad_pair_bias=bias_grad, release=True)

@@ -21,6 +21,7 @@ is a view or a batched product.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -704,11 +705,20 @@ def _summary_push(grad: Tensor, nodes: Tensor, count: Tensor, layout: SlotLayout
 
 
 # ------------------------------------------------------------------ autograd
+def autocast_off(device: torch.device):
+    r"""A context that turns autocast off on :obj:`device`'s type, so that
+    the sweeps run in their inputs' dtype; nothing on a device type without
+    autocast (:obj:`"meta"`: shapes only)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def forward_sweeps(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: float,
                    terms: ScoreTerms) -> Tuple[ForwardState, TopDown]:
     r"""Both forward sweeps (no autograd), run in the inputs' dtype even
     inside :func:`torch.autocast`."""
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device):
         state = bottom_up(q, k, v, layout, scale, terms)
         return state, top_down(v, layout, state)
 
@@ -758,7 +768,7 @@ class HSAFunction(torch.autograd.Function):
         # When autograd frees the graph after this pass (no retain_graph), the
         # sweeps may drop the forward state as they go.
         release = not _graph_is_kept()
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device):
             grad_q, grad_k, grad_v, grad_bias = backward_sweeps(
                 grad_out, q, k, v, ctx.layout, ctx.scale,
                 ctx.__dict__.pop('state') if release else ctx.state, ctx.leaf_log_mass,
