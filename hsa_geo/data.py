@@ -72,12 +72,16 @@ def _raise_on_edge_count(edge: Tensor, num_leaves: int, num_clusters: int,
         raise ValueError(f"Node {int(child[counts > 1][0])} has more than one parent in "
                          f"hierarchy_edge_index")
     trees = 'one tree' if num_graphs == 1 else f'{num_graphs} trees'
+    expected = num_leaves + num_clusters - num_graphs
+    cause = ("the nodes changed after the hierarchy was built (subgraph(), or a transform "
+             "that adds or drops nodes). Build the hierarchy after such transforms "
+             "(AddHierarchy last)")
+    if edge.size(-1) < expected:  # more roots than graphs, or nodes were added
+        cause = (f"the hierarchy has {expected - edge.size(-1)} more root(s) than graphs (a "
+                 f"forest stored as one graph: give it one root cluster), or {cause}")
     raise ValueError(
         f"hierarchy_edge_index has {edge.size(-1)} parent edges, but {num_leaves} leaves and "
-        f"{num_clusters} clusters in {trees} have {num_leaves + num_clusters - num_graphs}: "
-        f"the nodes changed after the hierarchy was built (subgraph(), or a transform that "
-        f"adds or drops nodes). Build the hierarchy after such transforms "
-        f"(AddHierarchy last)")
+        f"{num_clusters} clusters in {trees} have {expected}: {cause}")
 
 
 #: The dimension along which batches concatenate ``hierarchy_edge_index``:
@@ -95,7 +99,12 @@ def hierarchy_attributes(hierarchy: Hierarchy) -> Dict[str, Any]:
     r"""The attributes of a :class:`NestedSignal` that store a single-graph
     :obj:`hierarchy`: :obj:`hierarchy_edge_index`, :obj:`num_clusters` and
     :obj:`hierarchy_ordered` (always present, so that graphs of both kinds
-    batch together)."""
+    batch together). A forest is refused: one graph holds one tree."""
+    if hierarchy.num_trees != 1:
+        raise ValueError(f"A NestedSignal holds one tree per graph, but the hierarchy is a "
+                         f"forest of {hierarchy.num_trees} trees (roots "
+                         f"{hierarchy.roots[:5].tolist()}): give it one root cluster, or "
+                         f"wrap each tree in a NestedSignal of its own and batch them")
     return dict(hierarchy_edge_index=hierarchy.edge_index,
                 num_clusters=hierarchy.num_clusters, hierarchy_ordered=hierarchy.ordered)
 

@@ -21,6 +21,7 @@ from hsa_geo.loader import HierarchyLoader
 from hsa_geo.transforms import AddHierarchy
 
 TREE = Hierarchy.from_parent(torch.tensor([3, 3, 4, 4, -1]), num_leaves=3)  # 3 leaves, 2 clusters
+FOREST = Hierarchy.from_parent(torch.tensor([3, 3, -1, -1]), num_leaves=3)  # roots 2 and 3
 
 
 def qkv(n=3, heads=2, dim=4, **kwargs):
@@ -83,6 +84,8 @@ CASES = [
      'Graph 0 has 2 roots'),
     ('batch wrong length', lambda: Hierarchy.from_parent(
         torch.tensor([1, -1]), 1, batch=torch.tensor([0])), ValueError, "'batch' has 1 entries"),
+    ('parent on meta', lambda: Hierarchy.from_parent(torch.tensor([2, 2, -1], device='meta'), 2),
+     ValueError, "'parent' is on the meta device"),
     ('batch negative id', lambda: Hierarchy.from_parent(
         torch.tensor([1, -1]), 1, batch=torch.tensor([0, -1])), ValueError, 'negative graph id'),
     ('flat negative', lambda: Hierarchy.flat(-1), ValueError, 'at least one leaf'),
@@ -160,6 +163,11 @@ CASES = [
     # --------------------------------------------------- data and transforms
     ('signal rows', lambda: NestedSignal.from_hierarchy(torch.randn(4, 2), TREE), ValueError,
      'x has 4 rows but the hierarchy has 3 leaves'),
+    ('signal of a forest', lambda: NestedSignal.from_hierarchy(torch.randn(3, 2), FOREST),
+     ValueError, 'one tree per graph, but the hierarchy is a forest of 2 trees \\(roots \\[2, 3\\]\\)'),
+    ('stored forest', lambda: hierarchy_from_data(NestedSignal(
+        x=torch.randn(3, 2), hierarchy_edge_index=FOREST.edge_index, num_clusters=1)),
+     ValueError, '1 more root.s. than graphs \\(a forest stored as one graph'),
     ('no hierarchy', lambda: hierarchy_from_data(Data(x=torch.randn(3, 2))), ValueError,
      'data has no hierarchy'),
     ('hierarchy ids outside', lambda: hierarchy_from_data(NestedSignal(
@@ -190,6 +198,12 @@ CASES = [
                                                        method='girvan_newman'),
      ValueError, 'girvan_newman would take very long'),
     ('networkx empty', lambda: from_networkx(nx.Graph()), ValueError, 'node'),
+    ('networkx community None', lambda: from_networkx(nx.karate_club_graph(),
+                                                      method=lambda graph, seed: None),
+     ValueError, 'community method <lambda> returned NoneType for a component of 34 nodes'),
+    ('networkx community number', lambda: from_networkx(nx.path_graph(3),
+                                                        method=lambda graph, seed: 2),
+     ValueError, 'returned int .* must return a list of partitions'),
     ('metis negative weight', lambda: from_edge_index_metis(
         torch.tensor([[0, 1], [1, 2]]), 3, edge_weight=torch.tensor([1.0, -1.0])), ValueError,
      'edge'),

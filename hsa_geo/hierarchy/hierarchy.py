@@ -559,6 +559,10 @@ def _parent_as_long(parent, num_leaves) -> Tuple[Tensor, int]:
         raise ValueError(f"'parent' must hold integer node ids (got dtype {parent.dtype})")
     if parent.dim() != 1:
         raise ValueError(f"'parent' must be one-dimensional (got shape {tuple(parent.shape)})")
+    if parent.is_meta:
+        raise ValueError("'parent' is on the meta device, which holds no values, but a "
+                         "hierarchy is built from the parent pointers' values: pass them on "
+                         "the CPU (or another device); q, k and v may be meta tensors")
     num_leaves = _leaf_count(num_leaves)
     num_nodes = parent.numel()
     if num_nodes < num_leaves:

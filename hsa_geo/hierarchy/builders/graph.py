@@ -203,7 +203,7 @@ def _community_method(method, max_levels: Optional[int], kwargs) -> CommunityMet
         if kwargs:
             raise ValueError(f"Keyword arguments {sorted(kwargs)} are only for the built-in "
                              f"methods; bind them into the callable instead")
-        return lambda graph, seed: list(method(graph, seed))
+        return lambda graph, seed: _levels_of(method, graph, seed)
     if method == 'louvain':
         return lambda graph, seed: list(islice(
             nx.community.louvain_partitions(graph, weight='weight', seed=seed, **kwargs),
@@ -230,6 +230,20 @@ def _community_method(method, max_levels: Optional[int], kwargs) -> CommunityMet
             seed=seed, **kwargs))]
     raise ValueError(f"Unknown community method {method!r}; choose one of {METHODS} "
                      f"or pass a callable")
+
+
+def _levels_of(method: Callable, graph: nx.Graph, seed: int) -> List:
+    r"""The partitions a community callable returns for one component, as a
+    list; anything else but an iterable of them (None, a number, a string)
+    is refused naming the method."""
+    levels = method(graph, seed)
+    if levels is None or isinstance(levels, (str, bytes)) or not hasattr(levels, '__iter__'):
+        name = getattr(method, '__name__', repr(method))
+        raise ValueError(f"The community method {name} returned {type(levels).__name__} for "
+                         f"a component of {graph.number_of_nodes()} nodes; it must return a "
+                         f"list of partitions of the nodes 0..n-1 (each a list of sets), "
+                         f"finest first")
+    return list(levels)
 
 
 #: Largest :math:`n m^2` (nodes times squared edges of a component) that
