@@ -235,6 +235,32 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
             'n': int(values.size)}
 
 
+def paired_bootstrap(first: np.ndarray, second: np.ndarray, resamples: int,
+                     metric=None, seed: int = 0) -> Dict[str, Any]:
+    r"""Metric of :obj:`first` minus metric of :obj:`second`, both
+    ``[seeds, examples, ...]`` for the same seeds and test examples, with a
+    95 % interval from resampling seeds and examples alike for both. The
+    metric maps ``[k, ...]`` (seeds and examples flattened) to a number; by
+    default the mean (e.g. of 0/1 correctness)."""
+    first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    if first.shape != second.shape or first.ndim < 2:
+        raise ValueError(f"paired_bootstrap() takes two [seeds, examples, ...] arrays of one "
+                         f"shape (got {first.shape} and {second.shape})")
+    metric = metric or (lambda values: float(values.mean()))
+    num_seeds, num_examples = first.shape[:2]
+    rng = np.random.default_rng(seed)
+    differences = np.empty(resamples)
+    for r in range(resamples):
+        pick = (rng.integers(num_seeds, size=num_seeds)[:, None],
+                rng.integers(num_examples, size=num_examples)[None, :])
+        differences[r] = (metric(first[pick].reshape(-1, *first.shape[2:]))
+                          - metric(second[pick].reshape(-1, *second.shape[2:])))
+    low, high = np.quantile(differences, [0.025, 0.975])
+    return {'difference': (metric(first.reshape(-1, *first.shape[2:]))
+                           - metric(second.reshape(-1, *second.shape[2:]))),
+            'ci95': [float(low), float(high)]}
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (ExampleError, config_of, load_checkpoint, mean_std, run_main,  # noqa: E402
-                    save_checkpoint, set_seed, write_json)
+from common import (ExampleError, config_of, load_checkpoint, mean_std,  # noqa: E402
+                    paired_bootstrap, run_main, save_checkpoint, set_seed, write_json)
 from listops_models import (MODELS, ListOpsBatch, ListOpsModel, count_parameters,  # noqa: E402
                             matched_width)
 
@@ -251,20 +251,6 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
 
 
 # ---------------------------------------------------------------- report
-def paired_bootstrap(first: np.ndarray, second: np.ndarray, resamples: int, seed: int = 0):
-    r"""Mean of :obj:`first` - :obj:`second` (``[seeds, examples]`` of 0/1)
-    and a 95 % interval from resampling seeds and examples."""
-    difference = torch.from_numpy(first.astype(np.float64) - second.astype(np.float64))
-    generator = torch.Generator().manual_seed(seed)
-    seed_draw = torch.randint(difference.size(0), (resamples, difference.size(0)),
-                              generator=generator)
-    example_draw = torch.randint(difference.size(1), (resamples, difference.size(1)),
-                                 generator=generator)
-    means = difference[seed_draw[:, :, None], example_draw[:, None, :]].mean((1, 2))
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
-    return {'difference': float(difference.mean()), 'ci95': [low, high]}
-
-
 def report(runs: List[Dict], args) -> Dict:
     splits = TEST_SPLITS[args.setting]
     summary = {}

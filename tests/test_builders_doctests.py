@@ -19,6 +19,7 @@ MODULES = [
     'hsa_geo.transforms',
     'hsa_geo.plot',
     'hsa_geo.datasets.listops',
+    'hsa_geo.datasets.sbm',
 ]
 
 

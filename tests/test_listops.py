@@ -274,3 +274,17 @@ def test_listops_script_resumes_to_the_uninterrupted_run(tmp_path, tiny_recipes)
     script.main(tiny_args(tmp_path, 'straight', 4) + ['--report-only'])
     again = json.load(open(tmp_path / 'straight.json'))
     assert again['summary'] == straight['summary']
+
+
+def test_paired_bootstrap():
+    from common import paired_bootstrap
+    rng = np.random.default_rng(0)
+    first = rng.integers(2, size=(2, 300))
+    same = paired_bootstrap(first, first, 100)
+    assert same == {'difference': 0.0, 'ci95': [0.0, 0.0]}
+    better = np.maximum(first, rng.integers(2, size=(2, 300)))
+    result = paired_bootstrap(better, first, 200)
+    assert result['difference'] == pytest.approx(float((better - first).mean()))
+    assert 0 < result['ci95'][0] < result['difference'] < result['ci95'][1]
+    with pytest.raises(ValueError, match='one shape'):
+        paired_bootstrap(first, first[:, :10], 10)

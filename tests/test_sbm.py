@@ -1,0 +1,131 @@
+r"""CLUSTER and PATTERN: the offline SBM generators follow the benchmarking
+suite's recipes, the weighted accuracy is the suite's, and the comparison
+script trains, reports and resumes on tiny settings."""
+import json
+import os.path as osp
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hsa_geo.datasets.sbm import (CLUSTER, PATTERN, SBMRecipe, generate_sbm,
+                                  generate_sbm_splits, weighted_accuracy)
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(REPO, 'examples'))
+
+
+def test_cluster_follows_the_recipe():
+    graphs = generate_sbm(CLUSTER, 40, seed=0)
+    inside, across = [0, 0], [0, 0]
+    for g in graphs:
+        counts = torch.bincount(g.y, minlength=6)
+        assert counts.min() >= 5 and counts.max() <= 34
+        # one labelled node per community, carrying its community + 1
+        labelled = g.x.nonzero().squeeze(1)
+        assert sorted((g.x[labelled] - 1).tolist()) == list(range(6))
+        assert torch.equal(g.x[labelled] - 1, g.y[labelled])
+        dense = torch.zeros(g.num_nodes, g.num_nodes, dtype=torch.bool)
+        dense[g.edge_index[0], g.edge_index[1]] = True
+        assert torch.equal(dense, dense.T) and not dense.diagonal().any()
+        same = g.y[:, None] == g.y[None, :]
+        off = ~torch.eye(g.num_nodes, dtype=torch.bool)
+        inside[0] += int(dense[same & off].sum())
+        inside[1] += int((same & off).sum())
+        across[0] += int(dense[~same].sum())
+        across[1] += int((~same).sum())
+    assert abs(inside[0] / inside[1] - 0.55) < 0.02
+    assert abs(across[0] / across[1] - 0.25) < 0.02
+
+
+def test_pattern_follows_the_recipe():
+    graphs = generate_sbm(PATTERN, 40, seed=0)
+    link = [0, 0]
+    patterns = set()
+    for g in graphs:
+        assert int(g.y.sum()) == 20 and g.x.max() <= 2 and g.x.min() >= 0
+        assert 25 + 20 <= g.num_nodes <= 5 * 34 + 20
+        dense = torch.zeros(g.num_nodes, g.num_nodes, dtype=torch.bool)
+        dense[g.edge_index[0], g.edge_index[1]] = True
+        in_pattern = g.y.bool()
+        link[0] += int(dense[in_pattern][:, ~in_pattern].sum())
+        link[1] += int(in_pattern.sum()) * int((~in_pattern).sum())
+        patterns.add(tuple(g.x[in_pattern].sort().values.tolist()))
+    assert abs(link[0] / link[1] - 0.5) < 0.02
+    assert len(patterns) > 1  # graphs draw from a bank of patterns
+
+
+def test_generators_are_deterministic_and_shuffle_nodes():
+    a, b = generate_sbm(CLUSTER, 3, seed=4), generate_sbm(CLUSTER, 3, seed=4)
+    for g, h in zip(a, b):
+        assert torch.equal(g.edge_index, h.edge_index) and torch.equal(g.y, h.y)
+    # nodes are not sorted by community
+    assert any(not torch.equal(g.y, g.y.sort().values) for g in a)
+    splits = generate_sbm_splits(PATTERN, seed=0, sizes={'train': 2, 'test': 2})
+    assert [len(v) for v in splits.values()] == [2, 2]
+    assert dict(CLUSTER.splits) == {'train': 10_000, 'valid': 1_000, 'test': 1_000}
+    assert dict(PATTERN.splits) == {'train': 10_000, 'valid': 2_000, 'test': 2_000}
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match='num_graphs'):
+        generate_sbm(CLUSTER, -1, seed=0)
+    with pytest.raises(ValueError, match='unknown SBM recipe'):
+        generate_sbm(SBMRecipe('OTHER', 2, 5, 6, 0.5, 0.1), 1, seed=0)
+    with pytest.raises(ValueError, match='shape'):
+        weighted_accuracy(torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.long), 2)
+
+
+def test_weighted_accuracy_is_the_mean_per_class_accuracy():
+    target = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    prediction = torch.tensor([0, 0, 0, 1, 1, 0, 2])
+    # class 0: 3/4, class 1: 1/1, class 2: 1/2 -> mean 0.75
+    assert weighted_accuracy(prediction, target, 3) == pytest.approx(75.0)
+    # an absent class counts as 0, as in the suite
+    assert weighted_accuracy(prediction, target, 4) == pytest.approx(56.25)
+
+
+TINY = ['--epochs', '1', '--train-size', '12', '--valid-size', '6', '--test-size', '6',
+        '--hidden', '16', '--layers', '1', '--heads', '2', '--batch-size', '6',
+        '--resamples', '40']
+
+
+def test_cluster_pattern_script_trains_every_model_and_resumes(tmp_path):
+    pytest.importorskip('pymetis')
+    import cluster_pattern as script
+    threads = torch.get_num_threads()
+    common = [*TINY, '--data-dir', str(tmp_path / 'data'), '--checkpoint-dir',
+              str(tmp_path / 'runs'), '--out', str(tmp_path / 'out.json')]
+    try:
+        script.main(common)
+        report = json.load(open(tmp_path / 'out.json'))
+        assert set(report['summary']) == set(script.MODELS)
+        sizes = [row['parameters'] for row in report['summary'].values()]
+        reference = report['summary'][script.REFERENCE]['parameters']
+        assert max(abs(s - reference) for s in sizes) <= 0.1 * reference
+        for run in report['runs']:
+            counts = np.asarray(run['test_counts'])
+            assert counts.shape == (6, 6, 2) and counts[..., 1].sum() > 0
+            assert run['test_accuracy'] == pytest.approx(script.accuracy_of(counts))
+        comparison = report['comparisons'][0]
+        assert comparison['ci95'][0] <= comparison['difference'] <= comparison['ci95'][1]
+        # a second epoch resumes from the checkpoint of the first
+        script.main([*common, '--models', 'gps_hsa', '--epochs', '2'])
+        again = json.load(open(tmp_path / 'out.json'))
+        (run, ) = [r for r in again['runs'] if r['model'] == 'gps_hsa']
+        assert [h['epoch'] for h in run['history']] == [1, 2]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_script_accuracy_matches_the_metric():
+    import cluster_pattern as script
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.integers(3, size=50))
+    prediction = torch.from_numpy(rng.integers(3, size=50))
+    graph = torch.from_numpy(rng.integers(4, size=50))
+    counts = np.zeros((4, 3, 2), dtype=np.int64)
+    np.add.at(counts, (graph.numpy(), target.numpy(), 0), (prediction == target).numpy())
+    np.add.at(counts, (graph.numpy(), target.numpy(), 1), 1)
+    assert script.accuracy_of(counts) == pytest.approx(weighted_accuracy(prediction, target, 3))
