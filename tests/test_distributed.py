@@ -192,6 +192,76 @@ def test_ranks_that_disagree_on_the_top_tree_get_a_clear_error(tmp_path):
     run_ranks(2, _disagreement_worker, tmp_path)
 
 
+def _options_worker(rank, world_size):
+    hierarchy = random_forest(1, trees=2, causal=True)
+    shard = partition_hierarchy(hierarchy, world_size, parts_per_rank=4).shard(rank)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(hierarchy.num_leaves, 2, 3, generator=generator)[shard.leaves]
+    top_bias = torch.randn(shard.top.pair_index.numel(), 2, generator=generator)
+    other = 1 - rank
+    # (what differs, rank 1's call); rank 0 makes the default call
+    cases = [('causal', lambda: distributed_hsa(q, q, q, shard, causal=True)),
+             ('scale', lambda: distributed_hsa(q, q, q, shard, scale=0.3)),
+             ('top_pair_bias', lambda: distributed_hsa(q, q, q, shard, top_pair_bias=top_bias)),
+             ('energy', lambda: distributed_hsa(q, q, q, shard, energy='euclidean')),
+             ('dtype', lambda: distributed_hsa(*(q.double(), ) * 3, shard)),
+             ('heads', lambda: distributed_hsa(*(q[:, :1], ) * 3, shard)),
+             ('dim', lambda: distributed_hsa(q[..., :2], q[..., :2], q, shard)),
+             ('value_dim', lambda: distributed_hsa(q, q, q[..., :2], shard))]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=rf"rank {rank}: the ranks disagree on the options "
+                                             rf"of distributed_hsa.* {name}: .* ranks \[{other}\]"):
+            call() if rank == 1 else distributed_hsa(q, q, q, shard)
+    # the same options but another top bias (values), and a rank under no_grad
+    with pytest.raises(ValueError, match=rf"top_pair_bias: .* ranks \[{other}\]"):
+        distributed_hsa(q, q, q, shard, top_pair_bias=top_bias * (1 + rank))
+    with pytest.raises(ValueError, match=rf"grad enabled: .* ranks \[{other}\]"):
+        with torch.set_grad_enabled(rank == 0):
+            distributed_hsa(q, q, q, shard)
+    # after the errors, the ranks are still in step
+    distributed_hsa(q, q, q, shard, top_pair_bias=top_bias, causal=True)
+
+
+def test_ranks_that_disagree_on_the_options_get_a_clear_error(tmp_path):
+    run_ranks(2, _options_worker, tmp_path)
+
+
+def _out_of_step_worker(rank, world_size):
+    hierarchy = random_forest(2, trees=2)
+    shard = partition_hierarchy(hierarchy, world_size, parts_per_rank=4).shard(rank)
+    q = torch.randn(shard.num_leaves, 2, 3, requires_grad=True)
+    # rank 1 skips the backward: its next call meets rank 0's backward
+    group = dist.new_group([0, 1])
+    out = distributed_hsa(q, q, q, shard, group=group)
+    with pytest.raises(ValueError, match=rf"rank {rank}: distributed_hsa is out of step"):
+        if rank == 0:
+            out.sum().backward()
+        else:
+            distributed_hsa(q, q, q, shard, group=group)
+    # two layers; rank 1 skips the second: its backward meets rank 0's call
+    group = dist.new_group([0, 1])
+    with pytest.raises(ValueError, match=r"this rank is at the (forward of call 2|backward of "
+                                         r"call 1), ranks \[\d\] at the (backward of call 1|"
+                                         r"forward of call 2)"):
+        out = distributed_hsa(q, q, q, shard, group=group)
+        if rank == 0:
+            out = distributed_hsa(out, out, out, shard, group=group)
+        out.sum().backward()
+    # rank 1 skips the backward and goes elsewhere: rank 0 times out, with
+    # a message that names the call and the rank
+    group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=3))
+    out = distributed_hsa(q, q, q, shard, group=group)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match=r"rank 0: the backward of call 1 of "
+                                               r"distributed_hsa failed .*Timed out"):
+            out.sum().backward()
+    dist.barrier()
+
+
+def test_a_rank_that_skips_a_call_or_its_backward_is_named(tmp_path):
+    run_ranks(2, _out_of_step_worker, tmp_path)
+
+
 def _layer_worker(rank, world_size):
     torch.manual_seed(0)
     hierarchy = random_forest(5, trees=2, causal=True)
@@ -222,11 +292,13 @@ def _communication_worker(rank, world_size):
         partition = partition_hierarchy(hierarchy, world_size)
         shard = partition.shard(rank)
         q = torch.randn(shard.num_leaves, 4, 16, requires_grad=True)
-        distributed_hsa(q, q, q, shard)  # the first call also checks the top tree
         with count_communication() as meter:
             distributed_hsa(q, q, q, shard).sum().backward()
-        # parts x heads x (2D + D_v + 1) float32 numbers, reduced forward and backward
-        assert meter.bytes == 2 * partition.top.num_parts * 4 * (3 * 16 + 1) * 4
+        # parts x heads x (2D + D_v + 1) float32 numbers, reduced forward and
+        # backward, each after the ranks' check: 16 float64 numbers per rank
+        assert meter.bytes == 2 * partition.top.num_parts * 4 * (3 * 16 + 1) * 4 + \
+            2 * world_size * 16 * 8
+        assert meter.calls == 4
         measured.append(meter.bytes)
     assert abs(measured[1] / measured[0] - 1) <= 0.1, measured
 

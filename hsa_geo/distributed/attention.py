@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hsa_geo.distributed.collectives import all_reduce_sum, check_same_everywhere, share_rows
+from hsa_geo.distributed.agreement import CallSignature
+from hsa_geo.distributed.collectives import all_reduce_sum, share_rows
 from hsa_geo.distributed.partition import HierarchyShard
 from hsa_geo.functional.attention import (ENERGIES, _check_terms, _leaf_pairs, _scale,
                                           _scatter_plan, _to_compute, check_causal,
@@ -46,13 +47,19 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     :obj:`shard.leaves` of :func:`hsa_geo.functional.hsa` over the whole
     hierarchy, differentiable. Every rank of the group calls it (a rank
     without leaves too, with ``[0, H, D]`` tensors), and every rank calls
-    backward through its output: the exchange is collective.
+    backward through its output: the exchange is collective. Before each
+    exchange the ranks compare their calls (options, partition, the call's
+    number and pass): ranks that disagree get a :class:`ValueError`
+    naming the ranks and what differs, and a failure of the exchange (a
+    peer gone, the group's timeout) a :class:`RuntimeError` naming this
+    rank and the call.
 
     Communication per call: one all-reduce of :math:`P \cdot H \cdot (2D +
     D_v + 1)` numbers forward (:math:`P` parts; one more column, the mean
     squared key norm, and :math:`HD + 1` numbers for the keys' common
-    centre with the Euclidean energy) and one as large backward; none of it
-    grows with :math:`N`.
+    centre with the Euclidean energy) and one as large backward, each after
+    an all-gather of 16 numbers per rank (the check); none of it grows with
+    :math:`N`.
 
     Args:
         q (torch.Tensor): This rank's queries ``[n_r, H, D]`` (or
@@ -82,7 +89,7 @@ def distributed_hsa(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("distributed_hsa needs torch.distributed initialised "
                            "(torch.distributed.init_process_group, or run under torchrun)")
-    _check_shard(shard, group, q.device if isinstance(q, Tensor) else None)
+    _check_shard(shard, group)
     if energy not in ENERGIES:
         raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
     check_causal(causal)
@@ -104,13 +111,20 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     dim = q.size(2)
     scale = _scale(scale, q)
     euclidean = energy == 'euclidean'
-    if euclidean:  # one centre for all ranks (the result does not depend on it)
-        q, k = _centered_globally(q, k, group)
     top = shard.top
     try:  # the top tree's bias is checked as hsa checks a pair bias
         top_bias = _check_terms(top_pair_bias, energy, causal, top.hierarchy, q)
     except ValueError as error:
         raise ValueError(f"top_pair_bias (over shard.top.hierarchy): {error}") from None
+    if shard.local is not None:
+        pair_bias = _check_terms(pair_bias, energy, causal, shard.local, q)
+    # every check that may fail on one rank alone is behind us: the ranks
+    # now compare their calls before the first exchange, and again before
+    # the backward's
+    signature = CallSignature.of(shard, q, v, scale, energy, causal, top_bias, group)
+    signature.agree()
+    if euclidean:  # one centre for all ranks (the result does not depend on it)
+        q, k = _centered_globally(q, k, signature.name, group)
     local_out, summaries = _part_summaries(q, k, v, shard, scale, pair_bias, euclidean, causal,
                                            top_bias)
     if torch.is_grad_enabled() and not summaries.requires_grad:
@@ -119,7 +133,8 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
         summaries = summaries.detach().requires_grad_()
     # every rank's summaries, in top-tree leaf order [P, H, width]
     mine = shard.parts.to(q.device)
-    rows = share_rows(summaries, mine, top.num_parts, group)
+    rows = share_rows(summaries, mine, top.num_parts, signature.name, group,
+                      lambda: signature.agree(backward=True))
     part_out, part_log_mass = _top_sweep(rows, top, scale, top_bias, euclidean, bool(causal),
                                          dim, v.size(2))
     # y_i = P(B) y^B_i + u_B, with u_B = y_B - P(B) mean_v(B) what reaches B from outside
@@ -130,7 +145,7 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     return torch.addcmul(incoming[leaf_part], local_out, mass[leaf_part][..., None])
 
 
-def _check_shard(shard: HierarchyShard, group, device) -> None:
+def _check_shard(shard: HierarchyShard, group) -> None:
     if not isinstance(shard, HierarchyShard):
         raise TypeError(f"'shard' must be a HierarchyShard (HierarchyPartition.shard(rank)); "
                         f"got {type(shard).__name__}")
@@ -138,13 +153,6 @@ def _check_shard(shard: HierarchyShard, group, device) -> None:
     if shard.world_size != world_size or shard.rank != rank:
         raise ValueError(f"rank {rank} of {world_size} was given the shard of rank {shard.rank} "
                          f"of a partition over {shard.world_size} ranks")
-    checked = getattr(shard, '_checked_groups', None)
-    if checked is None:
-        checked = shard._checked_groups = set()
-    if id(group) not in checked:  # once per shard: the top trees must agree
-        check_same_everywhere(shard.top.fingerprint(), 'the top tree of the partition', group,
-                              device)
-        checked.add(id(group))
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard):
@@ -165,10 +173,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard):
     return _to_compute((q, k, v))
 
 
-def _centered_globally(q: Tensor, k: Tensor, group) -> Tuple[Tensor, Tensor]:
+def _centered_globally(q: Tensor, k: Tensor, call: str, group) -> Tuple[Tensor, Tensor]:
     r"""q and k minus the mean key over all ranks (detached)."""
     total = torch.cat([k.detach().sum(0).reshape(-1), k.new_full((1, ), k.size(0))])
-    total = all_reduce_sum(total, group)
+    total = all_reduce_sum(total, f'the forward of {call}', group)
     center = (total[:-1] / total[-1].clamp(min=1)).view(1, *k.shape[1:])
     return q - center, k - center
 
@@ -195,7 +203,6 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
         # included) reaches the collective on every rank
         return v, rows + 0.0 * (q.sum() + k.sum() + v.sum())
     local = shard.local
-    pair_bias = _check_terms(pair_bias, 'euclidean' if euclidean else 'dot', causal, local, q)
     roots = shard.part_root.to(q.device)  # -1 for the bundle
     clusters = (roots >= local.num_leaves).nonzero().view(-1)
     leaves = ((roots >= 0) & (roots < local.num_leaves)).nonzero().view(-1)

@@ -3,12 +3,14 @@ bytes they move.
 
 Exact distributed HSA exchanges only the summaries of the parts (their
 mean query, key and value, :math:`\phi`; a few numbers per part and head):
-one all-reduce forward, one backward, whatever :math:`N`.
+one all-reduce forward, one backward, whatever :math:`N`, each after the
+ranks' check of the call (:mod:`hsa_geo.distributed.agreement`). A failure
+in any of them names this rank and the call (:func:`collective`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -54,16 +56,47 @@ def _record(tensor: Tensor) -> None:
         meter.add(tensor)
 
 
-def all_reduce_sum(tensor: Tensor, group: Optional[dist.ProcessGroup] = None) -> Tensor:
+def collective(run: Callable[[], object], context: str,
+               group: Optional[dist.ProcessGroup] = None) -> None:
+    r"""Runs one collective; a failure of the backend (a peer that closed
+    the connection, the process group's timeout) becomes a
+    :class:`RuntimeError` that names this rank and :obj:`context`, the
+    call it belongs to."""
+    try:
+        run()
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"rank {dist.get_rank(group)}: {context} failed in the exchange between the ranks "
+            f"({str(error).strip()}). A rank that skipped this call or the backward through "
+            f"its output, or stopped, leaves the others waiting until it exits or the process "
+            f"group's timeout passes (init_process_group(timeout=...)): every rank of the group "
+            f"must call distributed_hsa (HSAConv over a shard) as often as the others, a rank "
+            f"without leaves too, and backward through every output, in the same order"
+        ) from error
+
+
+def all_reduce_sum(tensor: Tensor, context: str,
+                   group: Optional[dist.ProcessGroup] = None) -> Tensor:
     r"""The sum over ranks of :obj:`tensor` (not differentiated)."""
     tensor = tensor.detach().clone()
     _record(tensor)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group), context, group)
     return tensor
 
 
-def share_rows(rows: Tensor, positions: Tensor, num_rows: int,
-               group: Optional[dist.ProcessGroup] = None) -> Tensor:
+def all_gather_rows(row: Tensor, context: str,
+                    group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    r"""``[world_size, *row.shape]`` every rank's :obj:`row` (not
+    differentiated)."""
+    everyone = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    _record(row.new_empty((len(everyone), ) + row.shape))
+    collective(lambda: dist.all_gather(everyone, row.contiguous(), group=group), context, group)
+    return torch.stack(everyone)
+
+
+def share_rows(rows: Tensor, positions: Tensor, num_rows: int, call: str,
+               group: Optional[dist.ProcessGroup] = None,
+               before_backward: Optional[Callable[[], None]] = None) -> Tensor:
     r"""``[num_rows, ...]``: every rank's :obj:`rows` at its
     :obj:`positions` (each row owned by one rank), differentiable: the
     gradient of a rank's rows is the sum over ranks of the gradients at its
@@ -71,50 +104,37 @@ def share_rows(rows: Tensor, positions: Tensor, num_rows: int,
 
     One all-reduce of the zero-filled ``[num_rows, ...]`` tensor, forward
     and backward: ranks may own different numbers of rows, and nothing is
-    padded."""
-    return _ShareRows.apply(rows, positions, num_rows, group)
+    padded. :obj:`call` names the call in errors ("call 3 of ...");
+    :obj:`before_backward` runs first in the backward (the ranks' check
+    that they are in step)."""
+    return _ShareRows.apply(rows, positions, num_rows, call, group, before_backward)
 
 
 class _ShareRows(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, rows: Tensor, positions: Tensor, num_rows: int,
-                group: Optional[dist.ProcessGroup]) -> Tensor:
-        ctx.group = group
+    def forward(ctx, rows: Tensor, positions: Tensor, num_rows: int, call: str,
+                group: Optional[dist.ProcessGroup],
+                before_backward: Optional[Callable[[], None]]) -> Tensor:
+        ctx.group, ctx.call, ctx.before_backward = group, call, before_backward
         ctx.save_for_backward(positions)
         shared = rows.new_zeros((num_rows, ) + rows.shape[1:])
         shared[positions] = rows
         _record(shared)
-        dist.all_reduce(shared, op=dist.ReduceOp.SUM, group=group)
+        collective(lambda: dist.all_reduce(shared, op=dist.ReduceOp.SUM, group=group),
+                   f'the forward of {call}', group)
         return shared
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         positions, = ctx.saved_tensors
+        if ctx.before_backward is not None:
+            ctx.before_backward()
         grad = grad.contiguous().clone()
         _record(grad)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[positions], None, None, None
-
-
-def check_same_everywhere(value: int, what: str,
-                          group: Optional[dist.ProcessGroup] = None,
-                          device: Optional[torch.device] = None) -> None:
-    r"""Raises a :class:`ValueError` naming the ranks unless every rank
-    passes the same :obj:`value` (a 63-bit integer); :obj:`device` is where
-    the backend exchanges tensors (a GPU for nccl)."""
-    world_size = dist.get_world_size(group)
-    mine = torch.tensor([value], dtype=torch.long, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(world_size)]
-    _record(mine.new_empty(world_size))
-    dist.all_gather(everyone, mine, group=group)
-    values = [int(t) for t in everyone]
-    if len(set(values)) > 1:
-        rank = dist.get_rank(group)
-        differing = [r for r, other in enumerate(values) if other != values[rank]]
-        raise ValueError(f"rank {rank}: the ranks disagree on {what}; ranks {differing} hold "
-                         f"another than this rank's. Build every rank's shard from the same "
-                         f"hierarchy and partition (same world size, same cut).")
+        collective(lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group),
+                   f'the backward of {ctx.call}', ctx.group)
+        return grad[positions], None, None, None, None, None
 
 
 def scatter_shards(partition, src: int = 0,

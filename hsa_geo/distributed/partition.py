@@ -236,8 +236,8 @@ class HierarchyPartition:
         position[mine] = torch.arange(mine.numel())
         leaf_part = position[self.part_top[self.node_part[leaves]]]
         if leaves.numel() == 0:
-            return HierarchyShard(rank, top, None, leaves, node, mine, leaf_part,
-                                  torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+            none = torch.zeros(0, dtype=torch.long)
+            return HierarchyShard(rank, top, None, leaves, node, mine, leaf_part, none, none)
         local_id = torch.full((hierarchy.num_nodes, ), -1, dtype=torch.long)
         local_id[node] = torch.arange(node.numel())
         parent = hierarchy.parent.cpu()[node]
