@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hsa_geo import Hierarchy, HSAConv
-from hsa_geo.distributed import (HierarchyPartition, count_communication, distributed_hsa,
-                                 partition_hierarchy)
+from hsa_geo.distributed import (HierarchyPartition, all_reduce_gradients, count_communication,
+                                 distributed_hsa, partition_hierarchy)
 from hsa_geo.functional import hsa
 from hsa_geo.functional.kernel import use_cpu_kernel
 from random_trees import balanced_parent, random_forest
@@ -271,14 +271,25 @@ def _layer_worker(rank, world_size):
     expected = conv(x, hierarchy)
     expected.pow(2).sum().backward()
     expected_grads = [p.grad.clone() for p in conv.parameters()]
-    conv.zero_grad()
-    shard = partition_hierarchy(hierarchy, world_size, parts_per_rank=4).shard(rank)
-    out = conv(x[shard.leaves], shard)
-    out.pow(2).sum().backward()
-    assert _max_error([(out, expected[shard.leaves])]) < 1e-10
-    for parameter, grad in zip(conv.parameters(), expected_grads):
-        dist.all_reduce(parameter.grad)  # as data-parallel training sums the ranks' shares
-        assert _max_error([(parameter.grad, grad)]) < 1e-10
+    balanced = partition_hierarchy(hierarchy, world_size, parts_per_rank=4)
+    # one part, on rank 0: rank 1 holds no leaves, and its positional
+    # parameters get no gradient at all (None)
+    single = HierarchyPartition.from_parts(hierarchy, hierarchy.roots, [0, 0], world_size)
+    for partition in (balanced, single):
+        conv.zero_grad()
+        shard = partition.shard(rank)
+        out = conv(x[shard.leaves], shard)
+        out.pow(2).sum().backward()
+        assert _max_error([(out, expected[shard.leaves])]) < 1e-10
+        all_reduce_gradients(conv)  # sums the ranks' shares, None as zeros
+        for parameter, grad in zip(conv.parameters(), expected_grads):
+            assert _max_error([(parameter.grad, grad)]) < 1e-10
+    weight = torch.ones(2, requires_grad=True)
+    weight.grad = torch.full((2, ), float(rank))
+    all_reduce_gradients([weight], average=True)  # as DDP does
+    assert weight.grad.tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match=rf"rank {rank}: .* other counts on ranks \[{1 - rank}\]"):
+        all_reduce_gradients(list(conv.parameters())[:1 + rank])
 
 
 def test_hsa_conv_over_a_shard_equals_the_whole_hierarchy(tmp_path):

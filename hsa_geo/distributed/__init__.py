@@ -8,8 +8,8 @@ exchanging one summary per part: the communication does not grow with the
 number of leaves. docs/distributed.rst derives it.
 """
 from hsa_geo.distributed.attention import distributed_hsa
-from hsa_geo.distributed.collectives import (CommunicationMeter, count_communication,
-                                             scatter_shards)
+from hsa_geo.distributed.collectives import (CommunicationMeter, all_reduce_gradients,
+                                             count_communication, scatter_shards)
 from hsa_geo.distributed.partition import (HierarchyPartition, HierarchyShard, TopTree,
                                            partition_hierarchy)
 
@@ -20,6 +20,7 @@ __all__ = [
     'HierarchyShard',
     'TopTree',
     'scatter_shards',
+    'all_reduce_gradients',
     'count_communication',
     'CommunicationMeter',
 ]

@@ -10,7 +10,7 @@ in any of them names this rank and the call (:func:`collective`).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -135,6 +135,72 @@ class _ShareRows(torch.autograd.Function):
         collective(lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group),
                    f'the backward of {ctx.call}', ctx.group)
         return grad[positions], None, None, None, None, None
+
+
+def all_reduce_gradients(parameters: Union[torch.nn.Module, Iterable[Tensor]],
+                         group: Optional[dist.ProcessGroup] = None,
+                         average: bool = False) -> None:
+    r"""Sums the gradients of :obj:`parameters` (a module's, or any) over
+    the ranks of :obj:`group`, in place: afterwards every rank holds the
+    gradient of the sum of the ranks' losses, what the optimizer needs
+    when each rank's loss is its share of a global loss
+    (``local_loss / global_count``).
+
+    A parameter without a gradient on this rank (:obj:`None`: a rank that
+    holds no leaves never evaluates the positional term of its local
+    trees) counts as zeros, so every rank reduces the same tensors; after
+    the call no gradient of a parameter that requires one is
+    :obj:`None`. The gradients are reduced in one all-reduce per dtype and
+    device; the ranks first check that they pass the same number and
+    sizes of parameters (one all-gather of two numbers per rank), and get
+    a :class:`ValueError` naming the ranks otherwise.
+
+    **With DistributedDataParallel.** Use one or the other, not both. DDP
+    *averages* the gradients over ranks (this function with
+    :obj:`average=True`): with a loss that is each rank's share of the
+    global loss, scale it by the world size under DDP. DDP reduces
+    unused parameters only with ``find_unused_parameters=True`` (the
+    :obj:`None` gradients above). And DDP's all-reduces run during the
+    backward, as distributed HSA's do: give DDP a process group of its own
+    (``process_group=dist.new_group()``) so that the two cannot pair up
+    in different orders on different ranks.
+
+    Args:
+        parameters (torch.nn.Module or iterable of torch.Tensor): The
+            parameters, in the same order on every rank; those that do
+            not require a gradient are left alone.
+        group (ProcessGroup, optional): The ranks (default: the world).
+        average (bool, optional): Divide by the number of ranks, as DDP
+            does. (default: :obj:`False`)
+    """
+    if isinstance(parameters, torch.nn.Module):
+        parameters = parameters.parameters()
+    parameters = [p for p in parameters if p.requires_grad]
+    rank = dist.get_rank(group)
+    device = parameters[0].device if parameters else None
+    sizes = torch.tensor([len(parameters), sum(p.numel() for p in parameters)],
+                         dtype=torch.float64, device=device)
+    everyone = all_gather_rows(sizes, 'all_reduce_gradients', group).cpu()
+    other = [r for r in range(everyone.size(0)) if not torch.equal(everyone[r], everyone[rank])]
+    if other:
+        raise ValueError(f"rank {rank}: all_reduce_gradients got {len(parameters)} parameters "
+                         f"of {int(everyone[rank, 1])} numbers here, other counts on ranks "
+                         f"{other}: every rank must pass the same parameters")
+    buckets: Dict[Tuple[torch.dtype, torch.device], List[Tensor]] = {}
+    for parameter in parameters:  # in the parameters' order: the same on every rank
+        buckets.setdefault((parameter.dtype, parameter.device), []).append(parameter)
+    for members in buckets.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in members])
+        collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group),
+                   'all_reduce_gradients', group)
+        if average:
+            flat.div_(dist.get_world_size(group))
+        for parameter, grad in zip(members, flat.split([p.numel() for p in members])):
+            if parameter.grad is None:
+                parameter.grad = grad.view_as(parameter)
+            else:
+                parameter.grad.copy_(grad.view_as(parameter))
 
 
 def scatter_shards(partition, src: int = 0,
