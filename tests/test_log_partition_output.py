@@ -12,19 +12,29 @@ from hsa_geo.functional.kernel import use_cpu_kernel
 from random_trees import random_forest
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
-@given(seed=st.integers(0, 2**31 - 1), trees=st.integers(1, 3), heads=st.integers(1, 2),
-       energy=st.sampled_from(['dot', 'euclidean']), causal=st.booleans(),
-       with_bias=st.booleans())
-def test_phi_and_its_gradient_equal_the_log_partition(seed, trees, heads, energy, causal,
-                                                     with_bias):
+#: random forests and score terms
+CASES = dict(seed=st.integers(0, 2**31 - 1), trees=st.integers(1, 3), heads=st.integers(1, 2),
+             energy=st.sampled_from(['dot', 'euclidean']), causal=st.booleans(),
+             with_bias=st.booleans())
+
+
+def random_case(seed, trees, heads, causal, with_bias):
+    r"""A random forest, float64 q, k, v ``[N, heads, 3]`` and a pair bias
+    (or None) that require grad, and the generator for more."""
     hierarchy = random_forest(seed % 10_000, trees=trees, causal=causal)
     generator = torch.Generator().manual_seed(seed)
-    n = hierarchy.num_leaves
-    q, k, v = (torch.randn(n, heads, 3, generator=generator, dtype=torch.float64,
-                           requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(hierarchy.num_leaves, heads, 3, generator=generator,
+                           dtype=torch.float64, requires_grad=True) for _ in range(3))
     bias = (torch.randn(hierarchy.num_sibling_pairs, heads, generator=generator,
                         dtype=torch.float64, requires_grad=True) if with_bias else None)
+    return hierarchy, generator, q, k, v, bias
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(**CASES)
+def test_phi_and_its_gradient_equal_the_log_partition(seed, trees, heads, energy, causal,
+                                                     with_bias):
+    hierarchy, generator, q, k, v, bias = random_case(seed, trees, heads, causal, with_bias)
     terms = dict(pair_bias=bias, energy=energy, causal=causal)
     inputs = [t for t in (q, k, v, bias) if t is not None]
     expected_phi = hsa_log_partition(q, k, hierarchy, **terms)
@@ -59,20 +69,12 @@ def test_phi_alone_is_differentiable(kernel):
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)
-@given(seed=st.integers(0, 2**31 - 1), trees=st.integers(1, 3), heads=st.integers(1, 2),
-       energy=st.sampled_from(['dot', 'euclidean']), causal=st.booleans(),
-       with_bias=st.booleans())
+@given(**CASES)
 def test_log_self_weight_and_its_gradient_equal_the_dense_diagonal(seed, trees, heads, energy,
                                                                    causal, with_bias):
     # log a_ii alone, and with phi: its gradient reaches q, k and the bias
     # on every engine (the fused ones take it into their top-down sweep)
-    hierarchy = random_forest(seed % 10_000, trees=trees, causal=causal)
-    generator = torch.Generator().manual_seed(seed)
-    n = hierarchy.num_leaves
-    q, k, v = (torch.randn(n, heads, 3, generator=generator, dtype=torch.float64,
-                           requires_grad=True) for _ in range(3))
-    bias = (torch.randn(hierarchy.num_sibling_pairs, heads, generator=generator,
-                        dtype=torch.float64, requires_grad=True) if with_bias else None)
+    hierarchy, generator, q, k, v, bias = random_case(seed, trees, heads, causal, with_bias)
     terms = dict(pair_bias=bias, energy=energy, causal=causal)
     inputs = [t for t in (q, k, bias) if t is not None]
     dense = hsa_dense(q, k, hierarchy, **terms)  # [H, N, N]
