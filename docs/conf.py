@@ -5,6 +5,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath('..'))
+sys.path.insert(0, os.path.abspath('_ext'))
 
 import hsa_geo  # noqa: E402
 
@@ -19,9 +20,10 @@ extensions = [
     'sphinx.ext.napoleon',
     'sphinx.ext.mathjax',
     'sphinx.ext.doctest',
+    'results_tables',  # docs/_ext: tables rendered from benchmarks/results/*.json
 ]
 
-exclude_patterns = ['_build']
+exclude_patterns = ['_build', '_ext']
 root_doc = 'index'
 html_theme = 'alabaster'
 html_static_path = []
@@ -42,7 +44,7 @@ napoleon_custom_sections = ['Shapes']
 # replaced by a toctree of the pages present at build time. A folder with an
 # index.rst contributes only that page (it lists the rest itself).
 CORE_PAGES = ['index', 'quickstart', 'tutorial', 'derivation', 'complexity', 'api']
-FIRST_PAGES = ['builders', 'models', 'results_text']
+FIRST_PAGES = ['builders', 'models', 'where_hsa_helps', 'results_text']
 _PLACEHOLDER = '.. optional-pages::'
 
 

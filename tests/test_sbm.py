@@ -129,3 +129,30 @@ def test_script_accuracy_matches_the_metric():
     np.add.at(counts, (graph.numpy(), target.numpy(), 0), (prediction == target).numpy())
     np.add.at(counts, (graph.numpy(), target.numpy(), 1), 1)
     assert script.accuracy_of(counts) == pytest.approx(weighted_accuracy(prediction, target, 3))
+
+
+def test_the_gps_softmax_layer_is_pygs_gpsconv():
+    # the shared layer with a GIN branch and softmax attention computes what
+    # PyG's GPSConv computes, so the swapped global branches sit in GPSConv
+    import cluster_pattern as script
+    from torch_geometric.loader import DataLoader
+    graphs = generate_sbm(CLUSTER, 4, seed=1)
+    for graph in graphs:
+        graph.rwse = torch.rand(graph.num_nodes, 4)
+    batch = next(iter(DataLoader(graphs, batch_size=4)))
+    outputs = []
+    for name in ('gps_softmax', 'gpsconv'):
+        torch.manual_seed(0)
+        model = script.NodeClassifier(name, 7, 6, 16, 2, 2, 4).eval()
+        outputs.append(model(batch))
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
+def test_results_tables_render_the_reports(tmp_path):
+    sys.path.insert(0, osp.join(REPO, 'docs', '_ext'))
+    import results_tables
+    assert 'is not there yet' in results_tables.render('sbm', 'missing.json', str(tmp_path))
+    with pytest.raises(ValueError, match='unknown kind'):
+        results_tables.render('other', 'x.json', str(tmp_path))
+    page = '.. results-table:: sbm missing.json\n'
+    assert 'cluster_pattern.py' in results_tables.fill(page, str(tmp_path))
