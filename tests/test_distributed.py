@@ -318,6 +318,38 @@ def test_communication_does_not_grow_with_the_leaves(tmp_path):
     run_ranks(2, _communication_worker, tmp_path)
 
 
+def _forest_worker(rank, world_size):
+    # 1,500 lone leaves, small random trees and one tree large enough to split
+    lone = Hierarchy.from_parent(torch.tensor([-1]), 1)
+    trees = [lone] * 1500 + [random_forest(seed, trees=1) for seed in range(3)]
+    trees.append(Hierarchy.from_parent(balanced_parent(512, 4), 512))
+    hierarchy = Hierarchy.batch_hierarchies(trees)
+    partition = partition_hierarchy(hierarchy, world_size)
+    shard = partition.shard(rank)
+    # the large tree's two halves, and one bundle of whole trees per rank
+    assert partition.top.num_parts == 2 + world_size
+    generator = torch.Generator().manual_seed(0)
+    n, heads, dim = hierarchy.num_leaves, 2, 4
+    q, k, v = (torch.randn(n, heads, dim, generator=generator, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    expected = hsa(q, k, v, hierarchy, energy='euclidean')
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), (q, k, v))
+    local = [t.detach()[shard.leaves].requires_grad_() for t in (q, k, v)]
+    with count_communication() as meter:
+        out = distributed_hsa(*local, shard, energy='euclidean')
+        grads = torch.autograd.grad(out.pow(2).sum(), local)
+    assert _max_error([(out, expected[shard.leaves])]) < 1e-10
+    assert _max_error([(g, e[shard.leaves]) for g, e in zip(grads, expected_grads)]) < 1e-10
+    # rows of parts x heads x (3D + 2) float64 numbers forward and backward,
+    # the keys' centre (HD + 1), the ranks' checks (16 per rank); not 1,500 rows
+    assert meter.bytes == (2 * partition.top.num_parts * heads * (3 * dim + 2)
+                           + heads * dim + 1 + 2 * world_size * 16) * 8
+
+
+def test_a_forest_exchanges_one_bundle_per_rank_and_stays_exact(tmp_path):
+    run_ranks(2, _forest_worker, tmp_path)
+
+
 # ------------------------------------------------------------- the example
 EXAMPLE = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'examples',
                    'distributed_planted_partition.py')
