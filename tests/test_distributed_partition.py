@@ -256,3 +256,12 @@ def test_distributed_hsa_over_any_cut_equals_hsa(one_rank_group, hierarchy, seed
         assert torch.allclose(grad, full[shard.leaves], atol=1e-10)
     assert torch.allclose(grads[3], expected_grads[3][shard.pair_index], atol=1e-10)
     assert torch.allclose(grads[4], expected_grads[3][shard.top.pair_index], atol=1e-10)
+
+
+def test_scatter_shards_needs_a_partition(one_rank_group):
+    from hsa_geo.distributed import scatter_shards
+    hierarchy = Hierarchy.flat(4)
+    with pytest.raises(TypeError, match="must pass a HierarchyPartition"):
+        scatter_shards(hierarchy, src=0)
+    shard = scatter_shards(partition_hierarchy(hierarchy, 1), src=0)
+    assert torch.equal(shard.leaves, torch.arange(4))

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hsa_geo.distributed.partition import HierarchyPartition
+
 
 class CommunicationMeter:
     r"""Counts the collectives and the bytes of their buffers on this rank
@@ -212,6 +214,9 @@ def scatter_shards(partition, src: int = 0,
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     shards = None
     if rank == src:
+        if partition is not None and not isinstance(partition, HierarchyPartition):
+            raise TypeError(f"rank {src} must pass a HierarchyPartition (partition_hierarchy or "
+                            f"HierarchyPartition.from_parts; got {type(partition).__name__})")
         if partition is None or partition.world_size != world_size:
             raise ValueError(f"rank {src} must pass a partition over {world_size} ranks (got "
                              f"{None if partition is None else partition.world_size})")
