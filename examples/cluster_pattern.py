@@ -57,8 +57,9 @@ from torch_geometric.utils import to_dense_batch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (ExampleError, config_of, load_checkpoint, mean_std,  # noqa: E402
-                    paired_bootstrap, run_main, save_checkpoint, set_seed, write_json)
+from common import (ExampleError, config_of, gather_runs, load_checkpoint,  # noqa: E402
+                    mean_std, paired_bootstrap, report_header, run_main,
+                    save_checkpoint, set_seed, write_json)
 
 from hsa_geo.data import hierarchy_from_data  # noqa: E402
 from hsa_geo.datasets.sbm import RECIPES, generate_sbm_splits, weighted_accuracy  # noqa: E402
@@ -374,15 +375,11 @@ def report(runs: List[Dict], args) -> Dict:
             comparisons.append({'first': first, 'second': second, 'seeds': seeds,
                                 **paired_bootstrap(counts(first), counts(second), args.resamples,
                                                    accuracy_of)})
-    return {'dataset': args.dataset,
-            'config': {k: v for k, v in vars(args).items()
-                       if k not in ('report_only', 'checkpoint_dir', 'out', 'data_dir')},
+    return {'dataset': args.dataset, **report_header(args),
             'budget': {'epochs': sorted({r['epochs'] for r in runs}),
                        'batch_size': args.batch_size},
             'published': {'CLUSTER': {'GraphGPS': 78.016}, 'PATTERN': {'GraphGPS': 86.685}},
             'summary': summary, 'comparisons': comparisons,
-            'machine': {'cpu_count': os.cpu_count(), 'threads': args.threads,
-                        'torch': torch.__version__},
             'runs': runs}
 
 
@@ -395,18 +392,7 @@ def main(argv=None):
         for seed in args.seeds:
             for name in args.models:
                 runs.append(train_one(name, seed, data, args))
-    found = {}
-    if osp.isdir(args.checkpoint_dir):
-        for file in sorted(os.listdir(args.checkpoint_dir)):
-            if file.startswith('run_') and file.endswith('.json'):
-                with open(osp.join(args.checkpoint_dir, file)) as handle:
-                    run = json.load(handle)
-                found[(run['model'], run['seed'])] = run
-    for run in runs:
-        found[(run['model'], run['seed'])] = run
-    if not found:
-        raise ExampleError(f"no finished runs under {args.checkpoint_dir}")
-    result = report(list(found.values()), args)
+    result = report(gather_runs(args.checkpoint_dir, runs), args)
     write_json(args.out, result)
     for name, row in result['summary'].items():
         print(f"{name:12s} test {row['test_accuracy']['mean']:.2f} "

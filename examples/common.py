@@ -261,6 +261,33 @@ def paired_bootstrap(first: np.ndarray, second: np.ndarray, resamples: int,
             'ci95': [float(low), float(high)]}
 
 
+def gather_runs(checkpoint_dir: str, fresh: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    r"""The finished runs of an experiment: every ``run_*.json`` under
+    :obj:`checkpoint_dir` (left there by this or other processes) and the
+    :obj:`fresh` ones, one per (model, seed)."""
+    found = {}
+    if osp.isdir(checkpoint_dir):
+        for name in sorted(os.listdir(checkpoint_dir)):
+            if name.startswith('run_') and name.endswith('.json'):
+                with open(osp.join(checkpoint_dir, name)) as handle:
+                    run = json.load(handle)
+                found[(run['model'], run['seed'])] = run
+    for run in fresh:
+        found[(run['model'], run['seed'])] = run
+    if not found:
+        raise ExampleError(f"no finished runs under {checkpoint_dir}")
+    return list(found.values())
+
+
+def report_header(args) -> Dict[str, Any]:
+    r"""What every experiment report records besides its results: the
+    options (less where files go) and the machine."""
+    private = ('report_only', 'checkpoint_dir', 'out', 'data_dir')
+    return {'config': {k: v for k, v in vars(args).items() if k not in private},
+            'machine': {'cpu_count': os.cpu_count(), 'threads': args.threads,
+                        'torch': torch.__version__}}
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

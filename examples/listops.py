@@ -46,8 +46,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (ExampleError, config_of, load_checkpoint, mean_std,  # noqa: E402
-                    paired_bootstrap, run_main, save_checkpoint, set_seed, write_json)
+from common import (ExampleError, config_of, gather_runs, load_checkpoint,  # noqa: E402
+                    mean_std, paired_bootstrap, report_header, run_main,
+                    save_checkpoint, set_seed, write_json)
 from listops_models import (MODELS, ListOpsBatch, ListOpsModel, count_parameters,  # noqa: E402
                             matched_width)
 
@@ -281,15 +282,11 @@ def report(runs: List[Dict], args) -> Dict:
                                     'seeds': seeds,
                                     **paired_bootstrap(matrix(reference), matrix(other),
                                                        args.resamples)})
-    return {'setting': args.setting, 'config': {k: v for k, v in vars(args).items()
-                                                if k not in ('report_only', 'checkpoint_dir',
-                                                             'out', 'data_dir')},
+    return {'setting': args.setting, **report_header(args),
             'budget': {'steps': sorted({r['steps'] for r in runs}),
                        'batch_size': args.batch_size,
                        'examples_seen': sorted({r['steps'] * r['batch_size'] for r in runs})},
             'summary': summary, 'comparisons': comparisons,
-            'machine': {'cpu_count': os.cpu_count(), 'threads': args.threads,
-                        'torch': torch.__version__},
             'runs': runs}
 
 
@@ -302,18 +299,7 @@ def main(argv=None):
         for seed in args.seeds:
             for name in args.models:
                 runs.append(train_one(name, seed, data, args))
-    found = {}
-    if osp.isdir(args.checkpoint_dir):
-        for file in sorted(os.listdir(args.checkpoint_dir)):
-            if file.startswith('run_') and file.endswith('.json'):
-                with open(osp.join(args.checkpoint_dir, file)) as handle:
-                    run = json.load(handle)
-                found[(run['model'], run['seed'])] = run
-    for run in runs:
-        found[(run['model'], run['seed'])] = run
-    if not found:
-        raise ExampleError(f"no finished runs under {args.checkpoint_dir}")
-    result = report(list(found.values()), args)
+    result = report(gather_runs(args.checkpoint_dir, runs), args)
     write_json(args.out, result)
     for name, row in result['summary'].items():
         print(name, {k: round(v['mean'], 4) for k, v in row.items()
