@@ -18,6 +18,10 @@ token. Only the token mixing differs:
                     to its list's opening token and back)
 ``gps``             GPS-style: the tree message passing plus flat softmax
                     attention, summed (Rampášek et al., 2022)
+``hsa_x2``          ablation: ``hsa`` with two rounds of the block per level
+``hsa_gated``       ablation: ``hsa`` whose tokens take each round's update
+                    through a learned sigmoid gate, so resolved lists can keep
+                    their value
 ==================  =========================================================
 
 The width of each model is chosen so that its parameter count is within
@@ -39,7 +43,11 @@ from hsa_geo.hierarchy import Hierarchy, from_brackets
 from hsa_geo.nn.positional import SiblingPositionBias
 from hsa_geo.text.models import packed_softmax_attention
 
-MODELS = ('hsa', 'hsa_pos', 'softmax', 'softmax_tree', 'tree_gnn', 'gps')
+BASE_MODELS = ('hsa', 'hsa_pos', 'softmax', 'softmax_tree', 'tree_gnn', 'gps')
+#: ablations of the HSA model: (its token mixing, options of ListOpsModel)
+ABLATIONS = {'hsa_x2': ('hsa', dict(rounds_per_level=2)),  # two rounds per level of depth
+             'hsa_gated': ('hsa', dict(gated=True))}     # gated updates of the tokens
+MODELS = BASE_MODELS + tuple(ABLATIONS)
 NUM_CLASSES = 10
 #: rounds of the shared block beyond the batch's depth
 EXTRA_ITERATIONS = 2
@@ -196,23 +204,32 @@ class ListOpsModel(nn.Module):
         super().__init__()
         if name not in MODELS:
             raise ValueError(f"unknown ListOps model {name!r}; choose one of {MODELS}")
+        mixing, options = ABLATIONS.get(name, (name, {}))
         self.name, self.width = name, width
+        self.rounds_per_level = options.get('rounds_per_level', 1)
         self.token = nn.Embedding(VOCAB_SIZE, width)
-        self.tree_positions = TreePositions(width) if name == 'softmax_tree' else None
-        self.block = Block(width, heads, name)
+        self.tree_positions = TreePositions(width) if mixing == 'softmax_tree' else None
+        self.absolute_positions = mixing in ('softmax', 'gps')
+        self.block = Block(width, heads, mixing)
+        self.gate = nn.Linear(width, width) if options.get('gated') else None
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, NUM_CLASSES)
 
     def forward(self, data: ListOpsBatch, iterations: Optional[int] = None) -> Tensor:
         x = self.token(data.tokens)
-        if self.name in ('softmax', 'gps'):
+        if self.absolute_positions:
             x = x + sinusoidal(data.position, self.width)
         if self.tree_positions is not None:
             x = x + self.tree_positions(data.hierarchy)
         positional = (None if self.block.attention is None else self.block.attention.positional)
         pair_bias = None if positional is None else positional(data.hierarchy)
-        for _ in range(iterations or data.iterations):
-            x = self.block(x, data, pair_bias)
+        if iterations is None:
+            iterations = self.rounds_per_level * data.hierarchy.max_depth + EXTRA_ITERATIONS
+        for _ in range(iterations):
+            update = self.block(x, data, pair_bias)
+            if self.gate is not None:
+                update = x + torch.sigmoid(self.gate(x)) * (update - x)
+            x = update
         return self.head(self.norm(x[data.root]))
 
     def __repr__(self) -> str:
