@@ -22,7 +22,7 @@ from torch import Tensor
 
 from hsa_geo.distributed.collectives import all_gather_rows
 from hsa_geo.distributed.partition import HierarchyShard
-from hsa_geo.functional.attention import ENERGIES
+from hsa_geo.functional.checks import ENERGIES
 
 _DTYPES = (torch.float32, torch.float64)
 #: calls of distributed HSA on this process, per process group

@@ -29,11 +29,11 @@ from torch import Tensor
 from hsa_geo.distributed.agreement import CallSignature
 from hsa_geo.distributed.collectives import all_reduce_sum, share_rows
 from hsa_geo.distributed.partition import HierarchyShard
-from hsa_geo.functional.attention import (ENERGIES, _check_terms, _leaf_pairs, _scale,
-                                          _scatter_plan, _to_compute, check_causal,
-                                          hsa_with_summaries)
-from hsa_geo.functional.scatter_sweep import (NodeSummaries, leaf_self_scores, subtree_mean,
-                                              summaries_bottom_up, summaries_top_down)
+from hsa_geo.functional.attention import hsa_with_summaries, leaf_pair_index
+from hsa_geo.functional.checks import ENERGIES, check_causal, check_terms, resolve_scale, to_compute
+from hsa_geo.functional.scatter_sweep import (NodeSummaries, leaf_self_scores, scatter_plan,
+                                              subtree_mean, summaries_bottom_up,
+                                              summaries_top_down)
 
 
 @torch.compiler.disable  # collectives and the shard's bookkeeping run eagerly
@@ -109,15 +109,15 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
                  scale: Optional[float], pair_bias: Optional[Tensor],
                  top_pair_bias: Optional[Tensor], energy: str, causal: bool, group) -> Tensor:
     dim = q.size(2)
-    scale = _scale(scale, q)
+    scale = resolve_scale(scale, q)
     euclidean = energy == 'euclidean'
     top = shard.top
     try:  # the top tree's bias is checked as hsa checks a pair bias
-        top_bias = _check_terms(top_pair_bias, energy, causal, top.hierarchy, q)
+        top_bias = check_terms(top_pair_bias, energy, causal, top.hierarchy, q)
     except ValueError as error:
         raise ValueError(f"top_pair_bias (over shard.top.hierarchy): {error}") from None
     if shard.local is not None:
-        pair_bias = _check_terms(pair_bias, energy, causal, shard.local, q)
+        pair_bias = check_terms(pair_bias, energy, causal, shard.local, q)
     # every check that may fail on one rank alone is behind us: the ranks
     # now compare their calls before the first exchange, and again before
     # the backward's
@@ -170,7 +170,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard):
     if q.size(0) != shard.num_leaves:
         raise ValueError(f"rank {shard.rank}: q has {q.size(0)} rows but the shard holds "
                          f"{shard.num_leaves} leaves (x[shard.leaves] gives one row per leaf)")
-    return _to_compute((q, k, v))
+    return to_compute((q, k, v))
 
 
 def _centered_globally(q: Tensor, k: Tensor, call: str, group) -> Tuple[Tensor, Tensor]:
@@ -214,7 +214,8 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
         own_q, own_k, own_v = (t[roots[leaves]] for t in (q, k, v))
         own_pair = None
         if top_bias is not None:
-            own_pair = _leaf_pairs(shard.top.hierarchy, q.device)[shard.parts.to(q.device)[leaves]]
+            own_pairs = leaf_pair_index(shard.top.hierarchy, q.device)
+            own_pair = own_pairs[shard.parts.to(q.device)[leaves]]
         self_score = leaf_self_scores(own_q, own_k, own_pair, scale, top_bias, euclidean)
         columns = [own_q, own_k, own_v, -self_score[..., None]]
         if euclidean:
@@ -227,7 +228,7 @@ def _top_sweep(rows: Tensor, top, scale: float, top_bias: Optional[Tensor], eucl
                causal: bool, dim: int, value_dim: int):
     r"""Output ``[P, H, D_v]`` and :math:`\log P` ``[P, H]`` of every part
     as a leaf of the top tree, from the parts' summary rows."""
-    plan = _scatter_plan(top.hierarchy.plan(rows.device))
+    plan = scatter_plan(top.hierarchy.plan(rows.device))
     count = top.num_leaves_below.to(rows.device, rows.dtype)  # [P + T]
     node_rows = subtree_mean(rows, plan, leaf_count=count[:top.num_parts])  # [P + T, H, width]
     query, key = node_rows[..., :dim], node_rows[..., dim:2 * dim]

@@ -2,25 +2,23 @@ r"""Public functional HSA: the attention itself, its log-partition
 :math:`\phi`, and its block-level weights."""
 from __future__ import annotations
 
-import math
-import os
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from hsa_geo.functional.dense import _path_to_root
-from hsa_geo.functional.causal import build_family_groups, hsa_strict_causal
 from hsa_geo.functional import kernel as cpu_kernel
+from hsa_geo.functional.causal import build_family_groups, hsa_strict_causal
+from hsa_geo.functional.checks import (check_cluster_ids, check_not_strict, check_pair_memory,
+                                       check_terms, check_types, prepare_inputs, resolve_scale,
+                                       to_compute)
 from hsa_geo.functional.compiled import fused_hsa, hierarchy_key
+from hsa_geo.functional.dense import path_to_root
 from hsa_geo.functional.kernel import KernelHSAFunction
-from hsa_geo.functional.scatter_sweep import (ScatterPlan, build_scatter_plan, hsa_scatter,
-                                              leaf_self_scores, scatter_bottom_up, subtree_mean)
+from hsa_geo.functional.scatter_sweep import (hsa_scatter, leaf_self_scores, scatter_bottom_up,
+                                              scatter_plan, subtree_mean)
 from hsa_geo.functional.sweep import HSAFunction, ScoreTerms, autocast_off, bottom_up, top_down
 from hsa_geo.hierarchy.hierarchy import Hierarchy
-
-_UPCAST = (torch.float16, torch.bfloat16)
-ENERGIES = ('dot', 'euclidean')
 
 _TERMS_DOC = r"""
         pair_bias (torch.Tensor, optional): Additive score term per ordered
@@ -109,12 +107,12 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     """
     if backend not in ('fused', 'scatter'):
         raise ValueError(f"Unknown backend {backend!r}; choose 'fused' or 'scatter'")
-    _check_types((q, k, v))
+    check_types((q, k, v))
     terms = dict(pair_bias=pair_bias, energy=energy, causal=causal)
     outputs = dict(return_log_partition=return_log_partition,
                    return_log_self_weight=return_log_self_weight)
     if return_log_partition or return_log_self_weight:
-        _no_strict(causal)
+        check_not_strict(causal)
     if torch.compiler.is_compiling():
         if backend == 'fused' and causal != 'strict' and not any(outputs.values()):
             return _hsa_compiled(q, k, v, hierarchy, scale, **terms)
@@ -129,11 +127,11 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
                backend: str, pair_bias: Optional[Tensor], energy: str,
                causal: Union[bool, str], return_log_partition: bool = False,
                return_log_self_weight: bool = False):
-    (q, k, v), single_head, dtype = _prepare((q, k, v), hierarchy)
-    scale = _scale(scale, q)
-    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    (q, k, v), single_head, dtype = prepare_inputs((q, k, v), hierarchy)
+    scale = resolve_scale(scale, q)
+    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
     if causal != 'strict':
-        _check_pair_memory(hierarchy, q)
+        check_pair_memory(hierarchy, q)
     euclidean = energy == 'euclidean'
     if euclidean:
         q, k = _centered(q, k)
@@ -143,7 +141,7 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
         plan = hierarchy.plan(q.device)
         if 'family_groups' not in plan.cache:
             plan.cache['family_groups'] = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
-        out = hsa_strict_causal(q, k, v, plan, _scatter_plan(plan), plan.cache['family_groups'],
+        out = hsa_strict_causal(q, k, v, plan, scatter_plan(plan), plan.cache['family_groups'],
                                 scale, pair_bias, euclidean)
     elif backend == 'fused':
         clusters = None
@@ -154,12 +152,12 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
         out, *extra = result if isinstance(result, tuple) else (result, )
         if return_log_partition:
             rows = extra.pop(0)
-            leaf_pairs = None if pair_bias is None else _leaf_pairs(hierarchy, q.device)
+            leaf_pairs = None if pair_bias is None else leaf_pair_index(hierarchy, q.device)
             leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, pair_bias, euclidean)
             phi = torch.cat([leaf_phi, rows[..., 2 * q.size(2) + v.size(2)]])
         log_self_weight = extra.pop(0) if return_log_self_weight else None
     else:
-        out, phi, log_self_weight = hsa_scatter(q, k, v, _scatter_plan(hierarchy.plan(q.device)),
+        out, phi, log_self_weight = hsa_scatter(q, k, v, scatter_plan(hierarchy.plan(q.device)),
                                                 scale, pair_bias, euclidean, causal)
     outputs = [out]
     if return_log_partition:
@@ -196,7 +194,7 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
     differentiable: the engines' backward takes the rows' gradients into
     their top-down sweep."""
     if nodes is not None:
-        nodes = _check_cluster_ids(nodes, hierarchy, q.device)
+        nodes = check_cluster_ids(nodes, hierarchy, q.device)
     use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
     if use_kernel:
         return KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
@@ -206,39 +204,7 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
                              causal, nodes, count, self_weight)
 
 
-def _check_cluster_ids(nodes, hierarchy: Hierarchy, device) -> Tensor:
-    r""":obj:`nodes` as a ``[S]`` int64 tensor on :obj:`device` after
-    checking that it holds distinct cluster ids of :obj:`hierarchy`
-    (:math:`N \le` id :math:`< N + M`); a :class:`ValueError` names the
-    first entry that does not."""
-    if not isinstance(nodes, Tensor) or nodes.is_floating_point() or nodes.is_complex() \
-            or nodes.dtype == torch.bool:
-        kind = nodes.dtype if isinstance(nodes, Tensor) else type(nodes).__name__
-        raise ValueError(f"'nodes' must be an integer tensor of cluster ids (got {kind})")
-    if nodes.dim() != 1:
-        raise ValueError(f"'nodes' must be one-dimensional, [S] cluster ids (got shape "
-                         f"{tuple(nodes.shape)})")
-    first, end = hierarchy.num_leaves, hierarchy.num_nodes
-    outside = (nodes < first) | (nodes >= end)
-    if bool(outside.any()):
-        position = int(outside.nonzero()[0])
-        node = int(nodes[position])
-        what = 'a leaf' if 0 <= node < first else 'not a node'
-        clusters = f"ids {first} to {end - 1}" if end > first else "it has none"
-        raise ValueError(f"'nodes'[{position}] = {node} is {what} of the hierarchy: summary "
-                         f"rows exist for its clusters only ({clusters})")
-    ordered, order = nodes.sort(stable=True)
-    repeated = ordered[1:] == ordered[:-1]
-    if bool(repeated.any()):
-        later, earlier = order[1:][repeated], order[:-1][repeated]
-        pick = int(later.argmin())
-        position, node = int(later[pick]), int(nodes[later[pick]])
-        raise ValueError(f"'nodes'[{position}] = {node} repeats 'nodes'[{int(earlier[pick])}]: "
-                         f"each cluster's summary row can be asked for once")
-    return nodes.to(device=device, dtype=torch.long)
-
-
-def _leaf_pairs(hierarchy: Hierarchy, device) -> Tensor:
+def leaf_pair_index(hierarchy: Hierarchy, device) -> Tensor:
     r"""``[N]`` position of every leaf's own pair :math:`(i, i)` in
     :meth:`Hierarchy.sibling_pairs` order, -1 for an isolated leaf."""
     rows, cols = hierarchy.sibling_pairs().to(device)
@@ -261,8 +227,8 @@ def _compiled_inputs(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     r"""Everything of :func:`hsa` under :func:`torch.compile` that reads the
     hierarchy, run outside the graph: the checks, the hierarchy's key, the
     engine and the pair bias in its order (differentiable)."""
-    (q, k, v), _, _ = _prepare((q, k, v), hierarchy)
-    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    (q, k, v), _, _ = prepare_inputs((q, k, v), hierarchy)
+    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
     use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
     return hierarchy_key(hierarchy), engine_bias, use_kernel
 
@@ -273,8 +239,8 @@ def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: 
     (:mod:`hsa_geo.functional.compiled`), no guard on the hierarchy."""
     key, engine_bias, use_kernel = _compiled_inputs(q, k, v, hierarchy, pair_bias, energy,
                                                     causal)
-    (q, k, v), single_head, dtype = _to_compute((q, k, v))
-    scale = _scale(scale, q)
+    (q, k, v), single_head, dtype = to_compute((q, k, v))
+    scale = resolve_scale(scale, q)
     if energy == 'euclidean':
         q, k = _centered(q, k)
     out = fused_hsa(q, k, v, engine_bias, key, scale, energy == 'euclidean', bool(causal),
@@ -321,12 +287,6 @@ class _ToLayoutOrder(torch.autograd.Function):
         return grad.index_select(1, positions), None, None
 
 
-def _scatter_plan(plan) -> ScatterPlan:
-    if 'scatter' not in plan.cache:
-        plan.cache['scatter'] = build_scatter_plan(plan)
-    return plan.cache['scatter']
-
-
 def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
                       scale: Optional[float] = None, *, pair_bias: Optional[Tensor] = None,
                       energy: str = 'dot', causal: bool = False) -> Tensor:
@@ -340,17 +300,17 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     for the dot energy, for one tree (for a forest, sum
     :math:`|T|\,\phi(\mathrm{root}_T)` over its trees). Keywords as in
     :func:`hsa`."""
-    (q, k), single_head, dtype = _prepare((q, k), hierarchy)
-    scale = _scale(scale, q)
-    _no_strict(causal)
-    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    (q, k), single_head, dtype = prepare_inputs((q, k), hierarchy)
+    scale = resolve_scale(scale, q)
+    check_not_strict(causal)
+    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
     euclidean = energy == 'euclidean'
     if euclidean:
         q, k = _centered(q, k)
     if q.is_meta:
         phi = _shapes_only(q, q, hierarchy, k, pair_bias)[1]
     else:
-        plan = _scatter_plan(hierarchy.plan(q.device))
+        plan = scatter_plan(hierarchy.plan(q.device))
         phi = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean, bool(causal))[0]
         if euclidean:  # the row term the sweeps leave out
             phi = phi + 0.5 * scale * subtree_mean((q * q).sum(-1), plan)
@@ -380,10 +340,10 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     plus the per-subtree masses. ``O(sum of squared branching)`` memory.
     Keywords as in :func:`hsa` (later siblings get weight 0 when
     :obj:`causal`)."""
-    (q, k), single_head, _ = _prepare((q, k), hierarchy)
-    scale = _scale(scale, q)
-    _no_strict(causal)
-    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    (q, k), single_head, _ = prepare_inputs((q, k), hierarchy)
+    scale = resolve_scale(scale, q)
+    check_not_strict(causal)
+    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
     if q.is_meta:
         return _block_weight_shapes(q, k, hierarchy, pair_bias, single_head)
     layout = hierarchy.layout(q.device)
@@ -462,95 +422,9 @@ def _leaves_below(hierarchy: Hierarchy):
     parent = hierarchy.parent.tolist()
     leaves = [[] for _ in parent]
     for leaf in range(hierarchy.num_leaves):
-        for node in _path_to_root(leaf, parent):
+        for node in path_to_root(leaf, parent):
             leaves[node].append(leaf)
     return [torch.tensor(members, dtype=torch.long) for members in leaves]
-
-
-def _check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
-                 hierarchy: Hierarchy, q: Tensor) -> Optional[Tensor]:
-    r"""Validates the score terms; returns :obj:`pair_bias` as ``[E, H]``
-    in :obj:`q`'s compute dtype."""
-    if energy not in ENERGIES:
-        raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
-    check_causal(causal)
-    if causal:
-        hierarchy.check_contiguous()
-    if pair_bias is None:
-        return None
-    if not isinstance(pair_bias, Tensor) or not pair_bias.is_floating_point():
-        raise ValueError("'pair_bias' must be a floating-point tensor [E, H] or [E]")
-    num_pairs, heads = hierarchy.num_sibling_pairs, q.size(1)
-    if pair_bias.dim() == 1:
-        pair_bias = pair_bias[:, None]
-    if pair_bias.dim() != 2 or pair_bias.size(0) != num_pairs or pair_bias.size(1) not in (1, heads):
-        raise ValueError(f"'pair_bias' has shape {tuple(pair_bias.shape)}, but the hierarchy has "
-                         f"E={num_pairs} ordered sibling pairs (hierarchy.sibling_pairs()) "
-                         f"and q has {heads} heads: expected [{num_pairs}, {heads}] or "
-                         f"[{num_pairs}]")
-    if pair_bias.device != q.device:
-        raise ValueError(f"'pair_bias' is on {pair_bias.device} but q is on {q.device}")
-    finite = torch.isfinite(pair_bias).all(1)
-    if not pair_bias.is_meta and not bool(finite.all()):  # meta: shapes only
-        pair = int((~finite).nonzero()[0])
-        row, col = hierarchy.plan(q.device).sibling_pairs()[:, pair].tolist()
-        raise ValueError(f"'pair_bias' is not finite at row {pair}, the pair of nodes "
-                         f"({row}, {col}); to keep two subtrees apart, split the hierarchy "
-                         f"or use causal=True rather than an infinite bias")
-    return pair_bias.to(q.dtype).expand(num_pairs, heads)
-
-
-#: Per-pair numbers the sweeps hold at once, per head: the weights, their
-#: gradients and the couplings (or the edge lists of the scatter backend).
-PAIR_BUFFERS = 3
-
-
-def _check_pair_memory(hierarchy: Hierarchy, q: Tensor) -> None:
-    r"""Refuses at once, naming the widest family, a hierarchy whose
-    :math:`\sum_A b_A^2` sibling pairs would not fit in this machine's
-    memory (a flat tree over 200,000 leaves needs some 160 GB), instead of
-    failing deep inside an allocation."""
-    pairs = hierarchy.num_sibling_pairs
-    needed = PAIR_BUFFERS * pairs * q.size(1) * q.element_size()
-    available = _physical_memory()
-    if available is not None and needed > available:
-        children = hierarchy.num_children
-        widest = int(children.argmax())
-        raise MemoryError(
-            f"HSA over this hierarchy needs about {needed / 2**30:.0f} GiB for its {pairs} "
-            f"sibling pairs x {q.size(1)} heads, more than this machine's "
-            f"{available / 2**30:.0f} GiB: node {widest} alone has {int(children[widest])} "
-            f"children (b^2 pairs). Split wide families first, e.g. "
-            f"hsa_geo.hierarchy.limit_children(hierarchy, max_children=64)")
-
-
-def _physical_memory() -> Optional[int]:
-    try:
-        return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-    except (AttributeError, ValueError, OSError):  # not a POSIX system
-        return None
-
-
-def check_causal(causal) -> None:
-    r"""Raises a :class:`ValueError` unless :obj:`causal` is :obj:`False`,
-    :obj:`True` or :obj:`"strict"`."""
-    if not isinstance(causal, bool) and causal != 'strict':
-        raise ValueError(f"'causal' must be False, True or 'strict' (got {causal!r})")
-
-
-def _scale(scale, q: Tensor) -> float:
-    r"""The score scale as a number (:math:`1/\sqrt{D}` by default)."""
-    if scale is None:
-        return q.size(-1) ** -0.5
-    if isinstance(scale, Tensor) and scale.requires_grad:
-        raise ValueError("'scale' is a tensor that requires grad, but HSA takes the scale as a "
-                         "number (its gradient would be lost); to learn a temperature, multiply "
-                         "q by it before calling hsa")
-    if isinstance(scale, Tensor) and scale.numel() != 1:
-        raise ValueError(f"'scale' must be one number (got a tensor of shape {tuple(scale.shape)})")
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"'scale' must be a finite number (got {float(scale)})")
-    return float(scale)
 
 
 def _centered(q: Tensor, k: Tensor):
@@ -564,58 +438,3 @@ def _centered(q: Tensor, k: Tensor):
     return q - center, k - center
 
 
-def _no_strict(causal) -> None:
-    if causal == 'strict':
-        raise ValueError("causal='strict' attention is not block-constant across rows: it "
-                         "has no per-subtree log-partition, block weights or self weights "
-                         "from the sweeps; use causal=True, or hsa_dense(..., "
-                         "causal='strict') for the matrix")
-
-
-def _prepare(tensors: Tuple[Tensor, ...], hierarchy: Hierarchy):
-    r"""Checks shapes against the hierarchy, adds the head axis to 2-D
-    input and upcasts half precision."""
-    if not isinstance(hierarchy, Hierarchy):
-        raise TypeError(f"'hierarchy' must be a hsa_geo.Hierarchy (got {type(hierarchy).__name__})")
-    names = 'qkv'
-    _check_types(tensors)
-    first = tensors[0]
-    if first.dim() not in (2, 3):
-        raise ValueError(f"q must be [N, H, D] or [N, D] (got shape {tuple(first.shape)})")
-    for name, tensor in zip(names, tensors):
-        if tensor.dim() != first.dim() or tensor.shape[:-1] != first.shape[:-1]:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, incompatible with q's "
-                             f"{tuple(first.shape)} (same number of rows and heads needed)")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor (got {tensor.dtype})")
-        if tensor.device != first.device:
-            raise ValueError(f"{name} is on {tensor.device} but q is on {first.device}")
-    if first.size(-1) == 0:
-        raise ValueError(f"q and k need at least one feature per head (got shape "
-                         f"{tuple(first.shape)}): the scores are q . k / sqrt(D)")
-    if first.dim() == 3 and first.size(1) == 0:
-        raise ValueError(f"q has no heads (shape {tuple(first.shape)})")
-    if tensors[1].size(-1) != first.size(-1):
-        raise ValueError(f"k's last dimension {tensors[1].size(-1)} differs from q's "
-                         f"{first.size(-1)}")
-    if first.size(0) != hierarchy.num_leaves:
-        raise ValueError(f"q has {first.size(0)} rows but the hierarchy has "
-                         f"{hierarchy.num_leaves} leaves (one row per leaf needed)")
-    return _to_compute(tensors)
-
-
-def _check_types(tensors: Tuple[Tensor, ...]) -> None:
-    for name, tensor in zip('qkv', tensors):
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (got {type(tensor).__name__}); "
-                            f"convert it with torch.as_tensor")
-
-
-def _to_compute(tensors: Tuple[Tensor, ...]):
-    r"""Adds the head axis to 2-D input and upcasts half precision (no
-    check: traced as is under :func:`torch.compile`)."""
-    single_head = tensors[0].dim() == 2
-    dtype = tensors[0].dtype
-    compute = torch.float32 if dtype in _UPCAST else dtype
-    tensors = tuple((t.unsqueeze(1) if single_head else t).to(compute) for t in tensors)
-    return tensors, single_head, dtype

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
+from hsa_geo.functional.checks import check_terms, prepare_inputs, resolve_scale
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 
@@ -55,21 +56,19 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     Returns:
         ``[H, N, N]`` (``[N, N]`` for two-dimensional input); rows sum to 1.
     """
-    # the same checks as hsa's (imported here: attention.py imports this module)
-    from hsa_geo.functional.attention import _check_terms, _prepare, _scale
-    _, single_head, _ = _prepare((q, k), hierarchy)
+    _, single_head, _ = prepare_inputs((q, k), hierarchy)
     if single_head:
         q, k = q.unsqueeze(1), k.unsqueeze(1)
-    pair_bias = _check_terms(pair_bias, energy, causal, hierarchy, q)
+    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
     num_leaves, heads, dim = q.shape
-    scale = _scale(scale, q)
+    scale = resolve_scale(scale, q)
     parent: List[int] = hierarchy.parent.tolist()
     num_nodes = len(parent)
     children: Dict[int, List[int]] = {}
     for node, up in enumerate(parent):
         if up >= 0:
             children.setdefault(up, []).append(node)
-    paths = [_path_to_root(leaf, parent) for leaf in range(num_leaves)]
+    paths = [path_to_root(leaf, parent) for leaf in range(num_leaves)]
 
     membership = q.new_zeros(num_nodes, num_leaves)
     for leaf, path in enumerate(paths):
@@ -174,7 +173,7 @@ def _bias_per_leaf_pair(pair_bias: Tensor, hierarchy: Hierarchy, membership: Ten
     leaf pair of the block :math:`\ell(B) \times \ell(C)`, and of a
     leaf's own pair on the diagonal."""
     num_leaves = membership.size(1)
-    bias = pair_bias  # [E, H], checked by _check_terms
+    bias = pair_bias  # [E, H], checked by check_terms
     out = bias.new_zeros(heads, num_leaves, num_leaves)
     rows, cols = hierarchy.sibling_pairs().tolist()
     for pair, (row, col) in enumerate(zip(rows, cols)):
@@ -193,7 +192,7 @@ def _check_leaf_intervals(membership: Tensor) -> None:
                              f"node {node} has leaves {leaves.tolist()}")
 
 
-def _path_to_root(node: int, parent: List[int]) -> List[int]:
+def path_to_root(node: int, parent: List[int]) -> List[int]:
     r"""Nodes from :obj:`node` up to its root, both included."""
     path = [node]
     while parent[path[-1]] >= 0:

@@ -81,6 +81,13 @@ def build_scatter_plan(plan: SweepPlan) -> ScatterPlan:
                        plan.num_leaves_below, plan.sibling_index, leaf_pair)
 
 
+def scatter_plan(plan: SweepPlan) -> ScatterPlan:
+    r"""The scatter plan of :obj:`plan`, built on first use and kept with it."""
+    if 'scatter' not in plan.cache:
+        plan.cache['scatter'] = build_scatter_plan(plan)
+    return plan.cache['scatter']
+
+
 def scatter_logsumexp(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     top = scatter(src.detach(), index, 0, dim_size=dim_size, reduce='max')
     total = scatter((src - top[index]).exp(), index, 0, dim_size=dim_size, reduce='sum')

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from hsa_geo.functional import hsa
-from hsa_geo.functional.attention import _to_compute
+from hsa_geo.functional.checks import to_compute
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 MODES = ('hsa', 'hsa_global', 'block', 'block_global', 'window_global')
@@ -238,7 +238,7 @@ class HSAInjection:
             return hsa(q, k, v, forest, scale)
         # in float32 for half precision (as hsa itself computes), the output
         # back in the input's dtype
-        (q, k, v), _, dtype = _to_compute((q, k, v))
+        (q, k, v), _, dtype = to_compute((q, k, v))
         is_global = torch.cat(self._global).to(q.device)
         local = ~is_global
         q_local, k_local, v_local = q[local], k[local], v[local]

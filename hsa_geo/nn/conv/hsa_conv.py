@@ -9,7 +9,7 @@ from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 from hsa_geo.distributed import HierarchyShard, distributed_hsa
 from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
 from hsa_geo.functional import kernel as cpu_kernel
-from hsa_geo.functional.attention import ENERGIES, check_causal
+from hsa_geo.functional.checks import ENERGIES, check_causal
 from hsa_geo.hierarchy import Hierarchy
 from hsa_geo.nn.positional import SiblingPositionBias
 
