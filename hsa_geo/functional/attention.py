@@ -139,9 +139,9 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
         out, phi, log_self_weight = _shapes_only(q, v, hierarchy, k, pair_bias)
     elif causal == 'strict':
         plan = hierarchy.plan(q.device)
-        if 'family_groups' not in plan.cache:
-            plan.cache['family_groups'] = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
-        out = hsa_strict_causal(q, k, v, plan, scatter_plan(plan), plan.cache['family_groups'],
+        if plan.family_groups is None:
+            plan.family_groups = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
+        out = hsa_strict_causal(q, k, v, plan, scatter_plan(plan), plan.family_groups,
                                 scale, pair_bias, euclidean)
     elif backend == 'fused':
         clusters = None

@@ -83,9 +83,9 @@ def build_scatter_plan(plan: SweepPlan) -> ScatterPlan:
 
 def scatter_plan(plan: SweepPlan) -> ScatterPlan:
     r"""The scatter plan of :obj:`plan`, built on first use and kept with it."""
-    if 'scatter' not in plan.cache:
-        plan.cache['scatter'] = build_scatter_plan(plan)
-    return plan.cache['scatter']
+    if plan.scatter is None:
+        plan.scatter = build_scatter_plan(plan)
+    return plan.scatter
 
 
 def scatter_logsumexp(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
