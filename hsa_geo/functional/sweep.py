@@ -358,7 +358,7 @@ def leaf_slot_buffer(layout: SlotLayout, columns: List[Tensor], width: int) -> T
     rows = first.new_empty(num_leaves + 1, heads, width)
     torch.cat(columns, dim=-1, out=rows[:num_leaves])
     rows[num_leaves] = 0.0
-    return rows.view(-1, width).index_select(0, layout.cached_rows('sources', heads))
+    return rows.view(-1, width).index_select(0, layout.source_rows(heads))
 
 
 def slot_buffer(like: Tensor, layout: SlotLayout, heads: int, width: int) -> Tensor:
@@ -372,7 +372,7 @@ def slot_buffer(like: Tensor, layout: SlotLayout, heads: int, width: int) -> Ten
 
 def read_leaves(buffer: Tensor, layout: SlotLayout, heads: int) -> Tensor:
     r"""``[L, H, C]`` rows of the slotted leaves in a slot buffer."""
-    rows = layout.cached_rows('leaves', heads)
+    rows = layout.leaf_rows(heads)
     return buffer.index_select(0, rows.view(-1)).view(rows.size(0), heads, -1)
 
 
@@ -413,7 +413,7 @@ def bottom_up(q: Tensor, k: Tensor, v: Tensor, layout: SlotLayout, scale: float,
             # phi(A) = -sum_b |B|/|A| log Z_B, and log Z_B = -phi(B) - log mu(B)
             torch.sum((by_child(children.phi) + block_self_log).mul_(const.share), dim=1,
                       out=parent.phi)
-        nodes.index_copy_(0, layout.cached_rows(f'parents{index}', heads), parents)
+        nodes.index_copy_(0, layout.parent_rows(index, heads), parents)
     return ForwardState(nodes, weights, self_log, leaf_phi, key_norm, columns)
 
 
@@ -448,7 +448,7 @@ def top_down(v: Tensor, layout: SlotLayout, state: ForwardState) -> TopDown:
     family_log_mass = v.new_empty(heads, layout.num_families)
     for index in reversed(range(len(layout.levels))):
         level = layout.levels[index]
-        parents = down.index_select(0, layout.cached_rows(f'parents{index}', heads))
+        parents = down.index_select(0, layout.parent_rows(index, heads))
         for offset, block in level_blocks(level):
             parent = flat_view(parents, offset, heads, (block.num_families, ))  # [H, F, D_v + 1]
             parent_log_mass = family_view(family_log_mass, block)
@@ -573,7 +573,7 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
             parent = flat_view(parents, offset, heads, (block.num_families, ))
             torch.sum(grad, 2, out=parent[..., :value_dim])
             torch.addcmul(through.sum(-1), parent_mass, off_diagonal, out=parent[..., value_dim])
-        up.index_copy_(0, layout.cached_rows(f'parents{index}', heads), parents)
+        up.index_copy_(0, layout.parent_rows(index, heads), parents)
 
     # delta[B] = dL/dt_BB, the gradient of B's own (diagonal) score
     down = slot_buffer(q, layout, heads, grad_columns.width)
@@ -646,7 +646,7 @@ def backward_sweeps(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, layout: S
 
     for index in reversed(range(len(layout.levels))):
         level = layout.levels[index]
-        parents = down.index_select(0, layout.cached_rows(f'parents{index}', heads))
+        parents = down.index_select(0, layout.parent_rows(index, heads))
         if (release and layout.slotted_leaves.numel() == 0
                 and all(block.leaf_range is not None for block in level.blocks)):
             # the rest reads the inputs: the slot buffers are not needed any more

@@ -708,4 +708,4 @@ ForkingPickler.register(Hierarchy, _reduce_with_derived)
 # and containers only.
 torch.serialization.add_safe_globals([
     Hierarchy, SweepPlan, FamilyBlock, FamilyTables, slot_layout.SlotLayout,
-    slot_layout.LayoutLevel, slot_layout.LayoutBlock])
+    slot_layout.LayoutLevel, slot_layout.LayoutBlock, slot_layout.SlotRows])

@@ -100,6 +100,18 @@ class LayoutLevel:
                            self.parent_slot.to(device))
 
 
+@dataclass
+class SlotRows:
+    r"""Row indices of the slot buffers that the sweeps use on every call,
+    built on first use (see :class:`SlotLayout`)."""
+    #: number of heads -> ``[L, H]`` rows of the slotted leaves
+    leaves: Dict[int, Tensor] = field(default_factory=dict)
+    #: number of heads -> ``[H * rows]`` source leaf row of every buffer row
+    sources: Dict[int, Tensor] = field(default_factory=dict)
+    #: (level, number of heads) -> ``[H * F]`` rows of the level's parents
+    parents: Dict[Tuple[int, int], Tensor] = field(default_factory=dict)
+
+
 @dataclass(eq=False)  # compared (and hashed) by identity
 class SlotLayout:
     r"""Everything the fused sweeps need, computed once per hierarchy.
@@ -137,8 +149,9 @@ class SlotLayout:
     #: in a per-pair buffer
     paired_leaves: Optional[Tensor] = None
     leaf_pair_positions: Optional[Tensor] = None
-    #: row indices per (name, number of heads), see :meth:`cached_rows`
-    _rows: Dict[Tuple[str, int], Tensor] = field(default_factory=dict)
+    #: row indices built on first use, see :meth:`leaf_rows`,
+    #: :meth:`source_rows` and :meth:`parent_rows`
+    _rows: SlotRows = field(default_factory=SlotRows, repr=False, compare=False)
 
     @property
     def blocks(self) -> List[LayoutBlock]:
@@ -169,40 +182,58 @@ class SlotLayout:
         head = torch.arange(heads, device=slots.device)
         return heads * start + head * size + self.slot_row[slots, None] - start
 
-    def cached_rows(self, name: str, heads: int) -> Tensor:
-        r"""Row indices used on every call, per number of heads:
-        ``'leaves'`` (``[L, H]`` of :attr:`slotted_leaves`), ``'sources'``
-        (``[H * rows]``, the leaf row that fills every buffer row) and
-        ``'parents<i>'`` (``[H * F]`` of level ``i``'s parents, in the
-        block-major, head-major order of the family buffers)."""
-        key = (name, heads)
-        if key not in self._rows:
-            if name == 'leaves':
-                rows = self.rows(self.node_slot[self.slotted_leaves], heads)
-            elif name == 'sources':
-                # the source of every buffer row in leaf rows [(N + 1) * H]
-                # (leaf i, head h at i * H + h; the extra leaf N is zeros)
-                rows = torch.arange(heads, device=self.node_slot.device).repeat(self.num_rows)
-                rows += heads * self.num_leaves
-                leaves = self.slotted_leaves
-                targets = self.rows(self.node_slot[leaves], heads)
-                rows[targets.view(-1)] = (heads * leaves[:, None]
-                                          + torch.arange(heads, device=leaves.device)).view(-1)
-            else:
-                level = self.levels[int(name[len('parents'):])]
-                parts, start = [], 0
-                for block in level.blocks:
-                    slots = level.parent_slot[start:start + block.num_families]
-                    parts.append(self.rows(slots, heads).t().reshape(-1))
-                    start += block.num_families
-                rows = torch.cat(parts)
-            self._rows[key] = rows
-        return self._rows[key]
+    def leaf_rows(self, heads: int) -> Tensor:
+        r"""``[L, H]`` rows of :attr:`slotted_leaves` (built once per
+        number of heads)."""
+        cache = self._rows.leaves
+        if heads not in cache:
+            cache[heads] = self.rows(self.node_slot[self.slotted_leaves], heads)
+        return cache[heads]
+
+    def source_rows(self, heads: int) -> Tensor:
+        r"""``[H * rows]`` the leaf row that fills every buffer row, in
+        leaf rows ``[(N + 1) * H]`` (leaf :math:`i`, head :math:`h` at
+        ``i * H + h``; the extra leaf :math:`N` is zeros); built once per
+        number of heads."""
+        cache = self._rows.sources
+        if heads not in cache:
+            rows = torch.arange(heads, device=self.node_slot.device).repeat(self.num_rows)
+            rows += heads * self.num_leaves
+            leaves = self.slotted_leaves
+            targets = self.rows(self.node_slot[leaves], heads)
+            rows[targets.view(-1)] = (heads * leaves[:, None]
+                                      + torch.arange(heads, device=leaves.device)).view(-1)
+            cache[heads] = rows
+        return cache[heads]
+
+    def parent_rows(self, index: int, heads: int) -> Tensor:
+        r"""``[H * F]`` rows of the parents of level :obj:`index` (of
+        :attr:`levels`), in the block-major, head-major order of the family
+        buffers; built once per level and number of heads."""
+        cache = self._rows.parents
+        key = (index, heads)
+        if key not in cache:
+            level = self.levels[index]
+            parts, start = [], 0
+            for block in level.blocks:
+                slots = level.parent_slot[start:start + block.num_families]
+                parts.append(self.rows(slots, heads).t().reshape(-1))
+                start += block.num_families
+            cache[key] = torch.cat(parts)
+        return cache[key]
+
+    def __setstate__(self, state):
+        # a layout pickled by an earlier version holds its rows in a dict
+        # keyed by strings: start with empty rows (built on first use)
+        if not isinstance(state.get('_rows'), SlotRows):
+            state = dict(state, _rows=SlotRows())
+        self.__dict__.update(state)
 
     def to(self, device) -> 'SlotLayout':
         if torch.device(device) == self.node_slot.device:
             return self
-        return SlotLayout(**{f.name: ({} if f.name == '_rows' else _move(getattr(self, f.name), device))
+        return SlotLayout(**{f.name: (SlotRows() if f.name == '_rows'
+                                      else _move(getattr(self, f.name), device))
                              for f in fields(self)})
 
 
