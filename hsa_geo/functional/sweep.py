@@ -244,7 +244,7 @@ torch.serialization.add_safe_globals([Constants])
 
 def constants(block: LayoutBlock, dtype: torch.dtype, causal: bool = False) -> Constants:
     r"""The block's per-slot constants in :obj:`dtype` (cached on the block)."""
-    cache = block.__dict__.setdefault('_constants', {})
+    cache = block.constants
     key = (dtype, causal)
     if key not in cache:
         width = block.width

@@ -35,10 +35,13 @@ are never copied when every leaf lives in such a block.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # the engine's type: functional imports this module, not the reverse
+    from hsa_geo.functional.sweep import Constants
 
 #: Fixed cost of one block relative to one padded sibling pair, per head
 #: (see the module docstring); measured by
@@ -70,6 +73,10 @@ class LayoutBlock:
     share: Tensor  #: ``[F, w]`` :math:`|B| / |A|`, 0 at padding
     count: Tensor  #: ``[F, w]`` :math:`|B|`, the leaves below each child, 0 at padding
     cluster: Tensor  #: ``[F, w]`` (bool) the cluster children
+    #: the tensor sweeps' per-slot constants per (dtype, causal), built on
+    #: first use (:func:`hsa_geo.functional.sweep.constants`)
+    constants: Dict[Tuple[torch.dtype, bool], Constants] = field(
+        default_factory=dict, repr=False, compare=False)
 
     @property
     def num_slots(self) -> int:
@@ -80,7 +87,15 @@ class LayoutBlock:
         return self.num_families * self.width * self.width
 
     def to(self, device) -> 'LayoutBlock':
-        return LayoutBlock(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
+        return LayoutBlock(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)
+                              if f.name != 'constants'})
+
+    def __setstate__(self, state):
+        # a block pickled by an earlier version may hold its constants
+        # outside the dataclass's fields: start with none (built on first use)
+        state = {name: value for name, value in state.items() if name != '_constants'}
+        state.setdefault('constants', {})
+        self.__dict__.update(state)
 
 
 @dataclass
