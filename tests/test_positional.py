@@ -160,12 +160,12 @@ def test_pair_rows_are_built_once_per_hierarchy():
     hierarchy = chunk_sequence(100, chunk_size=5)
     module = SiblingPositionBias(heads=2, max_children=5)
     module(hierarchy)
-    keys = [key for key in hierarchy._cache if str(key).startswith('sibling_position_code')]
-    assert len(keys) == 1
-    cached = hierarchy._cache[keys[0]]
+    codes = hierarchy._cache.position_codes
+    assert len(codes) == 1
+    key, cached = next(iter(codes.items()))
     module(hierarchy)
     SiblingPositionBias(heads=4, max_children=5)(hierarchy)  # same layout: shared
-    assert hierarchy._cache[keys[0]] is cached
+    assert len(codes) == 1 and codes[key] is cached
 
 
 def test_an_edited_tree_does_not_keep_its_old_position_codes():

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -12,6 +13,26 @@ from hsa_geo.hierarchy import layout as slot_layout
 from hsa_geo.hierarchy.native_tables import TreeAnalysis, analyse_tree
 from hsa_geo.hierarchy.plan import (PAIRS_PER_BLOCK, FamilyBlock, FamilyTables, SweepPlan,
                                     build_family_tables, build_sweep_plan)
+
+if TYPE_CHECKING:  # nn imports this module, not the reverse
+    from hsa_geo.nn.positional import PairCode, PairCodeKey
+
+
+@dataclass
+class TreeCache:
+    r"""What a :class:`Hierarchy` derives from its parent pointers on
+    first use (checked against their version before every read)."""
+    first_leaf: Optional[Tensor] = None  #: ``[N + M]``, see :attr:`Hierarchy.first_leaf`
+    last_leaf: Optional[Tensor] = None  #: ``[N + M]``, see :attr:`Hierarchy.last_leaf`
+    num_children: Optional[Tensor] = None  #: ``[N + M]``
+    #: see :meth:`Hierarchy.leaf_ancestor_pairs`
+    leaf_ancestor_pairs: Optional[Tuple[Tensor, Tensor]] = None
+    num_sibling_pairs: Optional[int] = None
+    #: device -> (positions, sources), see :meth:`Hierarchy.sibling_pair_positions`
+    pair_positions: Dict[torch.device, Tuple[Tensor, Tensor]] = field(default_factory=dict)
+    #: the sibling position codes of :class:`hsa_geo.nn.SiblingPositionBias`
+    #: per device and layout of the codes
+    position_codes: Dict[PairCodeKey, PairCode] = field(default_factory=dict)
 
 
 class Hierarchy:
@@ -68,7 +89,7 @@ class Hierarchy:
         self._plans: Dict[torch.device, SweepPlan] = {}
         self._layouts: Dict[torch.device, slot_layout.SlotLayout] = {}
         self._family_tables: Optional[FamilyTables] = None
-        self._cache: Dict[str, object] = {}
+        self._cache = TreeCache()
         # everything cached derives from the parent pointers: remember their
         # version, so that an in-place edit is caught rather than ignored
         self._parent_version = parent._version
@@ -119,8 +140,8 @@ class Hierarchy:
         r"""Caches what the compiled tree analysis derived beyond depths
         and leaf counts: first and last leaves, and the family tables."""
         device = self.parent.device
-        self._cache['first_leaf'] = analysis.first_leaf.to(device)
-        self._cache['last_leaf'] = analysis.last_leaf.to(device)
+        self._cache.first_leaf = analysis.first_leaf.to(device)
+        self._cache.last_leaf = analysis.last_leaf.to(device)
         self._family_tables = analysis.tables
 
     @classmethod
@@ -196,11 +217,13 @@ class Hierarchy:
         count[new_id] = torch.cat([h.num_leaves_below.cpu() for h in hierarchies])
         batched = cls(parent.to(device), total_leaves, depth.to(device), count.to(device),
                       batch.to(device), ordered)
+        first_and_last = []
         for name in ('first_leaf', 'last_leaf'):
             merged = torch.empty_like(parent)
             merged[new_id] = (torch.cat([getattr(h, name).cpu() for h in hierarchies])
                               + leaf_offset)
-            batched._cache[name] = merged.to(device)
+            first_and_last.append(merged.to(device))
+        batched._cache.first_leaf, batched._cache.last_leaf = first_and_last
         return batched
 
     def new_node_ids(self, leaf_offset: int, cluster_offset: int) -> Tensor:
@@ -235,11 +258,11 @@ class Hierarchy:
     def num_children(self) -> Tensor:
         r"""Number of children of every node (0 for leaves)."""
         self.check_unchanged()
-        if 'num_children' not in self._cache:
+        if self._cache.num_children is None:
             has_parent = self.parent >= 0
-            self._cache['num_children'] = torch.bincount(
+            self._cache.num_children = torch.bincount(
                 self.parent[has_parent], minlength=self.num_nodes)
-        return self._cache['num_children']
+        return self._cache.num_children
 
     @property
     def edge_index(self) -> Tensor:
@@ -257,18 +280,18 @@ class Hierarchy:
         r"""Smallest leaf id below every node (the leaf itself for a leaf);
         siblings are ordered by it."""
         self.check_unchanged()
-        if 'first_leaf' not in self._cache:
+        if self._cache.first_leaf is None:
             first, last = _first_and_last_leaf(self.parent.cpu(), self.num_leaves,
                                                self.depth.cpu())
-            self._cache['first_leaf'] = first.to(self.parent.device)
-            self._cache['last_leaf'] = last.to(self.parent.device)
-        return self._cache['first_leaf']
+            self._cache.first_leaf = first.to(self.parent.device)
+            self._cache.last_leaf = last.to(self.parent.device)
+        return self._cache.first_leaf
 
     @property
     def last_leaf(self) -> Tensor:
         r"""Largest leaf id below every node."""
         self.first_leaf  # noqa: B018 (fills both)
-        return self._cache['last_leaf']
+        return self._cache.last_leaf
 
     @property
     def sibling_index(self) -> Tensor:
@@ -289,7 +312,7 @@ class Hierarchy:
         :math:`\sum_i (\mathrm{depth}(i) + 1)`, computed once and cached
         (readouts pool over them in every step)."""
         self.check_unchanged()
-        if 'leaf_ancestor_pairs' not in self._cache:
+        if self._cache.leaf_ancestor_pairs is None:
             leaf = torch.arange(self.num_leaves, device=self.parent.device)
             node, leaves, nodes = leaf, [], []
             while node.numel() > 0:
@@ -298,8 +321,8 @@ class Hierarchy:
                 up = self.parent[node]
                 keep = up >= 0
                 leaf, node = leaf[keep], up[keep]
-            self._cache['leaf_ancestor_pairs'] = (torch.cat(leaves), torch.cat(nodes))
-        return self._cache['leaf_ancestor_pairs']
+            self._cache.leaf_ancestor_pairs = (torch.cat(leaves), torch.cat(nodes))
+        return self._cache.leaf_ancestor_pairs
 
     def subtree_means(self, values: Tensor) -> Tensor:
         r"""Mean of per-leaf rows ``[N, ...]`` over the leaves below every
@@ -315,10 +338,10 @@ class Hierarchy:
         r""":math:`E = \sum_A b_A^2`, the rows of a per-pair tensor (from the
         children counts: no plan is built for it)."""
         self.check_unchanged()
-        if 'num_sibling_pairs' not in self._cache:
+        if self._cache.num_sibling_pairs is None:
             children = self.num_children
-            self._cache['num_sibling_pairs'] = int((children * children).sum())
-        return self._cache['num_sibling_pairs']
+            self._cache.num_sibling_pairs = int((children * children).sum())
+        return self._cache.num_sibling_pairs
 
     def check_contiguous(self) -> None:
         r"""Raises a :class:`ValueError` naming the first node whose leaves
@@ -352,9 +375,10 @@ class Hierarchy:
         # a copy (pickled to a loader worker and back, torch.save) starts its
         # own version count
         self.__dict__.update(state)
-        for name, empty in (('_plans', dict), ('_layouts', dict), ('_cache', dict),
-                            ('_family_tables', lambda: None)):
+        for name, empty in (('_plans', dict), ('_layouts', dict), ('_family_tables', lambda: None)):
             self.__dict__.setdefault(name, empty())
+        if not isinstance(self.__dict__.get('_cache'), TreeCache):  # none, or an earlier
+            self.__dict__['_cache'] = TreeCache()  # version's dict keyed by strings
         self.__dict__['_parent_version'] = self.parent._version
 
     def check_unchanged(self) -> None:
@@ -425,16 +449,16 @@ class Hierarchy:
         Cached per device."""
         self.check_unchanged()
         device = torch.device(device) if device is not None else self.parent.device
-        key = f'pair_positions_{device}'
-        if key not in self._cache:
+        cache = self._cache.pair_positions
+        if device not in cache:
             layout = self.layout(device)
             row, col = self.plan(device).sibling_pairs()
             positions = layout.pair_positions(layout.node_slot[row], layout.sibling_index[col])
             sources = torch.full((layout.num_pairs, ), positions.numel(), dtype=torch.long,
                                  device=device)
             sources[positions] = torch.arange(positions.numel(), device=device)
-            self._cache[key] = (positions, sources)
-        positions, sources = self._cache[key]
+            cache[device] = (positions, sources)
+        positions, sources = cache[device]
         return (positions, sources) if with_sources else positions
 
     def to(self, device) -> 'Hierarchy':
@@ -445,9 +469,9 @@ class Hierarchy:
         moved._plans = dict(self._plans)
         moved._layouts = dict(self._layouts)
         moved._family_tables = self._family_tables
-        for name in ('first_leaf', 'last_leaf'):
-            if name in self._cache:
-                moved._cache[name] = self._cache[name].to(device)
+        if self._cache.first_leaf is not None:
+            moved._cache.first_leaf = self._cache.first_leaf.to(device)
+            moved._cache.last_leaf = self._cache.last_leaf.to(device)
         return moved
 
     def summary(self) -> Dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,6 +31,16 @@ class PairCode:
     pairs: Optional[Tensor] = None  #: ``[2, E]`` node ids, only when modalities are used
     #: the last modality tensor seen, its version and the code including it
     modality_code: Optional[Tuple[Tensor, int, Tensor]] = None
+
+
+class PairCodeKey(NamedTuple):
+    r"""What a :class:`PairCode` depends on besides the tree: modules that
+    agree on it share the hierarchy's cached code."""
+    device: torch.device
+    layout: str  #: ``'relative'`` (rotary) or ``'pairs'``
+    num_levels: Optional[int]
+    num_modalities: Optional[int]
+    limit: Optional[int]  #: ``max_children`` of the learned kind, else None
 
 
 class SiblingPositionBias(Module):
@@ -284,11 +294,11 @@ class SiblingPositionBias(Module):
         module's layout, validating the hierarchy on first use."""
         layout = 'relative' if self.kind == 'rotary' else 'pairs'
         limit = self.max_children if self.kind == 'learned' else None
-        key = (f'sibling_position_code:{device}:{layout}:levels={self.num_levels}:'
-               f'modalities={self.num_modalities}:limit={limit}')
+        key = PairCodeKey(device, layout, self.num_levels, self.num_modalities, limit)
         hierarchy.check_unchanged()  # the codes cached below are the tree's as built
-        if key in hierarchy._cache:
-            return hierarchy._cache[key]
+        cache = hierarchy._cache.position_codes
+        if key in cache:
+            return cache[key]
         plan = hierarchy.plan(device)
         width = max((block.num_children for block in plan.blocks), default=1)
         for block in plan.blocks:
@@ -303,8 +313,8 @@ class SiblingPositionBias(Module):
             codes.append(family.view(1, -1).expand(block.num_families, -1).reshape(-1))
         code = torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long, device=device)
         pairs = plan.sibling_pairs() if self.num_modalities is not None else None
-        hierarchy._cache[key] = PairCode(code, width, pairs)
-        return hierarchy._cache[key]
+        cache[key] = PairCode(code, width, pairs)
+        return cache[key]
 
     def _check_block(self, block, num_leaves: int) -> None:
         parent = int(block.parents[0]) + num_leaves
