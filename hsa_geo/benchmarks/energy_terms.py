@@ -42,10 +42,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from hsa_geo.benchmarks.scaling import (BRANCHING, DTYPE, HEAD_DIM, HEADS, PRELOAD, _Case,
-                                        _seconds, _table, _times, add_common_arguments,
-                                        build_hierarchy, check_common_arguments,
-                                        run_and_report, target_lines)
+from hsa_geo.benchmarks.scaling import (BRANCHING, DTYPE, HEAD_DIM, HEADS, PRELOAD, Case,
+                                        add_common_arguments, build_hierarchy,
+                                        check_common_arguments, format_seconds, format_table,
+                                        format_times, run_and_report, target_lines)
 from hsa_geo.benchmarks.timing import (IsolatedError, machine_info, median, paired_ratio,
                                        run_isolated, time_interleaved)
 
@@ -67,7 +67,7 @@ TARGET_VARIANTS = ('hsa_bias', 'hsa_euclidean')  # the others are informative
 POSITION_DIM = 16  # width of the learned sibling-position embedding
 
 
-def make_variant(variant: str, num_leaves: int, device: torch.device, hierarchy) -> _Case:
+def make_variant(variant: str, num_leaves: int, device: torch.device, hierarchy) -> Case:
     r"""One variant's inputs at one :math:`N`: random ``[N, 4, 16]`` q, k,
     v and, for ``hsa_bias``, a fresh learned position module whose
     parameters count as inputs of the backward pass."""
@@ -79,12 +79,12 @@ def make_variant(variant: str, num_leaves: int, device: torch.device, hierarchy)
                .requires_grad_() for _ in range(3))
     grad_output = torch.randn(num_leaves, HEADS, HEAD_DIM, device=device, dtype=DTYPE)
     if kind is None:
-        return _Case(lambda: hsa(q, k, v, hierarchy, **keywords), (q, k, v), grad_output)
+        return Case(lambda: hsa(q, k, v, hierarchy, **keywords), (q, k, v), grad_output)
     from hsa_geo.nn import SiblingPositionBias
 
     positional = SiblingPositionBias(HEADS, max_children=BRANCHING, dim=POSITION_DIM,
                                      kind=kind).to(device, DTYPE)
-    return _Case(lambda: hsa(q, k, v, hierarchy, pair_bias=positional(hierarchy), **keywords),
+    return Case(lambda: hsa(q, k, v, hierarchy, pair_bias=positional(hierarchy), **keywords),
                  (q, k, v, *positional.parameters()), grad_output)
 
 
@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                            for variant in variants if variant != BASELINE}
         results['sizes'].append(entry)
         print(f'  N=2^{log2}: ' + ', '.join(
-            f'{variant} {_seconds(data["forward_s"])}/{_seconds(data["forward_backward_s"])}'
+            f'{variant} {format_seconds(data["forward_s"])}/'
+            f'{format_seconds(data["forward_backward_s"])}'
             for variant, data in entry['methods'].items()) + ' (forward/forward+backward)',
             flush=True)
     results['targets'] = evaluate_targets(results)
@@ -227,13 +228,13 @@ def format_report(results: Dict[str, Any]) -> str:
                           for v in names for stage in STAGES]
         rows = [[f'2^{e["log2"]}'] + [cell(e, v, stage) for v in names for stage in STAGES]
                 for e in results['sizes']]
-        return _table(header, rows)
+        return format_table(header, rows)
 
     return '\n'.join([
         'Time (median; fwd = no_grad forward, f+b = forward+backward)',
-        table(variants, lambda e, v, stage: _seconds(e['methods'][v][f'{stage}_s'])), '',
+        table(variants, lambda e, v, stage: format_seconds(e['methods'][v][f'{stage}_s'])), '',
         f'Ratio to {BASELINE} (median of per-round ratios)',
-        table(others, lambda e, v, stage: _times(e['ratios'][v][stage])), '',
+        table(others, lambda e, v, stage: format_times(e['ratios'][v][stage])), '',
         *target_lines(results)])
 
 

@@ -119,7 +119,7 @@ def balanced_parent(num_leaves: int, branching: int = BRANCHING) -> Tensor:
 
 
 # ------------------------------------------------------------------ workers
-class _Case:
+class Case:
     r"""One method's inputs at one :math:`N`: an inference forward and a
     forward+backward, both closures over preallocated tensors."""
 
@@ -162,7 +162,7 @@ def build_hierarchy(num_leaves: int, device: torch.device, ordered: bool = False
                        'plan_s': planned - validated, 'plan_blocks': len(plan.blocks)}
 
 
-def _make_case(method: str, num_leaves: int, device: torch.device, hierarchy=None) -> _Case:
+def _make_case(method: str, num_leaves: int, device: torch.device, hierarchy=None) -> Case:
     def randn(*shape):
         return torch.randn(*shape, device=device, dtype=DTYPE)
 
@@ -170,24 +170,24 @@ def _make_case(method: str, num_leaves: int, device: torch.device, hierarchy=Non
         from hsa_geo.functional import hsa
 
         q, k, v = (randn(num_leaves, HEADS, HEAD_DIM).requires_grad_() for _ in range(3))
-        return _Case(lambda: hsa(q, k, v, hierarchy), (q, k, v),
+        return Case(lambda: hsa(q, k, v, hierarchy), (q, k, v),
                      randn(num_leaves, HEADS, HEAD_DIM))
     if method == 'floor':
         q, k, v = (randn(num_leaves, HEADS, HEAD_DIM).requires_grad_() for _ in range(3))
         out = torch.empty_like(q, requires_grad=False)
-        return _Case(lambda: torch.addcmul(q, k, v), (q, k, v),
+        return Case(lambda: torch.addcmul(q, k, v), (q, k, v),
                      randn(num_leaves, HEADS, HEAD_DIM),
                      forward_out=lambda: torch.addcmul(q, k, v, out=out))
     if method == 'dense':
         q, k, v = (randn(1, HEADS, num_leaves, HEAD_DIM).requires_grad_() for _ in range(3))
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        return _Case(lambda: sdpa(q, k, v), (q, k, v), randn(1, HEADS, num_leaves, HEAD_DIM))
+        return Case(lambda: sdpa(q, k, v), (q, k, v), randn(1, HEADS, num_leaves, HEAD_DIM))
     if method == 'sgformer':
         from torch_geometric.nn.attention import SGFormerAttention
 
         module = SGFormerAttention(WIDTH, heads=HEADS, head_channels=HEAD_DIM).to(device, DTYPE)
         x = randn(1, num_leaves, WIDTH).requires_grad_()
-        return _Case(lambda: module(x), (x, *module.parameters()),
+        return Case(lambda: module(x), (x, *module.parameters()),
                      randn(1, num_leaves, HEAD_DIM))  # it averages its heads
     raise ValueError(f'unknown method {method!r} (choose from {METHODS})')
 
@@ -492,7 +492,7 @@ def evaluate_targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ printing
-def _seconds(value: Optional[float]) -> str:
+def format_seconds(value: Optional[float]) -> str:
     if value is None:
         return '-'
     if value < 1e-3:
@@ -502,7 +502,7 @@ def _seconds(value: Optional[float]) -> str:
     return f'{value:.2f}s'
 
 
-def _times(value: Optional[float]) -> str:
+def format_times(value: Optional[float]) -> str:
     return '-' if value is None else (f'{value:.0f}x' if value >= 100 else f'{value:.2f}x')
 
 
@@ -521,13 +521,14 @@ def _print_header(results: Dict[str, Any]) -> None:
 
 
 def _print_progress(entry: Dict[str, Any]) -> None:
-    parts = [f'{method} {_seconds(data["forward_s"])}/{_seconds(data["forward_backward_s"])}'
+    parts = [f'{method} {format_seconds(data["forward_s"])}/'
+             f'{format_seconds(data["forward_backward_s"])}'
              for method, data in entry['methods'].items()]
     print(f'  N=2^{entry["log2"]}: ' + ', '.join(parts) + ' (forward/forward+backward)',
           flush=True)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     line = lambda cells: '  '.join(str(c).rjust(w) for c, w in zip(cells, widths))
     return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in rows])
@@ -540,30 +541,31 @@ def format_report(results: Dict[str, Any]) -> str:
     for e in results['sizes']:
         m, r = e['methods'], e.get('ratios') or {}
         get = lambda method, key: (m.get(method) or {}).get(key)
-        rows.append([f'2^{e["log2"]}', _seconds((e.get('construction') or {}).get('plan_s')),
-                     _seconds(get('hsa', 'forward_s')), _seconds(get('hsa', 'forward_backward_s')),
-                     _seconds(get('floor', 'forward_s')),
-                     _seconds(get('floor', 'forward_backward_s')),
-                     _seconds(get('dense', 'forward_s')),
-                     _seconds(get('dense', 'forward_backward_s')),
-                     _seconds(get('sgformer', 'forward_s')),
-                     _seconds(get('sgformer', 'forward_backward_s')),
-                     _times(r.get('dense_over_hsa_forward_backward')),
-                     _times(r.get('hsa_over_floor_forward')),
-                     _times(r.get('hsa_forward_over_floor_forward_out')),
-                     _times(r.get('hsa_over_sgformer_forward')),
-                     _times(r.get('hsa_over_sgformer_forward_backward'))])
+        rows.append([f'2^{e["log2"]}', format_seconds((e.get('construction') or {}).get('plan_s')),
+                     format_seconds(get('hsa', 'forward_s')),
+                     format_seconds(get('hsa', 'forward_backward_s')),
+                     format_seconds(get('floor', 'forward_s')),
+                     format_seconds(get('floor', 'forward_backward_s')),
+                     format_seconds(get('dense', 'forward_s')),
+                     format_seconds(get('dense', 'forward_backward_s')),
+                     format_seconds(get('sgformer', 'forward_s')),
+                     format_seconds(get('sgformer', 'forward_backward_s')),
+                     format_times(r.get('dense_over_hsa_forward_backward')),
+                     format_times(r.get('hsa_over_floor_forward')),
+                     format_times(r.get('hsa_forward_over_floor_forward_out')),
+                     format_times(r.get('hsa_over_sgformer_forward')),
+                     format_times(r.get('hsa_over_sgformer_forward_backward'))])
     out.append('Time (median; fwd = no_grad forward, f+b = forward+backward)')
-    out.append(_table(['N', 'plan', 'HSA fwd', 'HSA f+b', 'floor fwd', 'floor f+b', 'dense fwd',
-                       'dense f+b', 'SGF fwd', 'SGF f+b', 'dense/HSA f+b', 'HSA/floor fwd',
-                       'HSA/floor(out=) fwd',
-                       'HSA/SGF fwd', 'HSA/SGF f+b'], rows))
+    out.append(format_table(['N', 'plan', 'HSA fwd', 'HSA f+b', 'floor fwd', 'floor f+b',
+                             'dense fwd', 'dense f+b', 'SGF fwd', 'SGF f+b', 'dense/HSA f+b',
+                             'HSA/floor fwd', 'HSA/floor(out=) fwd',
+                             'HSA/SGF fwd', 'HSA/SGF f+b'], rows))
     kind = 'peak RSS' if results['config']['device'] == 'cpu' else 'peak CUDA allocated'
     rows = [[f'2^{e["log2"]}'] + [_mib((e['methods'].get(method) or {}).get('memory'))
                                   for method in METHODS] for e in results['sizes']]
     out.append('')
     out.append(f'Memory of one forward+backward, MiB: {kind} / change from baseline')
-    out.append(_table(['N'] + [method for method in METHODS], rows))
+    out.append(format_table(['N'] + [method for method in METHODS], rows))
     skipped = [f'  N=2^{e["log2"]} {method}: {why}' for e in results['sizes']
                for method, why in e['skipped'].items()]
     if skipped:
