@@ -57,8 +57,8 @@ from torch_geometric.utils import to_dense_batch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (ExampleError, config_of, gather_runs, load_checkpoint,  # noqa: E402
-                    mean_std, paired_bootstrap, report_header, run_main,
+from common import (ExampleError, config_of, load_checkpoint, mean_std,  # noqa: E402
+                    paired_bootstrap, report_header, run_experiment, run_main,
                     save_checkpoint, set_seed, write_json)
 
 from hsa_geo.data import hierarchy_from_data  # noqa: E402
@@ -384,16 +384,7 @@ def report(runs: List[Dict], args) -> Dict:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    runs = []
-    if not args.report_only:
-        data = load_data(args)
-        for seed in args.seeds:
-            for name in args.models:
-                runs.append(train_one(name, seed, data, args))
-    result = report(gather_runs(args.checkpoint_dir, runs), args)
-    write_json(args.out, result)
+    result = run_experiment(parse_args(argv), load_data, train_one, report)
     for name, row in result['summary'].items():
         print(f"{name:12s} test {row['test_accuracy']['mean']:.2f} "
               f"(params {row['parameters']}, {row['seconds_per_epoch']['mean']:.0f} s/epoch)")

@@ -279,6 +279,23 @@ def gather_runs(checkpoint_dir: str, fresh: Sequence[Dict[str, Any]]) -> List[Di
     return list(found.values())
 
 
+def run_experiment(args, load_data, train_one, report) -> Dict[str, Any]:
+    r"""Trains every model of :obj:`args.models` for every seed of
+    :obj:`args.seeds` (unless :obj:`args.report_only`), then writes the
+    report of all finished runs (these and those other processes left
+    under :obj:`args.checkpoint_dir`) to :obj:`args.out` and returns it."""
+    torch.set_num_threads(args.threads)
+    runs = []
+    if not args.report_only:
+        data = load_data(args)
+        for seed in args.seeds:
+            for name in args.models:
+                runs.append(train_one(name, seed, data, args))
+    result = report(gather_runs(args.checkpoint_dir, runs), args)
+    write_json(args.out, result)
+    return result
+
+
 def report_header(args) -> Dict[str, Any]:
     r"""What every experiment report records besides its results: the
     options (less where files go) and the machine."""

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (ExampleError, config_of, gather_runs, load_checkpoint,  # noqa: E402
-                    mean_std, paired_bootstrap, report_header, run_main,
+from common import (ExampleError, config_of, load_checkpoint, mean_std,  # noqa: E402
+                    paired_bootstrap, report_header, run_experiment, run_main,
                     save_checkpoint, set_seed, write_json)
 from listops_models import (MODELS, ListOpsBatch, ListOpsModel, count_parameters,  # noqa: E402
                             matched_width)
@@ -291,16 +291,7 @@ def report(runs: List[Dict], args) -> Dict:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    runs = []
-    if not args.report_only:
-        data = load_data(args)
-        for seed in args.seeds:
-            for name in args.models:
-                runs.append(train_one(name, seed, data, args))
-    result = report(gather_runs(args.checkpoint_dir, runs), args)
-    write_json(args.out, result)
+    result = run_experiment(parse_args(argv), load_data, train_one, report)
     for name, row in result['summary'].items():
         print(name, {k: round(v['mean'], 4) for k, v in row.items()
                      if isinstance(v, dict) and 'mean' in v})
