@@ -57,7 +57,7 @@ from torch_geometric.utils import to_dense_batch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (ExampleError, config_of, load_checkpoint, mean_std,  # noqa: E402
+from common import (config_of, grid_of, load_checkpoint, mean_std,  # noqa: E402
                     paired_bootstrap, report_header, run_experiment, run_main,
                     save_checkpoint, set_seed, write_json)
 
@@ -105,13 +105,7 @@ def parse_args(argv=None):
     parser.add_argument('--report-only', action='store_true')
     parser.add_argument('--resamples', type=int, default=2000)
     args = parser.parse_args(argv)
-    args.models = [m for m in args.models.split(',') if m]
-    for name in args.models:
-        if name not in MODELS:
-            raise ExampleError(f"unknown model {name!r}; choose from {list(MODELS)}")
-    args.seeds = [int(s) for s in args.seeds.split(',') if s]
-    args.checkpoint_dir = args.checkpoint_dir or osp.join(
-        osp.expanduser('~'), '.cache', 'hsa_geo', 'checkpoints', args.dataset.lower())
+    grid_of(args, MODELS, args.dataset.lower())
     root = osp.dirname(osp.dirname(osp.abspath(__file__)))
     args.out = args.out or osp.join(root, 'benchmarks', 'results',
                                     f'{args.dataset.lower()}.json')

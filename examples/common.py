@@ -279,6 +279,20 @@ def gather_runs(checkpoint_dir: str, fresh: Sequence[Dict[str, Any]]) -> List[Di
     return list(found.values())
 
 
+def grid_of(args, models: Sequence[str], checkpoint_name: str) -> None:
+    r"""Turns an experiment's ``--models`` and ``--seeds`` into lists (every
+    model name checked) and defaults ``--checkpoint-dir`` to
+    ``~/.cache/hsa_geo/checkpoints/<checkpoint_name>``, outside the work
+    tree, so that a later session can resume."""
+    args.models = [m for m in args.models.split(',') if m]
+    for name in args.models:
+        if name not in models:
+            raise ExampleError(f"unknown model {name!r}; choose from {list(models)}")
+    args.seeds = [int(s) for s in args.seeds.split(',') if s]
+    args.checkpoint_dir = args.checkpoint_dir or osp.join(
+        osp.expanduser('~'), '.cache', 'hsa_geo', 'checkpoints', checkpoint_name)
+
+
 def run_experiment(args, load_data, train_one, report) -> Dict[str, Any]:
     r"""Trains every model of :obj:`args.models` for every seed of
     :obj:`args.seeds` (unless :obj:`args.report_only`), then writes the

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (ExampleError, config_of, load_checkpoint, mean_std,  # noqa: E402
+from common import (config_of, grid_of, load_checkpoint, mean_std,  # noqa: E402
                     paired_bootstrap, report_header, run_experiment, run_main,
                     save_checkpoint, set_seed, write_json)
 from listops_models import (MODELS, ListOpsBatch, ListOpsModel, count_parameters,  # noqa: E402
@@ -93,13 +93,7 @@ def parse_args(argv=None):
                         help='gather the finished runs found under --checkpoint-dir; train nothing')
     parser.add_argument('--resamples', type=int, default=2000)
     args = parser.parse_args(argv)
-    args.models = [m for m in args.models.split(',') if m]
-    for name in args.models:
-        if name not in MODELS:
-            raise ExampleError(f"unknown model {name!r}; choose from {MODELS}")
-    args.seeds = [int(s) for s in args.seeds.split(',') if s]
-    args.checkpoint_dir = args.checkpoint_dir or osp.join(
-        osp.expanduser('~'), '.cache', 'hsa_geo', 'checkpoints', f'listops_{args.setting}')
+    grid_of(args, MODELS, f'listops_{args.setting}')
     args.out = args.out or osp.join(ROOT, 'benchmarks', 'results', f'listops_{args.setting}.json')
     return args
 
