@@ -57,9 +57,9 @@ from torch_geometric.utils import to_dense_batch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (config_of, grid_of, load_checkpoint, mean_std,  # noqa: E402
-                    paired_bootstrap, report_header, run_experiment, run_main,
-                    save_checkpoint, set_seed, write_json)
+from common import (compare_runs, config_of, count_parameters, grid_of,  # noqa: E402
+                    load_checkpoint, matched_width, mean_std, report_header, run_experiment,
+                    run_main, save_checkpoint, set_seed, write_json)
 
 from hsa_geo.data import hierarchy_from_data  # noqa: E402
 from hsa_geo.datasets.sbm import RECIPES, generate_sbm_splits, weighted_accuracy  # noqa: E402
@@ -232,27 +232,18 @@ class NodeClassifier(nn.Module):
         return self.head(x)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def build_model(name: str, args) -> NodeClassifier:
+    r"""Model :obj:`name` at the width whose parameter count is closest to
+    :data:`REFERENCE`'s at :obj:`args.hidden`."""
     recipe = RECIPES[args.dataset]
     num_values = recipe.num_communities + 1 if args.dataset == 'CLUSTER' else recipe.vocab_size
 
-    def make(width):
+    def make(width, name=name):
         return NodeClassifier(name, num_values, recipe.num_classes, width, args.layers,
                               args.heads, args.rwse, args.dropout)
 
-    target = count_parameters(make_reference(args, num_values, recipe.num_classes))
-    width = min(range(args.heads, 4 * args.hidden + 1, args.heads),
-                key=lambda w: abs(count_parameters(make(w)) - target))
-    return make(width)
-
-
-def make_reference(args, num_values: int, num_classes: int) -> NodeClassifier:
-    return NodeClassifier(REFERENCE, num_values, num_classes, args.hidden, args.layers,
-                          args.heads, args.rwse, args.dropout)
+    target = count_parameters(make(args.hidden, REFERENCE))
+    return make(matched_width(make, target, args.heads, 4 * args.hidden))
 
 
 # ---------------------------------------------------------------- training
@@ -280,6 +271,16 @@ def class_counts(model, graphs, num_classes: int, batch_size: int) -> np.ndarray
         counts.append(torch.stack([correct, total], 1).view(data.num_graphs, num_classes, 2))
     model.train()
     return torch.cat(counts).numpy()
+
+
+def encode_counts(counts: np.ndarray) -> Dict:
+    r"""``[G, C, 2]`` counts as a shape and one string of numbers (a JSON
+    list would take a line per number)."""
+    return {'shape': list(counts.shape), 'values': ' '.join(map(str, counts.reshape(-1).tolist()))}
+
+
+def decode_counts(encoded: Dict) -> np.ndarray:
+    return np.array(encoded['values'].split(), dtype=np.int64).reshape(encoded['shape'])
 
 
 def accuracy_of(counts: np.ndarray) -> float:
@@ -336,7 +337,7 @@ def train_one(name: str, seed: int, data: Dict[str, list], args) -> Dict:
     run = {'model': name, 'seed': seed, 'width': model.channels,
            'parameters': count_parameters(model), 'epochs': epoch,
            'best_epoch': best['epoch'], 'valid_accuracy': best['valid_accuracy'],
-           'test_accuracy': accuracy_of(counts), 'test_counts': counts.tolist(),
+           'test_accuracy': accuracy_of(counts), 'test_counts': encode_counts(counts),
            'train_seconds': seconds, 'seconds_per_epoch': seconds / max(epoch, 1),
            'history': history, 'load_at_end': os.getloadavg()[0]}
     print(f'{name} seed {seed}: test {run["test_accuracy"]:.2f}', flush=True)
@@ -357,18 +358,11 @@ def report(runs: List[Dict], args) -> Dict:
     comparisons = []
     for first in HSA_MODELS:
         for second in MODELS:
-            seeds = sorted({r['seed'] for r in runs if r['model'] == first}
-                           & {r['seed'] for r in runs if r['model'] == second})
-            if second == first or not seeds:
-                continue
-
-            def counts(name):
-                return np.stack([np.asarray(next(r for r in runs if r['model'] == name
-                                                 and r['seed'] == s)['test_counts'])
-                                 for s in seeds])
-            comparisons.append({'first': first, 'second': second, 'seeds': seeds,
-                                **paired_bootstrap(counts(first), counts(second), args.resamples,
-                                                   accuracy_of)})
+            comparison = compare_runs(runs, first, second,
+                                      lambda run: decode_counts(run['test_counts']),
+                                      args.resamples, accuracy_of)
+            if comparison is not None:
+                comparisons.append(comparison)
     return {'dataset': args.dataset, **report_header(args),
             'budget': {'epochs': sorted({r['epochs'] for r in runs}),
                        'batch_size': args.batch_size},

@@ -261,6 +261,34 @@ def paired_bootstrap(first: np.ndarray, second: np.ndarray, resamples: int,
             'ci95': [float(low), float(high)]}
 
 
+def compare_runs(runs: Sequence[Dict[str, Any]], first: str, second: str, values,
+                 resamples: int, metric=None) -> Optional[Dict[str, Any]]:
+    r""":func:`paired_bootstrap` of model :obj:`first` against :obj:`second`
+    over the seeds both have runs for, :obj:`values` mapping a run to its
+    per-example array; :obj:`None` when they share no seed."""
+    seeds = sorted({r['seed'] for r in runs if r['model'] == first}
+                   & {r['seed'] for r in runs if r['model'] == second})
+    if first == second or not seeds:
+        return None
+
+    def stacked(name):
+        return np.stack([values(next(r for r in runs if r['model'] == name and r['seed'] == s))
+                         for s in seeds])
+    return {'first': first, 'second': second, 'seeds': seeds,
+            **paired_bootstrap(stacked(first), stacked(second), resamples, metric)}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_width(build, target: int, step: int, largest: int) -> int:
+    r"""The width (a multiple of :obj:`step` up to :obj:`largest`) at which
+    :obj:`build(width)` has the parameter count closest to :obj:`target`."""
+    return min(range(step, largest + 1, step),
+               key=lambda width: abs(count_parameters(build(width)) - target))
+
+
 def gather_runs(checkpoint_dir: str, fresh: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     r"""The finished runs of an experiment: every ``run_*.json`` under
     :obj:`checkpoint_dir` (left there by this or other processes) and the

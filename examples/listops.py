@@ -46,11 +46,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (config_of, grid_of, load_checkpoint, mean_std,  # noqa: E402
-                    paired_bootstrap, report_header, run_experiment, run_main,
+from common import (compare_runs, config_of, count_parameters, grid_of,  # noqa: E402
+                    load_checkpoint, mean_std, report_header, run_experiment, run_main,
                     save_checkpoint, set_seed, write_json)
-from listops_models import (MODELS, ListOpsBatch, ListOpsModel, count_parameters,  # noqa: E402
-                            matched_width)
+from listops_models import MODELS, ListOpsBatch, ListOpsModel, matched_width  # noqa: E402
 
 from hsa_geo.datasets.listops import (GENERALISATION_RECIPES, LRA_SPLITS,  # noqa: E402
                                       ListOpsRecipe, ListOpsSplit, generate_splits)
@@ -71,9 +70,9 @@ def parse_args(argv=None):
     parser.add_argument('--warmup', type=int, default=50)
     parser.add_argument('--width', type=int, default=64)
     parser.add_argument('--heads', type=int, default=4)
-    parser.add_argument('--train-size', type=int, default=96_000)
-    parser.add_argument('--valid-size', type=int, default=2_000)
-    parser.add_argument('--test-size', type=int, default=2_000)
+    parser.add_argument('--train-size', type=int, default=LRA_SPLITS['train'])
+    parser.add_argument('--valid-size', type=int, default=LRA_SPLITS['valid'])
+    parser.add_argument('--test-size', type=int, default=LRA_SPLITS['test'])
     parser.add_argument('--generalisation-test-size', type=int, default=500,
                         help='expressions in test_long and test_deep')
     parser.add_argument('--valid-every', type=int, default=50)
@@ -246,6 +245,11 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
 
 
 # ---------------------------------------------------------------- report
+def correct_of(run: Dict, split: str) -> np.ndarray:
+    r"""A run's 0/1 correctness per test expression of :obj:`split`."""
+    return np.frombuffer(run['test'][split]['correct'].encode(), dtype=np.uint8) - ord('0')
+
+
 def report(runs: List[Dict], args) -> Dict:
     splits = TEST_SPLITS[args.setting]
     summary = {}
@@ -260,22 +264,11 @@ def report(runs: List[Dict], args) -> Dict:
     comparisons = []
     for reference in ('hsa', 'hsa_pos'):
         for other in MODELS:
-            if other == reference:
-                continue
-            seeds = sorted({r['seed'] for r in runs if r['model'] == reference}
-                           & {r['seed'] for r in runs if r['model'] == other})
-            if not seeds:
-                continue
             for split in splits:
-                def matrix(name):
-                    return np.stack([np.frombuffer(next(
-                        r for r in runs if r['model'] == name and r['seed'] == s
-                    )['test'][split]['correct'].encode(), dtype=np.uint8) - ord('0')
-                        for s in seeds])
-                comparisons.append({'first': reference, 'second': other, 'split': split,
-                                    'seeds': seeds,
-                                    **paired_bootstrap(matrix(reference), matrix(other),
-                                                       args.resamples)})
+                comparison = compare_runs(runs, reference, other,
+                                          lambda run: correct_of(run, split), args.resamples)
+                if comparison is not None:
+                    comparisons.append({**comparison, 'split': split})
     return {'setting': args.setting, **report_header(args),
             'budget': {'steps': sorted({r['steps'] for r in runs}),
                        'batch_size': args.batch_size,

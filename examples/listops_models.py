@@ -43,6 +43,9 @@ from hsa_geo.hierarchy import Hierarchy, from_brackets
 from hsa_geo.nn.positional import SiblingPositionBias
 from hsa_geo.text.models import packed_softmax_attention
 
+from common import count_parameters  # noqa: E402 (examples/, on the path of its users)
+from common import matched_width as closest_width  # noqa: E402
+
 BASE_MODELS = ('hsa', 'hsa_pos', 'softmax', 'softmax_tree', 'tree_gnn', 'gps')
 #: ablations of the HSA model: (its token mixing, options of ListOpsModel)
 ABLATIONS = {'hsa_x2': ('hsa', dict(rounds_per_level=2)),  # two rounds per level of depth
@@ -237,14 +240,8 @@ class ListOpsModel(nn.Module):
                 f'parameters={count_parameters(self)})')
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def matched_width(name: str, reference: str = 'hsa', width: int = 64, heads: int = 4) -> int:
     r"""The width (a multiple of :obj:`heads`) at which model :obj:`name`
     has the parameter count closest to :obj:`reference`'s at :obj:`width`."""
     target = count_parameters(ListOpsModel(reference, width, heads))
-    candidates = range(heads, 4 * width + 1, heads)
-    return min(candidates, key=lambda w: abs(count_parameters(ListOpsModel(name, w, heads))
-                                             - target))
+    return closest_width(lambda w: ListOpsModel(name, w, heads), target, heads, 4 * width)

@@ -105,7 +105,7 @@ def test_cluster_pattern_script_trains_every_model_and_resumes(tmp_path):
         reference = report['summary'][script.REFERENCE]['parameters']
         assert max(abs(s - reference) for s in sizes) <= 0.1 * reference
         for run in report['runs']:
-            counts = np.asarray(run['test_counts'])
+            counts = script.decode_counts(run['test_counts'])
             assert counts.shape == (6, 6, 2) and counts[..., 1].sum() > 0
             assert run['test_accuracy'] == pytest.approx(script.accuracy_of(counts))
         comparison = report['comparisons'][0]
