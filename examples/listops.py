@@ -1,12 +1,13 @@
 r"""ListOps: does attention derived for the data's own hierarchy pay where
 the hierarchy carries the answer? (issue 21)
 
-Six models, one recurrent encoder (``examples/listops_models.py``) with
+Seven models, one recurrent encoder (``examples/listops_models.py``) with
 matched parameter counts, the same optimiser, batches and number of steps:
 HSA over the parse tree parsed from the brackets (``hsa``, ``hsa_pos``),
 flat softmax (``softmax``), flat softmax given the tree as positional
 encodings (``softmax_tree``), a GNN along the parse tree (``tree_gnn``) and
-GPS-style tree message passing + flat attention (``gps``).
+GPS-style tree message passing + flat attention (``gps``) or + HSA
+(``gps_hsa``).
 
 Data are drawn offline with the LRA recipe (:mod:`hsa_geo.datasets.listops`).
 Two settings (``--setting``):

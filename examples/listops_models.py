@@ -18,6 +18,8 @@ token. Only the token mixing differs:
                     to its list's opening token and back)
 ``gps``             GPS-style: the tree message passing plus flat softmax
                     attention, summed (Rampášek et al., 2022)
+``gps_hsa``         the same with HSA over the parse tree in place of flat
+                    softmax (no absolute positions: the tree orders the tokens)
 ``hsa_x2``          ablation: ``hsa`` with two rounds of the block per level
 ``hsa_gated``       ablation: ``hsa`` whose tokens take each round's update
                     through a learned sigmoid gate, so resolved lists can keep
@@ -46,7 +48,7 @@ from hsa_geo.text.models import packed_softmax_attention
 from common import count_parameters  # noqa: E402 (examples/, on the path of its users)
 from common import matched_width as closest_width  # noqa: E402
 
-BASE_MODELS = ('hsa', 'hsa_pos', 'softmax', 'softmax_tree', 'tree_gnn', 'gps')
+BASE_MODELS = ('hsa', 'hsa_pos', 'softmax', 'softmax_tree', 'tree_gnn', 'gps', 'gps_hsa')
 #: ablations of the HSA model: (its token mixing, options of ListOpsModel)
 ABLATIONS = {'hsa_x2': ('hsa', dict(rounds_per_level=2)),  # two rounds per level of depth
              'hsa_gated': ('hsa', dict(gated=True))}     # gated updates of the tokens
@@ -180,11 +182,11 @@ class Block(nn.Module):
         super().__init__()
         self.norm_mix, self.norm_ffn = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attention = None
-        if name in ('hsa', 'hsa_pos'):
+        if name in ('hsa', 'hsa_pos', 'gps_hsa'):
             self.attention = Attention(width, heads, 'hsa', positional=name == 'hsa_pos')
         elif name in ('softmax', 'softmax_tree', 'gps'):
             self.attention = Attention(width, heads, 'softmax')
-        self.messages = TreeMessages(width) if name in ('tree_gnn', 'gps') else None
+        self.messages = TreeMessages(width) if name in ('tree_gnn', 'gps', 'gps_hsa') else None
         self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
                                  nn.Linear(2 * width, width))
 
