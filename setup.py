@@ -55,8 +55,8 @@ def _extension():
     relative = [os.path.relpath(path, os.path.dirname(os.path.abspath(__file__)))
                 for path in native.SOURCES]
     extension = CppExtension(f'hsa_geo.csrc.{native.installed_name()}', relative,
-                             extra_compile_args={'cxx': native.CFLAGS},
-                             extra_link_args=native.LDFLAGS, optional=True)
+                             extra_compile_args={'cxx': list(native.CFLAGS)},
+                             extra_link_args=list(native.LDFLAGS), optional=True)
     return {'ext_modules': [extension], 'cmdclass': {'build_ext': OptionalBuildExtension}}
 
 

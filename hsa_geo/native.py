@@ -32,7 +32,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 # the sources, and the library setup.py compiles from them: a folder that is
 # no Python package, so that nothing that walks hsa_geo's modules imports it
@@ -42,8 +42,9 @@ SOURCES: List[str] = [os.path.join(_CSRC, name) for name in ('hsa_sweeps.cpp', '
 # OpenMP: at::parallel_for is a header template that runs the families of a
 # level on torch's threads only when the library itself is built with it
 # (libgomp is torch's own). Both builds use these flags.
-CFLAGS: List[str] = ['-O3', '-fopenmp']
-LDFLAGS: List[str] = ['-fopenmp']
+# Tuples: torch's builders append to the lists they are given.
+CFLAGS: Tuple[str, ...] = ('-O3', '-fopenmp')
+LDFLAGS: Tuple[str, ...] = ('-fopenmp', )
 #: what the build on first use is named (torch.ops sees the operators, not this)
 JIT_NAME = 'hsa_geo_native'
 _LOCK = threading.Lock()
@@ -124,7 +125,7 @@ def _build_on_first_use(reason: str, verbose: bool) -> bool:
             print(f"hsa_geo: building hsa_geo's CPU kernel, ~40 s, once per environment "
                   f"({reason}; cached in {folder})", file=sys.stderr, flush=True)
         os.makedirs(folder, exist_ok=True)
-        load_extension(JIT_NAME, SOURCES, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        load_extension(JIT_NAME, SOURCES, extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                        build_directory=folder, is_python_module=False, verbose=verbose)
         return True
     except Exception as error:  # no compiler, no ninja, a read-only cache...

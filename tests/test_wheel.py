@@ -64,6 +64,24 @@ def test_a_missing_optional_module_names_its_extra():
         extras.require('hsa_geo_no_such_module.figure', 'plot')
 
 
+def test_the_build_on_first_use_is_keyed_by_environment_and_sources(monkeypatch, tmp_path):
+    from hsa_geo import native
+    folder, name = native.build_directory(), native.installed_name()
+    native.load()  # torch's builder once appended to the flags, changing the key
+    assert (native.build_directory(), native.installed_name()) == (folder, name)
+    monkeypatch.setattr(sys, 'prefix', str(tmp_path))  # another venv
+    assert native.build_directory() != folder
+    monkeypatch.undo()
+    edited = []
+    for path in native.SOURCES:  # sources edited since the wheel was built
+        edited.append(str(tmp_path / osp.basename(path)))
+        shutil.copyfile(path, edited[-1])
+    with open(edited[-1], 'a') as handle:
+        handle.write('// edited\n')
+    monkeypatch.setattr(native, 'SOURCES', edited)
+    assert native.build_directory() != folder and native.installed_name() != name
+
+
 @pytest.mark.slow
 def test_wheel_in_a_clean_venv_without_compiler(tmp_path):
     # One test, not several sharing fixtures: under pytest-xdist each worker
