@@ -103,15 +103,15 @@ def load(verbose: bool = False) -> bool:
         if _LOADED is None:
             import torch
             try:
-                installed, reason = installed_library(), 'none is installed'
+                installed, reason = installed_library(), 'none was compiled at install'
             except OSError as error:  # sources missing: the build below says so
                 installed, reason = None, _last_line(error)
             if installed is not None:
                 try:
                     torch.ops.load_library(installed)
                     _LOADED = True
-                except OSError as error:  # e.g. built against another torch
-                    reason = f'the installed one does not load ({_last_line(error)})'
+                except Exception as error:  # e.g. built against another torch
+                    reason = f'the one compiled at install does not load ({_last_line(error)})'
             if not _LOADED:
                 _LOADED = _build_on_first_use(reason, verbose)
     return _LOADED
