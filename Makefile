@@ -14,7 +14,7 @@ TORCH := torch==2.13.0
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH)
 	$(PIP) install -q --disable-pip-version-check -e '.[dev]' ninja
@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	@# instant from a pip cache). HSA works without it.
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \
 		|| echo "torch-scatter could not be built: continuing without it"
-	@# HSA's CPU kernel (hsa_geo/csrc): built once here (~20 s), cached by torch;
+	@# HSA's CPU kernel (hsa_geo/csrc): an editable install leaves it to the
+	@# build on first use (hsa_geo.native), run here once for this venv;
 	@# without a compiler HSA warns and runs its tensor sweeps.
 	$(PY) -c "import hsa_geo.functional.kernel as kernel; print('CPU kernel built:', kernel.load())"
 	touch $(STAMP)
@@ -40,7 +41,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow
 
 bench: $(STAMP)
-	$(PY) -m hsa_geo.benchmarks.scaling
+	$(PY) -m benchmarks.scaling
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W -q -b html docs docs/_build/html

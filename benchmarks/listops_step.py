@@ -5,7 +5,7 @@ round after round) so that the machine's load falls on all alike; the
 medians and their ratios to flat softmax go to
 ``benchmarks/results/listops_step.json`` with the load average.
 
-    python benchmarks/listops_step.py --tokens 2000 --batch-size 8
+    python -m benchmarks.listops_step --tokens 2000 --batch-size 8
 """
 from __future__ import annotations
 

@@ -55,12 +55,14 @@ from torch_geometric.nn import SAGEConv
 from torch_geometric.utils import to_undirected
 
 from hsa_geo import Hierarchy, HSAConv
-from hsa_geo.benchmarks.scaling import balanced_parent
-from hsa_geo.benchmarks.timing import machine_info, peak_rss_bytes
 from hsa_geo.distributed import all_reduce_gradients, partition_hierarchy, scatter_shards
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+HERE = osp.dirname(osp.abspath(__file__))
+# the examples' helpers lie beside this file, the benchmarks' one folder up
+sys.path[:0] = [HERE, osp.dirname(HERE)]
 import common  # noqa: E402
+from benchmarks.scaling import balanced_parent  # noqa: E402
+from benchmarks.timing import machine_info, peak_rss_bytes  # noqa: E402
 
 BRANCHING, COMMUNITY, GROUP = 8, 64, 4096
 

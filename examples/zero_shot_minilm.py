@@ -49,8 +49,10 @@ from hsa_geo.pretrained import encode_documents, find_self_attention_modules, in
     load_minilm
 from hsa_geo.text import (document_hierarchy, load_imdb, load_split, strip_special_tokens,
                           tokenize_documents)
-from hsa_geo.text.experiment import (ROOT, add_shared_arguments, environment, hierarchy_shape,
-                                     percentile_interval, subset, write_report)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from text_experiment import (ROOT, add_shared_arguments, environment,  # noqa: E402
+                             hierarchy_shape, percentile_interval, subset, write_report)
 
 METHODS = ('hsa', 'hsa_global', 'block_global', 'window_global')
 BASELINES = ('block_global', 'window_global')

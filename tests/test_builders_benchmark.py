@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from hsa_geo.benchmarks.builders import main, planted_partition_graph, tree_quality
+from benchmarks.builders import main, planted_partition_graph, tree_quality
 from hsa_geo import Hierarchy
 
 

@@ -5,7 +5,7 @@ import torch
 from torch_geometric.datasets import KarateClub
 from torch_geometric.utils import stochastic_blockmodel_graph, to_undirected
 
-from hsa_geo.benchmarks.builders import planted_partition_graph, tree_quality
+from benchmarks.builders import planted_partition_graph, tree_quality
 from hsa_geo.hierarchy import from_edge_index_metis
 from hsa_geo.hierarchy.builders.metis import num_parts
 

@@ -157,7 +157,7 @@ def test_isolated_leaves_and_single_child_chains():
                     reason="HSA_GEO_CPU_KERNEL=0: nothing tries to build the compiled code")
 def test_without_a_compiler_hsa_falls_back_with_a_warning(monkeypatch):
     monkeypatch.setattr(native, '_LOADED', None)
-    monkeypatch.setattr(native, '_SOURCES', ['/nonexistent/hsa_sweeps.cpp'])
+    monkeypatch.setattr(native, 'SOURCES', ['/nonexistent/hsa_sweeps.cpp'])
     with pytest.warns(RuntimeWarning, match="could not be built"):
         hierarchy = random_hierarchy(1)  # the tree analysis is compiled code too
         q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, dtype=torch.float64)

@@ -28,17 +28,17 @@ from typing import Callable, Dict, List
 MARKER = re.compile(r'^\.\. results-table:: (\S+) (\S+)\s*$', re.MULTILINE)
 COMMANDS = {
     'listops': 'python examples/listops.py',
-    'listops-step': 'python benchmarks/listops_step.py',
+    'listops-step': 'python -m benchmarks.listops_step',
     'sbm': 'python examples/cluster_pattern.py',
-    'scaling': 'python -m hsa_geo.benchmarks.scaling',
-    'engines': 'python -m hsa_geo.benchmarks.engines',
-    'batches': 'python -m hsa_geo.benchmarks.batches',
-    'energy-terms': 'python -m hsa_geo.benchmarks.energy_terms',
-    'distributed': 'python -m hsa_geo.benchmarks.distributed',
+    'scaling': 'python -m benchmarks.scaling',
+    'engines': 'python -m benchmarks.engines',
+    'batches': 'python -m benchmarks.batches',
+    'energy-terms': 'python -m benchmarks.energy_terms',
+    'distributed': 'python -m benchmarks.distributed',
     'planted-partition': ('torchrun --standalone --nproc_per_node=4 '
                           'examples/distributed_planted_partition.py --out FILE'),
-    'max-children': 'python -m hsa_geo.benchmarks.builders --only max_children',
-    'metis': 'python -m hsa_geo.benchmarks.builders --only metis',
+    'max-children': 'python -m benchmarks.builders --only max_children',
+    'metis': 'python -m benchmarks.builders --only metis',
     'ogb': 'python examples/ogbg_molhiv.py (or ogbn_arxiv.py, multimodal_molecules.py) --out FILE',
 }
 

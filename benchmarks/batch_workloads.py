@@ -1,5 +1,5 @@
 r"""Real batches of small graphs and documents, as a training loop meets
-them, for :mod:`hsa_geo.benchmarks.batches` and the tests of the slot
+them, for :mod:`benchmarks.batches` and the tests of the slot
 layout: molecules from rdkit's shipped ChEMBL assay with Louvain
 hierarchies, and IMDB reviews with document -> sentence -> word -> word-piece
 hierarchies. Hierarchies are built once per graph (as a ``pre_transform``

@@ -3,7 +3,7 @@ with dense attention, a memory-bound floor and a linear-attention baseline.
 
 Run from the repository root::
 
-    python -m hsa_geo.benchmarks.scaling [--max-log2 20] [--quick] \
+    python -m benchmarks.scaling [--max-log2 20] [--quick] \
         [--device cpu|cuda] [--out benchmarks/results/scaling.json]
 
 Set-up (issue 2, section 5): balanced trees with branching :math:`b = 8`
@@ -32,7 +32,7 @@ Forward time is an inference pass under :func:`torch.no_grad`;
 forward+backward computes the forward with autograd and the gradients of
 every input (and of SGFormer's weights) for a fixed random output gradient.
 Times are medians over rounds that run every method back to back after a
-warm-up round (:func:`~hsa_geo.benchmarks.timing.time_interleaved`); ratios
+warm-up round (:func:`~benchmarks.timing.time_interleaved`); ratios
 are medians of per-round ratios, so load from other processes on a shared
 machine cancels as far as possible. Every round also times a fixed
 *reference* workload (HSA forward+backward at :math:`N = 2^{12}`), so that
@@ -41,7 +41,7 @@ slope (of time / reference time) is reported: sizes are measured minutes
 apart, and a change of load in between bends the raw slope.
 
 Peak memory of one forward+backward: on CPU each (method, :math:`N`) runs
-in its own fresh process (:func:`~hsa_geo.benchmarks.timing.run_isolated`),
+in its own fresh process (:func:`~benchmarks.timing.run_isolated`),
 which reports its absolute peak RSS during the call (``VmHWM`` after a
 reset), the baseline RSS before it (interpreter, torch, inputs and, for HSA,
 hierarchy and plan) and their difference; on CUDA,
@@ -65,7 +65,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from hsa_geo.benchmarks.timing import (GiB, MiB, IsolatedError, PeakMemory, loglog_slope,
+from benchmarks.timing import (GiB, MiB, IsolatedError, PeakMemory, loglog_slope,
                                        machine_info, median, paired_ratio, run_isolated,
                                        time_interleaved)
 
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     sizes = list(range(args.min_log2, args.max_log2 + 1))
     started = time.perf_counter()
     results: Dict[str, Any] = {
-        'benchmark': 'hsa_geo.benchmarks.scaling',
+        'benchmark': 'benchmarks.scaling',
         'config': {
             'branching': BRANCHING, 'heads': HEADS, 'head_dim': HEAD_DIM, 'width': WIDTH,
             'dtype': str(DTYPE).replace('torch.', ''), 'device': str(device),
@@ -640,7 +640,7 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m hsa_geo.benchmarks.scaling',
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.scaling',
                                      description=__doc__.split('\n\n')[0])
     add_common_arguments(parser, max_log2=20, out='scaling.json', repeats=5, budget_s=20.0)
     parser.add_argument('--quick', action='store_true',
@@ -692,7 +692,7 @@ def _json_default(value):
 
 if __name__ == '__main__':
     # Import under the package name so the functions sent to worker
-    # processes are pickled as hsa_geo.benchmarks.scaling.*, not __main__.*.
-    from hsa_geo.benchmarks.scaling import main as _main
+    # processes are pickled as benchmarks.scaling.*, not __main__.*.
+    from benchmarks.scaling import main as _main
 
     _main()

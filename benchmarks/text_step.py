@@ -3,7 +3,7 @@ question reviewers asked of the paper's FLOP savings.
 
 Run from the repository root::
 
-    python -m hsa_geo.benchmarks.text_step [--batches 8] [--repeats 5] \
+    python -m benchmarks.text_step [--batches 8] [--repeats 5] \
         [--out benchmarks/results/text_step.json]
 
 Set-up: the IMDB from-scratch experiment's model and data
@@ -12,7 +12,7 @@ split, at most 256 word pieces each, packed without padding; each review
 one document → sentence → word → word-piece tree (families of at most 32).
 Models of width 64, 2 layers, 4 heads, in float32 on one thread. Timed, in
 interleaved rounds over the same batches
-(:func:`~hsa_geo.benchmarks.timing.time_interleaved`):
+(:func:`~benchmarks.timing.time_interleaved`):
 
 * ``attention`` -- the attention alone on ready-made q, k, v ``[T, 4, 16]``
   of a batch, forward and forward+backward: :func:`hsa_geo.functional.hsa`
@@ -36,13 +36,13 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from hsa_geo.benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
+from benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
 from hsa_geo.flops import hsa_flops, softmax_flops
 from hsa_geo.functional import hsa
 from hsa_geo.text import (HSA_VARIANTS, TextClassifier, TextCorpus, load_imdb, load_split,
                           load_wordpiece_tokenizer, packed_softmax_attention)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, DEPTH, HEADS, MAX_TOKENS, MAX_CHILDREN, BATCH = 64, 2, 4, 256, 32, 32
 
 

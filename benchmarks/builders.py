@@ -22,7 +22,7 @@ Two questions, both answered into ``benchmarks/results/builders.json``:
     :math:`N` leaves, for a range of :math:`b`: the cost per family grows as
     :math:`b^2` and the number of sweep steps as :math:`\log_b N`.
 
-Run ``python -m hsa_geo.benchmarks.builders`` (``--only metis`` or
+Run ``python -m benchmarks.builders`` (``--only metis`` or
 ``--only max_children``; ``--skip-louvain`` leaves out the slow networkx
 run; ``--quick`` shrinks everything for a smoke test).
 """
@@ -257,7 +257,7 @@ def main(argv=None):
         results['max_children'] = bench_max_children(args.quick, args.device)
     if args.only in (None, 'metis'):
         results['metis_vs_louvain'] = bench_metis_vs_louvain(args.quick, args.skip_louvain)
-    results['command'] = 'python -m hsa_geo.benchmarks.builders ' + ' '.join(argv)
+    results['command'] = 'python -m benchmarks.builders ' + ' '.join(argv)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + '\n')
     print(f'wrote {args.output}')

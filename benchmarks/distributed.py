@@ -1,7 +1,7 @@
 r"""Distributed exact HSA: per-rank memory, time per layer and bytes
 communicated, for 1, 2 and 4 ranks (gloo, processes on this machine).
 
-Set-up: balanced trees with branching 8 (as :mod:`hsa_geo.benchmarks.scaling`),
+Set-up: balanced trees with branching 8 (as :mod:`benchmarks.scaling`),
 4 heads x 16 features, float32; one layer is
 :func:`hsa_geo.distributed.distributed_hsa` forward and backward on random
 q, k, v. The parent process builds the hierarchy and the partition
@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hsa_geo.benchmarks.scaling import balanced_parent, run_and_report, target_lines
-from hsa_geo.benchmarks.timing import (MiB, PeakMemory, current_rss_bytes, machine_info,
+from benchmarks.scaling import balanced_parent, run_and_report, target_lines
+from benchmarks.timing import (MiB, PeakMemory, current_rss_bytes, machine_info,
                                        median)
 
 HEADS, DIM = 4, 16
@@ -202,7 +202,7 @@ def format_report(results: Dict[str, Any]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m hsa_geo.benchmarks.distributed',
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.distributed',
                                      description=__doc__.split('\n\n')[0])
     parser.add_argument('--log2', type=int, default=20,
                         help='leaves per rank (weak) and in all (strong): 2^LOG2 (default: 20)')
@@ -228,6 +228,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 if __name__ == '__main__':
     # under the package name, so that spawned ranks find _rank_main
-    from hsa_geo.benchmarks.distributed import main as _main
+    from benchmarks.distributed import main as _main
 
     _main()

@@ -4,11 +4,11 @@ variants, timed side by side with dot-product HSA.
 
 Run from the repository root::
 
-    python -m hsa_geo.benchmarks.energy_terms [--max-log2 16] [--quick] \
+    python -m benchmarks.energy_terms [--max-log2 16] [--quick] \
         [--threads 1] [--out benchmarks/results/energy_terms.json]
 
 Set-up (issue 6, section 4): the trees, sizes and widths of
-:mod:`hsa_geo.benchmarks.scaling` (balanced, branching 8, 4 heads of 16,
+:mod:`benchmarks.scaling` (balanced, branching 8, 4 heads of 16,
 float32), :math:`N = 2^{12} \dots 2^{16}`, the hierarchy declared ordered
 so that sibling positions mean something. For every :math:`N` the variants
 
@@ -25,7 +25,7 @@ so that sibling positions mean something. For every :math:`N` the variants
 
 each get an inference forward (under :func:`torch.no_grad`) and a
 forward+backward (gradients of q, k, v and of the bias module), timed in
-interleaved rounds (:func:`~hsa_geo.benchmarks.timing.time_interleaved`) in
+interleaved rounds (:func:`~benchmarks.timing.time_interleaved`) in
 one fresh process per :math:`N`. Each variant's cost is reported as the
 median of its per-round ratio to plain HSA, so load from other processes
 cancels as far as it can. The issue's target, at most 1.3x plain HSA at
@@ -42,11 +42,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from hsa_geo.benchmarks.scaling import (BRANCHING, DTYPE, HEAD_DIM, HEADS, PRELOAD, Case,
+from benchmarks.scaling import (BRANCHING, DTYPE, HEAD_DIM, HEADS, PRELOAD, Case,
                                         add_common_arguments, build_hierarchy,
                                         check_common_arguments, format_seconds, format_table,
                                         format_times, run_and_report, target_lines)
-from hsa_geo.benchmarks.timing import (IsolatedError, machine_info, median, paired_ratio,
+from benchmarks.timing import (IsolatedError, machine_info, median, paired_ratio,
                                        run_isolated, time_interleaved)
 
 #: The keywords of :func:`hsa_geo.functional.hsa` per variant; ``positional``
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     sizes = list(range(args.min_log2, args.max_log2 + 1))
     started = time.perf_counter()
     results: Dict[str, Any] = {
-        'benchmark': 'hsa_geo.benchmarks.energy_terms',
+        'benchmark': 'benchmarks.energy_terms',
         'config': {
             'branching': BRANCHING, 'heads': HEADS, 'head_dim': HEAD_DIM,
             'dtype': str(DTYPE).replace('torch.', ''), 'device': str(device),
@@ -240,7 +240,7 @@ def format_report(results: Dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m hsa_geo.benchmarks.energy_terms',
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.energy_terms',
                                      description=__doc__.split('\n\n')[0])
     add_common_arguments(parser, max_log2=16, out='energy_terms.json', repeats=9, budget_s=30.0)
     parser.add_argument('--quick', action='store_true',
@@ -260,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 if __name__ == '__main__':
     # Import under the package name so the functions sent to worker
-    # processes are pickled as hsa_geo.benchmarks.energy_terms.*.
-    from hsa_geo.benchmarks.energy_terms import main as _main
+    # processes are pickled as benchmarks.energy_terms.*.
+    from benchmarks.energy_terms import main as _main
 
     _main()

@@ -3,14 +3,14 @@ many small graphs or documents, not one giant tree.
 
 Run from the repository root::
 
-    python -m hsa_geo.benchmarks.batches [--repeats 15] [--threads 1] \
+    python -m benchmarks.batches [--repeats 15] [--threads 1] \
         [--device cpu] [--out benchmarks/results/batches.json] [--calibrate]
 
 On a machine without the offline data (a lent GPU), save the workloads
 first (``--save-workloads PATH``) and read them there with
 ``--saved-workloads PATH``.
 
-Workloads (real offline data, :mod:`hsa_geo.benchmarks.batch_workloads`):
+Workloads (real offline data, :mod:`benchmarks.batch_workloads`):
 
 * ``molecules`` -- 128 molecules of 15-50 atoms from rdkit's ChEMBL assay
   CHEMBL2321810, each with a Louvain hierarchy built once by
@@ -37,7 +37,7 @@ and ``mha`` is PyG's :class:`~torch_geometric.nn.conv.GPSConv` attention,
 :class:`torch.nn.MultiheadAttention` (its own input and output projections
 included, on the ``[T, 64]`` features) over ``to_dense_batch`` with a key
 padding mask. All calls are timed in interleaved rounds
-(:func:`~hsa_geo.benchmarks.timing.time_interleaved`); ratios are medians of
+(:func:`~benchmarks.timing.time_interleaved`); ratios are medians of
 per-round ratios.
 
 With ``--calibrate`` it also times the tensor sweeps (planned,
@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.utils import to_dense_batch
 
-from hsa_geo.benchmarks.batch_workloads import WORKLOADS, Workload, load_workload, save_workloads
-from hsa_geo.benchmarks.scaling import run_and_report, target_lines
-from hsa_geo.benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
+from benchmarks.batch_workloads import WORKLOADS, Workload, load_workload, save_workloads
+from benchmarks.scaling import run_and_report, target_lines
+from benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
 from hsa_geo.functional import hsa
 from hsa_geo.functional.kernel import available as kernel_available
 from hsa_geo.functional.kernel import prepare as prepare_fused
@@ -279,7 +279,7 @@ def _x(value: Optional[float]) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m hsa_geo.benchmarks.batches',
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.batches',
                                      description=__doc__.split('\n\n')[0])
     parser.add_argument('--workloads', nargs='+', default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument('--repeats', type=int, default=15)
@@ -311,6 +311,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
 
 
 if __name__ == '__main__':
-    from hsa_geo.benchmarks.batches import main as _main
+    from benchmarks.batches import main as _main
 
     _main()

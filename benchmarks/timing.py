@@ -2,7 +2,7 @@ r"""Small, generic helpers for benchmarks: wall-clock timing of several
 calls side by side, peak memory, one-measurement-per-process isolation and
 a description of the machine.
 
-Nothing here knows about HSA; :mod:`hsa_geo.benchmarks.scaling` and the
+Nothing here knows about HSA; :mod:`benchmarks.scaling` and the
 other benchmarks build on it.
 
 * :func:`time_interleaved` times several calls in rounds (every call once

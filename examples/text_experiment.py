@@ -13,7 +13,7 @@ import torch
 from hsa_geo.hierarchy import DEFAULT_MAX_CHILDREN
 
 #: The repository root (``examples/`` and ``datasets/`` live under it).
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser, result_name: str,
