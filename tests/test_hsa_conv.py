@@ -135,7 +135,8 @@ def test_attention_explainer_needs_the_edges_and_can_skip_the_layer():
     model = Hybrid(pass_edges=False)
     explainer = Explainer(model, AttentionExplainer(), **config)
     # without the graph's edges HSA cannot report its attention: an error, not a silent gap
-    with pytest.raises(RuntimeError, match="no graph edges.*explain = False"):
+    with pytest.raises(RuntimeError,
+                       match="AttentionExplainer.s hooks .* no graph edges.*explain = False"):
         explainer(x, edge_index)
     model(x, edge_index)  # the failed explanation left no hook that keeps failing
     model.hsa.explain = False

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.data.data import BaseData
-from torch_geometric.nn.conv import MessagePassing
+from torch_geometric.explain.algorithm import AttentionExplainer
+from torch_geometric.nn.conv import GPSConv, MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
 from hsa_geo.data import PLANNED_KEY, hierarchy_from_data
@@ -49,6 +50,45 @@ class BatchForest:
 
 #: shared by all layers: a model's layers see one batch after the other
 BATCH_FOREST = BatchForest()
+
+
+def resolve_hierarchy(hierarchy: Union[Hierarchy, HierarchyShard, BaseData]
+                      ) -> Union[Hierarchy, HierarchyShard]:
+    r"""What a layer attends over: a :class:`~hsa_geo.Hierarchy` or a
+    :class:`~hsa_geo.distributed.HierarchyShard` as it is; for a
+    :class:`~torch_geometric.data.Data` or
+    :class:`~torch_geometric.data.Batch`, its forest, built once per batch
+    (:class:`BatchForest`). Anything else is refused by type."""
+    if isinstance(hierarchy, BaseData):
+        return BATCH_FOREST(hierarchy)
+    if not isinstance(hierarchy, (Hierarchy, HierarchyShard)):
+        raise TypeError(f"HSA layers take a hsa_geo.Hierarchy, a PyG Data/Batch that carries "
+                        f"one (hierarchy_edge_index, num_clusters) or a HierarchyShard (got "
+                        f"{type(hierarchy).__name__})")
+    return hierarchy
+
+
+def is_attention_explainer_hook(hook) -> bool:
+    r"""Whether :obj:`hook` is the message hook that PyG's
+    :class:`~torch_geometric.explain.algorithm.AttentionExplainer` registers
+    (recognised by where it is defined)."""
+    return getattr(hook, '__qualname__', '').startswith(AttentionExplainer.__name__ + '.')
+
+
+def refuse_hsa_in_gps(module: torch.nn.Module, name: str,
+                      submodule: Optional[torch.nn.Module]) -> None:
+    r"""A module registration hook (on every module): refuses an
+    :class:`HSAConv` set as the :obj:`attn` of PyG's
+    :class:`~torch_geometric.nn.conv.GPSConv`, which only calls
+    :class:`~torch.nn.MultiheadAttention` or a Performer there and would
+    skip any other module, silently turning the global attention into the
+    identity."""
+    if name == 'attn' and isinstance(submodule, HSAConv) and isinstance(module, GPSConv):
+        raise ValueError(
+            f"GPSConv.{name} cannot be an HSAConv: GPSConv only calls MultiheadAttention or "
+            f"PerformerAttention as its global attention and would skip HSA, leaving the "
+            f"identity. Use hsa_geo.nn.HSAGPSConv, GPSConv's layer with HSA as its global "
+            f"attention (same arguments, attn_type='hsa')")
 
 
 
@@ -331,14 +371,9 @@ class HSAConv(MessagePassing):
             raise ValueError(f"HSAConv was built for {self.in_channels} input channels, but x "
                              f"has {x.size(1)} (shape {tuple(x.shape)})")
         self._refuse_edge_masks()
-        if isinstance(hierarchy, BaseData):
-            if edge_index is None and 'edge_index' in hierarchy:
-                edge_index = hierarchy.edge_index
-            hierarchy = BATCH_FOREST(hierarchy)
-        elif not isinstance(hierarchy, (Hierarchy, HierarchyShard)):
-            raise TypeError(f"HSAConv takes a hsa_geo.Hierarchy, a PyG Data/Batch that carries "
-                            f"one (hierarchy_edge_index, num_clusters) or a HierarchyShard "
-                            f"(got {type(hierarchy).__name__})")
+        if isinstance(hierarchy, BaseData) and edge_index is None and 'edge_index' in hierarchy:
+            edge_index = hierarchy.edge_index
+        hierarchy = resolve_hierarchy(hierarchy)
         query, key, value = self._project_qkv(x)
         if isinstance(hierarchy, HierarchyShard):
             if return_attention_weights:
@@ -407,15 +442,21 @@ class HSAConv(MessagePassing):
         graph's edges whose messages are :math:`a_{ij} \mathbf{v}_j`, the
         share of HSA's output that flows along each edge, with
         :math:`a_{ij}` as :obj:`_alpha` (where PyG's AttentionExplainer
-        reads attention). The output is HSA's, whatever this returns."""
-        if edge_index is None:  # the hooks go: an explainer that failed leaves them behind
-            self._message_forward_hooks.clear()
+        reads attention). The output is HSA's, whatever this returns.
+        Without edges, other hooks are left alone, but AttentionExplainer's
+        raise: the explanation would silently leave HSA out."""
+        if edge_index is None:
+            explainer_hooks = [key for key, hook in self._message_forward_hooks.items()
+                               if is_attention_explainer_hook(hook)]
+            if not explainer_hooks:
+                return  # hooks of someone else's: they saw the sweeps
+            for key in explainer_hooks:  # an explainer that fails leaves its hooks behind
+                del self._message_forward_hooks[key]
             raise RuntimeError(
-                "Message hooks are registered on HSAConv (an explainer such as "
-                "AttentionExplainer?), but it got no graph edges to report its attention on: "
-                "pass edge_index=... to the layer (or a batch that carries edge_index), or set "
-                "`explain = False` on it to leave it out of explanations (the hooks were "
-                "removed from this layer)")
+                "AttentionExplainer's hooks are registered on HSAConv, but it got no graph "
+                "edges to report its attention on: pass edge_index=... to the layer (or a batch "
+                "that carries edge_index), or set `explain = False` on it to leave it out of "
+                "explanations (the hooks were removed from this layer)")
         self._alpha = attention_on_edges(attention, hierarchy, edge_index)
         try:
             with torch.no_grad():
@@ -481,3 +522,6 @@ class HSAConv(MessagePassing):
             options += f', engine={self.engine!r}'
         return (f'{self.__class__.__name__}({self.in_channels}, '
                 f'{self.out_channels}, heads={self.heads}{options})')
+
+
+torch.nn.modules.module.register_module_module_registration_hook(refuse_hsa_in_gps)
