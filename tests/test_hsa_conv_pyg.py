@@ -171,7 +171,7 @@ def test_attention_explainer_finds_the_group_the_label_depends_on():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert float(loss) < 0.05
+    assert loss.item() < 0.05
     row, col = torch.meshgrid(torch.arange(12), torch.arange(12), indexing='ij')
     edge_index = torch.stack([col.flatten(), row.flatten()])
     edge_index = edge_index[:, edge_index[0] != edge_index[1]]

@@ -352,13 +352,15 @@ class HSAEncoder(Module):
         for layer in self.layers:
             layer.reset_parameters()
 
-    def forward(self, x: Tensor, hierarchy: Hierarchy, edge_index: Optional[Tensor] = None,
-                edge_attr: Optional[Tensor] = None, batch: Optional[Tensor] = None,
-                return_attention_weights: Optional[bool] = None
+    def forward(self, x: Tensor, hierarchy: Union[Hierarchy, BaseData],
+                edge_index: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
+                batch: Optional[Tensor] = None, return_attention_weights: Optional[bool] = None
                 ) -> Union[Tensor, Tuple[Tensor, List[Optional[BlockAttention]]]]:
         r"""Leaf features after all blocks; with
         :obj:`return_attention_weights=True` also one
-        :class:`~hsa_geo.functional.BlockAttention` per block."""
+        :class:`~hsa_geo.functional.BlockAttention` per block.
+        :obj:`hierarchy` is the forest or the batch that carries it."""
+        hierarchy = resolve_hierarchy(hierarchy)
         attentions: List[Optional[BlockAttention]] = []
         for layer in self.layers:
             if return_attention_weights:
