@@ -239,6 +239,24 @@ def test_the_layer_takes_the_batch_and_plans_its_forest_once(monkeypatch):
         conv(batch.x, batch.hierarchy_edge_index)
 
 
+def test_a_hierarchy_loader_batch_gives_its_planned_forest_once(monkeypatch):
+    from hsa_geo.loader import HierarchyLoader
+    graphs = nested_batch().to_data_list()
+    batch = next(iter(HierarchyLoader(graphs, batch_size=3)))
+    calls = []
+
+    def counted(data):
+        calls.append(data)
+        return hierarchy_from_data(data)
+
+    monkeypatch.setattr(hsa_conv_module, 'hierarchy_from_data', counted)
+    conv = HSAConv(6, 2, heads=2)
+    out = conv(batch.x, batch)
+    torch.testing.assert_close(out, conv(batch.x, hierarchy_from_data(batch)))
+    conv(batch.x, batch)
+    assert len(calls) == 1
+
+
 def test_torch_geometric_sequential_with_the_batch():
     from torch_geometric.nn import Sequential
     batch = nested_batch()

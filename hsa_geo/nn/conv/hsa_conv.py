@@ -9,7 +9,7 @@ from torch_geometric.explain.algorithm import AttentionExplainer
 from torch_geometric.nn.conv import GPSConv, MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
-from hsa_geo.data import PLANNED_KEY, hierarchy_from_data
+from hsa_geo.data import hierarchy_from_data
 from hsa_geo.distributed import HierarchyShard, distributed_hsa
 from hsa_geo.functional import (BlockAttention, attention_on_edges, hsa, hsa_block_weights,
                                 hsa_propagate, project_qkv)
@@ -24,8 +24,10 @@ ENGINES = ('auto', 'fused', 'propagate')
 
 class BatchForest:
     r"""The :class:`~hsa_geo.Hierarchy` of the batch last passed to an
-    :class:`HSAConv`, built once (:func:`hsa_geo.data.hierarchy_from_data`)
-    and shared by every layer that sees the same batch. It is recognised by
+    :class:`HSAConv`, built once (:func:`hsa_geo.data.hierarchy_from_data`,
+    which takes the forest a :class:`~hsa_geo.loader.HierarchyLoader`
+    planned, moved to the batch's device) and shared by every layer that
+    sees the same batch. It is recognised by
     its :obj:`hierarchy_edge_index` tensor (held weakly: the forest goes
     with the batch) and that tensor's version, so an in-place edit or a new
     batch builds it anew."""
@@ -37,7 +39,7 @@ class BatchForest:
 
     def __call__(self, data: BaseData) -> Hierarchy:
         edge = getattr(data, 'hierarchy_edge_index', None)
-        if edge is None or PLANNED_KEY in data:  # no hierarchy (its error), or the loader's
+        if edge is None:  # no hierarchy: its error
             return hierarchy_from_data(data)
         hierarchy = self.hierarchy
         if (self.edge is None or self.edge() is not edge or edge._version != self.version
@@ -376,6 +378,11 @@ class HSAConv(MessagePassing):
         hierarchy = resolve_hierarchy(hierarchy)
         query, key, value = self._project_qkv(x)
         if isinstance(hierarchy, HierarchyShard):
+            if self.explain is not False and any(
+                    map(is_attention_explainer_hook, self._message_forward_hooks.values())):
+                raise RuntimeError("AttentionExplainer cannot read HSA's attention over a "
+                                   "HierarchyShard (the block weights are split across "
+                                   "ranks): set `explain = False` on the layer")
             if return_attention_weights:
                 raise ValueError("return_attention_weights is not available over a "
                                  "HierarchyShard: the block weights of the top tree live on "
