@@ -18,7 +18,7 @@ from hsa_geo.functional.scatter_sweep import weighted
 from hsa_geo.hierarchy import Hierarchy
 from hsa_geo.nn.positional import SiblingPositionBias
 
-#: :attr:`HSAConv.engine` values
+#: the values of :obj:`engine` (see :class:`HSAConv`)
 ENGINES = ('auto', 'fused', 'propagate')
 
 
@@ -27,10 +27,10 @@ class BatchForest:
     :class:`HSAConv`, built once (:func:`hsa_geo.data.hierarchy_from_data`,
     which takes the forest a :class:`~hsa_geo.loader.HierarchyLoader`
     planned, moved to the batch's device) and shared by every layer that
-    sees the same batch. It is recognised by
-    its :obj:`hierarchy_edge_index` tensor (held weakly: the forest goes
-    with the batch) and that tensor's version, so an in-place edit or a new
-    batch builds it anew."""
+    sees the same batch. The batch is recognised by its
+    :obj:`hierarchy_edge_index` tensor (held weakly, so the batch is not
+    kept alive; only the last forest is) and that tensor's version: a new
+    batch or an in-place edit builds the forest anew."""
 
     def __init__(self):
         self.edge = None  # weak reference to the batch's hierarchy_edge_index
@@ -91,7 +91,6 @@ def refuse_hsa_in_gps(module: torch.nn.Module, name: str,
             f"PerformerAttention as its global attention and would skip HSA, leaving the "
             f"identity. Use hsa_geo.nn.HSAGPSConv, GPSConv's layer with HSA as its global "
             f"attention (same arguments, attn_type='hsa')")
-
 
 
 class HSAConv(MessagePassing):
