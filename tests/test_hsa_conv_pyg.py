@@ -214,10 +214,9 @@ def nested_batch(count=3, features=6):
     return Batch.from_data_list(graphs)
 
 
-def test_the_layer_takes_the_batch_and_plans_its_forest_once(monkeypatch):
-    batch = nested_batch()
-    conv = HSAConv(6, 4, heads=2)
-    expected = conv(batch.x, hierarchy_from_data(batch))
+@pytest.fixture
+def forest_builds(monkeypatch):
+    r"""The batches whose forest the layers build, in order."""
     calls = []
 
     def counted(data):
@@ -225,6 +224,14 @@ def test_the_layer_takes_the_batch_and_plans_its_forest_once(monkeypatch):
         return hierarchy_from_data(data)
 
     monkeypatch.setattr(hsa_conv_module, 'hierarchy_from_data', counted)
+    return calls
+
+
+def test_the_layer_takes_the_batch_and_plans_its_forest_once(forest_builds):
+    batch = nested_batch()
+    conv = HSAConv(6, 4, heads=2)
+    expected = conv(batch.x, hierarchy_from_data(batch))
+    calls = forest_builds
     second = HSAConv(8, 4, heads=2)
     out = second(conv(batch.x, batch), batch)
     torch.testing.assert_close(conv(batch.x, batch), expected)
@@ -239,17 +246,11 @@ def test_the_layer_takes_the_batch_and_plans_its_forest_once(monkeypatch):
         conv(batch.x, batch.hierarchy_edge_index)
 
 
-def test_a_hierarchy_loader_batch_gives_its_planned_forest_once(monkeypatch):
+def test_a_hierarchy_loader_batch_gives_its_planned_forest_once(forest_builds):
     from hsa_geo.loader import HierarchyLoader
     graphs = nested_batch().to_data_list()
     batch = next(iter(HierarchyLoader(graphs, batch_size=3)))
-    calls = []
-
-    def counted(data):
-        calls.append(data)
-        return hierarchy_from_data(data)
-
-    monkeypatch.setattr(hsa_conv_module, 'hierarchy_from_data', counted)
+    calls = forest_builds
     conv = HSAConv(6, 2, heads=2)
     out = conv(batch.x, batch)
     torch.testing.assert_close(out, conv(batch.x, hierarchy_from_data(batch)))
