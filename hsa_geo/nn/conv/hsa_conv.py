@@ -192,7 +192,8 @@ class HSAConv(MessagePassing):
             default, as clusterings record no sibling order.
             (default: :obj:`None`)
         engine (str, optional): :obj:`"auto"` (the fused sweeps, or
-            :meth:`propagate` while message hooks are registered),
+            :meth:`propagate` while message hooks are registered, except
+            for :obj:`causal="strict"`, which has no sweep to show),
             :obj:`"fused"` (the fused sweeps even under hooks, which then see
             no messages) or :obj:`"propagate"` (always :meth:`propagate`:
             plain autograd, :math:`O(\sum_A b_A^2\, H d)` memory, twice
