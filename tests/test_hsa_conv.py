@@ -110,7 +110,7 @@ def test_input_width_that_differs_from_in_channels_is_named():
     assert lazy(torch.randn(5, 12), Hierarchy.flat(5)).shape == (5, 16)
 
 
-def test_attention_explainer_is_refused_by_name_and_can_skip_the_layer():
+def test_attention_explainer_needs_the_edges_and_can_skip_the_layer():
     from torch_geometric.explain import Explainer
     from torch_geometric.explain.algorithm import AttentionExplainer
     from torch_geometric.nn import GATConv
@@ -118,23 +118,25 @@ def test_attention_explainer_is_refused_by_name_and_can_skip_the_layer():
     hierarchy = Hierarchy.flat(6)
 
     class Hybrid(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, pass_edges):
             super().__init__()
+            self.pass_edges = pass_edges
             self.local = GATConv(4, 4, heads=2, concat=False)
             self.hsa = HSAConv(4, 4, heads=2, concat=False)
 
         def forward(self, x, edge_index):
-            return self.hsa(self.local(x, edge_index).relu(), hierarchy)
+            h = self.local(x, edge_index).relu()
+            return self.hsa(h, hierarchy, edge_index=edge_index if self.pass_edges else None)
 
-    model = Hybrid()
     x = torch.randn(6, 4)
     edge_index = torch.tensor([[0, 1, 2, 3, 4], [1, 2, 3, 4, 5]])
-    explainer = Explainer(model, AttentionExplainer(), explanation_type='model',
-                          edge_mask_type='object',
-                          model_config=dict(mode='regression', task_level='node',
-                                            return_type='raw'))
-    # before: HSA's attention was silently left out of the explanation
-    with pytest.raises(RuntimeError, match="HSAConv attends over the hierarchy.*explain = False"):
+    config = dict(explanation_type='model', edge_mask_type='object',
+                  model_config=dict(mode='regression', task_level='node', return_type='raw'))
+    model = Hybrid(pass_edges=False)
+    explainer = Explainer(model, AttentionExplainer(), **config)
+    # without the graph's edges HSA cannot report its attention: an error, not a silent gap
+    with pytest.raises(RuntimeError,
+                       match="AttentionExplainer.s hooks .* no graph edges.*explain = False"):
         explainer(x, edge_index)
     model(x, edge_index)  # the failed explanation left no hook that keeps failing
     model.hsa.explain = False
@@ -142,6 +144,10 @@ def test_attention_explainer_is_refused_by_name_and_can_skip_the_layer():
     assert explanation.edge_mask.shape == (5, )
     assert not model.hsa._message_forward_hooks  # the explainer removed its hooks
     model(x, edge_index)  # and the layer runs as before
+
+    model = Hybrid(pass_edges=True)
+    explanation = Explainer(model, AttentionExplainer(), **config)(x, edge_index)
+    assert explanation.edge_mask.shape == (5, ) and bool((explanation.edge_mask > 0).all())
 
 
 @pytest.mark.parametrize('normalize_qk', [False, True])

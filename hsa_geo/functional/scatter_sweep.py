@@ -12,7 +12,7 @@ fused sweeps, which are the default.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -88,6 +88,28 @@ def scatter_plan(plan: SweepPlan) -> ScatterPlan:
     return plan.scatter
 
 
+#: ``aggregate(x, edge_index, weight, dim_size)``: ``[dim_size, ...]``, at
+#: every target ``edge_index[1]`` the sum over its edges of ``weight * x``
+#: of the source ``edge_index[0]`` (``weight`` ``[E]``, ``[E, H]`` or None
+#: for 1).
+Aggregate = Callable[[Tensor, Tensor, Optional[Tensor], int], Tensor]
+
+
+def weighted(x: Tensor, weight: Optional[Tensor]) -> Tensor:
+    r""":obj:`x` ``[E, ...]`` times :obj:`weight` (None, ``[E]`` or ``[E, H]``),
+    broadcast over the trailing dimensions."""
+    if weight is None:
+        return x
+    return weight.view(*weight.shape, *([1] * (x.dim() - weight.dim()))) * x
+
+
+def scatter_aggregate(x: Tensor, edge_index: Tensor, weight: Optional[Tensor],
+                      dim_size: int) -> Tensor:
+    r"""The default :data:`Aggregate`: a gather and a scatter-sum."""
+    return scatter(weighted(x[edge_index[0]], weight), edge_index[1], 0, dim_size=dim_size,
+                   reduce='sum')
+
+
 def scatter_logsumexp(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     top = scatter(src.detach(), index, 0, dim_size=dim_size, reduce='max')
     total = scatter((src - top[index]).exp(), index, 0, dim_size=dim_size, reduce='sum')
@@ -135,7 +157,7 @@ class NodeSummaries(NamedTuple):
 
 def scatter_bottom_up(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
                       pair_bias: Optional[Tensor] = None, euclidean: bool = False,
-                      causal: bool = False):
+                      causal: bool = False, aggregate: Aggregate = scatter_aggregate):
     r""":math:`\phi` of every node (``[N + M, H]``; with the Euclidean
     energy without its row term) and, level by level, the log-weights of
     the kept sibling pairs and those pairs (autograd, twice
@@ -144,11 +166,12 @@ def scatter_bottom_up(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
     self_score = leaf_self_scores(q, k, plan.leaf_pair, scale, pair_bias, euclidean)
     nodes = NodeSummaries(plan.num_leaves_below.to(q.dtype), subtree_mean(q, plan),
                           subtree_mean(k, plan), key_norm, -self_score)
-    return summaries_bottom_up(nodes, plan, scale, pair_bias, causal)
+    return summaries_bottom_up(nodes, plan, scale, pair_bias, causal, aggregate)
 
 
 def summaries_bottom_up(nodes: NodeSummaries, plan: ScatterPlan, scale: float,
-                        pair_bias: Optional[Tensor] = None, causal: bool = False):
+                        pair_bias: Optional[Tensor] = None, causal: bool = False,
+                        aggregate: Aggregate = scatter_aggregate):
     r""":func:`scatter_bottom_up` from per-node summaries: the leaves may
     stand for whole subtrees (their :math:`\phi`, count and means given)."""
     num_leaves, num_nodes = nodes.leaf_phi.size(0), plan.parent.numel()
@@ -169,8 +192,9 @@ def summaries_bottom_up(nodes: NodeSummaries, plan: ScatterPlan, scale: float,
             score = score + pair_bias[pair]
         score = torch.where(diagonal[:, None], -phi[row], score)
         log_z = scatter_logsumexp(score, row, num_nodes)
-        share = (count[level.children] / count[level.parent])[:, None]
-        parent_phi = -scatter(share * log_z[level.children], level.parent, 0, dim_size=num_nodes)
+        share = count[level.children] / count[level.parent]  # children -> parent
+        parent_phi = -aggregate(log_z, torch.stack([level.children, level.parent]), share,
+                                num_nodes)
         phi = phi.index_put((level.families, ), parent_phi[level.families])
         log_weights.append(score - log_z[row])
     return phi, log_weights, kept_pairs
@@ -178,39 +202,46 @@ def summaries_bottom_up(nodes: NodeSummaries, plan: ScatterPlan, scale: float,
 
 def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float,
                 pair_bias: Optional[Tensor] = None, euclidean: bool = False,
-                causal: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                causal: bool = False, aggregate: Aggregate = scatter_aggregate
+                ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""HSA on ``[N, H, D]`` inputs by scatter operations (autograd), with
     an optional pair bias ``[E, H]``, the Euclidean energy (its key term;
     the row term cancels) and the causal restriction to earlier siblings:
     the output ``[N, H, D_v]``, :math:`\phi` of every node ``[N + M, H]``
     and the leaves' :math:`\log a_{ii}` ``[N, H]``."""
     phi, log_weights, kept_pairs = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean,
-                                                     causal)
+                                                     causal, aggregate)
     out, leaf_log_mass = summaries_top_down(v, subtree_mean(v, plan), plan, log_weights,
-                                            kept_pairs)
+                                            kept_pairs, aggregate)
     return out, phi, leaf_log_mass
 
 
 def summaries_top_down(v: Tensor, node_v: Tensor, plan: ScatterPlan, log_weights: List[Tensor],
-                       kept_pairs) -> Tuple[Tensor, Tensor]:
+                       kept_pairs, aggregate: Aggregate = scatter_aggregate
+                       ) -> Tuple[Tensor, Tensor]:
     r"""The leaves' outputs ``[N, H, D_v]`` and :math:`\log P` ``[N, H]``
     from the weights of the bottom-up sweep, the leaves' values :obj:`v` and
-    every node's mean value :obj:`node_v`."""
+    every node's mean value :obj:`node_v`. Going down, every node :math:`B`
+    takes from its parent :math:`\log P` and the values collected by its
+    ancestors, and adds :math:`P(\mathrm{parent})\sum_{C \neq B} w_{BC}
+    \bar v_C` from its siblings."""
     num_leaves, num_nodes = v.size(0), plan.parent.numel()
-    leaf, node = plan.ancestor_leaf, plan.ancestor_node
-    log_mass = v.new_zeros(num_nodes, v.size(1))
-    message = v.new_zeros(num_nodes, v.size(1), v.size(-1))
+    # per node: log P, then the values it passes down, [N + M, H, 1 + D_v]
+    down = v.new_zeros(num_nodes, v.size(1), 1 + v.size(-1))
     for level, (row, col), log_weight in zip(reversed(plan.levels), reversed(kept_pairs),
                                              reversed(log_weights)):  # top-down
         diagonal = row == col
-        rows = row[diagonal]
-        log_mass = log_mass.index_put((rows, ), log_mass[plan.parent[rows]] + log_weight[diagonal])
         off = ~diagonal
-        weight = log_weight[off].exp()[..., None]
-        received = scatter(weight * node_v[col[off]], row[off], 0, dim_size=num_nodes)
-        parent_mass = log_mass[plan.parent[level.children]].exp()[..., None]
-        message = message.index_put((level.children, ),
-                                    parent_mass * received[level.children])
-    leaf_log_mass = log_mass[:num_leaves]
+        received = aggregate(node_v, torch.stack([col[off], row[off]]), log_weight[off].exp(),
+                             num_nodes)  # siblings -> B
+        from_parent = aggregate(down, torch.stack([level.parent, level.children]), None,
+                                num_nodes)  # parent -> children
+        parent_log_mass = from_parent[:, :, 0]
+        log_mass = parent_log_mass.index_put((row[diagonal], ), log_weight[diagonal],
+                                             accumulate=True)
+        passed = from_parent[:, :, 1:] + parent_log_mass.exp()[..., None] * received
+        down = down.index_put((level.children, ), torch.cat(
+            [log_mass[level.children, :, None], passed[level.children]], dim=-1))
+    leaf_log_mass = down[:num_leaves, :, 0]
     own = leaf_log_mass.exp()[..., None] * v
-    return scatter(message[node], leaf, 0, dim_size=num_leaves) + own, leaf_log_mass
+    return down[:num_leaves, :, 1:] + own, leaf_log_mass

@@ -1,17 +1,96 @@
+import weakref
 from typing import Optional, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch_geometric.nn.conv import MessagePassing
+from torch_geometric.data.data import BaseData
+from torch_geometric.explain.algorithm import AttentionExplainer
+from torch_geometric.nn.conv import GPSConv, MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
+from hsa_geo.data import hierarchy_from_data
 from hsa_geo.distributed import HierarchyShard, distributed_hsa
-from hsa_geo.functional import BlockAttention, hsa, hsa_block_weights
-from hsa_geo.functional import kernel as cpu_kernel
+from hsa_geo.functional import (BlockAttention, attention_on_edges, hsa, hsa_block_weights,
+                                hsa_propagate, project_qkv)
 from hsa_geo.functional.checks import ENERGIES, check_causal
+from hsa_geo.functional.scatter_sweep import weighted
 from hsa_geo.hierarchy import Hierarchy
 from hsa_geo.nn.positional import SiblingPositionBias
+
+#: the values of :obj:`engine` (see :class:`HSAConv`)
+ENGINES = ('auto', 'fused', 'propagate')
+
+
+class BatchForest:
+    r"""The :class:`~hsa_geo.Hierarchy` of the batch last passed to an
+    :class:`HSAConv`, built once (:func:`hsa_geo.data.hierarchy_from_data`,
+    which takes the forest a :class:`~hsa_geo.loader.HierarchyLoader`
+    planned, moved to the batch's device) and shared by every layer that
+    sees the same batch. The batch is recognised by its
+    :obj:`hierarchy_edge_index` tensor (held weakly, so the batch is not
+    kept alive; only the last forest is) and that tensor's version: a new
+    batch or an in-place edit builds the forest anew."""
+
+    def __init__(self):
+        self.edge = None  # weak reference to the batch's hierarchy_edge_index
+        self.version = -1
+        self.hierarchy: Optional[Hierarchy] = None
+
+    def __call__(self, data: BaseData) -> Hierarchy:
+        edge = getattr(data, 'hierarchy_edge_index', None)
+        if edge is None:  # no hierarchy: its error
+            return hierarchy_from_data(data)
+        hierarchy = self.hierarchy
+        if (self.edge is None or self.edge() is not edge or edge._version != self.version
+                or hierarchy.num_leaves != data.num_nodes
+                or hierarchy.parent.device != edge.device):
+            hierarchy = hierarchy_from_data(data)
+            self.edge, self.version, self.hierarchy = weakref.ref(edge), edge._version, hierarchy
+        return hierarchy
+
+
+#: shared by all layers: a model's layers see one batch after the other
+BATCH_FOREST = BatchForest()
+
+
+def resolve_hierarchy(hierarchy: Union[Hierarchy, HierarchyShard, BaseData]
+                      ) -> Union[Hierarchy, HierarchyShard]:
+    r"""What a layer attends over: a :class:`~hsa_geo.Hierarchy` or a
+    :class:`~hsa_geo.distributed.HierarchyShard` as it is; for a
+    :class:`~torch_geometric.data.Data` or
+    :class:`~torch_geometric.data.Batch`, its forest, built once per batch
+    (:class:`BatchForest`). Anything else is refused by type."""
+    if isinstance(hierarchy, BaseData):
+        return BATCH_FOREST(hierarchy)
+    if not isinstance(hierarchy, (Hierarchy, HierarchyShard)):
+        raise TypeError(f"HSA layers take a hsa_geo.Hierarchy, a PyG Data/Batch that carries "
+                        f"one (hierarchy_edge_index, num_clusters) or a HierarchyShard (got "
+                        f"{type(hierarchy).__name__})")
+    return hierarchy
+
+
+def is_attention_explainer_hook(hook) -> bool:
+    r"""Whether :obj:`hook` is the message hook that PyG's
+    :class:`~torch_geometric.explain.algorithm.AttentionExplainer` registers
+    (recognised by where it is defined)."""
+    return getattr(hook, '__qualname__', '').startswith(AttentionExplainer.__name__ + '.')
+
+
+def refuse_hsa_in_gps(module: torch.nn.Module, name: str,
+                      submodule: Optional[torch.nn.Module]) -> None:
+    r"""A module registration hook (on every module): refuses an
+    :class:`HSAConv` set as the :obj:`attn` of PyG's
+    :class:`~torch_geometric.nn.conv.GPSConv`, which only calls
+    :class:`~torch.nn.MultiheadAttention` or a Performer there and would
+    skip any other module, silently turning the global attention into the
+    identity."""
+    if name == 'attn' and isinstance(submodule, HSAConv) and isinstance(module, GPSConv):
+        raise ValueError(
+            f"GPSConv.{name} cannot be an HSAConv: GPSConv only calls MultiheadAttention or "
+            f"PerformerAttention as its global attention and would skip HSA, leaving the "
+            f"identity. Use hsa_geo.nn.HSAGPSConv, GPSConv's layer with HSA as its global "
+            f"attention (same arguments, attn_type='hsa')")
 
 
 class HSAConv(MessagePassing):
@@ -53,13 +132,25 @@ class HSAConv(MessagePassing):
     instead of the dot product; with :obj:`causal=True` leaf :math:`i` only
     attends to leaves :math:`j \le i` (docs/derivation.rst).
 
-    HSA's attention is read with :obj:`return_attention_weights=True` (the
-    weights of the sibling-pair blocks), not through edge messages: the
-    layer passes none, so PyG's
-    :class:`~torch_geometric.explain.algorithm.AttentionExplainer`, which
-    collects attention from message hooks, is refused with an error that
-    says so; set :obj:`explain = False` on the layer to explain the other
-    layers' attention only.
+    Two engines compute the same values and gradients. The fused sweeps
+    (a compiled kernel on the CPU) are the fast path. The message-passing
+    path runs the sweeps with :meth:`propagate` over the hierarchy's edges
+    (:func:`hsa_geo.functional.hsa_propagate`): on the way up every parent
+    aggregates :math:`\phi` from its children, on the way down every node
+    takes its attention mass and collected values from its parent and the
+    values of its siblings, weighted by their block weights, so PyG's
+    message and propagate hooks see what HSA computes. It runs when such
+    hooks are registered, or always with :obj:`engine="propagate"`.
+
+    PyG's :class:`~torch_geometric.explain.algorithm.AttentionExplainer`
+    reads HSA's leaf-to-leaf attention :math:`a_{ij}` on the graph's edges
+    :math:`j \to i` (the dense matrix restricted to them,
+    :func:`hsa_geo.functional.attention_on_edges`): pass the graph's
+    :obj:`edge_index` (or a batch that carries it) to :meth:`forward`.
+    Edge-mask explainers (:class:`~torch_geometric.explain.algorithm.GNNExplainer`
+    and the like) are refused with an error: HSA's output does not flow
+    along the graph's edges, so a mask on them cannot change it; set
+    :obj:`explain = False` on the layer to explain the other layers.
 
     Args:
         in_channels (int): Size of each input sample, or :obj:`-1` to derive
@@ -100,12 +191,24 @@ class HSAConv(MessagePassing):
             (:attr:`Hierarchy.ordered <hsa_geo.Hierarchy.ordered>`); off by
             default, as clusterings record no sibling order.
             (default: :obj:`None`)
+        engine (str, optional): :obj:`"auto"` (the fused sweeps, or
+            :meth:`propagate` while message hooks are registered, except
+            for :obj:`causal="strict"`, which has no sweep to show),
+            :obj:`"fused"` (the fused sweeps even under hooks, which then see
+            no messages) or :obj:`"propagate"` (always :meth:`propagate`:
+            plain autograd, :math:`O(\sum_A b_A^2\, H d)` memory, twice
+            differentiable; not with :obj:`causal="strict"`).
+            (default: :obj:`"auto"`)
         **kwargs (optional): Additional arguments of
-            :class:`torch_geometric.nn.conv.MessagePassing`.
+            :class:`torch_geometric.nn.conv.MessagePassing` (the aggregation
+            is the sum).
 
     Shapes:
-        - **input:** leaf features :math:`(N, F_{in})`, a
-          :class:`~hsa_geo.Hierarchy` over the :math:`N` leaves
+        - **input:** leaf features :math:`(N, F_{in})`; a
+          :class:`~hsa_geo.Hierarchy` over the :math:`N` leaves, or a
+          :class:`~torch_geometric.data.Data`/:class:`~torch_geometric.data.Batch`
+          carrying one (as :class:`~hsa_geo.transforms.AddHierarchy` leaves
+          it); graph edges :math:`(2, |\mathcal{E}|)` *(optional)*
         - **output:** leaf features :math:`(N, H \cdot F_{out})` or
           :math:`(N, F_{out})` if :obj:`concat=False`; with
           :obj:`return_attention_weights=True` also a
@@ -127,6 +230,7 @@ class HSAConv(MessagePassing):
         normalize_qk: bool = False,
         causal: Union[bool, str] = False,
         positional: Union[str, torch.nn.Module, None] = None,
+        engine: str = 'auto',
         **kwargs,
     ):
         if isinstance(in_channels, (tuple, list)):
@@ -137,7 +241,15 @@ class HSAConv(MessagePassing):
             raise ValueError(f"'heads' must be a positive int (got {heads!r})")
         if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
             raise ValueError(f"'out_channels' must be a positive int (got {out_channels!r})")
-        kwargs.setdefault('aggr', 'add')
+        if kwargs.setdefault('aggr', 'add') not in ('add', 'sum'):
+            raise ValueError(f"HSAConv's sweeps sum their messages: 'aggr' must be 'add' "
+                             f"(got {kwargs['aggr']!r})")
+        if engine not in ENGINES:
+            raise ValueError(f"Unknown engine {engine!r}; choose one of {list(ENGINES)}")
+        if engine == 'propagate' and causal == 'strict':
+            raise ValueError("engine='propagate' runs the sweeps over the tree, but "
+                             "causal='strict' projects every row on its own: use the fused "
+                             "engine for it")
         super().__init__(node_dim=0, **kwargs)
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -153,9 +265,13 @@ class HSAConv(MessagePassing):
         self.normalize_qk = normalize_qk
         check_causal(causal)
         self.causal = causal
+        self.engine = engine
         if isinstance(positional, str):
             positional = SiblingPositionBias(heads, kind=positional)
         self.positional = positional
+        #: the attention on the graph's edges while an explainer's message
+        #: hooks run (PyG's AttentionExplainer reads it), None otherwise
+        self._alpha: Optional[Tensor] = None
 
         # as in TransformerConv, bias=False also drops the projections' biases
         self.lin_query = Linear(in_channels, heads * out_channels, bias=bias)
@@ -172,24 +288,6 @@ class HSAConv(MessagePassing):
             self.register_parameter('bias', None)
         self.reset_parameters()
 
-    def _refuse_message_hooks(self) -> None:
-        r"""Raises on message hooks (PyG's
-        :class:`~torch_geometric.explain.algorithm.AttentionExplainer`
-        registers them): HSA passes no per-edge messages, so they would
-        never see its attention, and an explanation would silently leave
-        it out. The hooks are removed before raising (they can never fire
-        here), so the layer does not keep failing after the explainer
-        stopped."""
-        if self._message_forward_hooks and self.explain is not False:
-            self._message_forward_hooks.clear()
-            raise RuntimeError(
-                "HSAConv attends over the hierarchy, not along edges: it passes no messages, "
-                "so message hooks (PyG's AttentionExplainer registers them) would never see "
-                "its attention. For HSA's attention use return_attention_weights=True (weights "
-                "of the sibling-pair blocks) or hsa_geo.functional.hsa_dense (the dense "
-                "matrix); to explain only the other layers' attention, set `explain = False` "
-                "on the HSAConv layers (the hooks were removed from this layer)")
-
     def reset_parameters(self):
         super().reset_parameters()
         self.lin_query.reset_parameters()
@@ -203,39 +301,46 @@ class HSAConv(MessagePassing):
             self.positional.reset_parameters()
 
     @overload
-    def forward(self, x: Tensor, hierarchy: Hierarchy,
+    def forward(self, x: Tensor, hierarchy: Union[Hierarchy, BaseData],
                 return_attention_weights: None = None,
                 pair_bias: Optional[Tensor] = None,
-                modality: Optional[Tensor] = None) -> Tensor:
+                modality: Optional[Tensor] = None,
+                edge_index: Optional[Tensor] = None) -> Tensor:
         pass
 
     @overload
-    def forward(self, x: Tensor, hierarchy: Hierarchy,
+    def forward(self, x: Tensor, hierarchy: Union[Hierarchy, BaseData],
                 return_attention_weights: bool,
                 pair_bias: Optional[Tensor] = None,
-                modality: Optional[Tensor] = None) -> Tuple[Tensor, BlockAttention]:
+                modality: Optional[Tensor] = None,
+                edge_index: Optional[Tensor] = None) -> Tuple[Tensor, BlockAttention]:
         pass
 
     def forward(
         self,
         x: Tensor,
-        hierarchy: Hierarchy,
+        hierarchy: Union[Hierarchy, HierarchyShard, BaseData],
         return_attention_weights: Optional[bool] = None,
         pair_bias: Optional[Tensor] = None,
         modality: Optional[Tensor] = None,
+        edge_index: Optional[Tensor] = None,
     ) -> Union[Tensor, Tuple[Tensor, BlockAttention]]:
         r"""Runs the forward pass of the module.
 
         Args:
             x (torch.Tensor): The leaf features :math:`(N, F_{in})`.
-            hierarchy (Hierarchy or HierarchyShard): The tree (or forest,
-                one per graph) over the :math:`N` leaves; build it once per
-                batch, e.g. with :func:`hsa_geo.data.hierarchy_from_data`.
-                Or this rank's :class:`~hsa_geo.distributed.HierarchyShard`
-                of a hierarchy partitioned across ranks: :obj:`x` holds the
-                shard's leaves and the layer computes exactly the rows of
-                HSA over the whole hierarchy (every rank calls it;
-                docs/distributed.rst).
+            hierarchy (Hierarchy or Data or HierarchyShard): The tree (or
+                forest, one per graph) over the :math:`N` leaves, or the
+                :class:`~torch_geometric.data.Data` or
+                :class:`~torch_geometric.data.Batch` that carries it (its
+                :obj:`hierarchy_edge_index` and :obj:`num_clusters`, see
+                :class:`~hsa_geo.data.NestedSignal`): the forest is then
+                built once per batch and shared by every layer
+                (:func:`hsa_geo.data.hierarchy_from_data`). Or this rank's
+                :class:`~hsa_geo.distributed.HierarchyShard` of a hierarchy
+                partitioned across ranks: :obj:`x` holds the shard's leaves
+                and the layer computes exactly the rows of HSA over the
+                whole hierarchy (every rank calls it; docs/distributed.rst).
             return_attention_weights (bool, optional): If set to
                 :obj:`True`, also returns the block-level attention.
                 (default: :obj:`None`)
@@ -248,16 +353,36 @@ class HSAConv(MessagePassing):
             modality (torch.Tensor, optional): Modality id of every leaf
                 (or node), passed to :obj:`positional` when it has
                 per-modality embeddings. (default: :obj:`None`)
+            edge_index (torch.Tensor, optional): The graph's edges
+                :math:`(2, |\mathcal{E}|)`, only read by explainers: on
+                them :class:`~torch_geometric.explain.algorithm.AttentionExplainer`
+                reports :math:`a_{ij}`. Taken from :obj:`hierarchy` when it
+                is a batch with :obj:`edge_index`. (default: :obj:`None`)
         """
+        if isinstance(x, (tuple, list)):
+            raise ValueError(
+                "HSAConv attends among the leaves of one node type, but got a pair of source "
+                "and target features, as torch_geometric.nn.to_hetero passes to a layer it "
+                "copies for every edge type. A hierarchy has no edge types: apply HSAConv "
+                "outside to_hetero, to the node type the hierarchy covers, e.g. "
+                "conv(x_dict['paper'], hierarchy_of_papers)")
         if x.dim() != 2:
             raise ValueError(f"HSAConv expects leaf features of shape [N, F] "
                              f"(got {tuple(x.shape)})")
         if self.in_channels > 0 and x.size(1) != self.in_channels:
             raise ValueError(f"HSAConv was built for {self.in_channels} input channels, but x "
                              f"has {x.size(1)} (shape {tuple(x.shape)})")
-        self._refuse_message_hooks()
+        self._refuse_edge_masks()
+        if isinstance(hierarchy, BaseData) and edge_index is None and 'edge_index' in hierarchy:
+            edge_index = hierarchy.edge_index
+        hierarchy = resolve_hierarchy(hierarchy)
         query, key, value = self._project_qkv(x)
         if isinstance(hierarchy, HierarchyShard):
+            if self.explain is not False and any(
+                    map(is_attention_explainer_hook, self._message_forward_hooks.values())):
+                raise RuntimeError("AttentionExplainer cannot read HSA's attention over a "
+                                   "HierarchyShard (the block weights are split across "
+                                   "ranks): set `explain = False` on the layer")
             if return_attention_weights:
                 raise ValueError("return_attention_weights is not available over a "
                                  "HierarchyShard: the block weights of the top tree live on "
@@ -270,12 +395,82 @@ class HSAConv(MessagePassing):
             pair_bias = position_bias if pair_bias is None else pair_bias + position_bias
         terms = dict(pair_bias=pair_bias, energy=self.energy, causal=self.causal)
 
-        out = self._finish(hsa(query, key, value, hierarchy, **terms), x)
-        if return_attention_weights:
-            if pair_bias is not None:
-                terms['pair_bias'] = pair_bias.detach()
-            return out, hsa_block_weights(query.detach(), key.detach(), hierarchy, **terms)
-        return out
+        hooked = self._has_message_hooks()
+        if self.engine == 'propagate' or (self.engine == 'auto' and hooked
+                                          and self.causal != 'strict'):
+            out = hsa_propagate(query, key, value, hierarchy, self._aggregate, **terms)
+        else:
+            out = hsa(query, key, value, hierarchy, **terms)
+        out = self._finish(out, x)
+        explaining = bool(self._message_forward_hooks) and self.explain is not False
+        if not (return_attention_weights or explaining):
+            return out
+        if pair_bias is not None:
+            terms['pair_bias'] = pair_bias.detach()
+        attention = hsa_block_weights(query.detach(), key.detach(), hierarchy, **terms)
+        if explaining:
+            self._report_edge_attention(attention, hierarchy, edge_index, value.detach())
+        return (out, attention) if return_attention_weights else out
+
+    def message(self, x_j: Tensor, weight: Optional[Tensor]) -> Tensor:
+        return weighted(x_j, weight)
+
+    def _aggregate(self, x: Tensor, edge_index: Tensor, weight: Optional[Tensor],
+                   dim_size: int) -> Tensor:
+        r"""The sweeps' sum along edges, as :meth:`propagate`."""
+        return self.propagate(edge_index, x=x, weight=weight, size=(dim_size, dim_size))
+
+    def _has_message_hooks(self) -> bool:
+        return any((self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
+                    self._message_forward_pre_hooks, self._message_forward_hooks,
+                    self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks))
+
+    def _refuse_edge_masks(self) -> None:
+        r"""Raises while an edge-mask explainer has set a mask on the layer
+        (:obj:`explain = True`): HSA's output does not flow along the
+        graph's edges, so the mask could never change it and the
+        explanation would silently leave HSA out. The mask is removed from
+        this layer before raising, so the layer does not keep failing after
+        the explainer stopped."""
+        if self.explain:
+            self.explain = None
+            self._edge_mask = self._loop_mask = None
+            raise RuntimeError(
+                "HSAConv attends over the hierarchy, not along the graph's edges, so an edge "
+                "mask (GNNExplainer, PGExplainer, ...) cannot change its output. Explain HSA "
+                "with AttentionExplainer (it reads HSA's attention on the edges) or "
+                "return_attention_weights=True; to explain only the other layers with an "
+                "edge mask, set `explain = False` on the HSAConv layers (the mask was removed "
+                "from this layer)")
+
+    def _report_edge_attention(self, attention: BlockAttention, hierarchy: Hierarchy,
+                               edge_index: Optional[Tensor], value: Tensor) -> None:
+        r"""For explainers' message hooks: one :meth:`propagate` along the
+        graph's edges whose messages are :math:`a_{ij} \mathbf{v}_j`, the
+        share of HSA's output that flows along each edge, with
+        :math:`a_{ij}` as :obj:`_alpha` (where PyG's AttentionExplainer
+        reads attention). The output is HSA's, whatever this returns.
+        Without edges, other hooks are left alone, but AttentionExplainer's
+        raise: the explanation would silently leave HSA out."""
+        if edge_index is None:
+            explainer_hooks = [key for key, hook in self._message_forward_hooks.items()
+                               if is_attention_explainer_hook(hook)]
+            if not explainer_hooks:
+                return  # hooks of someone else's: they saw the sweeps
+            for key in explainer_hooks:  # an explainer that fails leaves its hooks behind
+                del self._message_forward_hooks[key]
+            raise RuntimeError(
+                "AttentionExplainer's hooks are registered on HSAConv, but it got no graph "
+                "edges to report its attention on: pass edge_index=... to the layer (or a batch "
+                "that carries edge_index), or set `explain = False` on it to leave it out of "
+                "explanations (the hooks were removed from this layer)")
+        self._alpha = attention_on_edges(attention, hierarchy, edge_index)
+        try:
+            with torch.no_grad():
+                self.propagate(edge_index, x=value, weight=self._alpha,
+                               size=(value.size(0), value.size(0)))
+        finally:
+            self._alpha = None
 
     def _finish(self, out: Tensor, x: Tensor) -> Tensor:
         r"""Dropout, heads concatenated or averaged, skip and bias."""
@@ -312,33 +507,17 @@ class HSAConv(MessagePassing):
                                top_pair_bias=top_bias, energy=self.energy, causal=self.causal)
 
     def _project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        r"""Queries, keys and values ``[N, H, C]`` by one product with the
-        three projections' weights side by side (one matrix product forward
-        and two backward instead of three and six); queries and keys
-        optionally layer-normalised per head. On the CPU kernel's path the
-        product is node-major (the kernel reads ``[N, H, C]``); elsewhere
-        heads-first, views of ``[H, N, C]`` tensors, the layout the tensor
-        sweeps work in (no transpose copy on the way in or back)."""
+        r"""Queries, keys and values ``[N, H, C]``
+        (:func:`hsa_geo.functional.project_qkv`), queries and keys
+        optionally layer-normalised per head."""
         linears = (self.lin_query, self.lin_key, self.lin_value)
         for linear in linears:
             if is_uninitialized_parameter(linear.weight):
                 linear(x[:1])  # lazy in_channels=-1: let PyG's hook size the weight
-        heads, channels = self.heads, self.out_channels
         weight = torch.cat([linear.weight for linear in linears])
         bias = (None if self.lin_query.bias is None
                 else torch.cat([linear.bias for linear in linears]))
-        if cpu_kernel.available(x):
-            out = F.linear(x, weight, bias).view(-1, 3 * heads, channels)
-            query, key, value = out.split(heads, dim=1)
-        else:
-            out = torch.matmul(x, weight.view(3 * heads, channels, -1).transpose(1, 2))
-            if bias is not None:
-                out = out + bias.view(3 * heads, 1, channels)
-            query, key, value = (t.transpose(0, 1) for t in out.split(heads))
-        if self.normalize_qk:
-            query = F.layer_norm(query, (channels, ))
-            key = F.layer_norm(key, (channels, ))
-        return query, key, value
+        return project_qkv(x, weight, bias, self.heads, self.normalize_qk)
 
     def __repr__(self) -> str:
         options = ''
@@ -346,5 +525,10 @@ class HSAConv(MessagePassing):
             options += f', energy={self.energy!r}'
         if self.causal:
             options += f', causal={self.causal!r}'
+        if self.engine != 'auto':
+            options += f', engine={self.engine!r}'
         return (f'{self.__class__.__name__}({self.in_channels}, '
                 f'{self.out_channels}, heads={self.heads}{options})')
+
+
+torch.nn.modules.module.register_module_module_registration_hook(refuse_hsa_in_gps)

@@ -7,13 +7,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Dropout, Linear, Module, ModuleList, Sequential
+from torch_geometric.data.data import BaseData
 from torch_geometric.nn.inits import reset
 from torch_geometric.nn.models import MLP
 from torch_geometric.nn.resolver import activation_resolver, normalization_resolver
 
 from hsa_geo.functional import BlockAttention
 from hsa_geo.hierarchy import Hierarchy
-from hsa_geo.nn.conv import HSAConv
+from hsa_geo.nn.conv import HSAConv, resolve_hierarchy
 
 ConvFactory = Callable[[int], Module]
 
@@ -82,6 +83,8 @@ class HSABlock(Module):
     with the local term left out when :obj:`conv` is :obj:`None` (a pure
     hierarchical transformer layer) and the global term left out when
     :obj:`global_attention=False` (a plain residual MPNN layer).
+    :class:`HSAGPSConv` is the same layer with an output projection after
+    HSA and :class:`~torch_geometric.nn.conv.GPSConv`'s arguments.
 
     Args:
         channels (int): Width of the leaf features.
@@ -144,12 +147,17 @@ class HSABlock(Module):
         self.norm3 = normalization_resolver(norm, channels, **norm_kwargs)
         self.norm_with_batch = _takes(self.norm3, 'batch')
         self.conv_takes_edge_attr = _takes(conv, 'edge_attr')
+        #: projection of the attention output (:class:`HSAGPSConv` has one, as
+        #: :class:`~torch.nn.MultiheadAttention`'s :obj:`out_proj`)
+        self.attn_proj: Optional[Module] = None
 
     def reset_parameters(self):
         if self.conv is not None:
             self.conv.reset_parameters()
         if self.attn is not None:
             self.attn.reset_parameters()
+        if self.attn_proj is not None:
+            self.attn_proj.reset_parameters()
         reset(self.mlp)
         for norm in (self.norm1, self.norm2, self.norm3):
             if norm is not None:
@@ -160,15 +168,17 @@ class HSABlock(Module):
             return x
         return norm(x, batch=batch) if self.norm_with_batch else norm(x)
 
-    def forward(self, x: Tensor, hierarchy: Hierarchy, edge_index: Optional[Tensor] = None,
-                edge_attr: Optional[Tensor] = None, batch: Optional[Tensor] = None,
-                return_attention_weights: Optional[bool] = None, **conv_kwargs
-                ) -> Union[Tensor, Tuple[Tensor, Optional[BlockAttention]]]:
+    def forward(self, x: Tensor, hierarchy: Union[Hierarchy, BaseData],
+                edge_index: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
+                batch: Optional[Tensor] = None, return_attention_weights: Optional[bool] = None,
+                **conv_kwargs) -> Union[Tensor, Tuple[Tensor, Optional[BlockAttention]]]:
         r"""Runs the block.
 
         Args:
             x (torch.Tensor): Leaf features :math:`(N, C)`.
-            hierarchy (Hierarchy): Tree or forest over the :math:`N` leaves.
+            hierarchy (Hierarchy or Data): Tree or forest over the
+                :math:`N` leaves, or the batch that carries it (see
+                :meth:`HSAConv.forward <hsa_geo.nn.HSAConv.forward>`).
             edge_index (torch.Tensor, optional): Graph edges for the local
                 layer (required when :obj:`conv` is set).
             edge_attr (torch.Tensor, optional): Edge features, passed to the
@@ -178,6 +188,7 @@ class HSABlock(Module):
             return_attention_weights (bool, optional): Also return the
                 block-level HSA attention (:obj:`None` without the global term).
         """
+        hierarchy = resolve_hierarchy(hierarchy)
         if batch is None:
             batch = hierarchy.leaf_batch
         hs: List[Tensor] = []
@@ -192,9 +203,12 @@ class HSABlock(Module):
         attention = None
         if self.attn is not None:
             if return_attention_weights:
-                h, attention = self.attn(x, hierarchy, return_attention_weights=True)
+                h, attention = self.attn(x, hierarchy, return_attention_weights=True,
+                                         edge_index=edge_index)
             else:
-                h = self.attn(x, hierarchy)
+                h = self.attn(x, hierarchy, edge_index=edge_index)
+            if self.attn_proj is not None:
+                h = self.attn_proj(h)
             h = F.dropout(h, p=self.dropout, training=self.training)
             hs.append(self._norm(self.norm2, h + x, batch))
         out = hs[0] if len(hs) == 1 else hs[0] + hs[1]
@@ -206,6 +220,98 @@ class HSABlock(Module):
     def __repr__(self) -> str:
         return (f'{self.__class__.__name__}({self.channels}, conv={self.conv}, '
                 f'heads={self.heads})')
+
+
+class HSAGPSConv(HSABlock):
+    r"""PyG's :class:`~torch_geometric.nn.conv.GPSConv` with the exact
+    Hierarchical Self-Attention as its global attention: the same
+    arguments, order of operations and parameters, with
+    :class:`~hsa_geo.nn.HSAConv` (:obj:`heads` heads of width
+    :obj:`channels // heads`, no skip) and an output projection in place of
+    :class:`~torch.nn.MultiheadAttention` (its :obj:`out_proj`). On a flat
+    hierarchy (one root cluster over every graph) it computes what
+    :class:`~torch_geometric.nn.conv.GPSConv` with
+    :obj:`attn_type="multihead"` computes:
+
+    .. math::
+        \mathbf{h}_L &= \mathrm{Norm}\big(\mathbf{x} +
+            \mathrm{Dropout}(\mathrm{MPNN}(\mathbf{x}, \mathcal{E}))\big) \\
+        \mathbf{h}_G &= \mathrm{Norm}\big(\mathbf{x} +
+            \mathrm{Dropout}(\mathbf{W}_O\, \mathrm{HSA}(\mathbf{x}, \mathcal{T})
+            + \mathbf{b}_O)\big) \\
+        \mathbf{x}^{\prime} &= \mathrm{Norm}\big(\mathbf{h} +
+            \mathrm{FFN}(\mathbf{h})\big), \qquad
+            \mathbf{h} = \mathbf{h}_L + \mathbf{h}_G.
+
+    An :class:`~hsa_geo.nn.HSAConv` cannot be plugged into
+    :class:`~torch_geometric.nn.conv.GPSConv` itself (GPSConv would skip it
+    and leave the identity): setting one as its :obj:`attn` raises.
+
+    Args:
+        channels (int): Size of each input sample.
+        conv (MessagePassing, optional): The local message passing layer.
+        heads (int, optional): Number of attention heads; must divide
+            :obj:`channels`. (default: :obj:`1`)
+        dropout (float, optional): Dropout probability of intermediate
+            embeddings. (default: :obj:`0.`)
+        act (str or Callable, optional): The FFN activation.
+            (default: :obj:`"relu"`)
+        act_kwargs (Dict[str, Any], optional): Arguments of the activation.
+            (default: :obj:`None`)
+        norm (str or Callable, optional): The normalization.
+            (default: :obj:`"batch_norm"`)
+        norm_kwargs (Dict[str, Any], optional): Arguments of the norms.
+            (default: :obj:`None`)
+        attn_type (str, optional): Global attention type; only
+            :obj:`"hsa"`. (default: :obj:`"hsa"`)
+        attn_kwargs (Dict[str, Any], optional): Arguments of
+            :class:`~hsa_geo.nn.HSAConv` (:obj:`energy`, :obj:`causal`,
+            :obj:`positional`, ...); :obj:`dropout` there is the dropout of
+            each head's attention output. (default: :obj:`None`)
+    """
+
+    def __init__(self, channels: int, conv: Optional[Module], heads: int = 1,
+                 dropout: float = 0.0, act: str = 'relu',
+                 act_kwargs: Optional[Dict[str, Any]] = None,
+                 norm: Optional[str] = 'batch_norm',
+                 norm_kwargs: Optional[Dict[str, Any]] = None, attn_type: str = 'hsa',
+                 attn_kwargs: Optional[Dict[str, Any]] = None):
+        if attn_type != 'hsa':
+            raise ValueError(f"HSAGPSConv's global attention is HSA (attn_type='hsa'); for "
+                             f"{attn_type!r} use torch_geometric.nn.GPSConv")
+        attn_kwargs = dict(attn_kwargs or {})
+        attn_dropout = attn_kwargs.pop('dropout', 0.)
+        super().__init__(channels, conv, heads=heads, dropout=dropout, attn_dropout=attn_dropout,
+                         act=act, norm=norm, act_kwargs=act_kwargs, norm_kwargs=norm_kwargs,
+                         attn_kwargs=attn_kwargs)
+        self.attn_type = attn_type
+        self.attn_proj = Linear(channels, channels)
+
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Union[BaseData, Hierarchy],
+                **kwargs) -> Tensor:
+        r"""Runs the layer.
+
+        Args:
+            x (torch.Tensor): Node features :math:`(N, C)`.
+            edge_index (torch.Tensor): The graph's edges, for the local
+                layer (and explainers).
+            batch (Data or Hierarchy): The batch that carries the hierarchy
+                (:class:`~torch_geometric.data.Data` or
+                :class:`~torch_geometric.data.Batch`), or the
+                :class:`~hsa_geo.Hierarchy`: HSA needs the tree, not only
+                the graph id of every node that
+                :class:`~torch_geometric.nn.conv.GPSConv` takes here.
+            **kwargs (optional): Further arguments of the local layer.
+        """
+        if isinstance(batch, Tensor):
+            raise TypeError("HSAGPSConv attends over a hierarchy: pass the batch that carries "
+                            "it (conv(x, edge_index, batch) with the PyG Batch) or the "
+                            "Hierarchy, not the graph-id vector GPSConv takes")
+        return super().forward(x, batch, edge_index, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f'{self.__class__.__name__}({self.channels}, conv={self.conv}, '
+                f'heads={self.heads}, attn_type={self.attn_type})')
 
 
 class HSAEncoder(Module):
@@ -246,13 +352,15 @@ class HSAEncoder(Module):
         for layer in self.layers:
             layer.reset_parameters()
 
-    def forward(self, x: Tensor, hierarchy: Hierarchy, edge_index: Optional[Tensor] = None,
-                edge_attr: Optional[Tensor] = None, batch: Optional[Tensor] = None,
-                return_attention_weights: Optional[bool] = None
+    def forward(self, x: Tensor, hierarchy: Union[Hierarchy, BaseData],
+                edge_index: Optional[Tensor] = None, edge_attr: Optional[Tensor] = None,
+                batch: Optional[Tensor] = None, return_attention_weights: Optional[bool] = None
                 ) -> Union[Tensor, Tuple[Tensor, List[Optional[BlockAttention]]]]:
         r"""Leaf features after all blocks; with
         :obj:`return_attention_weights=True` also one
-        :class:`~hsa_geo.functional.BlockAttention` per block."""
+        :class:`~hsa_geo.functional.BlockAttention` per block.
+        :obj:`hierarchy` is the forest or the batch that carries it."""
+        hierarchy = resolve_hierarchy(hierarchy)
         attentions: List[Optional[BlockAttention]] = []
         for layer in self.layers:
             if return_attention_weights:

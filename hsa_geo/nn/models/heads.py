@@ -6,9 +6,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 from torch.nn import Dropout, Linear, Module
+from torch_geometric.data.data import BaseData
 from torch_geometric.nn.models import MLP
 
 from hsa_geo.hierarchy import Hierarchy
+from hsa_geo.nn.conv import resolve_hierarchy
 from hsa_geo.nn.models.encoder import ConvFactory, HSAEncoder
 from hsa_geo.nn.models.readout import HierarchyReadout
 
@@ -91,8 +93,9 @@ class HSAGraphModel(Module):
             if hasattr(module, 'reset_parameters'):
                 module.reset_parameters()
 
-    def forward(self, x: Tensor, edge_index: Optional[Tensor], hierarchy: Hierarchy,
-                edge_attr: Optional[Tensor] = None, num_graphs: Optional[int] = None,
+    def forward(self, x: Tensor, edge_index: Optional[Tensor],
+                hierarchy: Union[Hierarchy, BaseData], edge_attr: Optional[Tensor] = None,
+                num_graphs: Optional[int] = None,
                 return_details: bool = False, modality: Optional[Tensor] = None
                 ) -> Union[Tensor, Tuple[Tensor, Dict]]:
         r"""Returns ``[B, out_channels]``. With :obj:`return_details=True`
@@ -100,7 +103,9 @@ class HSAGraphModel(Module):
         attention (``'attention'``) and the readout's leaf weights
         (``'leaf_weights'``, hierarchy readout only). :obj:`modality` (the
         modality id of every leaf) is passed to a
-        :class:`~hsa_geo.nn.models.MultiModalEncoder` input encoder."""
+        :class:`~hsa_geo.nn.models.MultiModalEncoder` input encoder.
+        :obj:`hierarchy` is the forest or the batch that carries it."""
+        hierarchy = resolve_hierarchy(hierarchy)
         h = self.encoder_in(x) if modality is None else self.encoder_in(x, modality)
         if edge_attr is not None and self.edge_encoder is not None:
             edge_attr = self.edge_encoder(edge_attr)
@@ -163,9 +168,11 @@ class HSANodeModel(Module):
         self.encoder.reset_parameters()
         self.head.reset_parameters()
 
-    def forward(self, x: Tensor, edge_index: Optional[Tensor], hierarchy: Hierarchy,
-                edge_attr: Optional[Tensor] = None) -> Tensor:
-        r"""Returns ``[N, out_channels]``."""
+    def forward(self, x: Tensor, edge_index: Optional[Tensor],
+                hierarchy: Union[Hierarchy, BaseData], edge_attr: Optional[Tensor] = None
+                ) -> Tensor:
+        r"""Returns ``[N, out_channels]``; :obj:`hierarchy` is the forest or
+        the batch that carries it."""
         h = self.input_dropout(self.encoder_in(x))
         h = self.encoder(h, hierarchy, edge_index, edge_attr)
         return self.head(h)
