@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml Makefile
 	@# instant from a pip cache). HSA works without it.
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \
 		|| echo "torch-scatter could not be built: continuing without it"
+	@# Optional sampler backend of PyG's NeighborLoader and ClusterData (mini-batches
+	@# of nodes, docs/sampling.rst): compiles from source (~35 min on 2 busy cores,
+	@# instant from a pip cache), with METIS for ClusterData where libmetis-dev is.
+	WITH_METIS=$$(test -f /usr/include/metis.h && echo 1 || echo 0) \
+		$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-sparse \
+		|| echo "torch-sparse could not be built: NeighborLoader and ClusterData unavailable"
 	@# HSA's CPU kernel (hsa_geo/csrc): built once here (~20 s), cached by torch;
 	@# without a compiler HSA warns and runs its tensor sweeps.
 	$(PY) -c "import hsa_geo.functional.kernel as kernel; print('CPU kernel built:', kernel.load())"

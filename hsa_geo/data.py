@@ -236,6 +236,10 @@ def restricted_hierarchy(data: Data) -> Hierarchy:
                              "batch them with Batch.from_data_list (or a PyG DataLoader)")
         return Hierarchy.batch_hierarchies([hierarchy_from_data(graph)
                                             for graph in data.to_data_list()])
+    if 'batch' in data and data.batch is not None:
+        raise ValueError("The nodes carry a 'batch' vector but no 'ptr': a disjoint "
+                         "NeighborLoader batch (disjoint=True), in which a node appears once "
+                         "per seed. HSA over it is not supported: sample with disjoint=False")
     edge = data.hierarchy_edge_index
     num_tree_nodes = edge.size(-1) + 1  # one tree: every node but the root has a parent
     num_tree_leaves = num_tree_nodes - int(data.num_clusters)

@@ -220,6 +220,10 @@ def test_selected_nodes_that_cannot_be_followed_are_refused_by_name():
     batch = Batch.from_data_list([data, data])
     with pytest.raises(ValueError, match='nodes were selected from a batch of graphs'):
         hierarchy_from_data(batch.subgraph(torch.tensor([0, 1, 40])))
+    disjoint = data.subgraph(torch.tensor([0, 1, 0]))  # as NeighborLoader(disjoint=True)
+    disjoint.batch = torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match=r'disjoint NeighborLoader batch'):
+        hierarchy_from_data(disjoint)
     # without hierarchy_leaf (stored by hand), a changed node count is refused
     legacy = NestedSignal(x=data.x, hierarchy_edge_index=data.hierarchy_edge_index,
                           num_clusters=data.num_clusters)
@@ -311,3 +315,18 @@ def test_cluster_loader_with_metis():
     for batch in ClusterLoader(_cluster_data(data, 6), batch_size=2):
         assert torch.equal(hierarchy_from_data(batch).parent,
                            subhierarchy(full, batch.hierarchy_leaf).parent)
+
+
+def test_the_neighbor_loader_example_names_the_missing_backend(monkeypatch):
+    import os.path as osp
+    import sys
+
+    import torch_geometric.typing as pyg_typing
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'examples'))
+    import arxiv_neighbor_loader
+    import common
+    monkeypatch.setattr(pyg_typing, 'WITH_PYG_LIB', False)
+    monkeypatch.setattr(pyg_typing, 'WITH_TORCH_SPARSE', False)
+    with pytest.raises(common.ExampleError, match='NeighborLoader needs a sampler backend.*'
+                                                  'torch-sparse'):
+        arxiv_neighbor_loader.main(['--root', 'no/such/folder'])
