@@ -209,9 +209,8 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
     parent[new_id[has_parent]] = new_id[stored_parent[has_parent]]
     batch = torch.empty_like(parent)
     batch[new_id] = graph_of
-    ordered = 'hierarchy_ordered' in data and bool(torch.as_tensor(data.hierarchy_ordered).all())
     return Hierarchy.from_parent(parent.cpu(), total_leaves, batch=batch.cpu(),
-                                 ordered=ordered).to(device)
+                                 ordered=stored_as_ordered(data)).to(device)
 
 
 def leaves_in_place(leaf: Tensor, num_leaves: Tensor) -> bool:
@@ -253,9 +252,14 @@ def restricted_hierarchy(data: Data) -> Hierarchy:
                          f"{roots[:5].tolist()}), but a graph holds one tree")
     leaf = check_leaf_ids(data[LEAF_KEY], num_tree_leaves, position='node')
     parent, _ = restrict_parent(parent, num_tree_leaves, leaf.to(parent.device))
-    ordered = ('hierarchy_ordered' in data and bool(torch.as_tensor(data.hierarchy_ordered).all())
-               and bool((leaf[1:] > leaf[:-1]).all()))
+    # sibling order survives a selection that keeps the leaves' order
+    ordered = stored_as_ordered(data) and bool((leaf[1:] > leaf[:-1]).all())
     return Hierarchy.from_parent(parent.cpu(), leaf.numel(), ordered=ordered).to(edge.device)
+
+
+def stored_as_ordered(data: Data) -> bool:
+    r"""Whether every graph of :obj:`data` has :obj:`hierarchy_ordered` set."""
+    return 'hierarchy_ordered' in data and bool(torch.as_tensor(data.hierarchy_ordered).all())
 
 
 def parent_pointers(edge: Tensor, num_nodes: int) -> Tensor:

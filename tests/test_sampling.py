@@ -330,3 +330,10 @@ def test_the_neighbor_loader_example_names_the_missing_backend(monkeypatch):
     with pytest.raises(common.ExampleError, match='NeighborLoader needs a sampler backend.*'
                                                   'torch-sparse'):
         arxiv_neighbor_loader.main(['--root', 'no/such/folder'])
+
+
+def test_a_selection_in_order_keeps_an_ordered_hierarchy_ordered():
+    from hsa_geo.hierarchy import chunk_sequence
+    sequence = NestedSignal.from_hierarchy(torch.randn(20, 2), chunk_sequence(20, 4))
+    assert hierarchy_from_data(sequence.subgraph(torch.tensor([1, 5, 6, 19]))).ordered
+    assert not hierarchy_from_data(sequence.subgraph(torch.tensor([5, 1, 6, 19]))).ordered
