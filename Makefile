@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \
 		|| echo "torch-scatter could not be built: continuing without it"
 	@# Optional sampler backend of PyG's NeighborLoader and ClusterData (mini-batches
-	@# of nodes, docs/sampling.rst): compiles from source (~35 min on 2 busy cores,
-	@# instant from a pip cache), with METIS for ClusterData where libmetis-dev is.
-	WITH_METIS=$$(test -f /usr/include/metis.h && echo 1 || echo 0) \
+	@# of nodes, docs/sampling.rst): compiles from source (over an hour on 2 busy
+	@# cores, instant from a pip cache). ClusterData's METIS needs a METIS with 64-bit
+	@# ids (Debian's libmetis-dev has 32-bit ids, which torch-sparse does not compile with).
+	WITH_METIS=$$(grep -qs 'define IDXTYPEWIDTH 64' /usr/include/metis.h && echo 1 || echo 0) \
 		$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-sparse \
 		|| echo "torch-sparse could not be built: NeighborLoader and ClusterData unavailable"
 	@# HSA's CPU kernel (hsa_geo/csrc): built once here (~20 s), cached by torch;

@@ -298,7 +298,8 @@ def _metis_backend() -> str:
     try:
         import torch_sparse  # noqa: F401
     except ImportError:
-        return "ClusterData's METIS needs torch-sparse built with WITH_METIS=1 (or pyg-lib)"
+        return ("ClusterData's METIS needs pyg-lib or torch-sparse built with WITH_METIS=1 "
+                "against a 64-bit METIS")
     try:
         torch.ops.torch_sparse.partition(torch.tensor([0, 1, 2]), torch.tensor([1, 0]), None, 2,
                                          False)
