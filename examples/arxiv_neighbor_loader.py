@@ -103,7 +103,7 @@ def train_epoch(model, optimizer, loader, max_steps: Optional[int]) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        total, count = total + float(loss) * batch.batch_size, count + batch.batch_size
+        total, count = total + loss.item() * batch.batch_size, count + batch.batch_size
     return total / max(count, 1)
 
 

@@ -16,6 +16,7 @@ from hsa_geo import Hierarchy, HSAConv, NestedSignal, hierarchy_from_data
 from hsa_geo.functional import hsa, hsa_dense
 from hsa_geo.hierarchy import subhierarchy
 from random_trees import random_parent
+from sampling_stand_in import first_neighbors
 
 
 # ------------------------------------------------------------ the tree facts
@@ -240,9 +241,16 @@ def _sampler_backend() -> str:
             "(pip install --no-build-isolation torch-sparse; see the Makefile's setup)")
 
 
-@pytest.mark.skipif(bool(_sampler_backend()), reason=_sampler_backend())
-def test_neighbor_loader_batches_get_the_restricted_hierarchy():
+@pytest.mark.parametrize('sampler', ['compiled', 'stand-in'])
+def test_neighbor_loader_batches_get_the_restricted_hierarchy(sampler, monkeypatch):
+    # PyG's NeighborLoader as it is; without a sampler backend, only its
+    # compiled sampling op is replaced (the batch is assembled by PyG)
     from torch_geometric.loader import NeighborLoader
+    from torch_geometric.sampler import NeighborSampler
+    if sampler == 'compiled' and _sampler_backend():
+        pytest.skip(_sampler_backend())
+    if sampler == 'stand-in':
+        monkeypatch.setattr(NeighborSampler, '_sample', first_neighbors)
     data = _nested_signal(num_nodes=60)
     full = hierarchy_from_data(data)
     loader = NeighborLoader(data, num_neighbors=[3, 2], batch_size=5, shuffle=True)
