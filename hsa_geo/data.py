@@ -8,6 +8,16 @@ graph, so the standard :class:`~torch_geometric.loader.DataLoader` batches
 nested signals into a forest. :func:`hierarchy_from_data` turns a
 :class:`~torch_geometric.data.Data` or a batch back into a
 :class:`~hsa_geo.Hierarchy` (all leaves first, one tree per graph).
+
+Every node also records which leaf of the tree it is, in the node
+attribute :obj:`hierarchy_leaf` (``arange(N)`` when the hierarchy is
+attached). PyG selects and permutes it with the other node attributes, so
+after :meth:`~torch_geometric.data.Data.subgraph`, a
+:class:`~torch_geometric.loader.NeighborLoader` batch or a Cluster-GCN
+partition (:class:`~torch_geometric.loader.ClusterData`) the nodes still
+name their leaves, and :func:`hierarchy_from_data` returns the tree
+restricted to them (:func:`~hsa_geo.hierarchy.subhierarchy`), in their
+order.
 """
 from __future__ import annotations
 
@@ -16,9 +26,10 @@ from typing import Any, Dict
 import numpy as np
 import torch
 from torch import Tensor
-from torch_geometric.data import Data
+from torch_geometric.data import Batch, Data
 
 from hsa_geo.hierarchy.hierarchy import Hierarchy
+from hsa_geo.hierarchy.subgraph import check_leaf_ids, restrict_parent
 
 
 class NestedSignal(Data):
@@ -38,9 +49,17 @@ class NestedSignal(Data):
         >>> h = Hierarchy.from_parent(torch.tensor([3, 3, 4, 4, -1]), num_leaves=3)
         >>> data = NestedSignal.from_hierarchy(torch.randn(3, 8), h)
         >>> data
-        NestedSignal(x=[3, 8], hierarchy_edge_index=[2, 4], num_clusters=2, hierarchy_ordered=False)
+        NestedSignal(x=[3, 8], hierarchy_edge_index=[2, 4], num_clusters=2, hierarchy_ordered=False, hierarchy_leaf=[3])
         >>> hierarchy_from_data(data).parent.tolist()
         [3, 3, 4, 4, -1]
+        >>> # nodes 2 and 0 only: the hierarchy follows (leaf 1's cluster is gone)
+        >>> hierarchy_from_data(data.subgraph(torch.tensor([2, 0]))).parent.tolist()
+        [2, 2, -1]
+
+    A graph whose nodes were permuted, subset or sampled after its
+    hierarchy was attached gets the hierarchy restricted to its nodes, in
+    their order; a node id repeated or outside the tree is refused, naming
+    the node.
     """
 
     @classmethod
@@ -54,34 +73,15 @@ class NestedSignal(Data):
 
     def __inc__(self, key: str, value: Any, *args, **kwargs) -> Any:
         if key == 'hierarchy_edge_index':
-            return self.num_nodes + int(self.num_clusters)
+            # the tree's nodes (one parent edge per node but the root), which
+            # differ from num_nodes + num_clusters once nodes were sampled
+            return value.size(-1) + 1
         return super().__inc__(key, value, *args, **kwargs)
 
     def __cat_dim__(self, key: str, value: Any, *args, **kwargs) -> Any:
         if key == 'hierarchy_edge_index':
             return HIERARCHY_CAT_DIM
         return super().__cat_dim__(key, value, *args, **kwargs)
-
-
-def _raise_on_edge_count(edge: Tensor, num_leaves: int, num_clusters: int,
-                         num_graphs: int) -> None:
-    r"""Raises the error that explains a number of parent edges other than
-    one per node but the roots."""
-    child, counts = torch.unique(edge[0], return_counts=True)
-    if bool((counts > 1).any()):
-        raise ValueError(f"Node {int(child[counts > 1][0])} has more than one parent in "
-                         f"hierarchy_edge_index")
-    trees = 'one tree' if num_graphs == 1 else f'{num_graphs} trees'
-    expected = num_leaves + num_clusters - num_graphs
-    cause = ("the nodes changed after the hierarchy was built (subgraph(), or a transform "
-             "that adds or drops nodes). Build the hierarchy after such transforms "
-             "(AddHierarchy last)")
-    if edge.size(-1) < expected:  # more roots than graphs, or nodes were added
-        cause = (f"the hierarchy has {expected - edge.size(-1)} more root(s) than graphs (a "
-                 f"forest stored as one graph: give it one root cluster), or {cause}")
-    raise ValueError(
-        f"hierarchy_edge_index has {edge.size(-1)} parent edges, but {num_leaves} leaves and "
-        f"{num_clusters} clusters in {trees} have {expected}: {cause}")
 
 
 #: The dimension along which batches concatenate ``hierarchy_edge_index``:
@@ -95,23 +95,31 @@ def _raise_on_edge_count(edge: Tensor, num_leaves: int, num_clusters: int,
 HIERARCHY_CAT_DIM = np.int64(-1)
 
 
+#: Node attribute holding, for every node, its leaf in the hierarchy
+#: (PyG selects and permutes it with the other node attributes).
+LEAF_KEY = 'hierarchy_leaf'
+
+
 def hierarchy_attributes(hierarchy: Hierarchy) -> Dict[str, Any]:
     r"""The attributes of a :class:`NestedSignal` that store a single-graph
-    :obj:`hierarchy`: :obj:`hierarchy_edge_index`, :obj:`num_clusters` and
+    :obj:`hierarchy`: :obj:`hierarchy_edge_index`, :obj:`num_clusters`,
     :obj:`hierarchy_ordered` (always present, so that graphs of both kinds
-    batch together). A forest is refused: one graph holds one tree."""
+    batch together) and :obj:`hierarchy_leaf` (every node's leaf,
+    ``arange(N)``). A forest is refused: one graph holds one tree."""
     if hierarchy.num_trees != 1:
         raise ValueError(f"A NestedSignal holds one tree per graph, but the hierarchy is a "
                          f"forest of {hierarchy.num_trees} trees (roots "
                          f"{hierarchy.roots[:5].tolist()}): give it one root cluster, or "
                          f"wrap each tree in a NestedSignal of its own and batch them")
+    leaf = torch.arange(hierarchy.num_leaves, device=hierarchy.parent.device)
     return dict(hierarchy_edge_index=hierarchy.edge_index,
-                num_clusters=hierarchy.num_clusters, hierarchy_ordered=hierarchy.ordered)
+                num_clusters=hierarchy.num_clusters, hierarchy_ordered=hierarchy.ordered,
+                hierarchy_leaf=leaf)
 
 
 #: Attributes :func:`hierarchy_attributes` may set (a new hierarchy replaces
 #: all of them).
-HIERARCHY_KEYS = ('hierarchy_edge_index', 'num_clusters', 'hierarchy_ordered')
+HIERARCHY_KEYS = ('hierarchy_edge_index', 'num_clusters', 'hierarchy_ordered', LEAF_KEY)
 
 #: Attribute under which :class:`~hsa_geo.loader.HierarchyLoader` attaches
 #: a batch's planned forest.
@@ -121,6 +129,7 @@ PLANNED_KEY = 'hierarchy'
 # Processed PyG/OGB datasets of nested signals reload with torch.load's
 # weights_only default (torch >= 2.6) only if the class is allow-listed.
 torch.serialization.add_safe_globals([NestedSignal])
+
 
 
 def hierarchy_from_data(data: Data) -> Hierarchy:
@@ -133,11 +142,22 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
     :obj:`hierarchy_ordered` set. A batch from
     :class:`~hsa_geo.loader.HierarchyLoader` carries its forest, planned in
     the loader: it is returned (moved to the batch's device) instead.
+
+    When the nodes were selected or reordered after the hierarchy was
+    attached (:meth:`~torch_geometric.data.Data.subgraph`, a
+    :class:`~torch_geometric.loader.NeighborLoader` or
+    :class:`~torch_geometric.loader.ClusterLoader` batch, any permutation
+    by PyG), their :obj:`hierarchy_leaf` names their leaves, and the result
+    is the tree restricted to them, in their order
+    (:func:`~hsa_geo.hierarchy.subhierarchy`: single-child clusters
+    removed, ordered only if the leaves kept their order).
+
+    Raises:
+        ValueError: naming the node or graph, for a malformed hierarchy, a
+            node whose :obj:`hierarchy_leaf` is repeated or not a leaf, or
+            nodes that changed without a :obj:`hierarchy_leaf` to follow
+            them.
     """
-    planned = getattr(data, PLANNED_KEY, None) if PLANNED_KEY in data else None
-    if isinstance(planned, Hierarchy):
-        device = data.hierarchy_edge_index.device
-        return planned if planned.parent.device == device else planned.to(device)
     if 'hierarchy_edge_index' not in data or 'num_clusters' not in data:
         raise ValueError("data has no hierarchy: expected 'hierarchy_edge_index' and "
                          "'num_clusters' (see NestedSignal.from_hierarchy)")
@@ -148,20 +168,35 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
     if ptr is None:
         num_leaves = torch.tensor([data.num_nodes], device=device)
     else:
+        if int(ptr[-1]) != data.num_nodes:
+            raise ValueError(f"data.ptr describes {int(ptr[-1])} nodes, but data has "
+                             f"{data.num_nodes}: nodes were selected from a batch of graphs. "
+                             f"Select nodes of each graph (or sample from one large graph) "
+                             f"before batching")
         num_leaves = (ptr[1:] - ptr[:-1]).to(device)
     if num_leaves.numel() != num_clusters.numel():
         raise ValueError(f"num_clusters has {num_clusters.numel()} entries for "
                          f"{num_leaves.numel()} graphs")
+    whole = edge.size(-1) == int(num_leaves.sum() + num_clusters.sum()) - num_leaves.numel()
+    leaf = data[LEAF_KEY] if LEAF_KEY in data else None
+    if leaf is not None and (leaf.dim() != 1 or leaf.numel() != data.num_nodes):
+        raise ValueError(f"{LEAF_KEY} has shape {tuple(leaf.shape)}, but the data has "
+                         f"{data.num_nodes} nodes: nodes were added without a leaf of the "
+                         f"hierarchy. Attach the hierarchy after the transform that adds them")
+    if leaf is not None and not (whole and leaves_in_place(leaf, num_leaves)):
+        return restricted_hierarchy(data)
+    planned = getattr(data, PLANNED_KEY, None) if PLANNED_KEY in data else None
+    if isinstance(planned, Hierarchy) and planned.num_leaves == data.num_nodes:
+        return planned if planned.parent.device == device else planned.to(device)
     total_leaves = int(num_leaves.sum())
+    if not whole:
+        _raise_on_edge_count(edge, total_leaves, int(num_clusters.sum()), num_leaves.numel())
     graph_size = num_leaves + num_clusters
     node_offset = torch.cumsum(graph_size, 0) - graph_size
     leaf_offset = torch.cumsum(num_leaves, 0) - num_leaves
     cluster_offset = torch.cumsum(num_clusters, 0) - num_clusters + total_leaves
     num_nodes = int(graph_size.sum())
-    if edge.size(-1) != num_nodes - num_leaves.numel():
-        _raise_on_edge_count(edge, total_leaves, num_nodes - total_leaves, num_leaves.numel())
-    if edge.numel() and (int(edge.min()) < 0 or int(edge.max()) >= num_nodes):
-        raise ValueError(f"hierarchy_edge_index refers to node ids outside [0, {num_nodes - 1}]")
+    stored_parent = parent_pointers(edge, num_nodes)
 
     graph_of = torch.repeat_interleave(torch.arange(graph_size.numel(), device=device),
                                        graph_size)
@@ -170,14 +205,95 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
     new_id = torch.where(is_leaf, leaf_offset[graph_of] + local,
                          cluster_offset[graph_of] + local - num_leaves[graph_of])
     parent = torch.full((num_nodes, ), -1, dtype=torch.long, device=device)
-    child, up = new_id[edge[0]], new_id[edge[1]]
-    parents_per_node = torch.bincount(child, minlength=num_nodes)
+    has_parent = stored_parent >= 0
+    parent[new_id[has_parent]] = new_id[stored_parent[has_parent]]
+    batch = torch.empty_like(parent)
+    batch[new_id] = graph_of
+    return Hierarchy.from_parent(parent.cpu(), total_leaves, batch=batch.cpu(),
+                                 ordered=stored_as_ordered(data)).to(device)
+
+
+def leaves_in_place(leaf: Tensor, num_leaves: Tensor) -> bool:
+    r"""Whether the :obj:`hierarchy_leaf` of a graph, or of a batch with
+    :obj:`num_leaves` nodes per graph, is ``0, 1, ...`` within every graph
+    (the nodes are the hierarchy's leaves, in order)."""
+    start = torch.cumsum(num_leaves, 0) - num_leaves
+    graph_of = torch.repeat_interleave(torch.arange(num_leaves.numel(), device=leaf.device),
+                                       num_leaves.to(leaf.device))
+    local = torch.arange(leaf.numel(), device=leaf.device) - start.to(leaf.device)[graph_of]
+    return bool(torch.equal(leaf.long(), local))
+
+
+def restricted_hierarchy(data: Data) -> Hierarchy:
+    r"""The hierarchy of a graph (or batch) whose nodes are a selection of
+    its tree's leaves, named by :obj:`hierarchy_leaf`: the stored tree
+    restricted to them (:func:`~hsa_geo.hierarchy.subhierarchy`)."""
+    if getattr(data, 'ptr', None) is not None:
+        if not isinstance(data, Batch):
+            raise ValueError("The graphs of this batch hold selected nodes, but it is not a "
+                             "torch_geometric Batch, so its graphs cannot be told apart: "
+                             "batch them with Batch.from_data_list (or a PyG DataLoader)")
+        return Hierarchy.batch_hierarchies([hierarchy_from_data(graph)
+                                            for graph in data.to_data_list()])
+    if 'batch' in data and data.batch is not None:
+        raise ValueError("The nodes carry a 'batch' vector but no 'ptr': a disjoint "
+                         "NeighborLoader batch (disjoint=True), in which a node appears once "
+                         "per seed. HSA over it is not supported: sample with disjoint=False")
+    edge = data.hierarchy_edge_index
+    num_tree_nodes = edge.size(-1) + 1  # one tree: every node but the root has a parent
+    num_tree_leaves = num_tree_nodes - int(data.num_clusters)
+    if num_tree_leaves < 1:
+        raise ValueError(f"hierarchy_edge_index has {edge.size(-1)} parent edges, too few "
+                         f"for {int(data.num_clusters)} clusters above at least one leaf")
+    parent = parent_pointers(edge, num_tree_nodes)
+    roots = (parent < 0).nonzero().view(-1)
+    if roots.numel() != 1:
+        raise ValueError(f"hierarchy_edge_index stores {roots.numel()} roots (nodes "
+                         f"{roots[:5].tolist()}), but a graph holds one tree")
+    leaf = check_leaf_ids(data[LEAF_KEY], num_tree_leaves, position='node')
+    parent, _ = restrict_parent(parent, num_tree_leaves, leaf.to(parent.device))
+    # sibling order survives a selection that keeps the leaves' order
+    ordered = stored_as_ordered(data) and bool((leaf[1:] > leaf[:-1]).all())
+    return Hierarchy.from_parent(parent.cpu(), leaf.numel(), ordered=ordered).to(edge.device)
+
+
+def stored_as_ordered(data: Data) -> bool:
+    r"""Whether every graph of :obj:`data` has :obj:`hierarchy_ordered` set."""
+    return 'hierarchy_ordered' in data and bool(torch.as_tensor(data.hierarchy_ordered).all())
+
+
+def parent_pointers(edge: Tensor, num_nodes: int) -> Tensor:
+    r"""``[num_nodes]`` parent pointers (:obj:`-1` for a root) from
+    child-to-parent edges, or a :class:`ValueError` naming a node id out of
+    range or a node with two parents."""
+    if edge.numel() and (int(edge.min()) < 0 or int(edge.max()) >= num_nodes):
+        raise ValueError(f"hierarchy_edge_index refers to node ids outside [0, {num_nodes - 1}]")
+    parents_per_node = torch.bincount(edge[0], minlength=num_nodes)
     if bool((parents_per_node > 1).any()):
         repeated = (parents_per_node > 1).nonzero()[0, 0]
         raise ValueError(f"Node {int(repeated)} has more than one parent in hierarchy_edge_index")
-    parent[child] = up
-    batch = torch.empty_like(parent)
-    batch[new_id] = graph_of
-    ordered = 'hierarchy_ordered' in data and bool(torch.as_tensor(data.hierarchy_ordered).all())
-    return Hierarchy.from_parent(parent.cpu(), total_leaves, batch=batch.cpu(),
-                                 ordered=ordered).to(device)
+    parent = torch.full((num_nodes, ), -1, dtype=torch.long, device=edge.device)
+    parent[edge[0]] = edge[1].long()
+    return parent
+
+
+def _raise_on_edge_count(edge: Tensor, num_leaves: int, num_clusters: int,
+                         num_graphs: int) -> None:
+    r"""Raises the error that explains a number of parent edges other than
+    one per node but the roots."""
+    child, counts = torch.unique(edge[0], return_counts=True)
+    if bool((counts > 1).any()):
+        raise ValueError(f"Node {int(child[counts > 1][0])} has more than one parent in "
+                         f"hierarchy_edge_index")
+    trees = 'one tree' if num_graphs == 1 else f'{num_graphs} trees'
+    expected = num_leaves + num_clusters - num_graphs
+    cause = (f"the nodes changed after the hierarchy was built (subgraph(), a sampling "
+             f"loader, or a transform that adds or drops nodes), and the data has no "
+             f"'{LEAF_KEY}' to follow them. Attach the hierarchy with AddHierarchy or "
+             f"NestedSignal.from_hierarchy, which record every node's leaf")
+    if edge.size(-1) < expected:  # more roots than graphs, or nodes were added
+        cause = (f"the hierarchy has {expected - edge.size(-1)} more root(s) than graphs (a "
+                 f"forest stored as one graph: give it one root cluster), or {cause}")
+    raise ValueError(
+        f"hierarchy_edge_index has {edge.size(-1)} parent edges, but {num_leaves} leaves and "
+        f"{num_clusters} clusters in {trees} have {expected}: {cause}")

@@ -11,6 +11,12 @@ milliseconds per batch (``python -m hsa_geo.benchmarks.batches``, column
 instead, i.e. in the loader's worker processes when ``num_workers > 0``,
 and hands the batch over with the planned forest attached;
 :func:`~hsa_geo.data.hierarchy_from_data` then returns it at no cost.
+
+Batches of *nodes* of one large graph come from PyG's own loaders
+(:class:`~torch_geometric.loader.NeighborLoader`,
+:class:`~torch_geometric.loader.ClusterLoader`) unchanged: their nodes
+carry their leaves, and :func:`~hsa_geo.data.hierarchy_from_data` restricts
+the graph's tree to them (:doc:`/sampling`).
 """
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ class AddHierarchy(BaseTransform):
         >>> type(data).__name__, data.num_nodes, int(data.num_clusters) > 0
         ('NestedSignal', 34, True)
         >>> sorted(data.keys())
-        ['edge_index', 'hierarchy_edge_index', 'hierarchy_ordered', 'num_clusters', 'train_mask', 'x', 'y']
+        ['edge_index', 'hierarchy_edge_index', 'hierarchy_leaf', 'hierarchy_ordered', 'num_clusters', 'train_mask', 'x', 'y']
     """
 
     def __init__(self, method: Union[str, Callable[[Data], Hierarchy]] = 'louvain',

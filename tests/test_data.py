@@ -128,10 +128,16 @@ def test_edge_transforms_after_add_hierarchy_keep_the_hierarchy(case, transform)
 
 
 @pytest.mark.parametrize('case', list(SIZE_COINCIDENCES))
-def test_a_subgraph_of_a_nested_signal_is_refused_by_name(case):
+def test_a_subgraph_of_a_nested_signal_gets_the_restricted_hierarchy(case):
+    # the nodes carry their leaves (hierarchy_leaf), whatever the sizes
+    from hsa_geo.hierarchy import subhierarchy
     num_nodes, edge_index, hierarchy = SIZE_COINCIDENCES[case]
     data = _graph_with_hierarchy(num_nodes, edge_index, hierarchy)
-    part = data.subgraph(torch.tensor([0, 1, 2]))
+    part = data.subgraph(torch.tensor([2, 0, 1]))
+    assert torch.equal(hierarchy_from_data(part).parent,
+                       subhierarchy(hierarchy, [2, 0, 1]).parent)
+    # stored without hierarchy_leaf, the change is refused by name
+    del part.hierarchy_leaf
     with pytest.raises(ValueError, match=r"the nodes changed after the hierarchy was built.*"
                                          r"AddHierarchy"):
         hierarchy_from_data(part)

@@ -177,9 +177,9 @@ CASES = [
         x=torch.randn(2, 1), num_clusters=2,
         hierarchy_edge_index=torch.tensor([[0, 0, 1, 2], [2, 3, 2, 3]]))), ValueError,
      'Node 0 has more than one parent'),
-    ('nodes changed', lambda: hierarchy_from_data(NestedSignal.from_hierarchy(
-        torch.randn(3, 2), TREE).subgraph(torch.tensor([0, 1]))), ValueError,
-     'nodes changed after the hierarchy was built'),
+    ('node repeated', lambda: hierarchy_from_data(NestedSignal.from_hierarchy(
+        torch.randn(3, 2), TREE).subgraph(torch.tensor([0, 1, 1]))), ValueError,
+     'Leaf id 1 appears twice, at nodes 1 and 2'),
     ('add hierarchy method', lambda: AddHierarchy('kmeans'), ValueError, "Unknown method"),
     ('add hierarchy hetero', lambda: AddHierarchy()(__import__(
         'torch_geometric').data.HeteroData()), ValueError, 'HeteroData'),

@@ -7,5 +7,6 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 from hsa_geo.hierarchy.plan import FamilyBlock, SweepPlan
 from hsa_geo.hierarchy import builders
 from hsa_geo.hierarchy.builders import *  # noqa: F401,F403 (the builders' public API)
+from hsa_geo.hierarchy.subgraph import subhierarchy
 
-__all__ = ['Hierarchy', 'SweepPlan', 'FamilyBlock'] + builders.__all__
+__all__ = ['Hierarchy', 'SweepPlan', 'FamilyBlock', 'subhierarchy'] + builders.__all__
