@@ -360,3 +360,22 @@ def test_no_module_outside_functional_asks_which_engine_runs():
     for path in root.rglob('*.py'):
         source = path.read_text()
         assert 'cpu_kernel' not in source and 'kernel.available' not in source, path
+
+
+def test_two_samples_of_one_graph_get_their_own_forests():
+    # A node sampler (NeighborLoader, ClusterLoader, subgraph) hands every
+    # batch the same hierarchy_edge_index tensor, the whole graph's tree;
+    # only the nodes' hierarchy_leaf says which leaves a batch holds. Two
+    # batches of the same size must not share the forest of the first.
+    hierarchy = random_forest(3, 1, max_leaves=60)
+    n = hierarchy.num_leaves
+    graph = NestedSignal.from_hierarchy(torch.randn(n, 6), hierarchy,
+                                        edge_index=torch.randint(n, (2, 2 * n)))
+    first = graph.subgraph(torch.arange(0, n // 2))
+    second = graph.subgraph(torch.arange(n - n // 2, n))
+    assert first.hierarchy_edge_index is second.hierarchy_edge_index
+    assert first.num_nodes == second.num_nodes
+    conv = HSAConv(6, 4, heads=2)
+    conv(first.x, first)
+    torch.testing.assert_close(conv(second.x, second),
+                               conv(second.x, hierarchy_from_data(second)))

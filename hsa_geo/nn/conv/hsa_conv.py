@@ -9,7 +9,7 @@ from torch_geometric.explain.algorithm import AttentionExplainer
 from torch_geometric.nn.conv import GPSConv, MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
-from hsa_geo.data import hierarchy_from_data
+from hsa_geo.data import LEAF_KEY, hierarchy_from_data
 from hsa_geo.distributed import HierarchyShard, distributed_hsa
 from hsa_geo.functional import (BlockAttention, attention_on_edges, hsa, hsa_block_weights,
                                 hsa_propagate, project_qkv)
@@ -27,27 +27,40 @@ class BatchForest:
     :class:`HSAConv`, built once (:func:`hsa_geo.data.hierarchy_from_data`,
     which takes the forest a :class:`~hsa_geo.loader.HierarchyLoader`
     planned, moved to the batch's device) and shared by every layer that
-    sees the same batch. The batch is recognised by its
-    :obj:`hierarchy_edge_index` tensor (held weakly, so the batch is not
-    kept alive; only the last forest is) and that tensor's version: a new
-    batch or an in-place edit builds the forest anew."""
+    sees the same batch. The batch is recognised by the tensors its forest
+    is read from -- :obj:`hierarchy_edge_index` and the nodes'
+    :obj:`hierarchy_leaf` (held weakly, so the batch is not kept alive;
+    only the last forest is) -- and their versions: a new batch, a new
+    sample of the same graph (whose batches share the whole graph's
+    :obj:`hierarchy_edge_index`) or an in-place edit builds the forest
+    anew."""
 
     def __init__(self):
-        self.edge = None  # weak reference to the batch's hierarchy_edge_index
-        self.version = -1
+        self.sources: Tuple = ()  # (weak reference, version) of every tensor read
         self.hierarchy: Optional[Hierarchy] = None
 
+    @staticmethod
+    def _sources_of(data: BaseData) -> Tuple:
+        tensors = [data.hierarchy_edge_index]
+        if LEAF_KEY in data:
+            tensors.append(data[LEAF_KEY])
+        return tuple((weakref.ref(tensor), tensor._version) for tensor in tensors)
+
+    def _is_current(self, sources: Tuple, data: BaseData) -> bool:
+        if self.hierarchy is None or len(sources) != len(self.sources):
+            return False
+        same = all(kept() is new() and kept_version == new_version
+                   for (kept, kept_version), (new, new_version) in zip(self.sources, sources))
+        return (same and self.hierarchy.num_leaves == data.num_nodes
+                and self.hierarchy.parent.device == data.hierarchy_edge_index.device)
+
     def __call__(self, data: BaseData) -> Hierarchy:
-        edge = getattr(data, 'hierarchy_edge_index', None)
-        if edge is None:  # no hierarchy: its error
+        if getattr(data, 'hierarchy_edge_index', None) is None:  # no hierarchy: its error
             return hierarchy_from_data(data)
-        hierarchy = self.hierarchy
-        if (self.edge is None or self.edge() is not edge or edge._version != self.version
-                or hierarchy.num_leaves != data.num_nodes
-                or hierarchy.parent.device != edge.device):
-            hierarchy = hierarchy_from_data(data)
-            self.edge, self.version, self.hierarchy = weakref.ref(edge), edge._version, hierarchy
-        return hierarchy
+        sources = self._sources_of(data)
+        if not self._is_current(sources, data):
+            self.hierarchy, self.sources = hierarchy_from_data(data), sources
+        return self.hierarchy
 
 
 #: shared by all layers: a model's layers see one batch after the other
