@@ -6,7 +6,7 @@ batch's forest and what its sweeps read: the family tables of the CPU
 kernel (:mod:`hsa_geo.functional.kernel`) or, on a GPU, the slot layout
 (:mod:`hsa_geo.hierarchy.layout`).
 Built inside the model's forward, they cost the training step a few
-milliseconds per batch (``python -m hsa_geo.benchmarks.batches``, column
+milliseconds per batch (``python -m benchmarks.batches``, column
 ``plan``). :class:`HierarchyLoader` builds them in its collate function
 instead, i.e. in the loader's worker processes when ``num_workers > 0``,
 and hands the batch over with the planned forest attached;

@@ -32,7 +32,7 @@ from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 #: Default bound on the children of one cluster. HSA's cost per family grows
 #: as b^2 while the number of sequential sweep steps grows as log_b(N). The
-#: ``max_children`` benchmark (``python -m hsa_geo.benchmarks.builders
+#: ``max_children`` benchmark (``python -m benchmarks.builders
 #: --only max_children``, results in ``benchmarks/results/builders.json``)
 #: times forward+backward HSA on balanced trees: flat within 15 % from b=8
 #: to b=32 at N=4096 and N=16384, 1.5x slower at 64, 2-4x at 128-256 and

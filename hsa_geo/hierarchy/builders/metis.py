@@ -61,7 +61,7 @@ def from_edge_index_metis(edge_index, num_nodes: Optional[int] = None,
     Complexity: :math:`O((N + E) \log_m N)` for the subgraph extraction
     plus METIS' near-linear :math:`O(N + E)` per level: 5.5 s of processor
     time (8.6 s wall-clock on a shared 2-core machine) for a 169k-node,
-    1.2M-edge graph (``hsa_geo.benchmarks.builders``).
+    1.2M-edge graph (``python -m benchmarks.builders``).
 
     Example::
 
