@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 from torch.nn import Embedding, Module, ModuleDict
 
+from hsa_geo.extras import require
+
 
 class AtomFeatureEncoder(Module):
     r"""OGB atom features (the first 9 integer columns of :obj:`x`, as from
@@ -19,9 +21,9 @@ class AtomFeatureEncoder(Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        from ogb.graphproppred.mol_encoder import AtomEncoder
+        encoders = require('ogb.graphproppred.mol_encoder', extra='ogb')
         self.channels = channels
-        self.atom = AtomEncoder(channels)
+        self.atom = encoders.AtomEncoder(channels)
 
     def reset_parameters(self):
         for emb in self.atom.atom_embedding_list:
