@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import hsa_geo.functional.kernel as kernel
 from hsa_geo import native
 from hsa_geo import Hierarchy
-from hsa_geo.functional import hsa
+from hsa_geo.functional import engine, hsa
 from hsa_geo.hierarchy.plan import build_family_tables
 from dense_checks import assert_equals_dense
 from random_trees import random_forest, random_hierarchy
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not kernel.load(), reason="the CPU kernel could 
 
 
 def run(q, k, v, hierarchy, cpu_kernel, **terms):
-    with kernel.use_cpu_kernel(cpu_kernel):
+    with engine('auto' if cpu_kernel else 'tensor'):
         return hsa(q, k, v, hierarchy, **terms)
 
 

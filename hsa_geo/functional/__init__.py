@@ -2,6 +2,7 @@ r"""Pure functions of HSA over tensors; :mod:`hsa_geo.nn` wraps them."""
 from hsa_geo.functional.attention import (BlockAttention, block_attention_to_dense, hsa,
                                           hsa_block_weights, hsa_log_partition)
 from hsa_geo.functional.dense import hsa_dense
+from hsa_geo.functional.engines import ENGINES, engine, kernel_runs, node_major_inputs, prepare
 
 __all__ = [
     'hsa',
@@ -10,4 +11,9 @@ __all__ = [
     'hsa_block_weights',
     'block_attention_to_dense',
     'BlockAttention',
+    'engine',
+    'ENGINES',
+    'kernel_runs',
+    'node_major_inputs',
+    'prepare',
 ]

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # the engines' types: functional imports this module, not the reverse
-    from hsa_geo.functional.causal import FamilyGroup
     from hsa_geo.functional.scatter_sweep import ScatterPlan
 
 #: Upper bound on sibling pairs (F * b * b) handled by one block, so the
@@ -99,12 +98,11 @@ class SweepPlan:
     #: ``[N + M]`` position of every node among its siblings, ordered by
     #: their first leaf (0 at roots): the column it occupies in its block
     sibling_index: Tensor
-    #: the scatter backend's edge lists, built on first use and kept with
-    #: the plan (:func:`hsa_geo.functional.scatter_sweep.scatter_plan`)
+    #: the scatter backend's edge lists as
+    #: :func:`hsa_geo.functional.scatter_sweep.scatter_plan` keeps them;
+    #: HSA itself keeps them beside the hierarchy
+    #: (:func:`hsa_geo.functional.engines.scatter_plan`)
     scatter: Optional[ScatterPlan] = None
-    #: strictly causal HSA's family groups, built on first use and kept
-    #: with the plan (:func:`hsa_geo.functional.hsa` with ``causal='strict'``)
-    family_groups: Optional[List[FamilyGroup]] = None
 
     @property
     def num_nodes(self) -> int:
