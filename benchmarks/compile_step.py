@@ -119,7 +119,7 @@ def main(argv=None):
     for variant in variants:
         model = copy.deepcopy(eager)
         compiled = torch.compile(model, backend=args.backend, dynamic=True, fullgraph=True,
-                                 options=VARIANTS[variant] or None)
+                                 options=dict(VARIANTS[variant]) or None)
         steps[variant] = make_step(compiled, torch.optim.Adam(model.parameters(), lr=1e-3))
         start = time.perf_counter()
         for batch in batches[:3]:  # compiles (dynamic shapes from the first batch on)
