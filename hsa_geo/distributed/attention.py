@@ -30,7 +30,8 @@ from hsa_geo.distributed.agreement import CallSignature
 from hsa_geo.distributed.collectives import all_reduce_sum, share_rows
 from hsa_geo.distributed.partition import HierarchyShard
 from hsa_geo.functional.attention import hsa_with_summaries, leaf_pair_index
-from hsa_geo.functional.checks import ENERGIES, check_causal, check_terms, resolve_scale, to_compute
+from hsa_geo.functional.checks import (ENERGIES, check_causal, check_score_terms, resolve_scale,
+                                       to_compute)
 from hsa_geo.functional.engines import scatter_plan
 from hsa_geo.functional.terms import ScoreTerms
 from hsa_geo.functional.scatter_sweep import (NodeSummaries, leaf_self_scores,
@@ -114,13 +115,13 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     scale = resolve_scale(scale, q)
     top = shard.top
     try:  # the top tree's bias is checked as hsa checks a pair bias
-        top_terms = check_terms(top_pair_bias, energy, causal, top.hierarchy, q)
+        top_terms = check_score_terms(top_pair_bias, energy, causal, top.hierarchy, q)
     except ValueError as error:
         raise ValueError(f"top_pair_bias (over shard.top.hierarchy): {error}") from None
     top_bias, euclidean = top_terms.pair_bias, top_terms.euclidean
     terms = top_terms._replace(pair_bias=None)
     if shard.local is not None:
-        terms = check_terms(pair_bias, energy, causal, shard.local, q)
+        terms = check_score_terms(pair_bias, energy, causal, shard.local, q)
     # every check that may fail on one rank alone is behind us: the ranks
     # now compare their calls before the first exchange, and again before
     # the backward's

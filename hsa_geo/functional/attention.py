@@ -9,7 +9,7 @@ from torch import Tensor
 
 from hsa_geo.functional.causal import hsa_strict_causal
 from hsa_geo.functional.checks import (check_causal, check_cluster_ids, check_energy,
-                                       check_not_strict, check_pair_memory, check_terms,
+                                       check_not_strict, check_pair_memory, check_score_terms,
                                        check_types, prepare_inputs, resolve_scale, to_compute)
 from hsa_geo.functional.compiled import fused_hsa
 from hsa_geo.functional.dense import path_to_root
@@ -131,7 +131,7 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
                return_log_self_weight: bool = False):
     (q, k, v), single_head, dtype = prepare_inputs((q, k, v), hierarchy)
     scale = resolve_scale(scale, q)
-    terms = check_terms(pair_bias, energy, causal, hierarchy, q)
+    terms = check_score_terms(pair_bias, energy, causal, hierarchy, q)
     if causal != 'strict':
         check_pair_memory(hierarchy, q)
     if terms.euclidean:
@@ -187,7 +187,7 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
                        terms: ScoreTerms, nodes: Optional[Tensor] = None, *,
                        self_weight: bool = False):
     r"""The fused engine on ``[N, H, D]`` inputs and score terms already
-    checked (:func:`~hsa_geo.functional.checks.check_terms`: a pair bias
+    checked (:func:`~hsa_geo.functional.checks.check_score_terms`: a pair bias
     ``[E, H]`` or None; with the Euclidean energy, q and k centred by the
     caller) and, with :obj:`nodes` (distinct cluster ids, checked here),
     those clusters' summary rows ``[S, H, 2D + D_v + 1 (+ 1)]``: mean
@@ -302,7 +302,7 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     (q, k), single_head, dtype = prepare_inputs((q, k), hierarchy)
     scale = resolve_scale(scale, q)
     check_not_strict(causal)
-    terms = check_terms(pair_bias, energy, causal, hierarchy, q)
+    terms = check_score_terms(pair_bias, energy, causal, hierarchy, q)
     if terms.euclidean:
         q, k = _centered(q, k)
     if q.is_meta:
@@ -341,7 +341,7 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     (q, k), single_head, _ = prepare_inputs((q, k), hierarchy)
     scale = resolve_scale(scale, q)
     check_not_strict(causal)
-    terms = check_terms(pair_bias, energy, causal, hierarchy, q)
+    terms = check_score_terms(pair_bias, energy, causal, hierarchy, q)
     if q.is_meta:
         return _block_weight_shapes(q, k, hierarchy, terms.pair_bias, single_head)
     layout = hierarchy.layout(q.device)

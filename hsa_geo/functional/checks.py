@@ -85,7 +85,15 @@ def resolve_scale(scale, q: Tensor) -> float:
 
 
 def check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
-                 hierarchy: Hierarchy, q: Tensor) -> ScoreTerms:
+                hierarchy: Hierarchy, q: Tensor) -> Optional[Tensor]:
+    r"""Validates the score terms; returns :obj:`pair_bias` as ``[E, H]``
+    in :obj:`q`'s compute dtype (the pair bias of
+    :func:`check_score_terms`)."""
+    return check_score_terms(pair_bias, energy, causal, hierarchy, q).pair_bias
+
+
+def check_score_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
+                      hierarchy: Hierarchy, q: Tensor) -> ScoreTerms:
     r"""Validates the score terms; returns them as one
     :class:`~hsa_geo.functional.terms.ScoreTerms`, the pair bias as
     ``[E, H]`` in :obj:`q`'s compute dtype."""

@@ -59,7 +59,7 @@ def hsa_dense(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     _, single_head, _ = prepare_inputs((q, k), hierarchy)
     if single_head:
         q, k = q.unsqueeze(1), k.unsqueeze(1)
-    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q).pair_bias
+    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
     num_leaves, heads, dim = q.shape
     scale = resolve_scale(scale, q)
     parent: List[int] = hierarchy.parent.tolist()

@@ -1,5 +1,5 @@
 r"""The score terms of HSA as one value, carried from the checks at the
-boundary (:func:`hsa_geo.functional.checks.check_terms`) into every engine.
+boundary (:func:`hsa_geo.functional.checks.check_score_terms`) into every engine.
 
 The scores HSA approximates are
 
