@@ -60,10 +60,8 @@ from torch_geometric.utils import to_dense_batch
 from benchmarks.batch_workloads import WORKLOADS, Workload, load_workload, save_workloads
 from benchmarks.scaling import run_and_report, target_lines
 from benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
-from hsa_geo.functional import hsa
-from hsa_geo.functional.kernel import available as kernel_available
-from hsa_geo.functional.kernel import prepare as prepare_fused
-from hsa_geo.functional.kernel import use_cpu_kernel
+from hsa_geo.functional import engine, hsa, kernel_runs
+from hsa_geo.functional import prepare as prepare_fused
 from hsa_geo.functional.sweep import HSAFunction
 from hsa_geo.hierarchy.layout import build_slot_layout
 
@@ -122,7 +120,7 @@ def attention_calls(workload: Workload, backward: bool = True,
         step(hsa(q, k, v, planned))
 
     def run_tensor_sweeps():
-        with use_cpu_kernel(False):
+        with engine('tensor'):
             step(hsa(q, k, v, planned))
 
     def run_sdpa():
@@ -138,7 +136,7 @@ def attention_calls(workload: Workload, backward: bool = True,
 
     calls = {'hsa': run_hsa, 'hsa (planned)': run_planned, 'sdpa': run_sdpa, 'mha': run_mha,
              'plan': run_plan}
-    if kernel_available(q):
+    if kernel_runs(q.device):
         calls['tensor sweeps (planned)'] = run_tensor_sweeps
     if device.type == 'cuda':
         try:

@@ -19,8 +19,7 @@ import torch
 
 from benchmarks.scaling import balanced_parent, run_and_report
 from benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
-from hsa_geo.functional import hsa
-from hsa_geo.functional.kernel import available, use_cpu_kernel
+from hsa_geo.functional import engine, hsa, kernel_runs
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 HEADS, DIM = 4, 16
@@ -35,7 +34,7 @@ def engine_calls(hierarchy: Hierarchy):
 
     def call(kernel: bool):
         def run():
-            with use_cpu_kernel(kernel):
+            with engine('kernel' if kernel else 'tensor'):
                 out = hsa(q, k, v, hierarchy)
             out.sum().backward()
         return run
@@ -44,7 +43,7 @@ def engine_calls(hierarchy: Hierarchy):
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    if not available(torch.empty(0)):
+    if not kernel_runs('cpu'):
         raise SystemExit("the CPU kernel is not available: nothing to compare")
     started = time.time()
     results: Dict[str, Any] = {'benchmark': 'engines', 'machine': machine_info(),

@@ -27,7 +27,7 @@ from torch_geometric.data import Dataset
 from torch_geometric.loader import DataLoader
 
 from hsa_geo.data import PLANNED_KEY, hierarchy_from_data
-from hsa_geo.functional.kernel import prepare as prepare_fused
+from hsa_geo.functional import prepare as prepare_fused
 
 
 class PlanningCollater:

@@ -4,10 +4,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from hsa_geo import Hierarchy, HSAConv
-from hsa_geo.functional import compiled, hsa
-from hsa_geo.functional.attention import _padded_bias
+from hsa_geo.functional import compiled, engine, hsa
 from hsa_geo.functional.kernel import load as load_cpu_kernel
-from hsa_geo.functional.kernel import use_cpu_kernel
 from random_trees import random_hierarchy
 
 
@@ -32,7 +30,7 @@ def batches():
     ('dot', 'aot_eager', True), ('euclidean', 'aot_eager', True), ('dot', 'inductor', True),
     ('dot', 'inductor', False)])  # False: the tensor sweeps, the GPU engine
 def test_compiled_model_does_not_recompile_across_batches(energy, backend, cpu_kernel):
-    with use_cpu_kernel(cpu_kernel):
+    with engine('auto' if cpu_kernel else 'tensor'):
         compile_three_batches(energy, backend)
 
 
@@ -71,15 +69,68 @@ def test_automatic_dynamic_shapes_recompile_once():
     assert graphs[2] == graphs[1]  # sizes became dynamic after the first change
 
 
-@pytest.mark.parametrize('cpu_kernel', [False, pytest.param(True, marks=pytest.mark.skipif(
-    not load_cpu_kernel(), reason="the CPU kernel could not be built"))])
+ENGINES = [False, pytest.param(True, marks=pytest.mark.skipif(
+    not load_cpu_kernel(), reason="the CPU kernel could not be built"))]
+
+
+@pytest.mark.parametrize('energy', ['dot', 'euclidean'])
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+def test_fullgraph_dynamic_compile_matches_eager(cpu_kernel, energy):
+    # fullgraph=True: no graph break anywhere in two HSA layers (the kernel's
+    # loader, the engine choice and the hierarchy stay out of the graph)
+    with engine('auto' if cpu_kernel else 'tensor'):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = TwoLayers(energy)
+        compiled_model = torch.compile(model, backend='aot_eager', dynamic=True, fullgraph=True)
+        for hierarchy in batches():
+            x = torch.randn(hierarchy.num_leaves, 8, requires_grad=True)
+            out = compiled_model(x, hierarchy)
+            grad, = torch.autograd.grad(out.square().sum(), x)
+            expected = model(x, hierarchy)
+            expected_grad, = torch.autograd.grad(expected.square().sum(), x)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+        assert counters['stats']['unique_graphs'] == 1
+
+
+@pytest.mark.parametrize('cpu_kernel', [True, False])
+def test_compiled_pair_bias_gradient_matches_eager(cpu_kernel):
+    hierarchy = batches()[1]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(hierarchy.num_leaves, 2, 4, requires_grad=True) for _ in range(3))
+    bias = torch.randn(hierarchy.num_sibling_pairs, 2, requires_grad=True)
+    with engine('auto' if cpu_kernel else 'tensor'):
+        torch._dynamo.reset()
+        attend = torch.compile(lambda *a: hsa(*a[:4], pair_bias=a[4]), backend='aot_eager',
+                               fullgraph=True)
+        out = attend(q, k, v, hierarchy, bias)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
+        expected = hsa(q, k, v, hierarchy, pair_bias=bias)
+        expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v, bias))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_hsa_checks_the_hierarchy_inside_the_operator():
+    hierarchy = batches()[0]
+    q = torch.randn(hierarchy.num_leaves + 1, 2, 4)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match='one row per leaf'):
+        torch.compile(hsa, backend='aot_eager', fullgraph=True)(q, q, q, hierarchy)
+
+
+@pytest.mark.parametrize('cpu_kernel', ENGINES)
 def test_the_operator_rebuilds_a_hierarchy_it_no_longer_holds(cpu_kernel):
     hierarchy = batches()[0]
     q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
-    key = compiled.hierarchy_key(hierarchy)
-    compiled._REGISTRY.clear()
-    out = compiled.fused_hsa(q, k, v, None, key, 0.5, False, False, cpu_kernel)
+    parent = hierarchy.parent.clone()  # held by no hierarchy
+    assert Hierarchy.of_parent(parent) is None
+    assert Hierarchy.of_parent(hierarchy.parent) is hierarchy
+    out = compiled.fused_hsa(q, k, v, None, parent, 0.5, False, False, cpu_kernel)
     torch.testing.assert_close(out, hsa(q, k, v, hierarchy, scale=0.5), atol=1e-12, rtol=0)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     expected = torch.autograd.grad(hsa(q, k, v, hierarchy, scale=0.5).sum(), (q, k, v))
@@ -87,19 +138,19 @@ def test_the_operator_rebuilds_a_hierarchy_it_no_longer_holds(cpu_kernel):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize('cpu_kernel', [False, pytest.param(True, marks=pytest.mark.skipif(
-    not load_cpu_kernel(), reason="the CPU kernel could not be built"))])
-def test_operator_registrations_pass_opcheck(cpu_kernel):
+@pytest.mark.parametrize('cpu_kernel', ENGINES)
+@pytest.mark.parametrize('biased', [False, True])
+def test_operator_registrations_pass_opcheck(cpu_kernel, biased):
     hierarchy = random_hierarchy(3)
     q, k, v = (torch.randn(hierarchy.num_leaves, 2, 3, requires_grad=True) for _ in range(3))
-    key = compiled.hierarchy_key(hierarchy)
-    torch.library.opcheck(compiled.fused_hsa, (q, k, v, None, key, 0.5, False, False, cpu_kernel),
+    bias = torch.randn(hierarchy.num_sibling_pairs, 2, requires_grad=True) if biased else None
+    torch.library.opcheck(compiled.fused_hsa_with_state,
+                          (q, k, v, bias, hierarchy.parent, 0.5, False, False, cpu_kernel),
                           test_utils=('test_schema', 'test_faketensor',
                                       'test_autograd_registration'))
 
 
-@pytest.mark.parametrize('cpu_kernel', [False, pytest.param(True, marks=pytest.mark.skipif(
-    not load_cpu_kernel(), reason="the CPU kernel could not be built"))])
+@pytest.mark.parametrize('cpu_kernel', ENGINES)
 @pytest.mark.parametrize('biased', [False, True])
 def test_backward_operator_on_strided_inputs_passes_opcheck(cpu_kernel, biased):
     # HSAConv's q, k, v are views of one projection; the fake backward once
@@ -108,15 +159,13 @@ def test_backward_operator_on_strided_inputs_passes_opcheck(cpu_kernel, biased):
     hierarchy = random_hierarchy(3)
     q, k, v = (torch.randn(2, hierarchy.num_leaves, 3).transpose(0, 1).requires_grad_()
                for _ in range(3))
-    bias = None
-    if biased:
-        pair_bias = torch.randn(hierarchy.num_sibling_pairs, 2)
-        bias = (pair_bias.t().contiguous() if cpu_kernel
-                else _padded_bias(pair_bias, hierarchy, q).detach())
-    key = compiled.hierarchy_key(hierarchy)
+    bias = torch.randn(hierarchy.num_sibling_pairs, 2) if biased else None
+    _, *state = compiled.fused_hsa_with_state(q, k, v, bias, hierarchy.parent, 0.5, False,
+                                              False, cpu_kernel)
     grad = torch.randn(hierarchy.num_leaves, 2, 3)
     torch.library.opcheck(compiled.fused_hsa_backward,
-                          (grad, q, k, v, bias, key, 0.5, False, False, cpu_kernel, biased),
+                          (grad, q, k, v, bias, hierarchy.parent, *state, 0.5, False, False,
+                           cpu_kernel, biased),
                           test_utils=('test_schema', 'test_faketensor'))
 
 

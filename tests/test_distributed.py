@@ -16,7 +16,7 @@ from hsa_geo import Hierarchy, HSAConv
 from hsa_geo.distributed import (HierarchyPartition, all_reduce_gradients, count_communication,
                                  distributed_hsa, partition_hierarchy)
 from hsa_geo.functional import hsa
-from hsa_geo.functional.kernel import use_cpu_kernel
+from hsa_geo.functional import engine
 from random_trees import balanced_parent, random_forest
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -123,7 +123,7 @@ def _max_error(pairs) -> float:
 
 def _exactness_worker(rank, world_size, kinds, dtypes, seeds, kernels):
     for kernel in kernels:  # the CPU kernel, or the tensor sweeps of the GPU
-        with use_cpu_kernel(kernel):
+        with engine('auto' if kernel else 'tensor'):
             _check_exactness(rank, world_size, kinds, dtypes, seeds)
 
 

@@ -186,7 +186,7 @@ def test_a_hierarchy_saved_after_every_engine_loads_with_weights_only(tmp_path):
     # and their constants, position codes) is not saved with the tree: it
     # would need its classes allow-listed, and is rebuilt on demand
     from hsa_geo.functional import (hsa, hsa_block_weights, hsa_log_partition)
-    from hsa_geo.functional.kernel import use_cpu_kernel
+    from hsa_geo.functional import engine
     from hsa_geo.nn import SiblingPositionBias
     from random_trees import random_sequence_hierarchy
     hierarchy = random_sequence_hierarchy(3)
@@ -194,7 +194,7 @@ def test_a_hierarchy_saved_after_every_engine_loads_with_weights_only(tmp_path):
     bias = SiblingPositionBias(heads=2, max_children=64, dim=4).double()(hierarchy)
     expected = hsa(q, q, q, hierarchy, backend='scatter', pair_bias=bias)
     for kernel in (True, False):
-        with use_cpu_kernel(kernel):
+        with engine('auto' if kernel else 'tensor'):
             hsa(q, q, q, hierarchy, pair_bias=bias)
             hsa(q, q, q, hierarchy, causal='strict')
     hsa_block_weights(q, q, hierarchy)
@@ -225,12 +225,12 @@ def test_a_loader_worker_hands_the_plans_over_with_the_tree():
 
 def test_a_saved_hierarchy_loads_under_the_weights_only_default(tmp_path):
     from hsa_geo.functional import hsa
-    from hsa_geo.functional.kernel import use_cpu_kernel
+    from hsa_geo.functional import engine
     hierarchy = Hierarchy.batch_hierarchies([Hierarchy.from_parent(
         torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4), Hierarchy.flat(3)])
     q = torch.randn(7, 2, 3)
     expected = hsa(q, q, q, hierarchy)  # with its plans cached
-    with use_cpu_kernel(False):  # the GPU engine: the layout's blocks cache constants
+    with engine('tensor'):  # the GPU engine: the layout's blocks cache constants
         hsa(q, q, q, hierarchy)
     hierarchy.layout()
     hierarchy.plan()

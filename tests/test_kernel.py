@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import hsa_geo.functional.kernel as kernel
 from hsa_geo import native
 from hsa_geo import Hierarchy
-from hsa_geo.functional import hsa
+from hsa_geo.functional import engine, hsa
 from hsa_geo.hierarchy.plan import build_family_tables
 from dense_checks import assert_equals_dense
 from random_trees import random_forest, random_hierarchy
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not kernel.load(), reason="the CPU kernel could 
 
 
 def run(q, k, v, hierarchy, cpu_kernel, **terms):
-    with kernel.use_cpu_kernel(cpu_kernel):
+    with engine('auto' if cpu_kernel else 'tensor'):
         return hsa(q, k, v, hierarchy, **terms)
 
 
@@ -177,3 +177,37 @@ def test_double_backward_is_refused_with_a_pointer_to_the_scatter_backend():
     out = run(q, k, v, hierarchy, True)
     with pytest.raises(RuntimeError, match="backend='scatter'"):
         torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+def test_engine_context_picks_the_engine_and_restores_it():
+    from hsa_geo.functional import ENGINES, engine, kernel_runs
+    from hsa_geo.functional.engines import current_engine
+    assert current_engine() == 'auto' and kernel_runs('cpu')
+    with engine('tensor'):
+        assert not kernel_runs('cpu')
+        with engine('kernel'):
+            assert kernel_runs('cpu')
+        assert current_engine() == 'tensor'
+    assert current_engine() == 'auto'
+    with pytest.raises(ValueError, match='Unknown HSA engine'):
+        with engine('gpu'):
+            pass
+    assert set(ENGINES) == {'auto', 'kernel', 'tensor'}
+
+
+def test_engine_context_is_per_thread():
+    import threading
+    from hsa_geo.functional import engine, kernel_runs
+    seen = []
+    with engine('tensor'):
+        thread = threading.Thread(target=lambda: seen.append(kernel_runs('cpu')))
+        thread.start()
+        thread.join()
+    assert seen == [True]  # another thread keeps the default
+
+
+def test_use_cpu_kernel_is_a_deprecated_alias():
+    from hsa_geo.functional import kernel_runs
+    with pytest.warns(DeprecationWarning, match='engine'):
+        with kernel.use_cpu_kernel(False):
+            assert not kernel_runs('cpu')

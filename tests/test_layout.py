@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 import hsa_geo.hierarchy.layout as layout_module
 from hsa_geo import Hierarchy
-from hsa_geo.functional import hsa
-from hsa_geo.functional.kernel import use_cpu_kernel
+from hsa_geo.functional import engine, hsa
 from hsa_geo.hierarchy.layout import build_slot_layout, choose_buckets
 from dense_checks import assert_equals_dense
 from random_trees import balanced_parent, random_parent
@@ -121,6 +120,6 @@ def test_sweeps_on_any_layout_equal_the_dense_definition(seed, trees, max_depth,
         generator = torch.Generator().manual_seed(seed % 991)
         terms['pair_bias'] = torch.randn(hierarchy.num_sibling_pairs, 2, generator=generator,
                                          dtype=torch.float64, requires_grad=True)
-    with use_cpu_kernel(False):  # the tensor sweeps, which read the layout
+    with engine('tensor'):  # the tensor sweeps, which read the layout
         out = hsa(q, k, v, hierarchy, **terms)
     assert_equals_dense(out, q, k, v, hierarchy, **terms)

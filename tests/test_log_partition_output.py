@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsa_geo.functional import hsa, hsa_dense, hsa_log_partition
-from hsa_geo.functional.kernel import use_cpu_kernel
+from hsa_geo.functional import engine
 from random_trees import random_forest
 
 
@@ -45,7 +45,7 @@ def test_phi_and_its_gradient_equal_the_log_partition(seed, trees, heads, energy
         (expected_phi * phi_weight).sum() + (expected_out * out_weight).sum(), inputs)
     for kernel in (True, False):
         for backend in ('fused', 'scatter'):
-            with use_cpu_kernel(kernel):
+            with engine('auto' if kernel else 'tensor'):
                 out, phi = hsa(q, k, v, hierarchy, backend=backend, return_log_partition=True,
                                **terms)
                 grads = torch.autograd.grad(
@@ -61,7 +61,7 @@ def test_phi_alone_is_differentiable(kernel):
     # only phi is used: the fused backward gets no output gradient
     hierarchy = random_forest(1, trees=2)
     q = torch.randn(hierarchy.num_leaves, 2, 4, dtype=torch.float64, requires_grad=True)
-    with use_cpu_kernel(kernel):
+    with engine('auto' if kernel else 'tensor'):
         _, phi = hsa(q, q, q, hierarchy, return_log_partition=True)
         grad, = torch.autograd.grad(phi.sum(), q)
     expected, = torch.autograd.grad(hsa_log_partition(q, q, hierarchy).sum(), q)
@@ -83,7 +83,7 @@ def test_log_self_weight_and_its_gradient_equal_the_dense_diagonal(seed, trees, 
     expected_grads = torch.autograd.grad((expected * weight).sum(), inputs)
     for kernel in (True, False):
         for backend in ('fused', 'scatter'):
-            with use_cpu_kernel(kernel):
+            with engine('auto' if kernel else 'tensor'):
                 out, phi, log_self = hsa(q, k, v, hierarchy, backend=backend,
                                          return_log_partition=True,
                                          return_log_self_weight=True, **terms)

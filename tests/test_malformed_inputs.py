@@ -14,6 +14,7 @@ from hsa_geo.flops import block_local_flops, hsa_flops, softmax_flops
 from hsa_geo.functional import (block_attention_to_dense, hsa, hsa_block_weights, hsa_dense,
                                 hsa_log_partition)
 from hsa_geo.functional.attention import hsa_with_summaries
+from hsa_geo.functional.terms import ScoreTerms
 from hsa_geo.hierarchy import (chunk_sequence, compose, from_edge_index_metis, from_features,
                                from_linkage, from_nested_lengths, from_networkx, from_partitions,
                                from_segments, grid_quadtree, limit_children)
@@ -37,7 +38,7 @@ def attention(function, *args, **kwargs):
 
 def summaries(nodes):
     q, k, v = qkv(dtype=torch.float64)
-    return lambda: hsa_with_summaries(q, k, v, TREE, 0.5, None, False, False, nodes)
+    return lambda: hsa_with_summaries(q, k, v, TREE, 0.5, ScoreTerms(), nodes)
 
 
 def conv_forward(x, hierarchy=TREE, **kwargs):

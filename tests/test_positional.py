@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from hsa_geo import Hierarchy
 from hsa_geo.functional import hsa, hsa_dense
+from hsa_geo.functional.engines import engine_cache
 from hsa_geo.hierarchy import chunk_sequence, compose, from_partitions, limit_children
 from hsa_geo.nn import HSAConv, SiblingPositionBias
 from random_trees import random_hierarchy, random_sequence_hierarchy
@@ -160,7 +161,7 @@ def test_pair_rows_are_built_once_per_hierarchy():
     hierarchy = chunk_sequence(100, chunk_size=5)
     module = SiblingPositionBias(heads=2, max_children=5)
     module(hierarchy)
-    codes = hierarchy._cache.position_codes
+    codes = engine_cache(hierarchy).position_codes
     assert len(codes) == 1
     key, cached = next(iter(codes.items()))
     module(hierarchy)

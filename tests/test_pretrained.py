@@ -10,7 +10,7 @@ from hsa_geo import Hierarchy  # noqa: E402
 from hsa_geo.pretrained import (encode_documents, find_self_attention_modules,  # noqa: E402
                                 inject_hsa, load_minilm)
 from hsa_geo.functional.dense import hsa_dense  # noqa: E402
-from hsa_geo.pretrained.inject import _masked_softmax  # noqa: E402
+from hsa_geo.pretrained.inject import masked_softmax  # noqa: E402
 from hsa_geo.text import (document_hierarchy, strip_special_tokens,  # noqa: E402
                           tokenize_documents)
 
@@ -133,8 +133,8 @@ def test_hsa_global_matches_its_definition(cpu_kernel):
     global_tokens = torch.tensor([0, 4, num_local + 1])
     size = num_local + global_tokens.numel()
     q, k, v = (torch.randn(size, 2, 4, dtype=torch.float64) for _ in range(3))
-    from hsa_geo.functional.kernel import use_cpu_kernel
-    with use_cpu_kernel(cpu_kernel):
+    from hsa_geo.functional import engine
+    with engine('auto' if cpu_kernel else 'tensor'):
         out = _hsa_global_rows(q, k, v, hierarchy, global_tokens)
     is_global = torch.zeros(size, dtype=torch.bool)
     is_global[global_tokens] = True
@@ -158,13 +158,13 @@ def test_hsa_global_in_bfloat16(cpu_kernel):
     # a bfloat16 model: computed in float32 (as hsa does), returned in
     # bfloat16 within its rounding of the float64 result
     from random_trees import random_hierarchy
-    from hsa_geo.functional.kernel import use_cpu_kernel
+    from hsa_geo.functional import engine
     torch.manual_seed(4)
     hierarchy = random_hierarchy(6, max_leaves=12)
     global_tokens = torch.tensor([0, hierarchy.num_leaves + 1])
     q, k, v = (torch.randn(hierarchy.num_leaves + 2, 2, 4, dtype=torch.float64)
                for _ in range(3))
-    with use_cpu_kernel(cpu_kernel):
+    with engine('auto' if cpu_kernel else 'tensor'):
         reference = _hsa_global_rows(q, k, v, hierarchy, global_tokens)
         half = _hsa_global_rows(q.bfloat16(), k.bfloat16(), v.bfloat16(), hierarchy,
                                 global_tokens)
@@ -208,11 +208,11 @@ def _set_structure(handle, mode):
 def test_injected_gradients_are_exact(mode, cpu_kernel):
     # the injection's backward is that of its forward, in every mode (the
     # global tokens' weighing against HSA's self weight log a_ii included)
-    from hsa_geo.functional.kernel import use_cpu_kernel
+    from hsa_geo.functional import engine
     model = _tiny_bert()
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     embeds = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
-    with use_cpu_kernel(cpu_kernel), inject_hsa(model, mode=mode) as handle:
+    with engine('auto' if cpu_kernel else 'tensor'), inject_hsa(model, mode=mode) as handle:
         _set_structure(handle, mode)
         assert torch.autograd.gradcheck(
             lambda x: model(inputs_embeds=x, attention_mask=mask).last_hidden_state, (embeds, ))
@@ -275,7 +275,7 @@ def test_grouped_softmax_stays_inside_groups():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 5, 2, 4).unbind(0)
     group = torch.tensor([0, 0, 1, 1, 1])
-    out = _masked_softmax(q, k, v, group[:, None] == group[None, :], 0.5)
+    out = masked_softmax(q, k, v, group[:, None] == group[None, :], 0.5)
     for members in (group == 0, group == 1):
         scores = torch.einsum('qhd,khd->hqk', q[members], k[members]) * 0.5
         expected = torch.einsum('hqk,khd->qhd', scores.softmax(-1), v[members])

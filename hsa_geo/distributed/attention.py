@@ -30,8 +30,11 @@ from hsa_geo.distributed.agreement import CallSignature
 from hsa_geo.distributed.collectives import all_reduce_sum, share_rows
 from hsa_geo.distributed.partition import HierarchyShard
 from hsa_geo.functional.attention import hsa_with_summaries, leaf_pair_index
-from hsa_geo.functional.checks import ENERGIES, check_causal, check_terms, resolve_scale, to_compute
-from hsa_geo.functional.scatter_sweep import (NodeSummaries, leaf_self_scores, scatter_plan,
+from hsa_geo.functional.checks import (ENERGIES, check_causal, check_score_terms, resolve_scale,
+                                       to_compute)
+from hsa_geo.functional.engines import scatter_plan
+from hsa_geo.functional.terms import ScoreTerms
+from hsa_geo.functional.scatter_sweep import (NodeSummaries, leaf_self_scores,
                                               subtree_mean, summaries_bottom_up,
                                               summaries_top_down)
 
@@ -110,14 +113,15 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
                  top_pair_bias: Optional[Tensor], energy: str, causal: bool, group) -> Tensor:
     dim = q.size(2)
     scale = resolve_scale(scale, q)
-    euclidean = energy == 'euclidean'
     top = shard.top
     try:  # the top tree's bias is checked as hsa checks a pair bias
-        top_bias = check_terms(top_pair_bias, energy, causal, top.hierarchy, q)
+        top_terms = check_score_terms(top_pair_bias, energy, causal, top.hierarchy, q)
     except ValueError as error:
         raise ValueError(f"top_pair_bias (over shard.top.hierarchy): {error}") from None
+    top_bias, euclidean = top_terms.pair_bias, top_terms.euclidean
+    terms = top_terms._replace(pair_bias=None)
     if shard.local is not None:
-        pair_bias = check_terms(pair_bias, energy, causal, shard.local, q)
+        terms = check_score_terms(pair_bias, energy, causal, shard.local, q)
     # every check that may fail on one rank alone is behind us: the ranks
     # now compare their calls before the first exchange, and again before
     # the backward's
@@ -125,8 +129,7 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     signature.agree()
     if euclidean:  # one centre for all ranks (the result does not depend on it)
         q, k = _centered_globally(q, k, signature.name, group)
-    local_out, summaries = _part_summaries(q, k, v, shard, scale, pair_bias, euclidean, causal,
-                                           top_bias)
+    local_out, summaries = _part_summaries(q, k, v, shard, scale, terms, top_bias)
     if torch.is_grad_enabled() and not summaries.requires_grad:
         # a rank without leaves (or without inputs that need gradients)
         # still takes part in the backward's all-reduce
@@ -182,8 +185,7 @@ def _centered_globally(q: Tensor, k: Tensor, call: str, group) -> Tuple[Tensor, 
 
 
 def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scale: float,
-                    pair_bias: Optional[Tensor], euclidean: bool, causal: bool,
-                    top_bias: Optional[Tensor]):
+                    terms: ScoreTerms, top_bias: Optional[Tensor]):
     r"""The local output and the parts' summaries ``[p_r, H, C]``.
 
     A summary row per part and head: mean query, key and value,
@@ -195,6 +197,7 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
     keeps a row of zeros: as a root of the top tree it receives nothing, and
     what it sends no other part reads."""
     heads, dim, value_dim = q.size(1), q.size(2), v.size(2)
+    euclidean = terms.euclidean
     width = 2 * dim + value_dim + 1 + int(euclidean)
     rows = q.new_zeros(shard.parts.numel(), heads, width)
     if shard.local is None:
@@ -206,8 +209,7 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
     roots = shard.part_root.to(q.device)  # -1 for the bundle
     clusters = (roots >= local.num_leaves).nonzero().view(-1)
     leaves = ((roots >= 0) & (roots < local.num_leaves)).nonzero().view(-1)
-    local_out, cluster_rows = hsa_with_summaries(q, k, v, local, scale, pair_bias, euclidean,
-                                                 causal, roots[clusters])
+    local_out, cluster_rows = hsa_with_summaries(q, k, v, local, scale, terms, roots[clusters])
     rows = rows.index_put((clusters, ), cluster_rows)
     if leaves.numel() > 0:
         # phi = -s_ii; the leaf's own pair lies in the top tree, so does its bias
@@ -228,7 +230,7 @@ def _top_sweep(rows: Tensor, top, scale: float, top_bias: Optional[Tensor], eucl
                causal: bool, dim: int, value_dim: int):
     r"""Output ``[P, H, D_v]`` and :math:`\log P` ``[P, H]`` of every part
     as a leaf of the top tree, from the parts' summary rows."""
-    plan = scatter_plan(top.hierarchy.plan(rows.device))
+    plan = scatter_plan(top.hierarchy, rows.device)
     count = top.num_leaves_below.to(rows.device, rows.dtype)  # [P + T]
     node_rows = subtree_mean(rows, plan, leaf_count=count[:top.num_parts])  # [P + T, H, width]
     query, key = node_rows[..., :dim], node_rows[..., dim:2 * dim]

@@ -7,17 +7,19 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from hsa_geo.functional import kernel as cpu_kernel
-from hsa_geo.functional.causal import build_family_groups, hsa_strict_causal
-from hsa_geo.functional.checks import (check_cluster_ids, check_not_strict, check_pair_memory,
-                                       check_terms, check_types, prepare_inputs, resolve_scale,
-                                       to_compute)
-from hsa_geo.functional.compiled import fused_hsa, hierarchy_key
+from hsa_geo.functional.causal import hsa_strict_causal
+from hsa_geo.functional.checks import (check_causal, check_cluster_ids, check_energy,
+                                       check_not_strict, check_pair_memory, check_score_terms,
+                                       check_types, prepare_inputs, resolve_scale, to_compute)
+from hsa_geo.functional.compiled import fused_hsa
 from hsa_geo.functional.dense import path_to_root
+from hsa_geo.functional.engines import (compiled_on_kernel, family_groups, kernel_runs,
+                                        scatter_plan, sibling_pair_positions)
 from hsa_geo.functional.kernel import KernelHSAFunction
 from hsa_geo.functional.scatter_sweep import (hsa_scatter, leaf_self_scores, scatter_bottom_up,
-                                              scatter_plan, subtree_mean)
-from hsa_geo.functional.sweep import HSAFunction, ScoreTerms, autocast_off, bottom_up, top_down
+                                              subtree_mean)
+from hsa_geo.functional.sweep import HSAFunction, autocast_off, bottom_up, top_down
+from hsa_geo.functional.terms import ScoreTerms
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 _TERMS_DOC = r"""
@@ -129,40 +131,40 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
                return_log_self_weight: bool = False):
     (q, k, v), single_head, dtype = prepare_inputs((q, k, v), hierarchy)
     scale = resolve_scale(scale, q)
-    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
+    terms = check_score_terms(pair_bias, energy, causal, hierarchy, q)
     if causal != 'strict':
         check_pair_memory(hierarchy, q)
-    euclidean = energy == 'euclidean'
-    if euclidean:
+    if terms.euclidean:
         q, k = _centered(q, k)
     if q.is_meta:
-        out, phi, log_self_weight = _shapes_only(q, v, hierarchy, k, pair_bias)
+        out, phi, log_self_weight = _shapes_only(q, v, hierarchy, k, terms.pair_bias)
     elif causal == 'strict':
-        plan = hierarchy.plan(q.device)
-        if plan.family_groups is None:
-            plan.family_groups = build_family_groups(plan, hierarchy.first_leaf.to(q.device))
-        out = hsa_strict_causal(q, k, v, plan, scatter_plan(plan), plan.family_groups,
-                                scale, pair_bias, euclidean)
+        out = hsa_strict_causal(q, k, v, hierarchy.plan(q.device),
+                                scatter_plan(hierarchy, q.device),
+                                family_groups(hierarchy, q.device), scale, terms.pair_bias,
+                                terms.euclidean)
     elif backend == 'fused':
         clusters = None
         if return_log_partition:
             clusters = torch.arange(hierarchy.num_leaves, hierarchy.num_nodes, device=q.device)
-        result = hsa_with_summaries(q, k, v, hierarchy, scale, pair_bias, euclidean, causal,
-                                    clusters, self_weight=return_log_self_weight)
+        result = hsa_with_summaries(q, k, v, hierarchy, scale, terms, clusters,
+                                    self_weight=return_log_self_weight)
         out, *extra = result if isinstance(result, tuple) else (result, )
         if return_log_partition:
             rows = extra.pop(0)
-            leaf_pairs = None if pair_bias is None else leaf_pair_index(hierarchy, q.device)
-            leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, pair_bias, euclidean)
+            leaf_pairs = (None if terms.pair_bias is None
+                          else leaf_pair_index(hierarchy, q.device))
+            leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, terms.pair_bias,
+                                         terms.euclidean)
             phi = torch.cat([leaf_phi, rows[..., 2 * q.size(2) + v.size(2)]])
         log_self_weight = extra.pop(0) if return_log_self_weight else None
     else:
-        out, phi, log_self_weight = hsa_scatter(q, k, v, scatter_plan(hierarchy.plan(q.device)),
-                                                scale, pair_bias, euclidean, causal)
+        out, phi, log_self_weight = hsa_scatter(q, k, v, scatter_plan(hierarchy, q.device),
+                                                scale, *terms)
     outputs = [out]
     if return_log_partition:
-        if euclidean:  # the row term the sweeps leave out
-            phi = phi + 0.5 * scale * hierarchy.subtree_means((q * q).sum(-1))
+        if terms.euclidean:  # the row term the sweeps leave out
+            phi = phi - hierarchy.subtree_means(terms.row_term(q, scale))
         outputs.append(phi)
     if return_log_self_weight:
         outputs.append(log_self_weight)
@@ -182,11 +184,12 @@ def _shapes_only(q: Tensor, v: Tensor, hierarchy: Hierarchy, *inputs: Optional[T
 
 
 def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: float,
-                       pair_bias: Optional[Tensor], euclidean: bool, causal: bool,
-                       nodes: Optional[Tensor] = None, *, self_weight: bool = False):
-    r"""The fused engine on ``[N, H, D]`` inputs already checked (a pair
-    bias ``[E, H]`` or None; with the Euclidean energy, q and k centred by
-    the caller) and, with :obj:`nodes` (distinct cluster ids, checked here),
+                       terms: ScoreTerms, nodes: Optional[Tensor] = None, *,
+                       self_weight: bool = False):
+    r"""The fused engine on ``[N, H, D]`` inputs and score terms already
+    checked (:func:`~hsa_geo.functional.checks.check_score_terms`: a pair bias
+    ``[E, H]`` or None; with the Euclidean energy, q and k centred by the
+    caller) and, with :obj:`nodes` (distinct cluster ids, checked here),
     those clusters' summary rows ``[S, H, 2D + D_v + 1 (+ 1)]``: mean
     query, key and value, :math:`\phi` without the Euclidean row term and,
     for that energy, the mean squared key norm; with :obj:`self_weight`,
@@ -195,13 +198,13 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
     their top-down sweep."""
     if nodes is not None:
         nodes = check_cluster_ids(nodes, hierarchy, q.device)
-    use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
+    use_kernel, engine_bias = _fused_engine(terms.pair_bias, hierarchy, q)
     if use_kernel:
         return KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
-                                       euclidean, causal, nodes, self_weight)
+                                       terms.euclidean, terms.causal, nodes, self_weight)
     count = None if nodes is None else hierarchy.num_leaves_below.to(q.device)[nodes]
-    return HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale, euclidean,
-                             causal, nodes, count, self_weight)
+    return HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale,
+                             terms.euclidean, terms.causal, nodes, count, self_weight)
 
 
 def leaf_pair_index(hierarchy: Hierarchy, device) -> Tensor:
@@ -221,30 +224,26 @@ hsa.__doc__ = hsa.__doc__.replace('{terms}', _TERMS_DOC.strip())
 _hsa_eager_outside_graph = torch.compiler.disable(_hsa_eager)
 
 
-@torch.compiler.disable
-def _compiled_inputs(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
-                     pair_bias: Optional[Tensor], energy: str, causal: Union[bool, str]):
-    r"""Everything of :func:`hsa` under :func:`torch.compile` that reads the
-    hierarchy, run outside the graph: the checks, the hierarchy's key, the
-    engine and the pair bias in its order (differentiable)."""
-    (q, k, v), _, _ = prepare_inputs((q, k, v), hierarchy)
-    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
-    use_kernel, engine_bias = _fused_engine(pair_bias, hierarchy, q)
-    return hierarchy_key(hierarchy), engine_bias, use_kernel
-
-
 def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Optional[float],
                   pair_bias: Optional[Tensor], energy: str, causal: Union[bool, str]) -> Tensor:
     r""":func:`hsa` as traced by :func:`torch.compile`: one custom operator
-    (:mod:`hsa_geo.functional.compiled`), no guard on the hierarchy."""
-    key, engine_bias, use_kernel = _compiled_inputs(q, k, v, hierarchy, pair_bias, energy,
-                                                    causal)
+    (:mod:`hsa_geo.functional.compiled`) that receives the hierarchy's
+    parent pointers, a tensor, so that nothing of the Python object is
+    traced, guarded or checked in the graph (the operator checks what
+    needs the hierarchy)."""
+    check_types((q, k, v))
     (q, k, v), single_head, dtype = to_compute((q, k, v))
     scale = resolve_scale(scale, q)
+    check_energy(energy)
+    check_causal(causal)
+    if pair_bias is not None:
+        if pair_bias.dim() == 1:
+            pair_bias = pair_bias[:, None]
+        pair_bias = pair_bias.to(q.dtype).expand(-1, q.size(1))
     if energy == 'euclidean':
         q, k = _centered(q, k)
-    out = fused_hsa(q, k, v, engine_bias, key, scale, energy == 'euclidean', bool(causal),
-                    use_kernel)
+    out = fused_hsa(q, k, v, pair_bias, hierarchy.parent, scale, energy == 'euclidean',
+                    bool(causal), compiled_on_kernel(q.device.type))
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out
 
@@ -253,17 +252,17 @@ def _fused_engine(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
     r"""Which engine runs ``backend='fused'`` on :obj:`q`'s device (the CPU
     kernel when it is available) and the pair bias in that engine's order:
     ``[H, E]`` for the kernel, padded ``[H, P]`` for the tensor sweeps."""
-    if cpu_kernel.available(q):
+    if kernel_runs(q.device):
         return True, None if pair_bias is None else pair_bias.t().contiguous()
-    return False, _padded_bias(pair_bias, hierarchy, q)
+    return False, padded_pair_bias(pair_bias, hierarchy, q)
 
 
-def _padded_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
+def padded_pair_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
     r"""The pair bias ``[E, H]`` in the padded per-pair layout of the fused
     sweeps, ``[H, P]`` (differentiable)."""
     if pair_bias is None:
         return None
-    positions, sources = hierarchy.sibling_pair_positions(q.device, with_sources=True)
+    positions, sources = sibling_pair_positions(hierarchy, q.device, with_sources=True)
     return _ToLayoutOrder.apply(pair_bias.t().contiguous(), positions, sources)
 
 
@@ -303,17 +302,16 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     (q, k), single_head, dtype = prepare_inputs((q, k), hierarchy)
     scale = resolve_scale(scale, q)
     check_not_strict(causal)
-    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
-    euclidean = energy == 'euclidean'
-    if euclidean:
+    terms = check_score_terms(pair_bias, energy, causal, hierarchy, q)
+    if terms.euclidean:
         q, k = _centered(q, k)
     if q.is_meta:
-        phi = _shapes_only(q, q, hierarchy, k, pair_bias)[1]
+        phi = _shapes_only(q, q, hierarchy, k, terms.pair_bias)[1]
     else:
-        plan = scatter_plan(hierarchy.plan(q.device))
-        phi = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean, bool(causal))[0]
-        if euclidean:  # the row term the sweeps leave out
-            phi = phi + 0.5 * scale * subtree_mean((q * q).sum(-1), plan)
+        plan = scatter_plan(hierarchy, q.device)
+        phi = scatter_bottom_up(q, k, plan, scale, *terms)[0]
+        if terms.euclidean:  # the row term the sweeps leave out
+            phi = phi - subtree_mean(terms.row_term(q, scale), plan)
     phi = phi.to(dtype)
     return phi.squeeze(1) if single_head else phi
 
@@ -343,12 +341,12 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     (q, k), single_head, _ = prepare_inputs((q, k), hierarchy)
     scale = resolve_scale(scale, q)
     check_not_strict(causal)
-    pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
+    terms = check_score_terms(pair_bias, energy, causal, hierarchy, q)
     if q.is_meta:
-        return _block_weight_shapes(q, k, hierarchy, pair_bias, single_head)
+        return _block_weight_shapes(q, k, hierarchy, terms.pair_bias, single_head)
     layout = hierarchy.layout(q.device)
     heads = q.size(1)
-    terms = ScoreTerms(_padded_bias(pair_bias, hierarchy, q), energy == 'euclidean', bool(causal))
+    terms = terms._replace(pair_bias=padded_pair_bias(terms.pair_bias, hierarchy, q))
     if terms.euclidean:
         q, k = _centered(q, k)
     with autocast_off(q.device):
@@ -364,7 +362,7 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     row, col = pair_index
     padded = torch.cat([w.flatten(1) for w in state.weights], dim=1) if state.weights \
         else q.new_empty(heads, 0)
-    weights = padded[:, hierarchy.sibling_pair_positions(q.device)].t()  # [E, H]
+    weights = padded[:, sibling_pair_positions(hierarchy, q.device)].t()  # [E, H]
     # per leaf of C: the block's share divided by |C|; mu(B) on the diagonal
     count = hierarchy.num_leaves_below.to(q.device, weights.dtype)[col]
     pair_weight = torch.where((row == col)[:, None], weights, weights / count[:, None])

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from hsa_geo.functional.terms import ScoreTerms
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 _UPCAST = (torch.float16, torch.bfloat16)
@@ -84,16 +85,24 @@ def resolve_scale(scale, q: Tensor) -> float:
 
 
 def check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
-                 hierarchy: Hierarchy, q: Tensor) -> Optional[Tensor]:
+                hierarchy: Hierarchy, q: Tensor) -> Optional[Tensor]:
     r"""Validates the score terms; returns :obj:`pair_bias` as ``[E, H]``
-    in :obj:`q`'s compute dtype."""
-    if energy not in ENERGIES:
-        raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
+    in :obj:`q`'s compute dtype (the pair bias of
+    :func:`check_score_terms`)."""
+    return check_score_terms(pair_bias, energy, causal, hierarchy, q).pair_bias
+
+
+def check_score_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
+                      hierarchy: Hierarchy, q: Tensor) -> ScoreTerms:
+    r"""Validates the score terms; returns them as one
+    :class:`~hsa_geo.functional.terms.ScoreTerms`, the pair bias as
+    ``[E, H]`` in :obj:`q`'s compute dtype."""
+    check_energy(energy)
     check_causal(causal)
     if causal:
         hierarchy.check_contiguous()
     if pair_bias is None:
-        return None
+        return ScoreTerms.of(energy, None, causal)
     if not isinstance(pair_bias, Tensor) or not pair_bias.is_floating_point():
         raise ValueError("'pair_bias' must be a floating-point tensor [E, H] or [E]")
     num_pairs, heads = hierarchy.num_sibling_pairs, q.size(1)
@@ -113,7 +122,12 @@ def check_terms(pair_bias: Optional[Tensor], energy: str, causal: bool,
         raise ValueError(f"'pair_bias' is not finite at row {pair}, the pair of nodes "
                          f"({row}, {col}); to keep two subtrees apart, split the hierarchy "
                          f"or use causal=True rather than an infinite bias")
-    return pair_bias.to(q.dtype).expand(num_pairs, heads)
+    return ScoreTerms.of(energy, pair_bias.to(q.dtype).expand(num_pairs, heads), causal)
+
+
+def check_energy(energy) -> None:
+    if energy not in ENERGIES:
+        raise ValueError(f"Unknown energy {energy!r}; choose one of {list(ENERGIES)}")
 
 
 def check_causal(causal) -> None:

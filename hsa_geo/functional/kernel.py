@@ -13,8 +13,8 @@ It is compiled on first use with :func:`torch.utils.cpp_extension.load`
 (a C++ compiler and ninja are needed; ``make setup`` builds it ahead) and
 cached by torch between runs. Without a compiler HSA falls back to the
 tensor sweeps with a warning; ``HSA_GEO_CPU_KERNEL=0`` turns the kernel off,
-and :func:`use_cpu_kernel` switches it within a block (the tests run both
-engines). The tensor sweeps remain the engine on GPUs.
+and :func:`hsa_geo.functional.engine` picks the engine within a block (the
+tests run both). The tensor sweeps remain the engine on GPUs.
 
 The kernel reads the hierarchy as :class:`~hsa_geo.hierarchy.plan.FamilyTables`
 (cheaper to build than the slot layout, which it does not need); its
@@ -23,18 +23,17 @@ pair bias and its gradient pass as they are.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, List, Optional
+import warnings
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from hsa_geo import native
+from hsa_geo.functional.engines import engine, node_major_inputs
+from hsa_geo.functional.engines import prepare  # noqa: F401 (the loader's name for it)
 from hsa_geo.functional.sweep import refuse_double_backward
 from hsa_geo.hierarchy.plan import FamilyTables
-
-#: switched by :func:`use_cpu_kernel`
-_ENABLED = native.ENABLED_BY_ENVIRONMENT
 
 
 def load(verbose: bool = False) -> bool:
@@ -44,31 +43,18 @@ def load(verbose: bool = False) -> bool:
 
 
 def available(tensor: Tensor) -> bool:
-    r"""Whether HSA on :obj:`tensor`'s device runs on the kernel (a CPU
-    tensor, the kernel enabled and built)."""
-    return _ENABLED and tensor.device.type == 'cpu' and load()
+    r"""Deprecated alias of :func:`hsa_geo.functional.node_major_inputs`
+    (whether HSA on :obj:`tensor`'s device runs on the kernel)."""
+    return node_major_inputs(tensor)
 
 
-@contextlib.contextmanager
-def use_cpu_kernel(enabled: bool) -> Iterator[None]:
-    r"""Runs the block with the CPU kernel on or off (off: the tensor
-    sweeps, as on a GPU)."""
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, enabled
-    try:
-        yield
-    finally:
-        _ENABLED = previous
-
-
-def prepare(hierarchy, device) -> None:
-    r"""Builds what the fused sweeps will read on :obj:`device` (on the CPU,
-    in a data-loading worker, say): the family tables for the kernel, or
-    the slot layout of the tensor sweeps."""
-    if torch.device(device).type == 'cpu' and _ENABLED:
-        hierarchy.family_tables()
-    else:
-        hierarchy.prepare_layout(device)
+def use_cpu_kernel(enabled: bool):
+    r"""Deprecated: use :func:`hsa_geo.functional.engine` (``engine('auto')``
+    or ``engine('tensor')``)."""
+    warnings.warn("hsa_geo.functional.kernel.use_cpu_kernel is deprecated; use "
+                  "hsa_geo.functional.engine('auto' or 'tensor')", DeprecationWarning,
+                  stacklevel=2)
+    return engine('auto' if enabled else 'tensor')
 
 
 def _arguments(tables: FamilyTables) -> List[Tensor]:

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsa_geo.functional import kernel as cpu_kernel
 from hsa_geo.functional.attention import BlockAttention
 from hsa_geo.functional.checks import (check_not_strict, check_pair_memory, check_terms,
                                        check_types, prepare_inputs, resolve_scale)
-from hsa_geo.functional.scatter_sweep import Aggregate, hsa_scatter, scatter_plan
+from hsa_geo.functional.engines import node_major_inputs, scatter_plan
+from hsa_geo.functional.scatter_sweep import Aggregate, hsa_scatter
 from hsa_geo.functional.sweep import autocast_off
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
@@ -35,7 +35,7 @@ def project_qkv(x: Tensor, weight: Tensor, bias: Optional[Tensor], heads: int,
     copy on the way in or back). With :obj:`normalize`, queries and keys
     are layer-normalised per head (no affine parameters)."""
     channels = weight.size(0) // (3 * heads)
-    if cpu_kernel.available(x):
+    if node_major_inputs(x):
         out = F.linear(x, weight, bias).view(-1, 3 * heads, channels)
         query, key, value = out.split(heads, dim=1)
     else:
@@ -70,7 +70,7 @@ def hsa_propagate(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, aggrega
         if euclidean:  # as hsa: centred on the keys' mean, which cancels, for precision
             center = k.detach().mean(0, keepdim=True)
             q, k = q - center, k - center
-        plan = scatter_plan(hierarchy.plan(q.device))
+        plan = scatter_plan(hierarchy, q.device)
         out = hsa_scatter(q, k, v, plan, scale, pair_bias, euclidean, bool(causal), aggregate)[0]
     out = out.to(dtype)
     return out.squeeze(1) if single_head else out

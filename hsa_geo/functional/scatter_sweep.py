@@ -81,13 +81,6 @@ def build_scatter_plan(plan: SweepPlan) -> ScatterPlan:
                        plan.num_leaves_below, plan.sibling_index, leaf_pair)
 
 
-def scatter_plan(plan: SweepPlan) -> ScatterPlan:
-    r"""The scatter plan of :obj:`plan`, built on first use and kept with it."""
-    if plan.scatter is None:
-        plan.scatter = build_scatter_plan(plan)
-    return plan.scatter
-
-
 #: ``aggregate(x, edge_index, weight, dim_size)``: ``[dim_size, ...]``, at
 #: every target ``edge_index[1]`` the sum over its edges of ``weight * x``
 #: of the source ``edge_index[0]`` (``weight`` ``[E]``, ``[E, H]`` or None

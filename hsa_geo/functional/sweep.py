@@ -27,21 +27,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from hsa_geo.functional.terms import ScoreTerms
 from hsa_geo.hierarchy.layout import LayoutBlock, LayoutLevel, SlotLayout
-
-
-class ScoreTerms(NamedTuple):
-    r"""What is added to the dot-product scores :math:`\tau\, q_i^\top k_j`
-    (docs/derivation.rst): a bias per sibling pair, the Euclidean energy's
-    key term and the causal mask."""
-    #: ``[H, P]`` bias per padded pair of the layout, or None
-    pair_bias: Optional[Tensor] = None
-    #: Euclidean energy :math:`-\tfrac{\tau}{2}\Vert q_i - k_j\Vert^2`: the
-    #: sweeps add the column term :math:`-\tfrac{\tau}{2}\,\overline{\Vert k
-    #: \Vert^2}(C)` (the row term cancels from the attention)
-    euclidean: bool = False
-    #: a child attends only to itself and to earlier siblings
-    causal: bool = False
 
 
 class NodeColumns(NamedTuple):

@@ -2,20 +2,24 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from hsa_geo.hierarchy import layout as slot_layout
 from hsa_geo.hierarchy.native_tables import TreeAnalysis, analyse_tree
 from hsa_geo.hierarchy.plan import (PAIRS_PER_BLOCK, FamilyBlock, FamilyTables, SweepPlan,
                                     build_family_tables, build_sweep_plan)
 
-if TYPE_CHECKING:  # nn imports this module, not the reverse
-    from hsa_geo.nn.positional import PairCode, PairCodeKey
+
+#: every live hierarchy by the identity of its parent tensor, weakly both
+#: ways (see :meth:`Hierarchy.of_parent`)
+_BY_PARENT: 'WeakTensorKeyDictionary' = WeakTensorKeyDictionary()
 
 
 @dataclass
@@ -28,11 +32,6 @@ class TreeCache:
     #: see :meth:`Hierarchy.leaf_ancestor_pairs`
     leaf_ancestor_pairs: Optional[Tuple[Tensor, Tensor]] = None
     num_sibling_pairs: Optional[int] = None
-    #: device -> (positions, sources), see :meth:`Hierarchy.sibling_pair_positions`
-    pair_positions: Dict[torch.device, Tuple[Tensor, Tensor]] = field(default_factory=dict)
-    #: the sibling position codes of :class:`hsa_geo.nn.SiblingPositionBias`
-    #: per device and layout of the codes
-    position_codes: Dict[PairCodeKey, PairCode] = field(default_factory=dict)
 
 
 class Hierarchy:
@@ -93,6 +92,7 @@ class Hierarchy:
         # everything cached derives from the parent pointers: remember their
         # version, so that an in-place edit is caught rather than ignored
         self._parent_version = parent._version
+        _BY_PARENT[parent] = weakref.ref(self)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -380,11 +380,24 @@ class Hierarchy:
         if not isinstance(self.__dict__.get('_cache'), TreeCache):  # none, or an earlier
             self.__dict__['_cache'] = TreeCache()  # version's dict keyed by strings
         self.__dict__['_parent_version'] = self.parent._version
+        _BY_PARENT[self.parent] = weakref.ref(self)
+
+    @staticmethod
+    def of_parent(parent: Tensor) -> Optional['Hierarchy']:
+        r"""The live hierarchy whose :attr:`parent` is the tensor
+        :obj:`parent` (that very object, not an equal copy), or :obj:`None`.
+        A graph compiled by :func:`torch.compile` holds a hierarchy's parent
+        pointers only (see :mod:`hsa_geo.functional.compiled`); this finds
+        the hierarchy, with everything cached for it."""
+        found = _BY_PARENT.get(parent)
+        return None if found is None else found()
 
     def check_unchanged(self) -> None:
         r"""Raises a :class:`ValueError` if :attr:`parent` was modified in
         place after the hierarchy was built: its depths, counts and cached
         plans would silently describe the old tree."""
+        if torch.compiler.is_compiling():  # a graph reads tensors, not this Python state
+            return
         if self.parent._version != self._parent_version:
             raise ValueError("hierarchy.parent was modified in place after the Hierarchy was "
                              "built; its depths, leaf counts and cached sweep plans describe the "
@@ -439,27 +452,6 @@ class Hierarchy:
             self._family_tables = build_family_tables(self.parent.cpu(), self.depth.cpu(),
                                                       self.first_leaf.cpu())
         return self._family_tables
-
-    def sibling_pair_positions(self, device: Optional[torch.device] = None,
-                               with_sources: bool = False):
-        r"""``[E]`` positions of the ordered sibling pairs (in
-        :meth:`sibling_pairs` order) in the padded per-pair buffers of
-        :meth:`layout` and, with :obj:`with_sources`, the inverse map
-        ``[P]``: the pair at every padded position (:math:`E` at padding).
-        Cached per device."""
-        self.check_unchanged()
-        device = torch.device(device) if device is not None else self.parent.device
-        cache = self._cache.pair_positions
-        if device not in cache:
-            layout = self.layout(device)
-            row, col = self.plan(device).sibling_pairs()
-            positions = layout.pair_positions(layout.node_slot[row], layout.sibling_index[col])
-            sources = torch.full((layout.num_pairs, ), positions.numel(), dtype=torch.long,
-                                 device=device)
-            sources[positions] = torch.arange(positions.numel(), device=device)
-            cache[device] = (positions, sources)
-        positions, sources = cache[device]
-        return (positions, sources) if with_sources else positions
 
     def to(self, device) -> 'Hierarchy':
         r"""A copy on :obj:`device` (sharing the cached plans)."""

@@ -14,14 +14,10 @@ positional terms. The fused sweeps read the same order as flat
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:  # the engines' types: functional imports this module, not the reverse
-    from hsa_geo.functional.causal import FamilyGroup
-    from hsa_geo.functional.scatter_sweep import ScatterPlan
 
 #: Upper bound on sibling pairs (F * b * b) handled by one block, so the
 #: temporaries of a step stay cache- and memory-friendly for any N.
@@ -99,12 +95,6 @@ class SweepPlan:
     #: ``[N + M]`` position of every node among its siblings, ordered by
     #: their first leaf (0 at roots): the column it occupies in its block
     sibling_index: Tensor
-    #: the scatter backend's edge lists, built on first use and kept with
-    #: the plan (:func:`hsa_geo.functional.scatter_sweep.scatter_plan`)
-    scatter: Optional[ScatterPlan] = None
-    #: strictly causal HSA's family groups, built on first use and kept
-    #: with the plan (:func:`hsa_geo.functional.hsa` with ``causal='strict'``)
-    family_groups: Optional[List[FamilyGroup]] = None
 
     @property
     def num_nodes(self) -> int:

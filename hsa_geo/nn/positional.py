@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
 
+from hsa_geo.functional.engines import engine_cache
 from hsa_geo.hierarchy.builders.limits import DEFAULT_MAX_CHILDREN
 from hsa_geo.hierarchy.hierarchy import Hierarchy, reduce_to_ancestors
 
@@ -296,7 +297,7 @@ class SiblingPositionBias(Module):
         limit = self.max_children if self.kind == 'learned' else None
         key = PairCodeKey(device, layout, self.num_levels, self.num_modalities, limit)
         hierarchy.check_unchanged()  # the codes cached below are the tree's as built
-        cache = hierarchy._cache.position_codes
+        cache = engine_cache(hierarchy).position_codes
         if key in cache:
             return cache[key]
         plan = hierarchy.plan(device)

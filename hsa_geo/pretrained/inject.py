@@ -221,14 +221,14 @@ class HSAInjection:
         else:
             for row in range(size):
                 keep = valid[row]
-                out[row, keep] = _masked_softmax(q[row, keep], k[row, keep], v[row, keep],
+                out[row, keep] = masked_softmax(q[row, keep], k[row, keep], v[row, keep],
                                                  self._allowed[row].to(hidden.device), scale)
         # Masked (padding) query rows: the original softmax over the
         # unmasked keys, so that the whole output matches the original model
         # wherever the structure is flat.
         for row in (~valid).any(1).nonzero().view(-1).tolist():
             pad, keep = ~valid[row], valid[row]
-            out[row, pad] = _masked_softmax(q[row, pad], k[row, keep], v[row, keep], None, scale)
+            out[row, pad] = masked_softmax(q[row, pad], k[row, keep], v[row, keep], None, scale)
         return out.reshape(size, length, heads * head_dim)
 
     def _hsa_rows(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -254,7 +254,7 @@ class HSAInjection:
             local_rows = slice(local_start, local_start + int((~flags).sum()))
             q_row, k_row, v_row = q[rows], k[rows], v[rows]
             # global rows: the exact softmax over every key of the row
-            global_out = _masked_softmax(q_row[flags], k_row, v_row, None, scale)
+            global_out = masked_softmax(q_row[flags], k_row, v_row, None, scale)
             # other rows: HSA's mass and the global keys' exact scores
             scores = torch.einsum('qhd,khd->qhk', q_local[local_rows], k_row[flags]) * scale
             weights = torch.cat([log_normaliser[local_rows, :, None], scores], -1).softmax(-1)
@@ -366,7 +366,7 @@ def _global_flags(positions: List[Tensor], sizes: List[int]) -> List[Tensor]:
     return flags
 
 
-def _masked_softmax(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor],
+def masked_softmax(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor],
                     scale: float) -> Tensor:
     # softmax attention of queries [n, H, D] over keys [m, H, D] restricted
     # to allowed [n, m] (None: all); every row allows its own token
