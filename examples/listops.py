@@ -263,7 +263,7 @@ def report(runs: List[Dict], args) -> Dict:
                                  seconds_per_step=mean_std(r['seconds_per_step'] for r in mine),
                                  steps=sorted({r['steps'] for r in mine}))
     comparisons = []
-    for reference in ('hsa', 'hsa_pos'):
+    for reference in ('hsa', 'hsa_pos', 'gps_hsa'):
         for other in MODELS:
             for split in splits:
                 comparison = compare_runs(runs, reference, other,

@@ -67,10 +67,12 @@ def _listops(result: Dict) -> str:
                     + [_mean_std(row[s], 100) for s in splits]
                     + [f"{row['seconds_per_step']['mean']:.2f}"])
     table = _table(header, rows)
-    pairs = [c for c in result['comparisons'] if c['first'] == 'hsa']
+    # HSA against every model, and the GPS design with HSA against the others
+    pairs = [c for c in result['comparisons'] if c['first'] in ('hsa', 'gps_hsa')]
     if pairs:
-        header = ['HSA minus', 'split', 'difference (points)', '95 % interval']
-        rows = [[f"``{c['second']}``", c['split'], f"{100 * c['difference']:+.1f}",
+        header = ['model', 'minus', 'split', 'difference (points)', '95 % interval']
+        rows = [[f"``{c['first']}``", f"``{c['second']}``", c['split'],
+                 f"{100 * c['difference']:+.1f}",
                  f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"] for c in pairs]
         table += '\n' + _table(header, rows)
     budget = result['budget']
