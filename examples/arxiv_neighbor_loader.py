@@ -13,7 +13,7 @@ blocks of the whole graph's tree. The loss and the predictions are those
 of the seed nodes (the first ``batch.batch_size`` rows).
 
 Needs a sampler backend for NeighborLoader: ``torch-sparse`` (``make
-setup`` builds it when it can) or ``pyg-lib``.
+sampler`` builds it) or ``pyg-lib``.
 
 Example::
 
@@ -63,7 +63,8 @@ def check_sampler_backend() -> None:
     if not (pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE):
         raise common.ExampleError(
             "NeighborLoader needs a sampler backend: install torch-sparse "
-            "(pip install --no-build-isolation torch-sparse, about 10 minutes to compile) "
+            "(make sampler, or pip install --no-build-isolation torch-sparse: 30-60 minutes "
+            "to compile on two cores) "
             "or pyg-lib")
 
 

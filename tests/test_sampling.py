@@ -238,7 +238,7 @@ def _sampler_backend() -> str:
     if pyg_typing.WITH_PYG_LIB or pyg_typing.WITH_TORCH_SPARSE:
         return ''
     return ("NeighborLoader needs a sampler backend: pyg-lib (not on PyPI) or torch-sparse "
-            "(pip install --no-build-isolation torch-sparse; see the Makefile's setup)")
+            "(pip install --no-build-isolation torch-sparse; make sampler)")
 
 
 @pytest.mark.parametrize('sampler', ['compiled', 'stand-in'])
