@@ -53,8 +53,10 @@ Training: Adam, cosine schedule over :obj:`--epochs`, validation every
 :obj:`--eval-every` epochs, stopping after :obj:`--patience` evaluations
 without a better validation accuracy; test accuracy is read at the best
 validation epoch. Every (model, seed) runs in its own process (so its peak
-memory is its own) and leaves ``run_<model>_<seed>.json`` in the run
-folder; a rerun skips finished runs. The report (:obj:`--out`) holds every
+memory is its own), checkpoints at every evaluation (with its curve so far
+as ``checkpoint_<model>_<seed>.json``), resumes there when rerun, and
+leaves ``run_<model>_<seed>.json`` in the run folder; a rerun skips
+finished runs. The report (:obj:`--out`) holds every
 run, and the paired bootstrap 95 % interval of ``sage_hsa`` minus every
 other model over the seeds and test nodes.
 
@@ -99,7 +101,7 @@ from hsa_geo.hierarchy import from_edge_index_metis
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 from common import (ExampleError, compare_runs, count_parameters, matched_width,  # noqa: E402
-                    mean_std, run_main, set_seed, write_json)
+                    mean_std, run_main, save_checkpoint, set_seed, write_json)
 
 MODELS = ('sage', 'sage_hsa', 'sage_sgformer', 'sage_polynormer')
 COMMUNITY, BRANCHING = 64, 8
@@ -287,22 +289,34 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def train_one(kind: str, seed: int, data: Dict, args) -> Dict:
+def train_one(kind: str, seed: int, data: Dict, args, checkpoint: Optional[str] = None) -> Dict:
+    r"""Trains one model; with :obj:`checkpoint`, saves its state there at
+    every evaluation (and the curve so far beside it, as JSON) and resumes
+    from it when it exists."""
     hierarchy = Hierarchy.from_parent(data['parent'], args.num_nodes)
     x, y, split = data['x'], data['y'], data['split']
     # SAGEConv aggregates by a sparse product instead of one message per edge
     # ([E, F], 2 GB at 1 M nodes); the graph is symmetric, so adj_t = adj
     edge_index = to_torch_csr_tensor(data['edge_index'], size=(args.num_nodes, args.num_nodes))
     train, valid, test = (split == 0), (split == 1), (split == 2)
-    load_start = list(os.getloadavg())
     set_seed(seed)
     model = build_model(kind, args)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs)
-    history, step_seconds, eval_seconds = [], [], []
-    best = {'valid_acc': -1.0}
-    stale = 0
-    for epoch in range(1, args.epochs + 1):
+    state = {'epoch': 0, 'history': [], 'step_seconds': [], 'eval_seconds': [],
+             'best': {'valid_acc': -1.0}, 'stale': 0, 'load_start': list(os.getloadavg()),
+             'resumed_at': []}
+    if checkpoint and osp.isfile(checkpoint):
+        saved = torch.load(checkpoint, weights_only=False)
+        for owner, key in ((model, 'model'), (optimizer, 'optimizer'), (schedule, 'schedule')):
+            owner.load_state_dict(saved.pop(key))
+        state = saved
+        state['resumed_at'].append(state['epoch'])
+    history, step_seconds, eval_seconds = (state[k] for k in ('history', 'step_seconds',
+                                                             'eval_seconds'))
+    epoch = state['epoch']
+    while epoch < args.epochs and state['stale'] < args.patience:
+        epoch += 1
         started = time.perf_counter()
         model.train()
         optimizer.zero_grad()
@@ -326,12 +340,22 @@ def train_one(kind: str, seed: int, data: Dict, args) -> Dict:
         print(f'{kind:16s} seed {seed} epoch {epoch:3d} loss {row["loss"]:.4f} '
               f'train {row["train_acc"]:.4f} valid {row["valid_acc"]:.4f} '
               f'test {row["test_acc"]:.4f} step {step_seconds[-1]:.2f} s', flush=True)
-        if row['valid_acc'] > best['valid_acc']:
-            best, stale = {**row, 'test_correct': pack(correct[test])}, 0
+        if row['valid_acc'] > state['best']['valid_acc']:
+            state['best'], state['stale'] = {**row, 'test_correct': pack(correct[test])}, 0
         else:
-            stale += 1
-            if stale >= args.patience:
-                break
+            state['stale'] += 1
+        state['epoch'] = epoch
+        if checkpoint:
+            # the curve so far, readable while a long run goes on
+            write_json(checkpoint[:-len('.pt')] + '.json',
+                       {'model': kind, 'seed': seed, 'finished': False,
+                        'load_average': list(os.getloadavg()),
+                        'seconds_per_epoch': float(np.median(step_seconds)),
+                        'best_epoch': state['best']['epoch'], 'history': history})
+            save_checkpoint(checkpoint, {**state, 'model': model.state_dict(),
+                                         'optimizer': optimizer.state_dict(),
+                                         'schedule': schedule.state_dict()})
+    best = state['best']
     return {'model': kind, 'seed': seed, 'parameters': count_parameters(model),
             'hidden': model.encode.out_features, 'epochs_run': epoch,
             'best_epoch': best['epoch'], 'valid_acc': best['valid_acc'],
@@ -341,8 +365,8 @@ def train_one(kind: str, seed: int, data: Dict, args) -> Dict:
             'first_epoch_seconds': step_seconds[0],
             'eval_seconds': float(np.median(eval_seconds)),
             'peak_rss_bytes': peak_rss_bytes(), 'threads': torch.get_num_threads(),
-            'load_average_start': load_start, 'load_average_end': list(os.getloadavg()),
-            'history': history}
+            'load_average_start': state['load_start'], 'load_average_end': list(os.getloadavg()),
+            'resumed_at_epochs': state['resumed_at'], 'history': history}
 
 
 def training_key(args) -> str:
@@ -434,7 +458,9 @@ def main(argv=None) -> int:
     data = load_or_build(args)
     if args.run:  # a worker: one run, then exit
         kind, seed = args.run.split(':')
-        write_json(run_path(args, kind, int(seed)), train_one(kind, int(seed), data, args))
+        path = run_path(args, kind, int(seed))
+        checkpoint = osp.join(osp.dirname(path), 'checkpoint' + osp.basename(path)[3:-5] + '.pt')
+        write_json(path, train_one(kind, int(seed), data, args, checkpoint))
         return 0
     hierarchy = Hierarchy.from_parent(data['parent'], args.num_nodes)
     data['stats']['purity'] = purity_by_depth(hierarchy, data['group'], data['y'])

@@ -71,3 +71,29 @@ def test_script_writes_every_model(tmp_path):
     planted.main(argv)
     assert written() == cached
     assert json.loads(out.read_text())['runs'] == report['runs']
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    args = planted.parse_args(['--num-nodes', '2048', '--label-size', '512', '--classes', '3',
+                               '--features', '4', '--hidden', '8', '--heads', '2',
+                               '--epochs', '4', '--eval-every', '1', '--patience', '9'])
+    data = planted.planted_graph(2048, label_size=512, classes=3, features=4)
+    data['parent'] = planted.build_tree(data['edge_index'], 2048).parent
+    whole = planted.train_one('sage_hsa', 0, data, args, str(tmp_path / 'whole.pt'))
+    save = planted.save_checkpoint
+
+    def save_then_stop(path, state):
+        save(path, state)
+        if state['epoch'] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(planted, 'save_checkpoint', save_then_stop)
+    path = str(tmp_path / 'cut.pt')
+    try:
+        planted.train_one('sage_hsa', 0, data, args, path)
+    except KeyboardInterrupt:
+        pass
+    assert json.loads((tmp_path / 'cut.json').read_text())['history'][-1]['epoch'] == 2
+    resumed = planted.train_one('sage_hsa', 0, data, args, path)
+    assert resumed['resumed_at_epochs'] == [2]
+    assert resumed['history'] == whole['history']
+    assert resumed['test_correct'] == whole['test_correct']
