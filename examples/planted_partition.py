@@ -40,13 +40,13 @@ cluster) and the *label purity* (purity with classes; see
 Models (full batch, the same Adam budget, widths matched to within 10 % of
 ``sage_hsa``'s parameter count):
 
-==================  =========================================================
-``sage``            Linear → SAGEConv → Linear (wider, to match parameters)
-``sage_hsa``        Linear → SAGEConv → HSAConv over the built tree → Linear
-``sage_sgformer``   ... SAGEConv → PyG ``SGFormerAttention`` (one head,
-                    as SGFormer's default) and a linear output → Linear
-``sage_polynormer`` ... SAGEConv → PyG ``PolynormerAttention`` → Linear
-==================  =========================================================
+====================  =======================================================
+``sage``              Linear → SAGEConv → Linear (wider, to match parameters)
+``sage_hsa``          Linear → SAGEConv → HSAConv over the built tree → Linear
+``sage_sgformer``     ... SAGEConv → PyG ``SGFormerAttention`` (one head,
+                      as SGFormer's default) and a linear output → Linear
+``sage_polynormer``   ... SAGEConv → PyG ``PolynormerAttention`` → Linear
+====================  =======================================================
 
 Each layer after the encoder adds its ReLU output to its input (residual).
 Training: Adam, cosine schedule over :obj:`--epochs`, validation every
@@ -64,11 +64,12 @@ A small run takes seconds::
 
     python examples/planted_partition.py --num-nodes 32768 --epochs 20 --seeds 0
 
-The published runs::
+The published runs (100 epochs, learning rate 0.02)::
 
-    python examples/planted_partition.py --num-nodes 131072 --seeds 0,1,2 \
+    python examples/planted_partition.py --num-nodes 131072 --epochs 100 --seeds 0,1,2 \
         --out benchmarks/results/planted_partition_built_131072.json
-    python examples/planted_partition.py --num-nodes 1048576 --seeds 0 \
+    python examples/planted_partition.py --num-nodes 1048576 --epochs 100 --seeds 0 \
+        --models sage_hsa,sage,sage_sgformer \
         --out benchmarks/results/planted_partition_built_1048576.json
 """
 from __future__ import annotations
