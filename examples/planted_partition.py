@@ -382,6 +382,29 @@ def run_path(args, kind: str, seed: int) -> str:
     return osp.join(folder, f'run_{kind}_{seed}.json')
 
 
+def checkpoint_path(args, kind: str, seed: int) -> str:
+    return osp.join(osp.dirname(run_path(args, kind, seed)), f'checkpoint_{kind}_{seed}.pt')
+
+
+def unfinished_run(args, kind: str, seed: int, num_test: int) -> Optional[Dict]:
+    r"""An unfinished run as its checkpoint holds it, at its best
+    validation epoch so far (:obj:`None` without a checkpoint)."""
+    path = checkpoint_path(args, kind, seed)
+    if not osp.isfile(path):
+        return None
+    state = torch.load(path, weights_only=False)
+    model = build_model(kind, args)
+    best = state['best']
+    return {'model': kind, 'seed': seed, 'finished': False,
+            'parameters': count_parameters(model), 'hidden': model.encode.out_features,
+            'epochs_run': state['epoch'], 'best_epoch': best['epoch'],
+            'valid_acc': best['valid_acc'], 'test_acc': best['test_acc'],
+            'num_test': num_test, 'test_correct': best['test_correct'],
+            'seconds_per_epoch': float(np.median(state['step_seconds'])),
+            'peak_rss_bytes': None, 'load_average_start': state['load_start'],
+            'resumed_at_epochs': state['resumed_at'], 'history': state['history']}
+
+
 # ----------------------------------------------------------------- report
 def report(runs: List[Dict], stats: Dict, args) -> Dict:
     summary = {}
@@ -392,14 +415,16 @@ def report(runs: List[Dict], stats: Dict, args) -> Dict:
                 'test_acc': mean_std([r['test_acc'] for r in mine]),
                 'parameters': mine[0]['parameters'], 'hidden': mine[0]['hidden'],
                 'seconds_per_epoch': mean_std([r['seconds_per_epoch'] for r in mine]),
-                'peak_rss_bytes': max(r['peak_rss_bytes'] for r in mine),
-                'seeds': [r['seed'] for r in mine]}
+                'peak_rss_bytes': max((r['peak_rss_bytes'] for r in mine
+                                       if r['peak_rss_bytes'] is not None), default=None),
+                'seeds': [r['seed'] for r in mine],
+                'finished': all(r['finished'] for r in mine)}
 
     def correct(run):
         return unpack(run['test_correct'], run['num_test'])
     comparisons = [c for c in (compare_runs(runs, 'sage_hsa', other, correct, args.resamples)
                                for other in args.models if other != 'sage_hsa') if c]
-    private = ('cache_dir', 'out', 'run', 'in_process')
+    private = ('cache_dir', 'out', 'run', 'in_process', 'partial')
     return {'config': {k: v for k, v in vars(args).items() if k not in private},
             'budget': {'epochs': args.epochs, 'patience_evaluations': args.patience,
                        'eval_every': args.eval_every, 'optimiser': f'Adam lr={args.lr}, cosine',
@@ -440,6 +465,9 @@ def parse_args(argv=None):
                                                    'planted'))
     p.add_argument('--in-process', action='store_true',
                    help='train every run in this process (peak memory then shared)')
+    p.add_argument('--partial', action='store_true',
+                   help='train nothing: report the finished runs and, of the unfinished, '
+                        'their best validation epoch so far (flagged finished: false)')
     p.add_argument('--run', default=None, help=argparse.SUPPRESS)  # MODEL:SEED, one worker
     p.add_argument('--out', default=None)
     args = p.parse_args(argv)
@@ -459,9 +487,9 @@ def main(argv=None) -> int:
     data = load_or_build(args)
     if args.run:  # a worker: one run, then exit
         kind, seed = args.run.split(':')
-        path = run_path(args, kind, int(seed))
-        checkpoint = osp.join(osp.dirname(path), 'checkpoint' + osp.basename(path)[3:-5] + '.pt')
-        write_json(path, train_one(kind, int(seed), data, args, checkpoint))
+        seed = int(seed)
+        write_json(run_path(args, kind, seed),
+                   train_one(kind, seed, data, args, checkpoint_path(args, kind, seed)))
         return 0
     hierarchy = Hierarchy.from_parent(data['parent'], args.num_nodes)
     data['stats']['purity'] = purity_by_depth(hierarchy, data['group'], data['y'])
@@ -475,6 +503,11 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for kind in args.models:
             path = run_path(args, kind, seed)
+            if args.partial and not osp.isfile(path):
+                unfinished = unfinished_run(args, kind, seed, stats['split_sizes'][2])
+                if unfinished is not None:
+                    runs.append(unfinished)
+                continue
             if not osp.isfile(path):
                 if args.in_process:
                     write_json(path, train_one(kind, seed, data, args))
@@ -482,7 +515,7 @@ def main(argv=None) -> int:
                     subprocess.run([sys.executable, osp.abspath(__file__), *argv,
                                     '--run', f'{kind}:{seed}'], check=True)
             with open(path) as handle:
-                runs.append(json.load(handle))
+                runs.append({**json.load(handle), 'finished': True})
     result = report(runs, stats, args)
     write_json(args.out, result)
     for kind, row in result['summary'].items():

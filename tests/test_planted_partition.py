@@ -74,11 +74,12 @@ def test_script_writes_every_model(tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    args = planted.parse_args(['--num-nodes', '2048', '--label-size', '512', '--classes', '3',
-                               '--features', '4', '--hidden', '8', '--heads', '2',
-                               '--epochs', '4', '--eval-every', '1', '--patience', '9'])
-    data = planted.planted_graph(2048, label_size=512, classes=3, features=4)
-    data['parent'] = planted.build_tree(data['edge_index'], 2048).parent
+    argv = ['--num-nodes', '2048', '--label-size', '512', '--classes', '3', '--features', '4',
+            '--hidden', '8', '--heads', '2', '--epochs', '4', '--eval-every', '1',
+            '--patience', '9', '--models', 'sage_hsa', '--seeds', '0', '--resamples', '20',
+            '--cache-dir', str(tmp_path / 'cache')]
+    args = planted.parse_args(argv)
+    data = planted.load_or_build(args)
     whole = planted.train_one('sage_hsa', 0, data, args, str(tmp_path / 'whole.pt'))
     save = planted.save_checkpoint
 
@@ -87,12 +88,17 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
         if state['epoch'] == 2:
             raise KeyboardInterrupt
     monkeypatch.setattr(planted, 'save_checkpoint', save_then_stop)
-    path = str(tmp_path / 'cut.pt')
+    path = planted.checkpoint_path(args, 'sage_hsa', 0)
     try:
         planted.train_one('sage_hsa', 0, data, args, path)
     except KeyboardInterrupt:
         pass
-    assert json.loads((tmp_path / 'cut.json').read_text())['history'][-1]['epoch'] == 2
+    assert json.loads(open(path[:-3] + '.json').read())['history'][-1]['epoch'] == 2
+    # the report of unfinished runs reads the checkpoint, flagged as such
+    planted.main(argv + ['--partial', '--out', str(tmp_path / 'partial.json')])
+    partial = json.loads((tmp_path / 'partial.json').read_text())
+    assert partial['summary']['sage_hsa']['finished'] is False
+    assert partial['runs'][0]['epochs_run'] == 2
     resumed = planted.train_one('sage_hsa', 0, data, args, path)
     assert resumed['resumed_at_epochs'] == [2]
     assert resumed['history'] == whole['history']
