@@ -424,6 +424,12 @@ def report(runs: List[Dict], stats: Dict, args) -> Dict:
         return unpack(run['test_correct'], run['num_test'])
     comparisons = [c for c in (compare_runs(runs, 'sage_hsa', other, correct, args.resamples)
                                for other in args.models if other != 'sage_hsa') if c]
+    for c in comparisons:  # with --partial, runs may stand at different epochs
+        paired = [r for r in runs if r['model'] in (c['first'], c['second'])
+                  and r['seed'] in c['seeds']]
+        c['finished'] = all(r['finished'] for r in paired)
+        c['epochs_run'] = {m: [r['epochs_run'] for r in paired if r['model'] == m]
+                           for m in (c['first'], c['second'])}
     private = ('cache_dir', 'out', 'run', 'in_process', 'partial')
     return {'config': {k: v for k, v in vars(args).items() if k not in private},
             'budget': {'epochs': args.epochs, 'patience_evaluations': args.patience,
