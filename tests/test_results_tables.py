@@ -116,11 +116,17 @@ def _sbm(result):
     return [f'``{name}``' for name in result['summary']]
 
 
+def _planted_built(result):
+    return ([f'``{name}``' for name in result['summary']]
+            + [f"{100 * c['difference']:+.1f}" for c in result['comparisons']]
+            + [f"{result['graph']['build_seconds']:.1f} s"])
+
+
 EXPECTED = {'scaling': _scaling, 'engines': _engines, 'batches': _batches,
             'energy-terms': _energy_terms, 'distributed': _distributed,
             'planted-partition': _planted_partition, 'max-children': _max_children,
             'metis': _metis, 'ogb': _ogb, 'listops': _listops, 'listops-step': _listops_step,
-            'sbm': _sbm}
+            'sbm': _sbm, 'planted-built': _planted_built}
 
 
 def test_the_pages_ask_for_the_new_kinds():
@@ -162,7 +168,7 @@ def test_every_table_renders_what_its_json_holds(page, kind, path):
 def test_a_missing_file_names_its_command(tmp_path):
     for kind, path in (('scaling', 'benchmarks/results/scaling.json'),
                        ('ogb', 'benchmarks/results/molhiv.json'),
-                       ('planted-partition', 'benchmarks/results/planted_partition_*.json')):
+                       ('planted-partition', 'benchmarks/results/planted_partition_[0-9]*.json')):
         text = results_tables.render(kind, path, str(tmp_path))
         assert text.startswith('.. note::') and f'``{path}``' in text
         assert 'FILE' not in text

@@ -10,11 +10,12 @@ and gets a ``list-table`` (or a note saying which command writes the file,
 when it does not exist yet). Kinds: ``listops``, ``listops-step``, ``sbm``
 (docs/where_hsa_helps.rst); ``scaling`` (also its CUDA run), ``engines``,
 ``batches``, ``energy-terms`` (docs/results_speed.rst); ``distributed`` and
-``planted-partition`` (docs/distributed.rst); ``max-children`` and
+``planted-partition`` (docs/distributed.rst); ``planted-built``
+(docs/planted_partition_built.rst); ``max-children`` and
 ``metis`` (docs/builders); ``ogb`` (docs/results_graphs.rst).
 
 A kind renders only what its file holds. The path of ``planted-partition``
-is a glob (``benchmarks/results/planted_partition_*.json``): its table
+is a glob (``benchmarks/results/planted_partition_[0-9]*.json``): its table
 puts the runs of every file side by side.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ COMMANDS = {
     'distributed': 'python -m benchmarks.distributed',
     'planted-partition': ('torchrun --standalone --nproc_per_node=4 '
                           'examples/distributed_planted_partition.py --out FILE'),
+    'planted-built': 'python examples/planted_partition.py --out FILE',
     'max-children': 'python -m benchmarks.builders --only max_children',
     'metis': 'python -m benchmarks.builders --only metis',
     'ogb': 'python examples/ogbg_molhiv.py (or ogbn_arxiv.py, multimodal_molecules.py) --out FILE',
@@ -312,6 +314,41 @@ def _planted_partition(results: Dict[str, Dict]) -> str:
             "are the median over the logged epochs; peak RSS is the largest rank's.\n")
 
 
+def _planted_built(result: Dict) -> str:
+    graph = result['graph']
+    header = ['model', 'parameters', 'test accuracy (%)', 'seeds', 'finished', 's / epoch',
+              'peak memory']
+    rows = [[f'``{name}``', str(row['parameters']),
+             _mean_std(row['test_acc'], 100),
+             ', '.join(map(str, row['seeds'])), 'yes' if row['finished'] else '**no**',
+             f"{row['seconds_per_epoch']['mean']:.1f}",
+             _gib(row['peak_rss_bytes']) if row['peak_rss_bytes'] else '–']
+            for name, row in result['summary'].items()]
+    table = _table(header, rows)
+    if result['comparisons']:
+        header = ['``sage_hsa`` minus', 'difference (points)', '95 % interval',
+                  'both finished (epochs)']
+        rows = [[f"``{c['second']}``", f"{100 * c['difference']:+.1f}",
+                 f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]",
+                 ('yes' if c['finished'] else '**no**') + ' ('
+                 + '; '.join(f"{m}: {', '.join(map(str, e))}"
+                             for m, e in c['epochs_run'].items()) + ')']
+                for c in result['comparisons']]
+        table += '\n' + _table(header, rows)
+    header = ['depth', 'clusters', 'mean size', 'group purity', 'group completeness',
+              'label purity']
+    rows = [[str(row['depth']), f"{row['clusters']:,}", f"{row['mean_size']:,.0f}",
+             f"{row['group_purity']:.2f}", f"{row['group_completeness']:.2f}",
+             f"{row['label_purity']:.2f}"] for row in graph['purity']]
+    table += '\n' + _table(header, rows)
+    budget = result['budget']
+    return (table + f"\n{graph['num_nodes']:,} nodes, {graph['num_edges']:,} edges; tree "
+            f"built by ``{graph['build_method']}`` in {graph['build_seconds']:.1f} s. "
+            f"Budget: {budget['epochs']} epochs ({budget['optimiser']}), test accuracy at "
+            f"the best validation epoch (every {budget['eval_every']} epochs; stop after "
+            f"{budget['patience_evaluations']} evaluations without progress).\n")
+
+
 # ------------------------------------------------------------------- builders
 def _max_children(result: Dict) -> str:
     bench = result['max_children']
@@ -409,7 +446,8 @@ RENDERERS: Dict[str, Callable[[Dict], str]] = {'listops': _listops,
                                                 'energy-terms': _energy_terms,
                                                 'distributed': _distributed,
                                                 'max-children': _max_children,
-                                                'metis': _metis, 'ogb': _ogb}
+                                                'metis': _metis, 'ogb': _ogb,
+                                                'planted-built': _planted_built}
 # kinds whose path is a glob: the renderer gets {path: result} of every match
 RENDERERS_OF_MANY: Dict[str, Callable[[Dict[str, Dict]], str]] = {
     'planted-partition': _planted_partition}
