@@ -16,8 +16,8 @@ from hsa_geo.functional.dense import path_to_root
 from hsa_geo.functional.engines import (compiled_on_kernel, family_groups, kernel_runs,
                                         scatter_plan, sibling_pair_positions)
 from hsa_geo.functional.kernel import KernelHSAFunction
-from hsa_geo.functional.scatter_sweep import (hsa_scatter, leaf_self_scores, scatter_bottom_up,
-                                              subtree_mean)
+from hsa_geo.functional.scatter_sweep import (Aggregate, hsa_scatter, leaf_self_scores,
+                                              scatter_aggregate, scatter_bottom_up, subtree_mean)
 from hsa_geo.functional.sweep import HSAFunction, autocast_off, bottom_up, top_down
 from hsa_geo.functional.terms import ScoreTerms
 from hsa_geo.hierarchy.hierarchy import Hierarchy
@@ -125,10 +125,28 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
         return _hsa_eager(q, k, v, hierarchy, scale, backend, **terms, **outputs)
 
 
+def hsa_propagate(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, aggregate: Aggregate,
+                  scale: Optional[float] = None, *, pair_bias: Optional[Tensor] = None,
+                  energy: str = 'dot', causal: Union[bool, str] = False) -> Tensor:
+    r""":func:`hsa` (same arguments, same values) by the scatter sweeps with
+    every sum along edges done by :obj:`aggregate` (see
+    :data:`~hsa_geo.functional.scatter_sweep.Aggregate`; e.g. a layer's
+    :meth:`~torch_geometric.nn.conv.MessagePassing.propagate`): children to
+    parent on the way up, siblings to a node and parent to children on the
+    way down. Differentiable by autograd. Not for :obj:`causal="strict"`,
+    whose rows are no sweep over the tree."""
+    check_types((q, k, v))
+    check_not_strict(causal)
+    with autocast_off(q.device):
+        return _hsa_eager(q, k, v, hierarchy, scale, 'scatter', pair_bias, energy, causal,
+                          aggregate=aggregate)
+
+
 def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Optional[float],
                backend: str, pair_bias: Optional[Tensor], energy: str,
                causal: Union[bool, str], return_log_partition: bool = False,
-               return_log_self_weight: bool = False):
+               return_log_self_weight: bool = False,
+               aggregate: Aggregate = scatter_aggregate):
     (q, k, v), single_head, dtype = prepare_inputs((q, k, v), hierarchy)
     scale = resolve_scale(scale, q)
     terms = check_score_terms(pair_bias, energy, causal, hierarchy, q)
@@ -160,7 +178,7 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
         log_self_weight = extra.pop(0) if return_log_self_weight else None
     else:
         out, phi, log_self_weight = hsa_scatter(q, k, v, scatter_plan(hierarchy, q.device),
-                                                scale, *terms)
+                                                scale, *terms, aggregate)
     outputs = [out]
     if return_log_partition:
         if terms.euclidean:  # the row term the sweeps leave out

@@ -1,25 +1,21 @@
 r"""What an HSA layer needs from the functional core, so that no module
 outside :mod:`hsa_geo.functional` asks which engine runs: the queries, keys
-and values in the layout of that engine (:func:`project_qkv`), HSA through
-a caller's aggregation along edges (:func:`hsa_propagate`, the sweeps of
-:mod:`~hsa_geo.functional.scatter_sweep` with
-:meth:`~torch_geometric.nn.conv.MessagePassing.propagate`, say) and the
+and values in the layout of that engine (:func:`project_qkv`) and the
 leaf-to-leaf attention on given pairs of leaves (:func:`attention_on_edges`).
+HSA through a caller's aggregation along edges is
+:func:`~hsa_geo.functional.attention.hsa_propagate`, beside :func:`hsa`,
+whose input handling it shares.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from hsa_geo.functional.attention import BlockAttention
-from hsa_geo.functional.checks import (check_not_strict, check_pair_memory, check_terms,
-                                       check_types, prepare_inputs, resolve_scale)
-from hsa_geo.functional.engines import node_major_inputs, scatter_plan
-from hsa_geo.functional.scatter_sweep import Aggregate, hsa_scatter
-from hsa_geo.functional.sweep import autocast_off
+from hsa_geo.functional.engines import node_major_inputs
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 
@@ -47,33 +43,6 @@ def project_qkv(x: Tensor, weight: Tensor, bias: Optional[Tensor], heads: int,
         query = F.layer_norm(query, (channels, ))
         key = F.layer_norm(key, (channels, ))
     return query, key, value
-
-
-def hsa_propagate(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, aggregate: Aggregate,
-                  scale: Optional[float] = None, *, pair_bias: Optional[Tensor] = None,
-                  energy: str = 'dot', causal: Union[bool, str] = False) -> Tensor:
-    r""":func:`~hsa_geo.functional.hsa` (same arguments, same values) by the
-    scatter sweeps with every sum along edges done by :obj:`aggregate`
-    (see :data:`~hsa_geo.functional.scatter_sweep.Aggregate`): children to
-    parent on the way up, siblings to a node and parent to children on the
-    way down. Differentiable by autograd. Not for :obj:`causal="strict"`,
-    whose rows are no sweep over the tree."""
-    check_types((q, k, v))
-    if causal == 'strict':
-        check_not_strict(causal)
-    with autocast_off(q.device):
-        (q, k, v), single_head, dtype = prepare_inputs((q, k, v), hierarchy)
-        scale = resolve_scale(scale, q)
-        pair_bias = check_terms(pair_bias, energy, causal, hierarchy, q)
-        check_pair_memory(hierarchy, q)
-        euclidean = energy == 'euclidean'
-        if euclidean:  # as hsa: centred on the keys' mean, which cancels, for precision
-            center = k.detach().mean(0, keepdim=True)
-            q, k = q - center, k - center
-        plan = scatter_plan(hierarchy, q.device)
-        out = hsa_scatter(q, k, v, plan, scale, pair_bias, euclidean, bool(causal), aggregate)[0]
-    out = out.to(dtype)
-    return out.squeeze(1) if single_head else out
 
 
 @torch.no_grad()
