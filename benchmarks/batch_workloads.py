@@ -116,8 +116,8 @@ def load_workload(name: str, saved: Optional[str] = None) -> Workload:
     else:
         source = workload_source(name)
     if 'batch' in source:
-        from hsa_geo.data import hierarchy_from_data
+        from hsa_geo.data import build_hierarchy  # uncached: every step meets a new batch
         batch = source['batch']
-        return Workload(name, batch.batch, lambda: hierarchy_from_data(batch))
+        return Workload(name, batch.batch, lambda: build_hierarchy(batch))
     hierarchies = source['hierarchies']
     return Workload(name, source['graph'], lambda: Hierarchy.batch_hierarchies(hierarchies))

@@ -21,7 +21,7 @@ Workloads (real offline data, :mod:`benchmarks.batch_workloads`):
   (:func:`hsa_geo.text.document_hierarchy`), built once per document.
 
 Every step of training meets a new batch, so every HSA call pays for the
-forest: ``hsa`` times :func:`~hsa_geo.data.hierarchy_from_data` (molecules)
+forest: ``hsa`` times :func:`~hsa_geo.data.build_hierarchy` (molecules)
 or :meth:`~hsa_geo.Hierarchy.batch_hierarchies` (documents), what the sweeps
 read (the CPU kernel's family tables; the slot layout on a GPU) and
 :func:`hsa_geo.functional.hsa`, forward and backward; ``hsa (planned)`` the
@@ -42,7 +42,7 @@ per-round ratios.
 
 With ``--calibrate`` it also times the tensor sweeps (planned,
 forward+backward) on layouts built with several bucket costs
-(:data:`~hsa_geo.hierarchy.layout.BLOCK_COST`), side by side: the
+(:data:`~hsa_geo.functional.layout.BLOCK_COST`), side by side: the
 measurement behind the default.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ from benchmarks.timing import machine_info, median, paired_ratio, time_interleav
 from hsa_geo.functional import engine, hsa, kernel_runs
 from hsa_geo.functional import prepare as prepare_fused
 from hsa_geo.functional.sweep import HSAFunction
-from hsa_geo.hierarchy.layout import build_slot_layout
+from hsa_geo.functional.layout import build_slot_layout
+from hsa_geo.functional.engines import slot_layout
 
 HEADS, DIM = 4, 16
 
@@ -107,7 +108,7 @@ def attention_calls(workload: Workload, backward: bool = True,
         return forest if device.type == 'cpu' else forest.to(device)
 
     planned = new_forest()
-    planned.layout(device)  # for the tensor sweeps
+    slot_layout(planned, device)  # for the tensor sweeps
 
     def step(out: Tensor) -> None:
         if backward:

@@ -21,6 +21,7 @@ from benchmarks.scaling import balanced_parent, run_and_report
 from benchmarks.timing import machine_info, median, paired_ratio, time_interleaved
 from hsa_geo.functional import engine, hsa, kernel_runs
 from hsa_geo.hierarchy.hierarchy import Hierarchy
+from hsa_geo.functional.engines import slot_layout
 
 HEADS, DIM = 4, 16
 
@@ -30,7 +31,7 @@ def engine_calls(hierarchy: Hierarchy):
     q, k, v = (torch.randn(hierarchy.num_leaves, HEADS, DIM, generator=generator,
                            requires_grad=True) for _ in range(3))
     hierarchy.family_tables()
-    hierarchy.layout()
+    slot_layout(hierarchy)
 
     def call(kernel: bool):
         def run():

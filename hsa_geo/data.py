@@ -21,7 +21,8 @@ order.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import weakref
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -132,13 +133,69 @@ torch.serialization.add_safe_globals([NestedSignal])
 
 
 
+class BatchForest:
+    r"""The forest of the batch last passed to :func:`hierarchy_from_data`,
+    kept so that every layer a model passes the same batch to shares one
+    :class:`~hsa_geo.Hierarchy` (and what the engines cached for it). The
+    batch is recognised by the tensors its forest is read from --
+    :obj:`hierarchy_edge_index`, the nodes' :obj:`hierarchy_leaf`,
+    :obj:`num_clusters`, :obj:`ptr` and the forest a
+    :class:`~hsa_geo.loader.HierarchyLoader` planned -- held weakly (the
+    batch is not kept alive; only the last forest is), and by the tensors'
+    versions: a new batch, a new sample of the same graph (whose batches
+    share the whole graph's :obj:`hierarchy_edge_index`) or an in-place edit
+    builds the forest anew."""
+
+    def __init__(self):
+        self.sources: Tuple = ()  # (weak reference, version) of everything read
+        self.hierarchy: Optional[Hierarchy] = None
+
+    @staticmethod
+    def _sources_of(data: Data) -> Tuple:
+        sources = []
+        for key in ('hierarchy_edge_index', LEAF_KEY, 'num_clusters', 'ptr', PLANNED_KEY):
+            value = data[key] if key in data else None
+            if isinstance(value, Tensor):
+                sources.append((weakref.ref(value), value._version))
+            elif isinstance(value, Hierarchy):
+                sources.append((weakref.ref(value), None))
+            else:  # absent, or a number: compared by value
+                sources.append((None, value))
+        return tuple(sources)
+
+    def _is_current(self, sources: Tuple, data: Data) -> bool:
+        if self.hierarchy is None:
+            return False
+        for (kept, kept_state), (new, new_state) in zip(self.sources, sources):
+            if (kept is None) != (new is None) or kept_state != new_state:
+                return False
+            if kept is not None and kept() is not new():
+                return False
+        return (self.hierarchy.num_leaves == data.num_nodes
+                and self.hierarchy.parent.device == data.hierarchy_edge_index.device)
+
+    def __call__(self, data: Data) -> Hierarchy:
+        if getattr(data, 'hierarchy_edge_index', None) is None:  # no hierarchy: its error
+            return build_hierarchy(data)
+        sources = self._sources_of(data)
+        if not self._is_current(sources, data):
+            self.hierarchy, self.sources = build_hierarchy(data), sources
+        return self.hierarchy
+
+
+#: the one per-batch cache of forests (see :class:`BatchForest`)
+BATCH_FOREST = BatchForest()
+
+
 def hierarchy_from_data(data: Data) -> Hierarchy:
     r"""The :class:`~hsa_geo.Hierarchy` of a :class:`NestedSignal` or of a
     batch of them (a forest with one tree per graph and a graph id per node).
 
     Validates the batch: every graph must have exactly one root, and errors
-    name the graph. Build it once per batch and pass it to every layer. The
-    result is :attr:`~hsa_geo.Hierarchy.ordered` when every graph has
+    name the graph. The forest of the batch last passed is kept
+    (:class:`BatchForest`): every layer given the same batch gets the same
+    hierarchy, built once. The result is
+    :attr:`~hsa_geo.Hierarchy.ordered` when every graph has
     :obj:`hierarchy_ordered` set. A batch from
     :class:`~hsa_geo.loader.HierarchyLoader` carries its forest, planned in
     the loader: it is returned (moved to the batch's device) instead.
@@ -158,6 +215,12 @@ def hierarchy_from_data(data: Data) -> Hierarchy:
             nodes that changed without a :obj:`hierarchy_leaf` to follow
             them.
     """
+    return BATCH_FOREST(data)
+
+
+def build_hierarchy(data: Data) -> Hierarchy:
+    r""":func:`hierarchy_from_data` without its cache: the forest of
+    :obj:`data`, built (or taken from the loader's plan) on every call."""
     if 'hierarchy_edge_index' not in data or 'num_clusters' not in data:
         raise ValueError("data has no hierarchy: expected 'hierarchy_edge_index' and "
                          "'num_clusters' (see NestedSignal.from_hierarchy)")
@@ -233,7 +296,7 @@ def restricted_hierarchy(data: Data) -> Hierarchy:
             raise ValueError("The graphs of this batch hold selected nodes, but it is not a "
                              "torch_geometric Batch, so its graphs cannot be told apart: "
                              "batch them with Batch.from_data_list (or a PyG DataLoader)")
-        return Hierarchy.batch_hierarchies([hierarchy_from_data(graph)
+        return Hierarchy.batch_hierarchies([build_hierarchy(graph)
                                             for graph in data.to_data_list()])
     if 'batch' in data and data.batch is not None:
         raise ValueError("The nodes carry a 'batch' vector but no 'ptr': a disjoint "

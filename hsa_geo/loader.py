@@ -4,7 +4,7 @@ of every batch where the data is loaded.
 Every training step meets a new batch of nested signals, and HSA needs the
 batch's forest and what its sweeps read: the family tables of the CPU
 kernel (:mod:`hsa_geo.functional.kernel`) or, on a GPU, the slot layout
-(:mod:`hsa_geo.hierarchy.layout`).
+(:mod:`hsa_geo.functional.layout`).
 Built inside the model's forward, they cost the training step a few
 milliseconds per batch (``python -m benchmarks.batches``, column
 ``plan``). :class:`HierarchyLoader` builds them in its collate function
@@ -26,7 +26,7 @@ import torch
 from torch_geometric.data import Dataset
 from torch_geometric.loader import DataLoader
 
-from hsa_geo.data import PLANNED_KEY, hierarchy_from_data
+from hsa_geo.data import PLANNED_KEY, build_hierarchy
 from hsa_geo.functional import prepare as prepare_fused
 
 
@@ -41,7 +41,7 @@ class PlanningCollater:
 
     def __call__(self, data_list: List[Any]):
         batch = self.collate_fn(data_list)
-        hierarchy = hierarchy_from_data(batch)
+        hierarchy = build_hierarchy(batch)
         prepare_fused(hierarchy, self.device)
         setattr(batch, PLANNED_KEY, hierarchy)
         return batch

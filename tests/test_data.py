@@ -4,6 +4,7 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 
 from hsa_geo import Hierarchy, NestedSignal, hierarchy_from_data
+from hsa_geo.functional.engines import engine_cache
 from random_trees import random_hierarchy
 
 
@@ -59,10 +60,10 @@ def test_hierarchy_loader_plans_the_forest_in_the_collate():
     if kernel_available(torch.empty(0)):
         assert hierarchy._family_tables is not None
     else:
-        assert torch.device('cpu') in hierarchy._layouts
+        assert torch.device('cpu') in engine_cache(hierarchy).slot_layouts
     with use_cpu_kernel(False):
         planned = next(iter(HierarchyLoader(graphs, batch_size=5)))
-    assert torch.device('cpu') in hierarchy_from_data(planned)._layouts
+    assert torch.device('cpu') in engine_cache(hierarchy_from_data(planned)).slot_layouts
     rebuilt = hierarchy_from_data(plain)
     assert torch.equal(hierarchy.parent, rebuilt.parent)
     assert torch.equal(hierarchy.batch, rebuilt.batch)
@@ -174,3 +175,20 @@ def test_nested_signals_round_trip_through_an_in_memory_dataset(tmp_path):
     assert torch.equal(hierarchy_from_data(Batch.from_data_list(batch[[1, 4]])).parent,
                        Hierarchy.batch_hierarchies([hierarchy_from_data(graphs[1]),
                                                     hierarchy_from_data(graphs[4])]).parent)
+
+
+def test_the_forest_of_the_last_batch_is_built_once_and_never_stale():
+    graphs = [NestedSignal.from_hierarchy(torch.randn(h.num_leaves, 3), h)
+              for h in (random_hierarchy(seed) for seed in range(4))]
+    batch = next(iter(DataLoader(graphs, batch_size=4)))
+    forest = hierarchy_from_data(batch)
+    assert hierarchy_from_data(batch) is forest  # every layer shares one forest
+    fewer = next(iter(DataLoader(graphs[:3], batch_size=3)))
+    assert hierarchy_from_data(fewer).num_trees == 3
+    again = hierarchy_from_data(batch)
+    assert again is not forest and torch.equal(again.parent, forest.parent)
+    batch.num_clusters[0] += 0  # an in-place edit of what the forest is read from
+    assert hierarchy_from_data(batch) is not again
+    with pytest.raises(ValueError, match='not a leaf'):  # a changed count is read, not cached
+        batch.num_clusters = batch.num_clusters + 1
+        hierarchy_from_data(batch)

@@ -64,7 +64,7 @@ def _counted(hierarchy, dim, value_dim, heads, block_cost):
     from torch.utils.flop_counter import FlopCounterMode
 
     from hsa_geo.functional.sweep import HSAFunction
-    from hsa_geo.hierarchy.layout import build_slot_layout
+    from hsa_geo.functional.layout import build_slot_layout
     layout = build_slot_layout(hierarchy.parent, hierarchy.num_leaves, hierarchy.depth,
                                hierarchy.num_leaves_below, hierarchy.first_leaf,
                                block_cost=block_cost)

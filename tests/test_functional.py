@@ -229,10 +229,11 @@ def test_reduced_precision_within_documented_tolerance(dtype, tolerance):
 
 def test_chunked_blocks_and_leaf_range_views_give_the_same_result():
     from hsa_geo.functional.sweep import HSAFunction
-    from hsa_geo.hierarchy.layout import build_slot_layout
+    from hsa_geo.functional.layout import build_slot_layout
     num_leaves = 512
     hierarchy = Hierarchy.from_parent(balanced_parent(num_leaves, 8), num_leaves)
-    whole = hierarchy.layout()
+    from hsa_geo.functional.engines import slot_layout
+    whole = slot_layout(hierarchy)
     chunked = build_slot_layout(hierarchy.parent, num_leaves, hierarchy.depth,
                                 hierarchy.num_leaves_below, hierarchy.first_leaf,
                                 pairs_per_block=3 * 64)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hsa_geo import Hierarchy
+from hsa_geo.functional.engines import engine_cache, prepare_slot_layout, slot_layout
 from random_trees import balanced_parent, random_parent
 
 
@@ -203,7 +204,8 @@ def test_a_hierarchy_saved_after_every_engine_loads_with_weights_only(tmp_path):
     torch.save(hierarchy, path)
     loaded = torch.load(path, weights_only=True)
     assert torch.equal(loaded.parent, hierarchy.parent) and loaded.ordered
-    assert not loaded._plans and not loaded._layouts and loaded._family_tables is None
+    assert not loaded._plans and not engine_cache(loaded).slot_layouts
+    assert loaded._family_tables is None
     torch.testing.assert_close(hsa(q, q, q, loaded, pair_bias=bias), expected)
 
 
@@ -215,12 +217,15 @@ def test_a_loader_worker_hands_the_plans_over_with_the_tree():
     from multiprocessing.reduction import ForkingPickler
     hierarchy = Hierarchy.from_parent(torch.tensor([4, 4, 5, 5, 6, 6, -1]), 4)
     hierarchy.family_tables()
-    hierarchy.prepare_layout('cpu')
+    prepare_slot_layout(hierarchy, 'cpu')
     shipped = pickle.loads(ForkingPickler.dumps(hierarchy))
-    assert shipped._family_tables is not None and torch.device('cpu') in shipped._layouts
+    assert shipped._family_tables is not None
+    assert torch.device('cpu') in engine_cache(shipped).slot_layouts
     shipped.check_unchanged()
     saved = pickle.loads(pickle.dumps(hierarchy))
-    assert saved._family_tables is None and not saved._layouts
+    assert saved._family_tables is None and not engine_cache(saved).slot_layouts
+    # a copy made by .to() starts with what was built for the original
+    assert torch.device('cpu') in engine_cache(hierarchy.to('cpu')).slot_layouts
 
 
 def test_a_saved_hierarchy_loads_under_the_weights_only_default(tmp_path):
@@ -232,7 +237,7 @@ def test_a_saved_hierarchy_loads_under_the_weights_only_default(tmp_path):
     expected = hsa(q, q, q, hierarchy)  # with its plans cached
     with engine('tensor'):  # the GPU engine: the layout's blocks cache constants
         hsa(q, q, q, hierarchy)
-    hierarchy.layout()
+    slot_layout(hierarchy)
     hierarchy.plan()
     path = tmp_path / 'hierarchy.pt'
     torch.save(hierarchy, path)

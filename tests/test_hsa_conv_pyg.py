@@ -9,6 +9,7 @@ from torch_geometric.explain import Explainer
 from torch_geometric.explain.algorithm import AttentionExplainer, GNNExplainer
 
 import hsa_geo.nn.conv.hsa_conv as hsa_conv_module
+import hsa_geo.data as data_module
 from hsa_geo import Hierarchy, HSAConv, NestedSignal, hierarchy_from_data
 from hsa_geo.functional import (attention_on_edges, block_attention_to_dense, hsa_block_weights,
                                 hsa_dense, hsa_propagate)
@@ -219,11 +220,14 @@ def forest_builds(monkeypatch):
     r"""The batches whose forest the layers build, in order."""
     calls = []
 
+    build = data_module.build_hierarchy
+
     def counted(data):
         calls.append(data)
-        return hierarchy_from_data(data)
+        return build(data)
 
-    monkeypatch.setattr(hsa_conv_module, 'hierarchy_from_data', counted)
+    monkeypatch.setattr(data_module, 'build_hierarchy', counted)
+    monkeypatch.setattr(data_module, 'BATCH_FOREST', data_module.BatchForest())
     return calls
 
 

@@ -8,10 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import hsa_geo.hierarchy.layout as layout_module
+import hsa_geo.functional.layout as layout_module
 from hsa_geo import Hierarchy
 from hsa_geo.functional import engine, hsa
-from hsa_geo.hierarchy.layout import build_slot_layout, choose_buckets
+from hsa_geo.functional.layout import build_slot_layout, choose_buckets
+from hsa_geo.functional.engines import engine_cache, slot_layout
 from dense_checks import assert_equals_dense
 from random_trees import balanced_parent, random_parent
 
@@ -24,7 +25,7 @@ def forest(seed: int, trees: int, **kwargs) -> Hierarchy:
 def with_layout(hierarchy: Hierarchy, block_cost: float, pairs_per_block: int = 1 << 16):
     r"""The same hierarchy with its layout built with other bucket settings."""
     copy = Hierarchy.from_parent(hierarchy.parent, hierarchy.num_leaves, hierarchy.batch)
-    copy._layouts[torch.device('cpu')] = build_slot_layout(
+    engine_cache(copy).slot_layouts[torch.device('cpu')] = build_slot_layout(
         copy.parent, copy.num_leaves, copy.depth, copy.num_leaves_below, copy.first_leaf,
         pairs_per_block=pairs_per_block, block_cost=block_cost)
     return copy
@@ -38,7 +39,7 @@ def test_layout_doctests():
 @pytest.mark.parametrize('seed', range(6))
 def test_every_family_is_a_contiguous_run_in_sibling_order(seed, block_cost):
     hierarchy = with_layout(forest(seed, 3, max_children=9, max_depth=5), block_cost)
-    layout = hierarchy.layout()
+    layout = slot_layout(hierarchy)
     parent, num_leaves = hierarchy.parent, hierarchy.num_leaves
     child = (parent >= 0).nonzero().view(-1)
     slots = layout.node_slot[child]
@@ -76,7 +77,7 @@ def test_buckets_trade_padding_against_blocks():
 
 def test_a_batch_of_small_graphs_takes_few_blocks_per_level():
     hierarchy = forest(0, 64, max_children=6, max_depth=4, max_leaves=20)
-    layout = hierarchy.layout()
+    layout = slot_layout(hierarchy)
     distinct = len({(b.depth, b.num_children) for b in hierarchy.plan().blocks})
     assert len(layout.blocks) < distinct
     assert len(layout.blocks) <= 3 * len(layout.levels)
@@ -84,7 +85,7 @@ def test_a_batch_of_small_graphs_takes_few_blocks_per_level():
 
 def test_leaf_ranges_read_the_inputs_in_place():
     hierarchy = Hierarchy.from_parent(balanced_parent(512, 8), 512)
-    layout = hierarchy.layout()
+    layout = slot_layout(hierarchy)
     assert all(block.leaf_range is not None for block in layout.levels[0].blocks)
     assert layout.slotted_leaves.numel() == 0
     # slot buffers hold the clusters and roots only

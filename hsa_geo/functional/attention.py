@@ -14,7 +14,7 @@ from hsa_geo.functional.checks import (check_causal, check_cluster_ids, check_en
 from hsa_geo.functional.compiled import fused_hsa
 from hsa_geo.functional.dense import path_to_root
 from hsa_geo.functional.engines import (compiled_on_kernel, family_groups, kernel_runs,
-                                        scatter_plan, sibling_pair_positions)
+                                        scatter_plan, sibling_pair_positions, slot_layout)
 from hsa_geo.functional.kernel import KernelHSAFunction
 from hsa_geo.functional.scatter_sweep import (Aggregate, hsa_scatter, leaf_self_scores,
                                               scatter_aggregate, scatter_bottom_up, subtree_mean)
@@ -221,7 +221,7 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
         return KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
                                        terms.euclidean, terms.causal, nodes, self_weight)
     count = None if nodes is None else hierarchy.num_leaves_below.to(q.device)[nodes]
-    return HSAFunction.apply(q, k, v, engine_bias, hierarchy.layout(q.device), scale,
+    return HSAFunction.apply(q, k, v, engine_bias, slot_layout(hierarchy, q.device), scale,
                              terms.euclidean, terms.causal, nodes, count, self_weight)
 
 
@@ -362,7 +362,7 @@ def hsa_block_weights(q: Tensor, k: Tensor, hierarchy: Hierarchy,
     terms = check_score_terms(pair_bias, energy, causal, hierarchy, q)
     if q.is_meta:
         return _block_weight_shapes(q, k, hierarchy, terms.pair_bias, single_head)
-    layout = hierarchy.layout(q.device)
+    layout = slot_layout(hierarchy, q.device)
     heads = q.size(1)
     terms = terms._replace(pair_bias=padded_pair_bias(terms.pair_bias, hierarchy, q))
     if terms.euclidean:

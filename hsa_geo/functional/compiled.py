@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from hsa_geo.functional.engines import sibling_pair_positions
+from hsa_geo.functional.engines import sibling_pair_positions, slot_layout
 from hsa_geo.functional.kernel import kernel_backward, kernel_forward
 from hsa_geo.functional.sweep import autocast_off, backward_sweeps, forward_sweeps
 from hsa_geo.functional.terms import ScoreTerms
@@ -96,7 +96,7 @@ def fused_hsa_with_state(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Te
         out, state = kernel_forward(q, k, v, bias, hierarchy.family_tables(), scale, euclidean,
                                     causal)
         return (out, *state)
-    _, result = forward_sweeps(q, k, v, hierarchy.layout(q.device), scale,
+    _, result = forward_sweeps(q, k, v, slot_layout(hierarchy, q.device), scale,
                                ScoreTerms(bias, euclidean, causal))
     empty = q.new_empty(0)
     return result.out.contiguous(), empty, empty.clone(), empty.clone()
@@ -138,7 +138,7 @@ def fused_hsa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
         if bias_grad:
             grad_bias = grad_bias.t()
         return [t.contiguous() for t in (grad_q, grad_k, grad_v, grad_bias)]
-    layout = hierarchy.layout(q.device)
+    layout = slot_layout(hierarchy, q.device)
     terms = ScoreTerms(_engine_bias(pair_bias, hierarchy, q.device, False), euclidean, causal)
     state, result = forward_sweeps(q, k, v, layout, scale, terms)
     leaf_log_mass, family_log_mass = result.leaf_log_mass, result.family_log_mass

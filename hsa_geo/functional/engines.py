@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple, Union
 
 import torch
@@ -35,8 +35,9 @@ from torch import Tensor
 
 from hsa_geo import native
 from hsa_geo.functional.causal import FamilyGroup, build_family_groups
+from hsa_geo.functional.layout import PAIRS_PER_BLOCK, SlotLayout, build_slot_layout
 from hsa_geo.functional.scatter_sweep import ScatterPlan, build_scatter_plan
-from hsa_geo.hierarchy.hierarchy import Hierarchy
+from hsa_geo.hierarchy.hierarchy import Attachment, Hierarchy, register_attachment
 
 if TYPE_CHECKING:  # nn imports this module, not the reverse
     from hsa_geo.nn.positional import PairCode, PairCodeKey
@@ -125,7 +126,7 @@ def prepare(hierarchy, device: Union[str, torch.device]) -> None:
     if kernel_runs(torch.device(device).type):
         hierarchy.family_tables()
     else:
-        hierarchy.prepare_layout(device)
+        prepare_slot_layout(hierarchy, device)
     hierarchy.leaf_ancestor_pairs()
 
 
@@ -133,7 +134,11 @@ def prepare(hierarchy, device: Union[str, torch.device]) -> None:
 class EngineCache:
     r"""What the engines derive from one hierarchy, built on first use:
     everything is checked against the hierarchy's parent pointers
-    (:meth:`~hsa_geo.Hierarchy.check_unchanged`) before it is read."""
+    (:meth:`~hsa_geo.Hierarchy.check_unchanged`) before it is read. The
+    copies :meth:`~hsa_geo.Hierarchy.to` makes, and those a data-loading
+    worker hands over, start with what was built for the original."""
+    #: device -> the tensor sweeps' slot layout (:func:`slot_layout`)
+    slot_layouts: Dict[torch.device, SlotLayout] = field(default_factory=dict)
     #: device -> ``([E], [P])``, see :func:`sibling_pair_positions`
     pair_positions: Dict[torch.device, Tuple[Tensor, Tensor]] = field(default_factory=dict)
     #: device -> the scatter backend's edge lists
@@ -161,8 +166,48 @@ def engine_cache(hierarchy: Hierarchy) -> EngineCache:
     return cache
 
 
+def _export(hierarchy: Hierarchy):
+    cache = _CACHES.get(hierarchy)
+    if cache is None:
+        return None
+    # the copy gets its own dicts (entries are per device, so they stay valid)
+    return EngineCache(**{f.name: dict(getattr(cache, f.name)) for f in fields(EngineCache)})
+
+
+def _adopt(hierarchy: Hierarchy, cache: EngineCache) -> None:
+    _CACHES[hierarchy] = cache
+
+
+register_attachment(Attachment(export=_export, adopt=_adopt))
+
+
 def _device(hierarchy: Hierarchy, device) -> torch.device:
     return torch.device(device) if device is not None else hierarchy.parent.device
+
+
+def prepare_slot_layout(hierarchy: Hierarchy, device=None) -> SlotLayout:
+    r"""Builds (once) the layout :func:`slot_layout` uses on :obj:`device`,
+    keeping its tensors on the CPU until :func:`slot_layout` asks for it: a
+    data-loading worker can plan a GPU batch without touching the GPU. GPU
+    layouts use much larger blocks (few, large launches)."""
+    device = _device(hierarchy, device)
+    layouts = engine_cache(hierarchy).slot_layouts
+    if device not in layouts:
+        pairs_per_block = PAIRS_PER_BLOCK if device.type == 'cpu' else PAIRS_PER_BLOCK << 6
+        layouts[device] = build_slot_layout(
+            hierarchy.parent.cpu(), hierarchy.num_leaves, hierarchy.depth.cpu(),
+            hierarchy.num_leaves_below.cpu(), hierarchy.first_leaf.cpu(), pairs_per_block)
+    return layouts[device]
+
+
+def slot_layout(hierarchy: Hierarchy, device=None) -> SlotLayout:
+    r"""The slot layout of the tensor sweeps (:mod:`hsa_geo.functional.layout`)
+    of :obj:`hierarchy` on :obj:`device`, built once per device and cached."""
+    device = _device(hierarchy, device)
+    layout = prepare_slot_layout(hierarchy, device)
+    if layout.node_slot.device != device:
+        layout = engine_cache(hierarchy).slot_layouts[device] = layout.to(device)
+    return layout
 
 
 def scatter_plan(hierarchy: Hierarchy, device=None) -> ScatterPlan:
@@ -195,7 +240,7 @@ def sibling_pair_positions(hierarchy: Hierarchy, device=None, with_sources: bool
     device = _device(hierarchy, device)
     cache = engine_cache(hierarchy).pair_positions
     if device not in cache:
-        layout = hierarchy.layout(device)
+        layout = slot_layout(hierarchy, device)
         row, col = hierarchy.plan(device).sibling_pairs()
         positions = layout.pair_positions(layout.node_slot[row], layout.sibling_index[col])
         sources = torch.full((layout.num_pairs, ), positions.numel(), dtype=torch.long,

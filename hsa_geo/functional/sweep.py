@@ -1,5 +1,5 @@
 r"""The exact HSA dynamic program on the slot layout
-(:mod:`hsa_geo.hierarchy.layout`): a bottom-up and a top-down sweep over
+(:mod:`hsa_geo.functional.layout`): a bottom-up and a top-down sweep over
 padded family blocks, and the hand-derived backward pass (two more sweeps).
 docs/derivation.rst derives every line; the names follow it:
 
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from hsa_geo.functional.terms import ScoreTerms
-from hsa_geo.hierarchy.layout import LayoutBlock, LayoutLevel, SlotLayout
+from hsa_geo.functional.layout import LayoutBlock, LayoutLevel, SlotLayout
 
 
 class NodeColumns(NamedTuple):

@@ -5,13 +5,12 @@ import numbers
 import weakref
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from hsa_geo.hierarchy import layout as slot_layout
 from hsa_geo.hierarchy.native_tables import TreeAnalysis, analyse_tree
 from hsa_geo.hierarchy.plan import (PAIRS_PER_BLOCK, FamilyBlock, FamilyTables, SweepPlan,
                                     build_family_tables, build_sweep_plan)
@@ -32,6 +31,39 @@ class TreeCache:
     #: see :meth:`Hierarchy.leaf_ancestor_pairs`
     leaf_ancestor_pairs: Optional[Tuple[Tensor, Tensor]] = None
     num_sibling_pairs: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Attachment:
+    r"""State that a layer above derives from a hierarchy and keeps beside
+    it (the engines' caches, :func:`hsa_geo.functional.engines.engine_cache`),
+    handed to the hierarchy's copies: :meth:`Hierarchy.to` and the hand-over
+    between the processes of one run (a data-loading worker's batch) call
+    :obj:`export` on the original and :obj:`adopt` on the copy. A plain
+    pickle (:func:`torch.save`) carries the tree only."""
+    #: ``export(hierarchy)``: what to hand over (:obj:`None`: nothing)
+    export: Callable[['Hierarchy'], Any]
+    #: ``adopt(copy, exported)``, called with what :obj:`export` returned
+    adopt: Callable[['Hierarchy', Any], None]
+
+
+_ATTACHMENTS: List[Attachment] = []
+
+
+def register_attachment(attachment: Attachment) -> None:
+    r"""Registers :obj:`attachment` (see :class:`Attachment`); once per
+    owner, at import."""
+    _ATTACHMENTS.append(attachment)
+
+
+def _exported(hierarchy: 'Hierarchy') -> List[Any]:
+    return [attachment.export(hierarchy) for attachment in _ATTACHMENTS]
+
+
+def _adopt(hierarchy: 'Hierarchy', exported: List[Any]) -> None:
+    for attachment, state in zip(_ATTACHMENTS, exported):
+        if state is not None:
+            attachment.adopt(hierarchy, state)
 
 
 class Hierarchy:
@@ -71,7 +103,7 @@ class Hierarchy:
     #: The tree facts every cache derives from: set once, in the constructor.
     _TREE = ('parent', 'num_leaves', 'depth', 'num_leaves_below')
     #: What is derived from them: left out when the hierarchy is pickled.
-    _DERIVED = ('_plans', '_layouts', '_family_tables', '_cache')
+    _DERIVED = ('_plans', '_family_tables', '_cache')
 
     def __init__(self, parent: Tensor, num_leaves: int, depth: Tensor,
                  num_leaves_below: Tensor, batch: Optional[Tensor] = None,
@@ -86,7 +118,6 @@ class Hierarchy:
         #: terms (:mod:`hsa_geo.nn.positional`) require it
         self.ordered = bool(ordered)
         self._plans: Dict[torch.device, SweepPlan] = {}
-        self._layouts: Dict[torch.device, slot_layout.SlotLayout] = {}
         self._family_tables: Optional[FamilyTables] = None
         self._cache = TreeCache()
         # everything cached derives from the parent pointers: remember their
@@ -374,8 +405,10 @@ class Hierarchy:
     def __setstate__(self, state):
         # a copy (pickled to a loader worker and back, torch.save) starts its
         # own version count
+        state = {name: value for name, value in state.items()
+                 if name != '_layouts'}  # an earlier version kept the engines' layouts here
         self.__dict__.update(state)
-        for name, empty in (('_plans', dict), ('_layouts', dict), ('_family_tables', lambda: None)):
+        for name, empty in (('_plans', dict), ('_family_tables', lambda: None)):
             self.__dict__.setdefault(name, empty())
         if not isinstance(self.__dict__.get('_cache'), TreeCache):  # none, or an earlier
             self.__dict__['_cache'] = TreeCache()  # version's dict keyed by strings
@@ -418,31 +451,6 @@ class Hierarchy:
             self._plans[device] = plan.to(device)
         return self._plans[device]
 
-    def layout(self, device: Optional[torch.device] = None) -> slot_layout.SlotLayout:
-        r"""The slot layout of the fused sweeps
-        (:mod:`hsa_geo.hierarchy.layout`) on :obj:`device`, computed once
-        per device and cached."""
-        device = torch.device(device) if device is not None else self.parent.device
-        layout = self.prepare_layout(device)  # checks the parent pointers
-        if layout.node_slot.device != device:
-            layout = self._layouts[device] = layout.to(device)
-        return layout
-
-    def prepare_layout(self, device: Optional[torch.device] = None) -> slot_layout.SlotLayout:
-        r"""Builds (once) the layout :meth:`layout` uses on :obj:`device`,
-        keeping its tensors on the CPU until :meth:`layout` asks for it: a
-        data-loading worker can plan a GPU batch without touching the GPU.
-        GPU layouts use much larger blocks (few, large launches)."""
-        self.check_unchanged()
-        device = torch.device(device) if device is not None else self.parent.device
-        if device not in self._layouts:
-            pairs_per_block = (slot_layout.PAIRS_PER_BLOCK if device.type == 'cpu'
-                               else slot_layout.PAIRS_PER_BLOCK << 6)
-            self._layouts[device] = slot_layout.build_slot_layout(
-                self.parent.cpu(), self.num_leaves, self.depth.cpu(),
-                self.num_leaves_below.cpu(), self.first_leaf.cpu(), pairs_per_block)
-        return self._layouts[device]
-
     def family_tables(self) -> FamilyTables:
         r"""The families as flat CPU tables
         (:class:`~hsa_geo.hierarchy.plan.FamilyTables`), what the CPU
@@ -459,11 +467,11 @@ class Hierarchy:
                           self.num_leaves_below.to(device),
                           None if self.batch is None else self.batch.to(device), self.ordered)
         moved._plans = dict(self._plans)
-        moved._layouts = dict(self._layouts)
         moved._family_tables = self._family_tables
         if self._cache.first_leaf is not None:
             moved._cache.first_leaf = self._cache.first_leaf.to(device)
             moved._cache.last_leaf = self._cache.last_leaf.to(device)
+        _adopt(moved, _exported(self))
         return moved
 
     def summary(self) -> Dict[str, float]:
@@ -702,9 +710,10 @@ def _check_batch(batch, parent: Tensor) -> Tensor:
     return batch
 
 
-def _rebuild_with_derived(state) -> Hierarchy:
+def _rebuild_with_derived(state, attached=()) -> Hierarchy:
     hierarchy = Hierarchy.__new__(Hierarchy)
     hierarchy.__setstate__(state)
+    _adopt(hierarchy, list(attached))
     return hierarchy
 
 
@@ -713,7 +722,7 @@ def _reduce_with_derived(hierarchy: Hierarchy):
     # over, see hsa_geo.loader), the plans travel with the tree: building
     # them in the worker is the point. torch.save and plain pickles use
     # __getstate__ (the tree only).
-    return _rebuild_with_derived, (dict(hierarchy.__dict__), )
+    return _rebuild_with_derived, (dict(hierarchy.__dict__), _exported(hierarchy))
 
 
 ForkingPickler.register(Hierarchy, _reduce_with_derived)
@@ -723,5 +732,4 @@ ForkingPickler.register(Hierarchy, _reduce_with_derived)
 # earlier versions also carry its plans, whose classes hold tensors, numbers
 # and containers only.
 torch.serialization.add_safe_globals([
-    Hierarchy, SweepPlan, FamilyBlock, FamilyTables, slot_layout.SlotLayout,
-    slot_layout.LayoutLevel, slot_layout.LayoutBlock, slot_layout.SlotRows])
+    Hierarchy, SweepPlan, FamilyBlock, FamilyTables])

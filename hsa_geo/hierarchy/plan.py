@@ -9,7 +9,7 @@ The plan fixes the order of the ordered sibling pairs
 follow) and drives the scatter backend, strictly causal HSA and the
 positional terms. The fused sweeps read the same order as flat
 :class:`FamilyTables` (the CPU kernel) or the padded slot layout of
-:mod:`hsa_geo.hierarchy.layout` (the tensor sweeps).
+:mod:`hsa_geo.functional.layout` (the tensor sweeps).
 """
 from __future__ import annotations
 

@@ -1,4 +1,3 @@
-import weakref
 from typing import Optional, Tuple, Union, overload
 
 import torch
@@ -9,7 +8,7 @@ from torch_geometric.explain.algorithm import AttentionExplainer
 from torch_geometric.nn.conv import GPSConv, MessagePassing
 from torch_geometric.nn.dense.linear import Linear, is_uninitialized_parameter
 
-from hsa_geo.data import LEAF_KEY, hierarchy_from_data
+from hsa_geo.data import hierarchy_from_data
 from hsa_geo.distributed import HierarchyShard, distributed_hsa
 from hsa_geo.functional import (BlockAttention, attention_on_edges, hsa, hsa_block_weights,
                                 hsa_propagate, project_qkv)
@@ -22,60 +21,16 @@ from hsa_geo.nn.positional import SiblingPositionBias
 ENGINES = ('auto', 'fused', 'propagate')
 
 
-class BatchForest:
-    r"""The :class:`~hsa_geo.Hierarchy` of the batch last passed to an
-    :class:`HSAConv`, built once (:func:`hsa_geo.data.hierarchy_from_data`,
-    which takes the forest a :class:`~hsa_geo.loader.HierarchyLoader`
-    planned, moved to the batch's device) and shared by every layer that
-    sees the same batch. The batch is recognised by the tensors its forest
-    is read from -- :obj:`hierarchy_edge_index` and the nodes'
-    :obj:`hierarchy_leaf` (held weakly, so the batch is not kept alive;
-    only the last forest is) -- and their versions: a new batch, a new
-    sample of the same graph (whose batches share the whole graph's
-    :obj:`hierarchy_edge_index`) or an in-place edit builds the forest
-    anew."""
-
-    def __init__(self):
-        self.sources: Tuple = ()  # (weak reference, version) of every tensor read
-        self.hierarchy: Optional[Hierarchy] = None
-
-    @staticmethod
-    def _sources_of(data: BaseData) -> Tuple:
-        tensors = [data.hierarchy_edge_index]
-        if LEAF_KEY in data:
-            tensors.append(data[LEAF_KEY])
-        return tuple((weakref.ref(tensor), tensor._version) for tensor in tensors)
-
-    def _is_current(self, sources: Tuple, data: BaseData) -> bool:
-        if self.hierarchy is None or len(sources) != len(self.sources):
-            return False
-        same = all(kept() is new() and kept_version == new_version
-                   for (kept, kept_version), (new, new_version) in zip(self.sources, sources))
-        return (same and self.hierarchy.num_leaves == data.num_nodes
-                and self.hierarchy.parent.device == data.hierarchy_edge_index.device)
-
-    def __call__(self, data: BaseData) -> Hierarchy:
-        if getattr(data, 'hierarchy_edge_index', None) is None:  # no hierarchy: its error
-            return hierarchy_from_data(data)
-        sources = self._sources_of(data)
-        if not self._is_current(sources, data):
-            self.hierarchy, self.sources = hierarchy_from_data(data), sources
-        return self.hierarchy
-
-
-#: shared by all layers: a model's layers see one batch after the other
-BATCH_FOREST = BatchForest()
-
-
 def resolve_hierarchy(hierarchy: Union[Hierarchy, HierarchyShard, BaseData]
                       ) -> Union[Hierarchy, HierarchyShard]:
     r"""What a layer attends over: a :class:`~hsa_geo.Hierarchy` or a
     :class:`~hsa_geo.distributed.HierarchyShard` as it is; for a
     :class:`~torch_geometric.data.Data` or
     :class:`~torch_geometric.data.Batch`, its forest, built once per batch
-    (:class:`BatchForest`). Anything else is refused by type."""
+    (:func:`hsa_geo.data.hierarchy_from_data`). Anything else is refused
+    by type."""
     if isinstance(hierarchy, BaseData):
-        return BATCH_FOREST(hierarchy)
+        return hierarchy_from_data(hierarchy)
     if not isinstance(hierarchy, (Hierarchy, HierarchyShard)):
         raise TypeError(f"HSA layers take a hsa_geo.Hierarchy, a PyG Data/Batch that carries "
                         f"one (hierarchy_edge_index, num_clusters) or a HierarchyShard (got "

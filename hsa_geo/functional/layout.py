@@ -22,7 +22,7 @@ Buckets are chosen per level by a small dynamic program over the family
 widths present, minimising :math:`\sum_\text{blocks} (c_0 + c_1 F w^2)`
 with :data:`BLOCK_COST` :math:`= c_0 / c_1` measured on this engine (a
 block's fixed cost of some forty tensor operations against the cost of one
-padded sibling pair; ``python -m hsa_geo.benchmarks.batches --calibrate``):
+padded sibling pair; ``python -m benchmarks.batches --calibrate``):
 batches of small graphs get one or two blocks per level, while a level of
 families whose widths differ a lot keeps them apart rather than pad the
 narrow ones to the widest.
@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # the engine's type: functional imports this module, not the reverse
+if TYPE_CHECKING:  # sweep imports this module, not the reverse
     from hsa_geo.functional.sweep import Constants
 
 #: Fixed cost of one block relative to one padded sibling pair, per head
 #: (see the module docstring); measured by
-#: ``python -m hsa_geo.benchmarks.batches --calibrate`` on the 2-core CPU.
+#: ``python -m benchmarks.batches --calibrate`` on the 2-core CPU.
 BLOCK_COST = 4096
 
 #: Upper bound on padded sibling pairs (F * w * w) of one block on CPU, so a
@@ -460,3 +460,4 @@ def build_slot_layout(parent: Tensor, num_leaves: int, depth: Tensor, num_leaves
     layout.leaf_pair_positions = layout.pair_positions(node_slot[layout.paired_leaves],
                                                        sibling_index[layout.paired_leaves])
     return layout
+
