@@ -14,7 +14,20 @@ Methods (all computed from each layer's own projections;
 * ``window_global``: softmax inside a sliding window of half-width
   :math:`w` plus the global tokens, :math:`w` chosen per review as the
   smallest whose attention FLOPs reach those of ``hsa_global`` (so the
-  baseline never has fewer FLOPs than either HSA variant).
+  baseline never has fewer FLOPs than either HSA variant);
+* ``hsa_key_clusters``: ``hsa_global`` over a tree that follows the layer
+  rather than the text: in every replaced layer, a root over the k-means
+  clusters of the text tokens' keys (:func:`~hsa_geo.hierarchy.from_kmeans`,
+  ``--cluster-size`` tokens per cluster on average, ``--cluster-iterations``
+  Lloyd steps on a ``--projection-dim`` random projection of the per-head
+  normalised keys; one tree shared by the heads);
+* ``cluster_global``: the baseline given the same clusters, softmax inside
+  every key cluster plus the global tokens (content-routed attention, as in
+  the Routing Transformer).
+
+The key-cluster methods build their structure in every layer, so their
+FLOPs include the clustering (:func:`~hsa_geo.flops.kmeans_flops` and the
+projection), counted on the clusters they actually built.
 
 Layer patterns (``--patterns``): ``first-K``, ``last-K``, ``alternating``
 (every other layer of the top half: layers 4 and 6 of 6, as the paper's
@@ -45,8 +58,9 @@ import torch
 
 from hsa_geo.flops import (block_local_flops, global_token_flops, hsa_flops,
                            sliding_window_flops, softmax_flops)
-from hsa_geo.pretrained import encode_documents, find_self_attention_modules, inject_hsa, \
-    load_minilm
+from hsa_geo.hierarchy.builders.kmeans import from_cluster_labels
+from hsa_geo.pretrained import (KeyClustering, encode_documents, find_self_attention_modules,
+                                inject_hsa, load_minilm)
 from hsa_geo.text import (document_hierarchy, load_imdb, load_split, strip_special_tokens,
                           tokenize_documents)
 
@@ -54,8 +68,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from text_experiment import (ROOT, add_shared_arguments, environment,  # noqa: E402
                              hierarchy_shape, percentile_interval, subset, write_report)
 
-METHODS = ('hsa', 'hsa_global', 'block_global', 'window_global')
-BASELINES = ('block_global', 'window_global')
+METHODS = ('hsa', 'hsa_global', 'hsa_key_clusters', 'block_global', 'window_global',
+           'cluster_global')
+BASELINES = ('block_global', 'window_global', 'cluster_global')
+#: the methods whose structure every layer builds from its keys
+KEY_CLUSTER_METHODS = ('hsa_key_clusters', 'cluster_global')
 
 
 def parse_args(argv=None):
@@ -70,6 +87,12 @@ def parse_args(argv=None):
                         help=f'comma-separated subset of {",".join(METHODS)}')
     parser.add_argument('--levels', default='word+sentence',
                         choices=('word+sentence', 'sentence', 'word'))
+    parser.add_argument('--cluster-size', type=int, default=4,
+                        help='key-cluster methods: mean tokens per k-means cluster')
+    parser.add_argument('--cluster-iterations', type=int, default=3,
+                        help='key-cluster methods: Lloyd iterations')
+    parser.add_argument('--projection-dim', type=int, default=32,
+                        help='key-cluster methods: random projection of the keys (0: none)')
     parser.add_argument('--bootstrap', type=int, default=2000,
                         help='paired bootstrap resamples of the test reviews')
     add_shared_arguments(parser, 'zero_shot_minilm', batch_size=16)
@@ -143,8 +166,29 @@ class Structures:
                 [self.inner_hierarchies[i] for i in chunk], ends(chunk))
         if method == 'block_global':
             return lambda chunk: handle.set_groups([self.groups[i] for i in chunk], ends(chunk))
+        if method in KEY_CLUSTER_METHODS:
+            return lambda chunk: handle.set_global_tokens([docs[i].num_tokens for i in chunk],
+                                                          ends(chunk))
         return lambda chunk: handle.set_windows(
             [self.windows[i] for i in chunk], [docs[i].num_tokens for i in chunk], ends(chunk))
+
+
+def key_cluster_flops(records, method, clustering, dim, heads):
+    r"""Attention FLOPs and clustering FLOPs of a key-cluster method, summed
+    over the clusters it built (every replaced layer, every review): HSA
+    over the root over the clusters, or softmax inside every cluster, plus
+    the two global tokens; the projection and k-means."""
+    attention = clustering_cost = 0
+    for record in records:
+        for labels in record.labels:
+            size = labels.numel() + 2  # [CLS] and [SEP]
+            if method == 'hsa_key_clusters':
+                local = hsa_flops(from_cluster_labels(labels), dim, heads=heads)
+            else:
+                local = block_local_flops(labels, dim, heads=heads)
+            attention += local + global_token_flops(size, 2, dim, heads=heads)
+            clustering_cost += clustering.flops(labels.numel(), dim * heads)
+    return attention, clustering_cost
 
 
 def bootstrap_interval(values: torch.Tensor, resamples: torch.Tensor):
@@ -234,6 +278,8 @@ def main(argv=None):
     patterns = {name: pattern_layers(name, num_layers)
                 for name in args.patterns.split(',') if name}
     structures = Structures(test_docs, args.max_children or None, args.levels, head_dim, heads)
+    clustering = KeyClustering(args.cluster_size, args.cluster_iterations,
+                               args.projection_dim or None)
     progress = not args.no_progress
 
     train_x = encode_documents(model, train_docs, args.batch_size, progress=progress)
@@ -247,7 +293,9 @@ def main(argv=None):
              'encode_time_s': original_time, 'encode_time_ratio': 1.0}]
     for pattern, layers in patterns.items():
         for method in methods:
-            handle = inject_hsa(model, layers, mode=method)
+            handle = inject_hsa(model, layers, mode=method,
+                                key_clustering=clustering if method in KEY_CLUSTER_METHODS
+                                else None)
             try:
                 start = time.perf_counter()
                 x = encode_documents(model, test_docs, args.batch_size,
@@ -258,10 +306,19 @@ def main(argv=None):
                 handle.remove()
             name = f'{pattern}/{method}'
             embeddings[name] = x
-            flops = (len(layers) * sum(structures.flops[method])
+            clustering_flops = 0
+            if method in KEY_CLUSTER_METHODS:
+                attention_flops, clustering_flops = key_cluster_flops(
+                    handle.key_clusters, method, clustering, head_dim, heads)
+                structures.flops[method].append(  # mean per layer and review
+                    attention_flops / len(layers) / len(test_docs))
+            else:
+                attention_flops = len(layers) * sum(structures.flops[method])
+            flops = (attention_flops + clustering_flops
                      + (num_layers - len(layers)) * sum(structures.flops['softmax']))
             rows.append({'pattern': pattern, 'layers': layers, 'method': method,
                          'flops_ratio': flops / original_flops,
+                         'clustering_flops_ratio': clustering_flops / original_flops,
                          'encode_time_s': elapsed, 'encode_time_ratio': elapsed / original_time})
             cosine = float((x * original).sum(-1).mean())
             print(f"{name:26s} layers {layers}: FLOPs {rows[-1]['flops_ratio']:.3f} "
@@ -296,7 +353,8 @@ def main(argv=None):
                                         (argv if argv is not None else sys.argv[1:])),
         'config': {key: getattr(args, key) for key in
                    ('train_size', 'test_size', 'max_tokens', 'max_children', 'levels',
-                    'patterns', 'methods', 'batch_size', 'bootstrap')},
+                    'patterns', 'methods', 'batch_size', 'bootstrap', 'cluster_size',
+                    'cluster_iterations', 'projection_dim')},
         'data': {'train': len(train_docs), 'test': len(test_docs),
                  'mean_tokens_per_review': sum(d.num_tokens for d in test_docs) / len(test_docs),
                  'mean_sentences_per_review': sum(int(d.sentence_ids.max()) + 1
@@ -304,9 +362,10 @@ def main(argv=None):
                  'mean_matched_window': float(windows.mean()),
                  'median_matched_window': float(windows.median()),
                  **hierarchy_shape([h.summary() for h in structures.hierarchies])},
-        'flops_per_layer_relative_to_softmax': {
-            name: sum(values) / sum(structures.flops['softmax'])
-            for name, values in structures.flops.items() if name != 'softmax'},
+        'flops_per_layer_relative_to_softmax': {  # key clusters: attention only, mean
+            name: (sum(values) if name not in KEY_CLUSTER_METHODS else            # of patterns
+                   sum(values) / len(values) * len(test_docs)) / sum(structures.flops['softmax'])
+            for name, values in structures.flops.items() if name != 'softmax' and values},
         'model': {'name': 'all-MiniLM-L6-v2', 'layers': num_layers, 'heads': heads,
                   'head_dim': head_dim},
         'environment': {**environment(args.threads), 'load_average_start': load_start,

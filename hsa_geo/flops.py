@@ -52,10 +52,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from hsa_geo.hierarchy.builders.kmeans import POWER_STEPS
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 __all__ = ['softmax_flops', 'hsa_flops', 'block_local_flops', 'sliding_window_flops',
-           'global_token_flops']
+           'global_token_flops', 'kmeans_flops']
 
 
 def softmax_flops(num_tokens: Union[int, Sequence[int]], dim: int,
@@ -190,3 +191,22 @@ def global_token_flops(num_tokens: int, num_global: int, dim: int,
         raise ValueError(f"'num_global' ({num_global}) exceeds 'num_tokens' ({num_tokens})")
     value_dim = _widths(dim, value_dim, heads)
     return int(2 * num_global * (2 * num_tokens - num_global) * (dim + value_dim) * heads)
+
+
+def kmeans_flops(num_points: int, num_clusters: int, dim: int, iterations: int) -> int:
+    r"""FLOPs of building a hierarchy by k-means
+    (:func:`hsa_geo.hierarchy.from_kmeans`): :math:`n` points of :math:`f`
+    features against :math:`k` centres, :math:`2nkf` per distance pass
+    (:obj:`iterations` Lloyd steps and the final assignment) plus
+    :math:`2nf` per centre update, and the initial power iteration
+    (:math:`4nf` per step). Attention a hierarchy is built for must count
+    it when the tree is built per call (e.g. from a layer's keys).
+
+    Example::
+
+        >>> from hsa_geo.flops import kmeans_flops
+        >>> kmeans_flops(200, 50, 32, iterations=3)
+        2700800
+    """
+    return int(2 * num_points * num_clusters * dim * (iterations + 1)
+               + 2 * num_points * dim * iterations + 4 * num_points * dim * POWER_STEPS)

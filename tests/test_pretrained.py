@@ -341,10 +341,12 @@ def test_zero_shot_example_runs_on_a_tiny_slice(tmp_path):
     report = json.loads(out.read_text())
     assert (tmp_path / 'zs.png').stat().st_size > 0
     rows = report['rows']
-    methods = ['hsa', 'hsa_global', 'block_global', 'window_global']
+    methods = ['hsa', 'hsa_global', 'hsa_key_clusters', 'block_global', 'window_global',
+               'cluster_global']
+    count = len(methods)
     assert [(r['pattern'], r['method']) for r in rows] == [('none', 'original')] + [
         (pattern, method) for pattern in ('first-1', 'alternating', 'all') for method in methods]
-    assert [r['layers'] for r in rows[1::4]] == [[0], [3, 5], [0, 1, 2, 3, 4, 5]]
+    assert [r['layers'] for r in rows[1::count]] == [[0], [3, 5], [0, 1, 2, 3, 4, 5]]
     original = rows[0]
     assert original['flops_ratio'] == 1.0 and abs(original['cosine']['mean'] - 1.0) < 1e-5
     for row in rows[1:]:
@@ -352,10 +354,80 @@ def test_zero_shot_example_runs_on_a_tiny_slice(tmp_path):
         for key in ('cosine', 'probe_accuracy'):
             low, high = row[key]['ci95']
             assert low - 1e-9 <= row[key]['mean'] <= high + 1e-9
-    # the window baseline never has fewer FLOPs than either HSA variant
     for pattern in range(3):
-        ratio = {r['method']: r['flops_ratio'] for r in rows[1 + 4 * pattern:5 + 4 * pattern]}
+        chosen = {r['method']: r for r in rows[1 + count * pattern:1 + count * (pattern + 1)]}
+        ratio = {method: row['flops_ratio'] for method, row in chosen.items()}
+        # the window baseline never has fewer FLOPs than either HSA variant
         assert ratio['window_global'] >= ratio['hsa_global'] >= ratio['hsa']
-    assert len(report['comparisons']) == 3 * 2 * 2
+        # the key-cluster methods pay for their clustering, the same for both
+        paid = {m: chosen[m]['clustering_flops_ratio'] for m in ('hsa_key_clusters',
+                                                                 'cluster_global')}
+        assert paid['hsa_key_clusters'] == paid['cluster_global'] > 0
+        assert chosen['hsa']['clustering_flops_ratio'] == 0
+    # three HSA variants against three baselines, per pattern
+    assert len(report['comparisons']) == 3 * 3 * 3
     with pytest.raises(ValueError, match='layer pattern'):
         example.pattern_layers('middle-2', 6)
+
+
+def test_key_cluster_modes_with_one_cluster_reproduce_the_model(model, docs):
+    from hsa_geo.pretrained import KeyClustering
+    reference = _hidden(model, docs)
+    whole = KeyClustering(cluster_size=1000)  # every row is one cluster: exact
+    for mode in ('hsa_key_clusters', 'cluster_global'):
+        with inject_hsa(model, layers=[1, 5], mode=mode, key_clustering=whole) as handle:
+            handle.set_global_tokens([d.num_tokens for d in docs], _ends(docs))
+            out = _hidden(model, docs)
+        assert torch.allclose(out, reference, atol=1e-4, rtol=1e-4)
+        assert [record.layer for record in handle.key_clusters] == [1, 5]
+
+
+def test_key_cluster_modes_are_their_fixed_structure_modes_on_the_clusters_they_built(
+        model, docs):
+    # the key-cluster modes build in every layer what hsa_global and
+    # block_global take from outside: given the same clusters, the same output
+    from hsa_geo.hierarchy.builders.kmeans import from_cluster_labels
+    from hsa_geo.pretrained import KeyClustering
+    clustering = KeyClustering(cluster_size=3, iterations=2, projection_dim=16)
+    ends = _ends(docs)
+    with inject_hsa(model, layers=[4], mode='hsa_key_clusters',
+                    key_clustering=clustering) as handle:
+        handle.set_global_tokens([d.num_tokens for d in docs], ends)
+        keyed = _hidden(model, docs)
+    (record, ) = handle.key_clusters
+    assert [labels.numel() for labels in record.labels] == [d.num_tokens - 2 for d in docs]
+    assert max(int(labels.max()) for labels in record.labels) > 0  # several clusters
+    with inject_hsa(model, layers=[4], mode='hsa_global') as handle:
+        handle.set_hierarchies([from_cluster_labels(labels) for labels in record.labels], ends)
+        fixed = _hidden(model, docs)
+    torch.testing.assert_close(keyed, fixed)
+    assert not torch.allclose(keyed, _hidden(model, docs), atol=1e-3)
+
+    with inject_hsa(model, layers=[4], mode='cluster_global',
+                    key_clustering=clustering) as handle:
+        handle.set_global_tokens([d.num_tokens for d in docs], ends)
+        routed = _hidden(model, docs)
+    (record, ) = handle.key_clusters
+    groups = []
+    for doc, labels in zip(docs, record.labels):  # [CLS]/[SEP] in groups of their own
+        groups.append(torch.cat([torch.tensor([-1]), labels, torch.tensor([-2])]))
+    with inject_hsa(model, layers=[4], mode='block_global') as handle:
+        handle.set_groups(groups, ends)
+        blocks = _hidden(model, docs)
+    torch.testing.assert_close(routed, blocks)
+
+
+def test_key_cluster_errors(model, docs):
+    from hsa_geo.pretrained import KeyClustering
+    with pytest.raises(ValueError, match="'key_clustering' is for modes"):
+        inject_hsa(model, mode='hsa_global', key_clustering=KeyClustering())
+    with inject_hsa(model, layers=[0], mode='hsa_key_clusters') as handle:
+        with pytest.raises(ValueError, match=r"set_hierarchies.. is for mode"):
+            handle.set_hierarchies([Hierarchy.flat(3)], [torch.tensor([0])])
+        with pytest.raises(ValueError, match='Row 0: every token is global'):
+            handle.set_global_tokens([2], [torch.tensor([0, 1])])
+    with inject_hsa(model, layers=[0], mode='hsa_global') as handle:
+        with pytest.raises(ValueError, match=r"set_global_tokens.. is for mode"):
+            handle.set_global_tokens([3], [torch.tensor([0])])
+    assert KeyClustering().flops(200, 384) > KeyClustering().flops(100, 384) > 0
+    assert KeyClustering(cluster_size=8).flops(8, 384) == 0  # one cluster: nothing to do

@@ -27,6 +27,15 @@ The modes:
   style: they attend to and are attended by every token, exactly).
 * ``'window_global'``: softmax inside a sliding window of half-width
   :math:`w` (per input) plus global tokens.
+* ``'hsa_key_clusters'``: ``'hsa_global'`` over a hierarchy that follows
+  the layer rather than the text: in every replaced layer and input, a
+  root over the k-means clusters of the non-global tokens' keys
+  (:func:`~hsa_geo.hierarchy.from_kmeans`; per-head L2-normalised keys,
+  heads concatenated, one tree shared by the heads; see
+  :class:`KeyClustering`).
+* ``'cluster_global'``: the baseline given the same clusters: softmax
+  inside every key cluster plus global tokens (content-routed attention, as
+  in the Routing Transformer).
 
 The three softmax baselines are computed as masked dense softmax: their
 FLOPs are those of their pattern (:mod:`hsa_geo.flops`), their wall-clock
@@ -39,18 +48,81 @@ a self-attention module with ``query``, ``key`` and ``value`` linear maps,
 ``(output, weights)``."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hsa_geo.flops import kmeans_flops
 from hsa_geo.functional import hsa
 from hsa_geo.functional.checks import to_compute
+from hsa_geo.hierarchy.builders.kmeans import from_cluster_labels, kmeans_labels
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
-MODES = ('hsa', 'hsa_global', 'block', 'block_global', 'window_global')
+MODES = ('hsa', 'hsa_global', 'block', 'block_global', 'window_global', 'hsa_key_clusters',
+         'cluster_global')
 #: the modes with global tokens
-GLOBAL_MODES = ('hsa_global', 'block_global', 'window_global')
+GLOBAL_MODES = ('hsa_global', 'block_global', 'window_global', 'hsa_key_clusters',
+                'cluster_global')
+#: the modes whose structure is built in every layer from its keys
+KEY_CLUSTER_MODES = ('hsa_key_clusters', 'cluster_global')
+
+
+@dataclass(frozen=True)
+class KeyClustering:
+    r"""How modes ``'hsa_key_clusters'`` and ``'cluster_global'`` group a
+    layer's non-global tokens: k-means (:func:`~hsa_geo.hierarchy.from_kmeans`)
+    into :math:`\lceil n / \text{cluster\_size} \rceil` clusters of the
+    keys, L2-normalised per head, heads concatenated and mapped to
+    :obj:`projection_dim` features by a fixed Gaussian random projection
+    (seeded; :obj:`None` keeps all :math:`H \cdot D`)."""
+    cluster_size: int = 4
+    iterations: int = 3
+    projection_dim: Optional[int] = 32
+    seed: int = 0
+
+    def projection(self, width: int, device) -> Optional[Tensor]:
+        r"""The ``[width, projection_dim]`` projection (or :obj:`None`)."""
+        if self.projection_dim is None:
+            return None
+        generator = torch.Generator().manual_seed(self.seed)
+        matrix = torch.randn(width, self.projection_dim, generator=generator)
+        return (matrix / math.sqrt(self.projection_dim)).to(device)
+
+    def labels(self, keys: Tensor) -> Tensor:
+        r"""``[n]`` cluster labels of the tokens whose keys are
+        :obj:`keys` ``[n, H, D]``."""
+        features = F.normalize(keys.detach().float(), dim=-1).flatten(1)
+        projection = self.projection(features.size(1), features.device)
+        if projection is not None:
+            features = features @ projection
+        num_clusters = math.ceil(keys.size(0) / self.cluster_size)
+        if num_clusters <= 1:
+            return torch.zeros(keys.size(0), dtype=torch.long)
+        return kmeans_labels(features.cpu(), num_clusters, self.iterations)
+
+    def flops(self, num_tokens: int, width: int) -> int:
+        r"""FLOPs of grouping :obj:`num_tokens` tokens whose keys are
+        :obj:`width` wide (:math:`H \cdot D`): the projection and k-means
+        (:func:`~hsa_geo.flops.kmeans_flops`), once per layer and input."""
+        num_clusters = math.ceil(num_tokens / self.cluster_size)
+        if num_clusters <= 1:
+            return 0
+        features = width if self.projection_dim is None else self.projection_dim
+        projection = 0 if self.projection_dim is None else 2 * num_tokens * width * features
+        return projection + kmeans_flops(num_tokens, num_clusters, features, self.iterations)
+
+
+@dataclass
+class KeyClusters:
+    r"""The clusters one replaced layer used for one batch: its index and,
+    per row, the label of every non-global token
+    (:attr:`HSAInjection.key_clusters` keeps them, e.g. to count FLOPs)."""
+    layer: int
+    labels: List[Tensor]
 
 
 def find_self_attention_modules(model: nn.Module) -> List[nn.Module]:
@@ -77,10 +149,14 @@ class HSAInjection:
     undo.
     """
 
-    def __init__(self, modules: Sequence[nn.Module], layers: Sequence[int], mode: str):
+    def __init__(self, modules: Sequence[nn.Module], layers: Sequence[int], mode: str,
+                 key_clustering: Optional[KeyClustering] = None):
         self.modules = list(modules)
         self.layers = list(layers)
         self.mode = mode
+        self.key_clustering = key_clustering or KeyClustering()
+        #: what the key-cluster modes built, one entry per layer call
+        self.key_clusters: List[KeyClusters] = []
         self._forest: Optional[Hierarchy] = None
         self._global: Optional[List[Tensor]] = None  # per row: which tokens are global
         self._allowed: Optional[List[Tensor]] = None  # per row: [n, n] keys of every query
@@ -141,6 +217,22 @@ class HSAInjection:
         self._set_allowed(allowed, global_tokens)
         return self
 
+    def set_global_tokens(self, num_tokens: Sequence[int],
+                          global_tokens: Sequence) -> 'HSAInjection':
+        r"""For modes ``'hsa_key_clusters'`` and ``'cluster_global'``, whose
+        structure every layer builds from its own keys: the number of
+        unmasked tokens of every batch row and the positions of its global
+        tokens among them."""
+        self._check_mode(KEY_CLUSTER_MODES, 'set_global_tokens()')
+        sizes = [int(n) for n in num_tokens]
+        positions = self._global_positions(global_tokens, len(sizes))
+        self._global, self._sizes = _global_flags(positions, sizes), sizes
+        for row, flags in enumerate(self._global):
+            if bool(flags.all()):
+                raise ValueError(f"Row {row}: every token is global; key clusters need at "
+                                 f"least one other token")
+        return self
+
     def _set_allowed(self, allowed: List[Tensor], global_tokens: Optional[Sequence]) -> None:
         sizes = [a.size(0) for a in allowed]
         if self.mode in GLOBAL_MODES:
@@ -154,7 +246,9 @@ class HSAInjection:
         if self.mode not in modes:
             setter = {'hsa': 'set_hierarchies()', 'hsa_global': 'set_hierarchies()',
                       'block': 'set_groups()', 'block_global': 'set_groups()',
-                      'window_global': 'set_windows()'}[self.mode]
+                      'window_global': 'set_windows()',
+                      'hsa_key_clusters': 'set_global_tokens()',
+                      'cluster_global': 'set_global_tokens()'}[self.mode]
             raise ValueError(f"{method} is for mode {' or '.join(map(repr, modes))}; mode "
                              f"{self.mode!r} takes {setter}")
 
@@ -210,13 +304,15 @@ class HSAInjection:
         valid = _allowed_keys(mask, size, length, hidden.device)
         counts = valid.sum(1).tolist()
         if self._sizes is None:
-            raise RuntimeError("Set the structure (set_hierarchies/set_groups/set_windows) "
-                               "before the forward call")
+            raise RuntimeError("Set the structure (set_hierarchies/set_groups/set_windows/"
+                               "set_global_tokens) before the forward call")
         if counts != self._sizes:
             raise ValueError(f"The attention mask lets through {counts} tokens per row, but "
                              f"the structure covers {self._sizes}")
+        if self.mode in KEY_CLUSTER_MODES:
+            self._cluster_keys(k[valid], self.layers[self.modules.index(module)])
         out = hidden.new_zeros(size, length, heads, head_dim)
-        if self.mode in ('hsa', 'hsa_global'):
+        if self.mode in ('hsa', 'hsa_global', 'hsa_key_clusters'):
             out[valid] = self._hsa_rows(q[valid], k[valid], v[valid], scale)
         else:
             for row in range(size):
@@ -230,6 +326,25 @@ class HSAInjection:
             pad, keep = ~valid[row], valid[row]
             out[row, pad] = masked_softmax(q[row, pad], k[row, keep], v[row, keep], None, scale)
         return out.reshape(size, length, heads * head_dim)
+
+    def _cluster_keys(self, keys: Tensor, layer: int) -> None:
+        # this layer's structure from its keys [T, H, D] (packed unmasked tokens)
+        labels, start = [], 0
+        for flags in self._global:
+            row_keys = keys[start:start + flags.numel()][~flags.to(keys.device)]
+            labels.append(self.key_clustering.labels(row_keys))
+            start += flags.numel()
+        self.key_clusters.append(KeyClusters(layer, labels))
+        if self.mode == 'hsa_key_clusters':
+            self._forest = Hierarchy.batch_hierarchies([from_cluster_labels(row)
+                                                        for row in labels])
+            return
+        allowed = []
+        for flags, row in zip(self._global, labels):
+            label = torch.full((flags.numel(), ), -1, dtype=torch.long)
+            label[~flags] = row
+            allowed.append((label[:, None] == label[None, :]) | flags[:, None] | flags[None, :])
+        self._allowed = allowed
 
     def _hsa_rows(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # [T, H, D] packed unmasked tokens of the batch, rows one after another
@@ -268,7 +383,8 @@ class HSAInjection:
 
 
 def inject_hsa(model: nn.Module, layers: Optional[Sequence[int]] = None,
-               mode: str = 'hsa') -> HSAInjection:
+               mode: str = 'hsa', key_clustering: Optional[KeyClustering] = None
+               ) -> HSAInjection:
     r"""Replaces the softmax attention of :obj:`layers` of :obj:`model` by
     HSA computed from that layer's own :math:`W_Q, W_K, W_V` and attention
     mask (or by a local softmax baseline: see :obj:`mode`).
@@ -279,7 +395,10 @@ def inject_hsa(model: nn.Module, layers: Optional[Sequence[int]] = None,
             modules to replace, in layer order. (default: all)
         mode (str, optional): One of :obj:`MODES` (see the module
             docstring): ``'hsa'``, ``'hsa_global'``, ``'block'``,
-            ``'block_global'`` or ``'window_global'``. (default: :obj:`'hsa'`)
+            ``'block_global'``, ``'window_global'``, ``'hsa_key_clusters'``
+            or ``'cluster_global'``. (default: :obj:`'hsa'`)
+        key_clustering (KeyClustering, optional): How the key-cluster modes
+            group tokens. (default: :obj:`KeyClustering()`)
 
     Returns:
         :class:`HSAInjection`: set the structure on it before every forward
@@ -307,7 +426,10 @@ def inject_hsa(model: nn.Module, layers: Optional[Sequence[int]] = None,
         if 'forward' in modules[index].__dict__:
             raise ValueError(f"Layer {index} is already replaced; remove() that injection "
                              f"first")
-    return HSAInjection([modules[i] for i in layers], layers, mode)
+    if key_clustering is not None and mode not in KEY_CLUSTER_MODES:
+        raise ValueError(f"'key_clustering' is for modes {KEY_CLUSTER_MODES} (got mode "
+                         f"{mode!r})")
+    return HSAInjection([modules[i] for i in layers], layers, mode, key_clustering)
 
 
 def _refuse_decoders(model: nn.Module, modules: Sequence[nn.Module]) -> None:

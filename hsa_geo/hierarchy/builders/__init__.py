@@ -13,6 +13,7 @@ nested partitions          :func:`from_partitions`
 a networkx graph           :func:`from_networkx` (Louvain, greedy modularity,
                            label propagation, Girvan-Newman, fluid)
 a dendrogram / features    :func:`from_linkage`, :func:`from_features`
+features, two levels       :func:`from_kmeans` (a root over k-means clusters)
 a large PyG graph          :func:`from_edge_index_metis`
 text / sequences           :func:`from_segments`, :func:`from_nested_lengths`,
                            :func:`chunk_sequence`
@@ -27,6 +28,7 @@ from hsa_geo.hierarchy.builders.compose import Composed, compose
 from hsa_geo.hierarchy.builders.dendrogram import from_features, from_linkage
 from hsa_geo.hierarchy.builders.graph import from_networkx
 from hsa_geo.hierarchy.builders.grid import grid_quadtree
+from hsa_geo.hierarchy.builders.kmeans import from_kmeans
 from hsa_geo.hierarchy.builders.limits import DEFAULT_MAX_CHILDREN, limit_children
 from hsa_geo.hierarchy.builders.metis import from_edge_index_metis
 from hsa_geo.hierarchy.builders.partitions import from_partitions
@@ -44,6 +46,7 @@ __all__ = [
     'from_edge_index_metis',
     'from_linkage',
     'from_features',
+    'from_kmeans',
     'grid_quadtree',
     'compose',
     'Composed',
