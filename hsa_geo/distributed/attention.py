@@ -138,8 +138,7 @@ def _distributed(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard,
     mine = shard.parts.to(q.device)
     rows = share_rows(summaries, mine, top.num_parts, signature.name, group,
                       lambda: signature.agree(backward=True))
-    part_out, part_log_mass = _top_sweep(rows, top, scale, top_bias, euclidean, bool(causal),
-                                         dim, v.size(2))
+    part_out, part_log_mass = _top_sweep(rows, top, scale, top_terms, dim, v.size(2))
     # y_i = P(B) y^B_i + u_B, with u_B = y_B - P(B) mean_v(B) what reaches B from outside
     leaf_part = shard.leaf_part.to(q.device)
     mass = part_log_mass[mine].exp()  # [p_r, H]
@@ -218,7 +217,8 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
         if top_bias is not None:
             own_pairs = leaf_pair_index(shard.top.hierarchy, q.device)
             own_pair = own_pairs[shard.parts.to(q.device)[leaves]]
-        self_score = leaf_self_scores(own_q, own_k, own_pair, scale, top_bias, euclidean)
+        self_score = leaf_self_scores(own_q, own_k, own_pair, scale,
+                                      terms._replace(pair_bias=top_bias))
         columns = [own_q, own_k, own_v, -self_score[..., None]]
         if euclidean:
             columns.append((own_k * own_k).sum(-1)[..., None])
@@ -226,8 +226,8 @@ def _part_summaries(q: Tensor, k: Tensor, v: Tensor, shard: HierarchyShard, scal
     return local_out, rows
 
 
-def _top_sweep(rows: Tensor, top, scale: float, top_bias: Optional[Tensor], euclidean: bool,
-               causal: bool, dim: int, value_dim: int):
+def _top_sweep(rows: Tensor, top, scale: float, top_terms: ScoreTerms, dim: int,
+               value_dim: int):
     r"""Output ``[P, H, D_v]`` and :math:`\log P` ``[P, H]`` of every part
     as a leaf of the top tree, from the parts' summary rows."""
     plan = scatter_plan(top.hierarchy, rows.device)
@@ -235,8 +235,9 @@ def _top_sweep(rows: Tensor, top, scale: float, top_bias: Optional[Tensor], eucl
     node_rows = subtree_mean(rows, plan, leaf_count=count[:top.num_parts])  # [P + T, H, width]
     query, key = node_rows[..., :dim], node_rows[..., dim:2 * dim]
     value = rows[..., 2 * dim:2 * dim + value_dim]
-    key_norm = node_rows[..., -1] if euclidean else None
-    nodes = NodeSummaries(count, query, key, key_norm, rows[..., 2 * dim + value_dim])
-    _, log_weights, kept_pairs = summaries_bottom_up(nodes, plan, scale, top_bias, causal)
+    # the rows hold the mean squared key norm; its column term is linear in it
+    column = -0.5 * scale * node_rows[..., -1] if top_terms.euclidean else None
+    nodes = NodeSummaries(count, query, key, column, rows[..., 2 * dim + value_dim])
+    _, log_weights, kept_pairs = summaries_bottom_up(nodes, plan, scale, top_terms)
     node_value = node_rows[..., 2 * dim:2 * dim + value_dim]
     return summaries_top_down(value, node_value, plan, log_weights, kept_pairs)

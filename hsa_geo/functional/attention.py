@@ -159,8 +159,7 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
     elif causal == 'strict':
         out = hsa_strict_causal(q, k, v, hierarchy.plan(q.device),
                                 scatter_plan(hierarchy, q.device),
-                                family_groups(hierarchy, q.device), scale, terms.pair_bias,
-                                terms.euclidean)
+                                family_groups(hierarchy, q.device), scale, terms)
     elif backend == 'fused':
         clusters = None
         if return_log_partition:
@@ -172,13 +171,12 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
             rows = extra.pop(0)
             leaf_pairs = (None if terms.pair_bias is None
                           else leaf_pair_index(hierarchy, q.device))
-            leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, terms.pair_bias,
-                                         terms.euclidean)
+            leaf_phi = -leaf_self_scores(q, k, leaf_pairs, scale, terms)
             phi = torch.cat([leaf_phi, rows[..., 2 * q.size(2) + v.size(2)]])
         log_self_weight = extra.pop(0) if return_log_self_weight else None
     else:
         out, phi, log_self_weight = hsa_scatter(q, k, v, scatter_plan(hierarchy, q.device),
-                                                scale, *terms, aggregate)
+                                                scale, terms, aggregate)
     outputs = [out]
     if return_log_partition:
         if terms.euclidean:  # the row term the sweeps leave out
@@ -327,7 +325,7 @@ def hsa_log_partition(q: Tensor, k: Tensor, hierarchy: Hierarchy,
         phi = _shapes_only(q, q, hierarchy, k, terms.pair_bias)[1]
     else:
         plan = scatter_plan(hierarchy, q.device)
-        phi = scatter_bottom_up(q, k, plan, scale, *terms)[0]
+        phi = scatter_bottom_up(q, k, plan, scale, terms)[0]
         if terms.euclidean:  # the row term the sweeps leave out
             phi = phi - subtree_mean(terms.row_term(q, scale), plan)
     phi = phi.to(dtype)

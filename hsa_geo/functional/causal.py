@@ -34,6 +34,7 @@ from torch import Tensor
 
 from hsa_geo.functional.scatter_sweep import ScatterPlan, leaf_self_scores, subtree_mean
 from hsa_geo.hierarchy.plan import SweepPlan
+from hsa_geo.functional.terms import ScoreTerms
 
 
 class FamilyGroup(NamedTuple):
@@ -89,7 +90,7 @@ def _family_group(block, members: Tensor, first_leaf: Tensor, num_leaves: int) -
 
 def hsa_strict_causal(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
                       scatter_plan: ScatterPlan, groups: List[FamilyGroup], scale: float,
-                      pair_bias: Optional[Tensor] = None, euclidean: bool = False) -> Tensor:
+                      terms: ScoreTerms = ScoreTerms()) -> Tensor:
     r"""Strictly causal hierarchical attention on ``[N, H, D]`` inputs
     (autograd; double backward included), computed heads-first.
     :obj:`scatter_plan` supplies each leaf's own pair."""
@@ -97,12 +98,11 @@ def hsa_strict_causal(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
     q_heads, k_heads, v_heads = (t.transpose(0, 1) for t in (q, k, v))  # [H, N, D] views
     node_k = subtree_mean(k, scatter_plan).transpose(0, 1)  # [H, N + M, D]
     node_v = subtree_mean(v, scatter_plan).transpose(0, 1)
-    key_norm = None
-    if euclidean:  # mean |k|^2 below every node; the row term cancels within a row
-        key_norm = subtree_mean((k * k).sum(-1), scatter_plan).t()  # [H, N + M]
-    self_score = leaf_self_scores(q, k, scatter_plan.leaf_pair, scale, pair_bias,
-                                  euclidean).t()  # [H, N]
-    bias = None if pair_bias is None else pair_bias.t()  # [H, E]
+    column = terms.column_term(k, scale)  # the row term cancels within a row
+    if column is not None:  # its mean below every node
+        column = subtree_mean(column, scatter_plan).t()  # [H, N + M]
+    self_score = leaf_self_scores(q, k, scatter_plan.leaf_pair, scale, terms).t()  # [H, N]
+    bias = None if terms.pair_bias is None else terms.pair_bias.t()  # [H, E]
     log_count = plan.num_leaves_below.to(q.dtype).log()
     # one padding row / column (leaf id N) that every group may point at
     padded_q = torch.cat([q_heads, q_heads.new_zeros(heads, 1, q.size(2))], dim=1)
@@ -113,8 +113,8 @@ def hsa_strict_causal(q: Tensor, k: Tensor, v: Tensor, plan: SweepPlan,
         query = _leaf_rows(padded_q, group)
         score = torch.matmul(query, node_k[:, group.children].transpose(-1, -2)) * scale
         score = score + log_count[group.children][None, :, None, :]
-        if key_norm is not None:
-            score = score - 0.5 * scale * key_norm[:, group.children][:, :, None, :]
+        if column is not None:
+            score = score + column[:, group.children][:, :, None, :]
         if bias is not None:  # pair (X, C): X holds the leaf, C is the column
             pair = (group.first_pair[:, None, None] + group.child_position[..., None] * size
                     + torch.arange(size, device=q.device))

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch_geometric.utils import scatter
 
 from hsa_geo.hierarchy.plan import SweepPlan
+from hsa_geo.functional.terms import ScoreTerms
 
 
 class Level(NamedTuple):
@@ -125,14 +126,16 @@ def subtree_mean(x: Tensor, plan: ScatterPlan, leaf_count: Optional[Tensor] = No
 
 
 def leaf_self_scores(q: Tensor, k: Tensor, leaf_pair: Optional[Tensor], scale: float,
-                     pair_bias: Optional[Tensor], euclidean: bool) -> Tensor:
-    r"""``[N, H]`` :math:`s_{ii}`: the energy of a leaf with itself (the
-    Euclidean key term; the row term cancels) plus the bias of its own pair
+                     terms: ScoreTerms = ScoreTerms()) -> Tensor:
+    r"""``[N, H]`` :math:`s_{ii}`: the energy of a leaf with itself (its
+    column term; the row term cancels) plus the bias of its own pair
     (:obj:`leaf_pair` ``[N]``, its position, -1 for a leaf that is a root of
     its own and has none)."""
     self_score = scale * (q * k).sum(-1)
-    if euclidean:
-        self_score = self_score - 0.5 * scale * (k * k).sum(-1)
+    column = terms.column_term(k, scale)
+    if column is not None:
+        self_score = self_score + column
+    pair_bias = terms.pair_bias
     if pair_bias is not None and pair_bias.size(0) > 0:  # no pairs: only isolated leaves
         has_pair = (leaf_pair >= 0)[:, None]
         self_score = self_score + torch.where(has_pair, pair_bias[leaf_pair.clamp(min=0)], 0.0)
@@ -144,43 +147,45 @@ class NodeSummaries(NamedTuple):
     count: Tensor  #: ``[N + M]`` leaves below (a summary leaf stands for several)
     query: Tensor  #: ``[N + M, H, D]`` mean query
     key: Tensor  #: ``[N + M, H, D]`` mean key
-    key_norm: Optional[Tensor]  #: ``[N + M, H]`` mean squared key norm (Euclidean energy)
+    #: ``[N + M, H]`` mean column term :math:`c_j` (Euclidean energy), or None
+    column_term: Optional[Tensor]
     leaf_phi: Tensor  #: ``[N, H]`` :math:`\phi` of the leaves
 
 
 def scatter_bottom_up(q: Tensor, k: Tensor, plan: ScatterPlan, scale: float,
-                      pair_bias: Optional[Tensor] = None, euclidean: bool = False,
-                      causal: bool = False, aggregate: Aggregate = scatter_aggregate):
-    r""":math:`\phi` of every node (``[N + M, H]``; with the Euclidean
-    energy without its row term) and, level by level, the log-weights of
-    the kept sibling pairs and those pairs (autograd, twice
-    differentiable)."""
-    key_norm = subtree_mean((k * k).sum(-1), plan) if euclidean else None
-    self_score = leaf_self_scores(q, k, plan.leaf_pair, scale, pair_bias, euclidean)
+                      terms: ScoreTerms = ScoreTerms(),
+                      aggregate: Aggregate = scatter_aggregate):
+    r""":math:`\phi` of every node (``[N + M, H]``; without the row term)
+    and, level by level, the log-weights of the kept sibling pairs and those
+    pairs (autograd, twice differentiable)."""
+    column = terms.column_term(k, scale)
+    self_score = leaf_self_scores(q, k, plan.leaf_pair, scale, terms)
     nodes = NodeSummaries(plan.num_leaves_below.to(q.dtype), subtree_mean(q, plan),
-                          subtree_mean(k, plan), key_norm, -self_score)
-    return summaries_bottom_up(nodes, plan, scale, pair_bias, causal, aggregate)
+                          subtree_mean(k, plan),
+                          None if column is None else subtree_mean(column, plan), -self_score)
+    return summaries_bottom_up(nodes, plan, scale, terms, aggregate)
 
 
 def summaries_bottom_up(nodes: NodeSummaries, plan: ScatterPlan, scale: float,
-                        pair_bias: Optional[Tensor] = None, causal: bool = False,
+                        terms: ScoreTerms = ScoreTerms(),
                         aggregate: Aggregate = scatter_aggregate):
     r""":func:`scatter_bottom_up` from per-node summaries: the leaves may
     stand for whole subtrees (their :math:`\phi`, count and means given)."""
     num_leaves, num_nodes = nodes.leaf_phi.size(0), plan.parent.numel()
-    count, mean_q, mean_k, key_norm = nodes.count, nodes.query, nodes.key, nodes.key_norm
+    count, mean_q, mean_k, column = nodes.count, nodes.query, nodes.key, nodes.column_term
+    pair_bias = terms.pair_bias
     phi = torch.cat([nodes.leaf_phi, mean_q.new_zeros(num_nodes - num_leaves, mean_q.size(1))])
     log_weights, kept_pairs = [], []
     for level in plan.levels:  # bottom-up: phi of each parent from its children
         row, col, pair = level.row, level.col, level.pair
-        if causal:  # only earlier siblings (and the child itself)
+        if terms.causal:  # only earlier siblings (and the child itself)
             keep = plan.sibling_index[col] <= plan.sibling_index[row]
             row, col, pair = row[keep], col[keep], pair[keep]
         kept_pairs.append((row, col))
         diagonal = row == col
         score = scale * (mean_q[row] * mean_k[col]).sum(-1) + count[col].log()[:, None]
-        if key_norm is not None:
-            score = score - 0.5 * scale * key_norm[col]
+        if column is not None:
+            score = score + column[col]
         if pair_bias is not None:
             score = score + pair_bias[pair]
         score = torch.where(diagonal[:, None], -phi[row], score)
@@ -194,16 +199,15 @@ def summaries_bottom_up(nodes: NodeSummaries, plan: ScatterPlan, scale: float,
 
 
 def hsa_scatter(q: Tensor, k: Tensor, v: Tensor, plan: ScatterPlan, scale: float,
-                pair_bias: Optional[Tensor] = None, euclidean: bool = False,
-                causal: bool = False, aggregate: Aggregate = scatter_aggregate
+                terms: ScoreTerms = ScoreTerms(), aggregate: Aggregate = scatter_aggregate
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     r"""HSA on ``[N, H, D]`` inputs by scatter operations (autograd), with
-    an optional pair bias ``[E, H]``, the Euclidean energy (its key term;
-    the row term cancels) and the causal restriction to earlier siblings:
-    the output ``[N, H, D_v]``, :math:`\phi` of every node ``[N + M, H]``
-    and the leaves' :math:`\log a_{ii}` ``[N, H]``."""
-    phi, log_weights, kept_pairs = scatter_bottom_up(q, k, plan, scale, pair_bias, euclidean,
-                                                     causal, aggregate)
+    the score terms :obj:`terms` (a pair bias ``[E, H]``, the Euclidean
+    energy's column term -- its row term cancels -- and the causal
+    restriction to earlier siblings): the output ``[N, H, D_v]``,
+    :math:`\phi` of every node ``[N + M, H]`` and the leaves'
+    :math:`\log a_{ii}` ``[N, H]``."""
+    phi, log_weights, kept_pairs = scatter_bottom_up(q, k, plan, scale, terms, aggregate)
     out, leaf_log_mass = summaries_top_down(v, subtree_mean(v, plan), plan, log_weights,
                                             kept_pairs, aggregate)
     return out, phi, leaf_log_mass
