@@ -19,8 +19,9 @@ Methods (all computed from each layer's own projections;
   rather than the text: in every replaced layer, a root over the k-means
   clusters of the text tokens' keys (:func:`~hsa_geo.hierarchy.from_kmeans`,
   ``--cluster-size`` tokens per cluster on average, ``--cluster-iterations``
-  Lloyd steps on a ``--projection-dim`` random projection of the per-head
-  normalised keys; one tree shared by the heads);
+  Lloyd steps on the per-head normalised keys summed over the heads, or with
+  ``--key-features projection`` on a ``--projection-dim`` random projection
+  of them; one tree shared by the heads);
 * ``cluster_global``: the baseline given the same clusters, softmax inside
   every key cluster plus the global tokens (content-routed attention, as in
   the Routing Transformer).
@@ -89,10 +90,12 @@ def parse_args(argv=None):
                         choices=('word+sentence', 'sentence', 'word'))
     parser.add_argument('--cluster-size', type=int, default=4,
                         help='key-cluster methods: mean tokens per k-means cluster')
-    parser.add_argument('--cluster-iterations', type=int, default=3,
+    parser.add_argument('--cluster-iterations', type=int, default=1,
                         help='key-cluster methods: Lloyd iterations')
+    parser.add_argument('--key-features', default='head_sum', choices=('head_sum', 'projection'),
+                        help='key-cluster methods: what k-means clusters')
     parser.add_argument('--projection-dim', type=int, default=32,
-                        help='key-cluster methods: random projection of the keys (0: none)')
+                        help="key-cluster methods: width of --key-features projection")
     parser.add_argument('--bootstrap', type=int, default=2000,
                         help='paired bootstrap resamples of the test reviews')
     add_shared_arguments(parser, 'zero_shot_minilm', batch_size=16)
@@ -187,7 +190,7 @@ def key_cluster_flops(records, method, clustering, dim, heads):
             else:
                 local = block_local_flops(labels, dim, heads=heads)
             attention += local + global_token_flops(size, 2, dim, heads=heads)
-            clustering_cost += clustering.flops(labels.numel(), dim * heads)
+            clustering_cost += clustering.flops(labels.numel(), heads, dim)
     return attention, clustering_cost
 
 
@@ -278,8 +281,8 @@ def main(argv=None):
     patterns = {name: pattern_layers(name, num_layers)
                 for name in args.patterns.split(',') if name}
     structures = Structures(test_docs, args.max_children or None, args.levels, head_dim, heads)
-    clustering = KeyClustering(args.cluster_size, args.cluster_iterations,
-                               args.projection_dim or None)
+    clustering = KeyClustering(args.cluster_size, args.cluster_iterations, args.key_features,
+                               args.projection_dim)
     progress = not args.no_progress
 
     train_x = encode_documents(model, train_docs, args.batch_size, progress=progress)
@@ -354,7 +357,7 @@ def main(argv=None):
         'config': {key: getattr(args, key) for key in
                    ('train_size', 'test_size', 'max_tokens', 'max_children', 'levels',
                     'patterns', 'methods', 'batch_size', 'bootstrap', 'cluster_size',
-                    'cluster_iterations', 'projection_dim')},
+                    'cluster_iterations', 'key_features', 'projection_dim')},
         'data': {'train': len(train_docs), 'test': len(test_docs),
                  'mean_tokens_per_review': sum(d.num_tokens for d in test_docs) / len(test_docs),
                  'mean_sentences_per_review': sum(int(d.sentence_ids.max()) + 1

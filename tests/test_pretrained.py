@@ -388,7 +388,8 @@ def test_key_cluster_modes_are_their_fixed_structure_modes_on_the_clusters_they_
     # block_global take from outside: given the same clusters, the same output
     from hsa_geo.hierarchy.builders.kmeans import from_cluster_labels
     from hsa_geo.pretrained import KeyClustering
-    clustering = KeyClustering(cluster_size=3, iterations=2, projection_dim=16)
+    clustering = KeyClustering(cluster_size=3, iterations=2, features='projection',
+                               projection_dim=16)
     ends = _ends(docs)
     with inject_hsa(model, layers=[4], mode='hsa_key_clusters',
                     key_clustering=clustering) as handle:
@@ -429,5 +430,9 @@ def test_key_cluster_errors(model, docs):
     with inject_hsa(model, layers=[0], mode='hsa_global') as handle:
         with pytest.raises(ValueError, match=r"set_global_tokens.. is for mode"):
             handle.set_global_tokens([3], [torch.tensor([0])])
-    assert KeyClustering().flops(200, 384) > KeyClustering().flops(100, 384) > 0
-    assert KeyClustering(cluster_size=8).flops(8, 384) == 0  # one cluster: nothing to do
+    assert KeyClustering().flops(200, 12, 32) > KeyClustering().flops(100, 12, 32) > 0
+    assert (KeyClustering(features='projection').flops(200, 12, 32)
+            > KeyClustering().flops(200, 12, 32))
+    assert KeyClustering(cluster_size=8).flops(8, 12, 32) == 0  # one cluster: nothing to do
+    with pytest.raises(ValueError, match='features must be one of'):
+        KeyClustering(features='values')

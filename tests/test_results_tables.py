@@ -122,7 +122,12 @@ def _planted_built(result):
             + [f"{result['graph']['build_seconds']:.1f} s"])
 
 
-EXPECTED = {'scaling': _scaling, 'engines': _engines, 'batches': _batches,
+def _zero_shot(result):
+    return [f"{row['cosine']['mean']:.4f}" for row in result['rows']] + [
+        f"{c['cosine_difference']['mean']:+.4f}" for c in result['comparisons']]
+
+
+EXPECTED = {'zero-shot': _zero_shot, 'scaling': _scaling, 'engines': _engines, 'batches': _batches,
             'energy-terms': _energy_terms, 'distributed': _distributed,
             'planted-partition': _planted_partition, 'max-children': _max_children,
             'metis': _metis, 'ogb': _ogb, 'listops': _listops, 'listops-step': _listops_step,

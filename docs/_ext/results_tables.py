@@ -8,7 +8,7 @@ A page asks for a table with a line of its own::
 
 and gets a ``list-table`` (or a note saying which command writes the file,
 when it does not exist yet). Kinds: ``listops``, ``listops-step``, ``sbm``
-(docs/where_hsa_helps.rst); ``scaling`` (also its CUDA run), ``engines``,
+and ``zero-shot`` (docs/where_hsa_helps.rst, docs/results_text.rst); ``scaling`` (also its CUDA run), ``engines``,
 ``batches``, ``energy-terms`` (docs/results_speed.rst); ``distributed`` and
 ``planted-partition`` (docs/distributed.rst); ``planted-built``
 (docs/planted_partition_built.rst); ``max-children`` and
@@ -42,6 +42,7 @@ COMMANDS = {
     'max-children': 'python -m benchmarks.builders --only max_children',
     'metis': 'python -m benchmarks.builders --only metis',
     'ogb': 'python examples/ogbg_molhiv.py (or ogbn_arxiv.py, multimodal_molecules.py) --out FILE',
+    'zero-shot': 'python examples/zero_shot_minilm.py --out FILE',
 }
 
 
@@ -439,7 +440,49 @@ def _ogb(result: Dict) -> str:
             f"Written by {command}.\n")
 
 
-RENDERERS: Dict[str, Callable[[Dict], str]] = {'listops': _listops,
+#: the zero-shot methods as the tables name them
+ZERO_SHOT_METHODS = {'original': 'original', 'hsa': 'HSA (text tree)',
+                     'hsa_global': 'HSA (text tree) + global',
+                     'hsa_key_clusters': 'HSA (key clusters) + global',
+                     'block_global': 'sentence blocks + global',
+                     'window_global': 'sliding window + global',
+                     'cluster_global': 'key-cluster blocks + global'}
+
+
+def _interval(summary: Dict, spec: str = '.4f') -> str:
+    low, high = summary['ci95']
+    return f"{summary['mean']:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
+def _zero_shot(result: Dict) -> str:
+    header = ['layers replaced', 'method', 'FLOPs / original (clustering)',
+              'cosine to original [95 % CI]', 'probe accuracy [95 % CI]', 'encode time']
+    rows = []
+    for row in result['rows']:
+        layers = ', '.join(str(layer + 1) for layer in row['layers']) or '--'
+        flops = f"{row['flops_ratio']:.3f}"
+        if row.get('clustering_flops_ratio'):
+            flops += f" ({row['clustering_flops_ratio']:.3f})"
+        rows.append([f"{row['pattern']} ({layers})", ZERO_SHOT_METHODS[row['method']], flops,
+                     _interval(row['cosine']), _interval(row['probe_accuracy']),
+                     f"{row['encode_time_ratio']:.2f}"])
+    table = _table(header, rows)
+    header = ['layers', 'method', 'minus', 'cosine difference [95 % CI]',
+              'probe accuracy difference [95 % CI]']
+    rows = [[c['pattern'], ZERO_SHOT_METHODS[c['method']], ZERO_SHOT_METHODS[c['baseline']],
+             _interval(c['cosine_difference'], '+.4f'),
+             _interval(c['probe_accuracy_difference'], '+.4f')]
+            for c in result['comparisons']]
+    data, model = result['data'], result['model']
+    table += '\n' + _table(header, rows)
+    return table + (f"\n{model['name']}, {data['test']} test reviews (probe fitted on "
+                    f"{data['train']}), {data['mean_tokens_per_review']:.0f} word pieces on "
+                    f"average; paired bootstrap intervals over the test reviews. FLOPs count "
+                    f"attention (and, in brackets, the share of building the key clusters, "
+                    f"included in the total). Written by ``{result['command']}``.\n")
+
+
+RENDERERS: Dict[str, Callable[[Dict], str]] = {'zero-shot': _zero_shot,'listops': _listops,
                                                 'listops-step': _listops_step, 'sbm': _sbm,
                                                 'scaling': _scaling, 'engines': _engines,
                                                 'batches': _batches,
