@@ -127,7 +127,13 @@ def _zero_shot(result):
         f"{c['cosine_difference']['mean']:+.4f}" for c in result['comparisons']]
 
 
-EXPECTED = {'zero-shot': _zero_shot, 'scaling': _scaling, 'engines': _engines, 'batches': _batches,
+def _imdb(result):
+    return [f"{row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}"
+            for row in result['summary'].values()] + [
+        f"{c['difference_mean']:+.4f}" for c in result.get('comparisons') or []]
+
+
+EXPECTED = {'zero-shot': _zero_shot, 'imdb': _imdb, 'scaling': _scaling, 'engines': _engines, 'batches': _batches,
             'energy-terms': _energy_terms, 'distributed': _distributed,
             'planted-partition': _planted_partition, 'max-children': _max_children,
             'metis': _metis, 'ogb': _ogb, 'listops': _listops, 'listops-step': _listops_step,

@@ -8,7 +8,8 @@ A page asks for a table with a line of its own::
 
 and gets a ``list-table`` (or a note saying which command writes the file,
 when it does not exist yet). Kinds: ``listops``, ``listops-step``, ``sbm``
-and ``zero-shot`` (docs/where_hsa_helps.rst, docs/results_text.rst); ``scaling`` (also its CUDA run), ``engines``,
+and ``zero-shot`` (docs/where_hsa_helps.rst, docs/results_text.rst); ``imdb``
+(docs/results_text.rst); ``scaling`` (also its CUDA run), ``engines``,
 ``batches``, ``energy-terms`` (docs/results_speed.rst); ``distributed`` and
 ``planted-partition`` (docs/distributed.rst); ``planted-built``
 (docs/planted_partition_built.rst); ``max-children`` and
@@ -43,6 +44,7 @@ COMMANDS = {
     'metis': 'python -m benchmarks.builders --only metis',
     'ogb': 'python examples/ogbg_molhiv.py (or ogbn_arxiv.py, multimodal_molecules.py) --out FILE',
     'zero-shot': 'python examples/zero_shot_minilm.py --out FILE',
+    'imdb': 'python examples/imdb_hsa.py --out FILE',
 }
 
 
@@ -482,7 +484,30 @@ def _zero_shot(result: Dict) -> str:
                     f"included in the total). Written by ``{result['command']}``.\n")
 
 
-RENDERERS: Dict[str, Callable[[Dict], str]] = {'zero-shot': _zero_shot,'listops': _listops,
+def _imdb(result: Dict) -> str:
+    # runs are named "model" or "model/positions/embeddings"
+    header = ['run', 'test accuracy (mean ± std)', 'seeds', 'best validation accuracy',
+              's / training step', 'attention MFLOPs / review']
+    rows = []
+    for name, row in result['summary'].items():
+        step = row.get('seconds_per_step_mean')
+        valid = row.get('best_valid_acc_mean')
+        rows.append([f'``{name}``', f"{row['test_acc_mean']:.4f} ± {row['test_acc_std']:.4f}",
+                     str(row['seeds']), '--' if valid is None else f'{valid:.4f}',
+                     '--' if step is None else f'{step:.3f}',
+                     f"{row['attention_flops_per_review'] / 1e6:.2f}"])
+    table = _table(header, rows)
+    comparisons = result.get('comparisons') or []
+    if comparisons:
+        header = ['run', 'minus', 'difference (mean over seeds)', '95 % interval', 'note']
+        rows = [[f"``{c['first']}``", f"``{c['second']}``", f"{c['difference_mean']:+.4f}",
+                 f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]", c.get('kind', '')]
+                for c in comparisons]
+        table += '\n' + _table(header, rows)
+    return table + f"\nWritten by ``{result['command']}``.\n"
+
+
+RENDERERS: Dict[str, Callable[[Dict], str]] = {'zero-shot': _zero_shot, 'imdb': _imdb,'listops': _listops,
                                                 'listops-step': _listops_step, 'sbm': _sbm,
                                                 'scaling': _scaling, 'engines': _engines,
                                                 'batches': _batches,
