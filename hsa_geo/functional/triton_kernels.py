@@ -2,10 +2,10 @@ r"""The Triton programs of :mod:`hsa_geo.functional.triton_sweeps`: one
 program per (family, head), one launch per level and sweep.
 
 This module imports :mod:`triton` and decorates its programs when it is
-loaded, which is when Triton reads ``TRITON_INTERPRET``; so
-:mod:`~hsa_geo.functional.triton_sweeps` loads it on first use, once per
-interpreter setting (:func:`~hsa_geo.functional.triton_sweeps.programs`),
-and nothing else imports it.
+imported: only :func:`hsa_geo.functional.triton_sweeps.programs` imports it,
+on first use, so that ``import hsa_geo`` never needs Triton and the
+programs are decorated as Triton's standard library was (compiled, or for
+its interpreter).
 
 Every program holds its family's children as a dense ``BLOCK_B`` block
 (masked beyond the family's ``size`` children), the formulas and names of

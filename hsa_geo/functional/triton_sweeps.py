@@ -19,12 +19,14 @@ and its gradient pass as they are, and saves what the kernel saves: the
 clusters' rows ``[M, H, 2D + D_v + 2]``, the weights ``[H, E]`` and
 :math:`\log P` ``[N + M, H]``.
 
-Select it with :func:`hsa_geo.functional.engine` (``engine('triton')``);
-``'auto'`` does not pick it: it has only run in Triton's interpreter so
-far, and keeps the tensor sweeps on GPUs until ``benchmarks/gpu_checks.sh``
-has validated it on one. It runs on CUDA tensors, and on CPU tensors in
-Triton's interpreter (``TRITON_INTERPRET=1``: slow, for tests). Inputs
-are computed in float32 (float16 and bfloat16 are upcast by the caller).
+Select it with :func:`hsa_geo.functional.engine` (``engine('triton')``).
+``'auto'`` does not pick it: so far it has only run in Triton's
+interpreter, and ``'auto'`` keeps the tensor sweeps on GPUs until
+``benchmarks/gpu_checks.sh`` has validated it on one. It runs on CUDA
+tensors, and on CPU tensors in
+Triton's interpreter (``TRITON_INTERPRET=1`` set before :mod:`triton` is
+first imported, see :func:`interpreting`: slow, for tests). Inputs are
+computed in float32 (float16 and bfloat16 are upcast by the caller).
 
 What it refuses, each with an error that names the engine to use instead:
 float64 inputs, ``causal='strict'``, higher-order gradients, families of
@@ -33,12 +35,8 @@ more than :data:`MAX_CHILDREN` children and heads wider than
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -110,33 +108,37 @@ def _block(size: int) -> int:
 
 
 def interpreting() -> bool:
-    r"""Whether Triton runs its programs in its interpreter (``TRITON_INTERPRET``),
-    read now, as Triton reads it when it decorates a program."""
-    try:
-        from triton import knobs
-    except ImportError:  # triton < 3.3 reads the variable itself
-        return os.environ.get('TRITON_INTERPRET', '0') == '1'
-    return bool(knobs.runtime.interpret)
+    r"""Whether Triton runs its programs in its interpreter in this process.
+    Triton reads ``TRITON_INTERPRET`` when it decorates a program, and it
+    decorates its standard library (``tl.sum``, ``tl.max``, ...) when
+    :mod:`triton` is first imported, which :mod:`torch_geometric` does: the
+    variable counts if it is set before that, and this reads what was
+    decided then."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.sum, InterpretedFunction)
 
 
-_PROGRAMS: Dict[bool, object] = {}
+_PROGRAMS = None
 
 
-def programs(interpret: bool):
+def programs():
     r"""The module of Triton programs (:mod:`hsa_geo.functional.triton_kernels`),
-    loaded once per interpreter setting: Triton decides when a program is
-    decorated whether it is interpreted or compiled, so a process that
-    runs both (tests on the CPU, then on a GPU) gets one copy of each."""
-    module = _PROGRAMS.get(interpret)
-    if module is None:
-        name = 'hsa_geo.functional.triton_kernels_' + ('interpreted' if interpret else 'compiled')
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name('triton_kernels.py'))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        _PROGRAMS[interpret] = module
-    return module
+    imported on first use and decorated as Triton's standard library was
+    (:func:`interpreting`), whatever ``TRITON_INTERPRET`` says by then."""
+    global _PROGRAMS
+    if _PROGRAMS is None:
+        interpret = interpreting()
+        try:
+            from triton import knobs
+        except ImportError:  # triton < 3.3 reads the variable when it decorates
+            from hsa_geo.functional import triton_kernels
+        else:
+            with knobs.runtime.scope():
+                knobs.runtime.interpret = interpret
+                from hsa_geo.functional import triton_kernels
+        _PROGRAMS = triton_kernels
+    return _PROGRAMS
 
 
 def _programs_for(q: Tensor):
@@ -146,15 +148,15 @@ def _programs_for(q: Tensor):
     except ImportError as error:
         raise RuntimeError("engine('triton') needs the triton package (pip install "
                            "'triton>=3.0'); use engine('tensor') or engine('auto')") from error
-    interpret = interpreting()
-    if q.device.type == 'cpu' and not interpret:
+    if q.device.type == 'cpu' and not interpreting():
         raise RuntimeError("engine('triton') runs on CUDA tensors, or on CPU tensors only in "
-                           "Triton's interpreter (TRITON_INTERPRET=1, for tests); on the CPU "
-                           "use engine('kernel') or engine('auto')")
+                           "Triton's interpreter (TRITON_INTERPRET=1 before triton is first "
+                           "imported, for tests); on the CPU use engine('kernel') or "
+                           "engine('auto')")
     if q.device.type not in ('cpu', 'cuda'):
         raise RuntimeError(f"engine('triton') runs on CUDA tensors (got {q.device}); use "
                            f"engine('tensor')")
-    return programs(interpret)
+    return programs()
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor], plan: TritonPlan):
