@@ -27,7 +27,8 @@ from hsa_geo.functional import engine, hsa, hsa_dense  # noqa: E402
 from hsa_geo.functional.attention import hsa_with_summaries  # noqa: E402
 from hsa_geo.functional.engines import engine_cache  # noqa: E402
 from hsa_geo.functional.terms import ScoreTerms  # noqa: E402
-from hsa_geo.functional.triton_sweeps import MAX_CHILDREN, build_triton_plan, triton_hsa  # noqa: E402
+from hsa_geo.functional.triton_sweeps import (MAX_CHILDREN, build_triton_plan,  # noqa: E402
+                                              triton_hsa)
 from random_trees import random_forest, random_hierarchy  # noqa: E402
 
 INTERPRETED = triton_sweeps.interpreting()

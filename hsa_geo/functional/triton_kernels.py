@@ -143,7 +143,8 @@ def forward_up(q, k, v, means, count, log_count, bias, weights, self_log,
     tl.store(parent_row + d, tl.sum(share[:, None] * query, 0), mask=d < dim)
     tl.store(parent_row + dim + d, tl.sum(share[:, None] * key, 0), mask=d < dim)
     tl.store(parent_row + 2 * dim + e, tl.sum(share[:, None] * value, 0), mask=e < value_dim)
-    tl.store(parent_row + 2 * dim + value_dim, -tl.sum(tl.where(inside, share * log_partition, 0.0), 0))
+    parent_phi = -tl.sum(tl.where(inside, share * log_partition, 0.0), 0)
+    tl.store(parent_row + 2 * dim + value_dim, parent_phi)
     if EUCLIDEAN:
         tl.store(parent_row + 2 * dim + value_dim + 1, tl.sum(share * key_norm, 0))
     else:
@@ -285,7 +286,8 @@ def backward_down(q, k, v, grad_out, means, gradient, weights, log_mass, through
     gamma = tl.load(parent_acc + acc_width - 1) + inverse_count * tl.sum(grad_score, 0)
 
     # clusters: add to what `accumulated` and `delta` hold (their own rows' gradients)
-    cluster_acc = accumulated + (tl.where(is_cluster, child - num_leaves, 0) * heads + head) * acc_width
+    cluster = tl.where(is_cluster, child - num_leaves, 0) * heads + head
+    cluster_acc = accumulated + cluster * acc_width
     rows = is_cluster[:, None]
     for_query = cluster_acc[:, None] + d[None, :]
     tl.store(for_query, tl.load(for_query, mask=rows & (d < dim)[None, :], other=0.0) + query_grad,
@@ -298,7 +300,7 @@ def backward_down(q, k, v, grad_out, means, gradient, weights, log_mass, through
              + value_grad, mask=rows & (e < value_dim)[None, :])
     for_gamma = cluster_acc + acc_width - 1
     tl.store(for_gamma, tl.load(for_gamma, mask=is_cluster, other=0.0) + gamma, mask=is_cluster)
-    for_delta = delta + tl.where(is_cluster, child - num_leaves, 0) * heads + head
+    for_delta = delta + cluster
     tl.store(for_delta, tl.load(for_delta, mask=is_cluster, other=0.0) + own, mask=is_cluster)
 
     # leaves: d s_ij / d k_j gains -scale k_j per unit of gamma (Euclidean key term)

@@ -35,6 +35,7 @@ more than :data:`MAX_CHILDREN` children and heads wider than
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -179,6 +180,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor], plan: T
         raise NotImplementedError(
             f"engine('triton') holds heads of at most {MAX_HEAD_WIDTH} features (got q "
             f"{q.size(2)}, v {v.size(2)}); use engine('tensor')")
+    if plan.children.device != q.device:
+        raise ValueError(f"engine('triton'): the plan is on {plan.children.device} but q is on "
+                         f"{q.device}")
     if pair_bias is not None and (pair_bias.shape != (q.size(1), plan.num_pairs)
                                   or pair_bias.dtype != q.dtype):
         raise ValueError(f"engine('triton'): pair bias [H, E] = [{q.size(1)}, {plan.num_pairs}] "
@@ -190,6 +194,10 @@ def _launch(plan: TritonPlan, heads: int, bottom_up: bool):
     levels = plan.levels if bottom_up else reversed(plan.levels)
     for first, families, block in levels:
         yield (families, heads), first, block
+
+
+def _on_device(q: Tensor):
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
 
 
 def _tables(plan: TritonPlan):
@@ -216,19 +224,19 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
     log_mass = q.new_zeros(plan.num_nodes, heads)  # 0 at roots
     message = q.new_zeros(num_clusters, heads, value_dim)  # 0 at roots
     out = v.clone()  # an isolated leaf attends to itself; every other row is written
-    blocks = dict(BLOCK_D=_block(dim))
     sizes = (num_leaves, heads, dim, value_dim, plan.num_pairs)
-    for grid, first, block in _launch(plan, heads, bottom_up=True):
-        program.forward_up[grid](
-            q, k, v, means, plan.count, plan.log_count,
-            weights if pair_bias is None else pair_bias, weights, self_log, *_tables(plan),
-            first, *sizes, float(scale), EUCLIDEAN=bool(euclidean), CAUSAL=bool(causal),
-            HAS_BIAS=pair_bias is not None, BLOCK_B=block, BLOCK_DV=_block(value_dim),
-            **blocks)
-    for grid, first, block in _launch(plan, heads, bottom_up=False):
-        program.forward_down[grid](
-            v, means, message, weights, self_log, log_mass, out, *_tables(plan), first, *sizes,
-            BLOCK_B=block, BLOCK_DV=_block(value_dim))
+    with _on_device(q):  # Triton launches on the current CUDA device
+        for grid, first, block in _launch(plan, heads, bottom_up=True):
+            program.forward_up[grid](
+                q, k, v, means, plan.count, plan.log_count,
+                weights if pair_bias is None else pair_bias, weights, self_log, *_tables(plan),
+                first, *sizes, float(scale), EUCLIDEAN=bool(euclidean), CAUSAL=bool(causal),
+                HAS_BIAS=pair_bias is not None, BLOCK_B=block, BLOCK_D=_block(dim),
+                BLOCK_DV=_block(value_dim))
+        for grid, first, block in _launch(plan, heads, bottom_up=False):
+            program.forward_down[grid](
+                v, means, message, weights, self_log, log_mass, out, *_tables(plan), first, *sizes,
+                BLOCK_B=block, BLOCK_DV=_block(value_dim))
     return out, (means, weights, log_mass)
 
 
@@ -266,19 +274,20 @@ def triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan: Tri
     grad_v = grad_out.clone()  # an isolated leaf's output is its own value
     grad_bias = q.new_zeros(heads, plan.num_pairs) if bias_grad else None
     sizes = (num_leaves, heads, dim, value_dim, plan.num_pairs)
-    for grid, first, block in _launch(plan, heads, bottom_up=True):
-        program.backward_up[grid](
-            grad_out, v, means, gradient, weights, log_mass, through,
-            through if leaf_log_mass_grad is None else leaf_log_mass_grad, *_tables(plan),
-            first, *sizes, HAS_LEAF_GRAD=leaf_log_mass_grad is not None, BLOCK_B=block,
-            BLOCK_DV=_block(value_dim))
-    for grid, first, block in _launch(plan, heads, bottom_up=False):
-        program.backward_down[grid](
-            q, k, v, grad_out, means, gradient, weights, log_mass, through, delta, accumulated,
-            plan.count, weights if grad_bias is None else grad_bias, grad_q, grad_k, grad_v,
-            *_tables(plan), first, *sizes, float(scale), EUCLIDEAN=bool(euclidean),
-            BIAS_GRAD=bias_grad, BLOCK_B=block, BLOCK_D=_block(dim),
-            BLOCK_DV=_block(value_dim))
+    with _on_device(q):
+        for grid, first, block in _launch(plan, heads, bottom_up=True):
+            program.backward_up[grid](
+                grad_out, v, means, gradient, weights, log_mass, through,
+                through if leaf_log_mass_grad is None else leaf_log_mass_grad, *_tables(plan),
+                first, *sizes, HAS_LEAF_GRAD=leaf_log_mass_grad is not None, BLOCK_B=block,
+                BLOCK_DV=_block(value_dim))
+        for grid, first, block in _launch(plan, heads, bottom_up=False):
+            program.backward_down[grid](
+                q, k, v, grad_out, means, gradient, weights, log_mass, through, delta, accumulated,
+                plan.count, weights if grad_bias is None else grad_bias, grad_q, grad_k, grad_v,
+                *_tables(plan), first, *sizes, float(scale), EUCLIDEAN=bool(euclidean),
+                BIAS_GRAD=bias_grad, BLOCK_B=block, BLOCK_D=_block(dim),
+                BLOCK_DV=_block(value_dim))
     return grad_q, grad_k, grad_v, grad_bias
 
 
