@@ -15,6 +15,10 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,utilization.gpu -
 $PYTHON -c "import torch, torch_geometric; print('torch', torch.__version__, 'pyg', torch_geometric.__version__, torch.cuda.get_device_name())"
 timeout "${TEST_TIMEOUT:-200}" $PYTHON -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     tests/test_functional.py tests/test_distributed.py -k "cuda" 2>&1 | tee "$OUT/test_cuda.log" | tail -25
+# the Triton sweeps compiled (never run on a GPU before: engine('auto') does not pick them
+# until this passes); a first run compiles their programs
+timeout "${TRITON_TIMEOUT:-240}" $PYTHON -m pytest -q -p no:cacheprovider tests/test_triton.py \
+    -k "cuda" 2>&1 | tee "$OUT/test_triton_cuda.log" | tail -15
 timeout "${BATCHES_TIMEOUT:-150}" $PYTHON -m benchmarks.batches --device cuda \
     --saved-workloads .gpu/workloads.pt --repeats 15 --out "$OUT/batches_cuda.json" 2>&1 \
     | tee "$OUT/batches_cuda.log" | tail -20

@@ -192,7 +192,7 @@ def test_engine_context_picks_the_engine_and_restores_it():
     with pytest.raises(ValueError, match='Unknown HSA engine'):
         with engine('gpu'):
             pass
-    assert set(ENGINES) == {'auto', 'kernel', 'tensor'}
+    assert set(ENGINES) == {'auto', 'kernel', 'tensor', 'triton'}
 
 
 def test_engine_context_is_per_thread():

@@ -13,13 +13,16 @@ from hsa_geo.functional.checks import (check_causal, check_cluster_ids, check_en
                                        check_types, prepare_inputs, resolve_scale, to_compute)
 from hsa_geo.functional.compiled import fused_hsa
 from hsa_geo.functional.dense import path_to_root
-from hsa_geo.functional.engines import (compiled_on_kernel, family_groups, kernel_runs,
-                                        scatter_plan, sibling_pair_positions, slot_layout)
+from hsa_geo.functional.engines import (compiled_on_kernel, compiled_on_triton,
+                                        current_engine, family_groups, kernel_runs,
+                                        scatter_plan, sibling_pair_positions, slot_layout,
+                                        triton_plan)
 from hsa_geo.functional.kernel import KernelHSAFunction
 from hsa_geo.functional.scatter_sweep import (Aggregate, hsa_scatter, leaf_self_scores,
                                               scatter_aggregate, scatter_bottom_up, subtree_mean)
 from hsa_geo.functional.sweep import HSAFunction, autocast_off, bottom_up, top_down
 from hsa_geo.functional.terms import ScoreTerms
+from hsa_geo.functional.triton_sweeps import STRICT_CAUSAL_REFUSAL, TritonHSAFunction
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 _TERMS_DOC = r"""
@@ -116,7 +119,8 @@ def hsa(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy,
     if return_log_partition or return_log_self_weight:
         check_not_strict(causal)
     if torch.compiler.is_compiling():
-        if backend == 'fused' and causal != 'strict' and not any(outputs.values()):
+        if (backend == 'fused' and causal != 'strict' and not any(outputs.values())
+                and not compiled_on_triton()):  # Triton's programs run outside the graph
             return _hsa_compiled(q, k, v, hierarchy, scale, **terms)
         return _hsa_eager_outside_graph(q, k, v, hierarchy, scale, backend, **terms, **outputs)
     # every input the sweeps see runs in float32 or float64: under autocast
@@ -157,6 +161,8 @@ def _hsa_eager(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: Opt
     if q.is_meta:
         out, phi, log_self_weight = _shapes_only(q, v, hierarchy, k, terms.pair_bias)
     elif causal == 'strict':
+        if current_engine() == 'triton':
+            raise NotImplementedError(STRICT_CAUSAL_REFUSAL)
         out = hsa_strict_causal(q, k, v, hierarchy.plan(q.device),
                                 scatter_plan(hierarchy, q.device),
                                 family_groups(hierarchy, q.device), scale, terms)
@@ -214,8 +220,11 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
     their top-down sweep."""
     if nodes is not None:
         nodes = check_cluster_ids(nodes, hierarchy, q.device)
-    use_kernel, engine_bias = _fused_engine(terms.pair_bias, hierarchy, q)
-    if use_kernel:
+    name, engine_bias = _fused_engine(terms.pair_bias, hierarchy, q)
+    if name == 'triton':
+        return TritonHSAFunction.apply(q, k, v, engine_bias, triton_plan(hierarchy, q.device),
+                                       scale, terms.euclidean, terms.causal, nodes, self_weight)
+    if name == 'kernel':
         return KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
                                        terms.euclidean, terms.causal, nodes, self_weight)
     count = None if nodes is None else hierarchy.num_leaves_below.to(q.device)[nodes]
@@ -265,12 +274,16 @@ def _hsa_compiled(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, scale: 
 
 
 def _fused_engine(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):
-    r"""Which engine runs ``backend='fused'`` on :obj:`q`'s device (the CPU
-    kernel when it is available) and the pair bias in that engine's order:
-    ``[H, E]`` for the kernel, padded ``[H, P]`` for the tensor sweeps."""
+    r"""Which engine runs ``backend='fused'`` on :obj:`q`'s device,
+    :obj:`"triton"` (only when :func:`~hsa_geo.functional.engine` asks for
+    it), :obj:`"kernel"` (the CPU kernel when it is available) or
+    :obj:`"tensor"`, and the pair bias in that engine's order: ``[H, E]``
+    for the kernel and Triton, padded ``[H, P]`` for the tensor sweeps."""
+    if current_engine() == 'triton':
+        return 'triton', None if pair_bias is None else pair_bias.t().contiguous()
     if kernel_runs(q.device):
-        return True, None if pair_bias is None else pair_bias.t().contiguous()
-    return False, padded_pair_bias(pair_bias, hierarchy, q)
+        return 'kernel', None if pair_bias is None else pair_bias.t().contiguous()
+    return 'tensor', padded_pair_bias(pair_bias, hierarchy, q)
 
 
 def padded_pair_bias(pair_bias: Optional[Tensor], hierarchy: Hierarchy, q: Tensor):

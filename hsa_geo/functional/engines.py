@@ -1,15 +1,21 @@
 r"""Which engine runs HSA's fused sweeps: the one seam.
 
-``backend='fused'`` of :func:`~hsa_geo.functional.hsa` runs on one of two
+``backend='fused'`` of :func:`~hsa_geo.functional.hsa` runs on one of three
 engines that compute the same values:
 
 * ``'kernel'``: the compiled CPU kernel (:mod:`hsa_geo.functional.kernel`),
   CPU tensors only;
 * ``'tensor'``: the tensor sweeps over the slot layout
-  (:mod:`hsa_geo.functional.sweep`), any device (the GPU engine).
+  (:mod:`hsa_geo.functional.sweep`), any device (the GPU engine);
+* ``'triton'``: the kernel's sweeps in Triton
+  (:mod:`hsa_geo.functional.triton_sweeps`), CUDA tensors (CPU tensors in
+  Triton's interpreter, ``TRITON_INTERPRET=1``), opt-in only.
 
 By default (``'auto'``) the kernel runs on CPU tensors when it is built and
-not turned off by ``HSA_GEO_CPU_KERNEL=0``, the tensor sweeps elsewhere.
+not turned off by ``HSA_GEO_CPU_KERNEL=0``, the tensor sweeps elsewhere:
+``'auto'`` keeps the tensor sweeps on GPUs until ``benchmarks/gpu_checks.sh``
+has validated the Triton sweeps on one (so far they have run in Triton's
+interpreter only).
 :func:`engine` picks one for a block of code, as
 :func:`torch.nn.attention.sdpa_kernel` does for scaled dot-product
 attention; the choice lives in a :class:`contextvars.ContextVar`, so threads
@@ -37,13 +43,14 @@ from hsa_geo import native
 from hsa_geo.functional.causal import FamilyGroup, build_family_groups
 from hsa_geo.functional.layout import PAIRS_PER_BLOCK, SlotLayout, build_slot_layout
 from hsa_geo.functional.scatter_sweep import ScatterPlan, build_scatter_plan
+from hsa_geo.functional.triton_sweeps import TritonPlan, build_triton_plan
 from hsa_geo.hierarchy.hierarchy import Attachment, Hierarchy, register_attachment
 
 if TYPE_CHECKING:  # nn imports this module, not the reverse
     from hsa_geo.nn.positional import PairCode, PairCodeKey
 
 #: The engines :func:`engine` accepts.
-ENGINES = ('auto', 'kernel', 'tensor')
+ENGINES = ('auto', 'kernel', 'tensor', 'triton')
 
 _REQUESTED: contextvars.ContextVar[str] = contextvars.ContextVar('hsa_geo_engine',
                                                                   default='auto')
@@ -53,8 +60,9 @@ _REQUESTED: contextvars.ContextVar[str] = contextvars.ContextVar('hsa_geo_engine
 def engine(name: str) -> Iterator[None]:
     r"""Runs the block with the fused sweeps on engine :obj:`name`:
     :obj:`"kernel"` (the CPU kernel; an error on other devices or when it
-    cannot be built), :obj:`"tensor"` (the tensor sweeps, as on a GPU) or
-    :obj:`"auto"` (the default, see the module docstring).
+    cannot be built), :obj:`"tensor"` (the tensor sweeps, as on a GPU),
+    :obj:`"triton"` (the Triton sweeps: CUDA tensors, not yet validated on
+    a GPU) or :obj:`"auto"` (the default, see the module docstring).
 
     Example::
 
@@ -87,7 +95,7 @@ def kernel_runs(device: Union[str, torch.device]) -> bool:
     r"""Whether the fused sweeps on :obj:`device` run on the CPU kernel in
     this context (builds the kernel on first use)."""
     requested = _REQUESTED.get()
-    if requested == 'tensor':
+    if requested in ('tensor', 'triton'):
         return False
     on_cpu = torch.device(device).type == 'cpu'
     if requested == 'kernel':
@@ -104,6 +112,14 @@ def compiled_on_kernel(device_type: str) -> bool:
     the graph is traced (the engine of a compiled graph is the one in
     effect then; both compute the same values)."""
     return kernel_runs(device_type)
+
+
+@torch.compiler.assume_constant_result
+def compiled_on_triton() -> bool:
+    r"""Whether :func:`engine` asks for the Triton sweeps, as
+    :func:`torch.compile` reads it when it traces the graph (they run
+    outside the graph)."""
+    return _REQUESTED.get() == 'triton'
 
 
 def node_major_inputs(tensor: Tensor) -> bool:
@@ -123,7 +139,7 @@ def prepare(hierarchy, device: Union[str, torch.device]) -> None:
     :obj:`device` when first used), and the leaf-ancestor pairs of
     :meth:`~hsa_geo.Hierarchy.subtree_means` (so that a model compiled with
     ``fullgraph=True`` finds them built)."""
-    if kernel_runs(torch.device(device).type):
+    if kernel_runs(torch.device(device).type) or _REQUESTED.get() == 'triton':
         hierarchy.family_tables()
     else:
         prepare_slot_layout(hierarchy, device)
@@ -147,6 +163,8 @@ class EngineCache:
     #: device -> strictly causal HSA's family groups
     #: (:func:`~hsa_geo.functional.causal.build_family_groups`)
     family_groups: Dict[torch.device, List[FamilyGroup]] = field(default_factory=dict)
+    #: device -> the Triton sweeps' launch plan (:func:`triton_plan`)
+    triton_plans: Dict[torch.device, TritonPlan] = field(default_factory=dict)
     #: the sibling position codes of :class:`hsa_geo.nn.SiblingPositionBias`
     #: per device and layout of the codes
     position_codes: Dict[PairCodeKey, PairCode] = field(default_factory=dict)
@@ -217,6 +235,16 @@ def scatter_plan(hierarchy: Hierarchy, device=None) -> ScatterPlan:
     plans = engine_cache(hierarchy).scatter_plans
     if device not in plans:
         plans[device] = build_scatter_plan(hierarchy.plan(device))
+    return plans[device]
+
+
+def triton_plan(hierarchy: Hierarchy, device=None) -> TritonPlan:
+    r"""The Triton sweeps' :class:`~hsa_geo.functional.triton_sweeps.TritonPlan`
+    of :obj:`hierarchy` on :obj:`device` (cached)."""
+    device = _device(hierarchy, device)
+    plans = engine_cache(hierarchy).triton_plans
+    if device not in plans:
+        plans[device] = build_triton_plan(hierarchy.family_tables(), hierarchy.num_leaves, device)
     return plans[device]
 
 
