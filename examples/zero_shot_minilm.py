@@ -22,6 +22,8 @@ Methods (all computed from each layer's own projections;
   Lloyd steps on the per-head normalised keys summed over the heads, or with
   ``--key-features projection`` on a ``--projection-dim`` random projection
   of them; one tree shared by the heads);
+* ``hsa_layered``: ``hsa_global`` (the text's tree) in the lower half of
+  the model's layers, ``hsa_key_clusters`` in the upper half;
 * ``cluster_global``: the baseline given the same clusters, softmax inside
   every key cluster plus the global tokens (content-routed attention, as in
   the Routing Transformer).
@@ -69,8 +71,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from text_experiment import (ROOT, add_shared_arguments, environment,  # noqa: E402
                              hierarchy_shape, percentile_interval, subset, write_report)
 
-METHODS = ('hsa', 'hsa_global', 'hsa_key_clusters', 'block_global', 'window_global',
-           'cluster_global')
+METHODS = ('hsa', 'hsa_global', 'hsa_key_clusters', 'hsa_layered', 'block_global',
+           'window_global', 'cluster_global')
 BASELINES = ('block_global', 'window_global', 'cluster_global')
 #: the methods whose structure every layer builds from its keys
 KEY_CLUSTER_METHODS = ('hsa_key_clusters', 'cluster_global')
@@ -174,6 +176,18 @@ class Structures:
                                                           ends(chunk))
         return lambda chunk: handle.set_windows(
             [self.windows[i] for i in chunk], [docs[i].num_tokens for i in chunk], ends(chunk))
+
+
+def method_parts(method, layers, num_layers):
+    r"""The injections a method makes: ``(mode, layers)`` pairs. ``hsa_layered``
+    is HSA over the text's tree in the lower half of the model and over key
+    clusters in the upper half; every other method is one mode."""
+    if method != 'hsa_layered':
+        return [(method, layers)]
+    lower = [layer for layer in layers if layer < num_layers // 2]
+    upper = [layer for layer in layers if layer >= num_layers // 2]
+    return [(mode, part) for mode, part in (('hsa_global', lower), ('hsa_key_clusters', upper))
+            if part]
 
 
 def key_cluster_flops(records, method, clustering, dim, heads):
@@ -296,27 +310,37 @@ def main(argv=None):
              'encode_time_s': original_time, 'encode_time_ratio': 1.0}]
     for pattern, layers in patterns.items():
         for method in methods:
-            handle = inject_hsa(model, layers, mode=method,
-                                key_clustering=clustering if method in KEY_CLUSTER_METHODS
-                                else None)
+            parts = method_parts(method, layers, num_layers)
+            handles = []
             try:
+                for mode, part in parts:
+                    handles.append(inject_hsa(
+                        model, part, mode=mode,
+                        key_clustering=clustering if mode in KEY_CLUSTER_METHODS else None))
+                setters = [structures.setter(handle, mode)
+                           for handle, (mode, _) in zip(handles, parts)]
                 start = time.perf_counter()
                 x = encode_documents(model, test_docs, args.batch_size,
-                                     before_forward=structures.setter(handle, method),
+                                     before_forward=lambda chunk: [set_structure(chunk)
+                                                                   for set_structure in setters],
                                      progress=progress)
                 elapsed = time.perf_counter() - start
             finally:
-                handle.remove()
+                for handle in handles:
+                    handle.remove()
             name = f'{pattern}/{method}'
             embeddings[name] = x
-            clustering_flops = 0
-            if method in KEY_CLUSTER_METHODS:
-                attention_flops, clustering_flops = key_cluster_flops(
-                    handle.key_clusters, method, clustering, head_dim, heads)
-                structures.flops[method].append(  # mean per layer and review
-                    attention_flops / len(layers) / len(test_docs))
-            else:
-                attention_flops = len(layers) * sum(structures.flops[method])
+            attention_flops = clustering_flops = 0
+            for handle, (mode, part) in zip(handles, parts):
+                if mode in KEY_CLUSTER_METHODS:
+                    attention, clustering_cost = key_cluster_flops(
+                        handle.key_clusters, mode, clustering, head_dim, heads)
+                    attention_flops, clustering_flops = (attention_flops + attention,
+                                                         clustering_flops + clustering_cost)
+                    if mode == method:  # mean per layer and review
+                        structures.flops[method].append(attention / len(part) / len(test_docs))
+                else:
+                    attention_flops += len(part) * sum(structures.flops[mode])
             flops = (attention_flops + clustering_flops
                      + (num_layers - len(layers)) * sum(structures.flops['softmax']))
             rows.append({'pattern': pattern, 'layers': layers, 'method': method,

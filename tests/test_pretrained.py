@@ -341,8 +341,8 @@ def test_zero_shot_example_runs_on_a_tiny_slice(tmp_path):
     report = json.loads(out.read_text())
     assert (tmp_path / 'zs.png').stat().st_size > 0
     rows = report['rows']
-    methods = ['hsa', 'hsa_global', 'hsa_key_clusters', 'block_global', 'window_global',
-               'cluster_global']
+    methods = ['hsa', 'hsa_global', 'hsa_key_clusters', 'hsa_layered', 'block_global',
+               'window_global', 'cluster_global']
     count = len(methods)
     assert [(r['pattern'], r['method']) for r in rows] == [('none', 'original')] + [
         (pattern, method) for pattern in ('first-1', 'alternating', 'all') for method in methods]
@@ -364,8 +364,13 @@ def test_zero_shot_example_runs_on_a_tiny_slice(tmp_path):
                                                                  'cluster_global')}
         assert paid['hsa_key_clusters'] == paid['cluster_global'] > 0
         assert chosen['hsa']['clustering_flops_ratio'] == 0
-    # three HSA variants against three baselines, per pattern
-    assert len(report['comparisons']) == 3 * 3 * 3
+        # the text's tree below the middle of the model, key clusters above
+        same = 'hsa_global' if pattern == 0 else 'hsa_key_clusters'  # first-1; [3, 5]
+        if pattern < 2:
+            assert chosen['hsa_layered']['cosine'] == chosen[same]['cosine']
+            assert chosen['hsa_layered']['flops_ratio'] == chosen[same]['flops_ratio']
+    # four HSA variants against three baselines, per pattern
+    assert len(report['comparisons']) == 4 * 3 * 3
     with pytest.raises(ValueError, match='layer pattern'):
         example.pattern_layers('middle-2', 6)
 

@@ -446,6 +446,7 @@ def _ogb(result: Dict) -> str:
 ZERO_SHOT_METHODS = {'original': 'original', 'hsa': 'HSA (text tree)',
                      'hsa_global': 'HSA (text tree) + global',
                      'hsa_key_clusters': 'HSA (key clusters) + global',
+                     'hsa_layered': 'HSA (text tree below, key clusters above) + global',
                      'block_global': 'sentence blocks + global',
                      'window_global': 'sliding window + global',
                      'cluster_global': 'key-cluster blocks + global'}
