@@ -17,12 +17,13 @@ from hsa_geo.functional.engines import (compiled_on_kernel, compiled_on_triton,
                                         current_engine, family_groups, kernel_runs,
                                         scatter_plan, sibling_pair_positions, slot_layout,
                                         triton_plan)
-from hsa_geo.functional.kernel import KernelHSAFunction
+from hsa_geo.functional.family_sweeps import FamilySweepsFunction
+from hsa_geo.functional.kernel import KERNEL_SWEEPS
 from hsa_geo.functional.scatter_sweep import (Aggregate, hsa_scatter, leaf_self_scores,
                                               scatter_aggregate, scatter_bottom_up, subtree_mean)
 from hsa_geo.functional.sweep import HSAFunction, autocast_off, bottom_up, top_down
 from hsa_geo.functional.terms import ScoreTerms
-from hsa_geo.functional.triton_sweeps import STRICT_CAUSAL_REFUSAL, TritonHSAFunction
+from hsa_geo.functional.triton_sweeps import STRICT_CAUSAL_REFUSAL, TRITON_SWEEPS
 from hsa_geo.hierarchy.hierarchy import Hierarchy
 
 _TERMS_DOC = r"""
@@ -221,12 +222,11 @@ def hsa_with_summaries(q: Tensor, k: Tensor, v: Tensor, hierarchy: Hierarchy, sc
     if nodes is not None:
         nodes = check_cluster_ids(nodes, hierarchy, q.device)
     name, engine_bias = _fused_engine(terms.pair_bias, hierarchy, q)
-    if name == 'triton':
-        return TritonHSAFunction.apply(q, k, v, engine_bias, triton_plan(hierarchy, q.device),
-                                       scale, terms.euclidean, terms.causal, nodes, self_weight)
-    if name == 'kernel':
-        return KernelHSAFunction.apply(q, k, v, engine_bias, hierarchy.family_tables(), scale,
-                                       terms.euclidean, terms.causal, nodes, self_weight)
+    if name in ('triton', 'kernel'):
+        sweeps, tables = ((TRITON_SWEEPS, triton_plan(hierarchy, q.device)) if name == 'triton'
+                          else (KERNEL_SWEEPS, hierarchy.family_tables()))
+        return FamilySweepsFunction.apply(sweeps, q, k, v, engine_bias, tables, scale,
+                                          terms.euclidean, terms.causal, nodes, self_weight)
     count = None if nodes is None else hierarchy.num_leaves_below.to(q.device)[nodes]
     return HSAFunction.apply(q, k, v, engine_bias, slot_layout(hierarchy, q.device), scale,
                              terms.euclidean, terms.causal, nodes, count, self_weight)

@@ -32,7 +32,7 @@ from torch import Tensor
 from hsa_geo import native
 from hsa_geo.functional.engines import engine, node_major_inputs
 from hsa_geo.functional.engines import prepare  # noqa: F401 (the loader's name for it)
-from hsa_geo.functional.sweep import refuse_double_backward
+from hsa_geo.functional.family_sweeps import FamilySweeps
 from hsa_geo.hierarchy.plan import FamilyTables
 
 
@@ -87,7 +87,8 @@ def kernel_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, tables: F
     r"""Gradients of q, k, v and (with :obj:`bias_grad`, else an empty
     tensor) of the pair bias ``[H, E]``; :obj:`summary_grad` ``[S, H, C]``
     adds upstream gradients of the rows of the clusters
-    :obj:`summary_nodes` (see :func:`summary_rows`), and
+    :obj:`summary_nodes` (see
+    :func:`~hsa_geo.functional.family_sweeps.summary_rows`), and
     :obj:`leaf_log_mass_grad` ``[N, H]`` those of the leaves'
     :math:`\log P(i) = \log a_{ii}`."""
     if summary_grad is not None:
@@ -100,54 +101,5 @@ def kernel_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, tables: F
         bias_grad, summary_nodes, summary_grad, leaf_log_mass_grad)
 
 
-def summary_rows(state, nodes: Tensor, num_leaves: int, euclidean: bool) -> Tensor:
-    r"""``[S, H, C]`` rows of the clusters :obj:`nodes` from the kernel's
-    forward state: mean query, key and value, :math:`\phi` (with the
-    Euclidean energy without the row term, as the sweeps hold it) and, for
-    that energy, the mean squared key norm."""
-    means = state[0]
-    width = means.size(2) - (0 if euclidean else 1)
-    return means[nodes - num_leaves, :, :width]
-
-
-class KernelHSAFunction(torch.autograd.Function):
-    r"""Fused HSA on the CPU kernel: ``[N, H, D]`` inputs (any memory
-    layout), a pair bias ``[H, E]`` or None. Saves the clusters' rows, the
-    pair weights and :math:`\log P` of every node: nothing quadratic. With
-    :obj:`summary_nodes` (cluster ids), also returns those clusters' rows
-    ``[S, H, C]`` (:func:`summary_rows`), and with :obj:`self_weight` the
-    leaves' :math:`\log a_{ii}` ``[N, H]``; both differentiable."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
-                tables: FamilyTables, scale: float, euclidean: bool = False,
-                causal: bool = False, summary_nodes: Optional[Tensor] = None,
-                self_weight: bool = False):
-        out, state = kernel_forward(q, k, v, pair_bias, tables, scale, euclidean, causal)
-        ctx.save_for_backward(q, k, v, *state)
-        ctx.tables, ctx.options = tables, (scale, euclidean, causal)
-        ctx.summary_nodes, ctx.self_weight = summary_nodes, self_weight
-        ctx.set_materialize_grads(False)
-        outputs = [out]
-        if summary_nodes is not None:
-            outputs.append(summary_rows(state, summary_nodes, q.size(0), euclidean))
-        if self_weight:
-            outputs.append(state[2][:q.size(0)].clone())
-        return tuple(outputs) if len(outputs) > 1 else out
-
-    @staticmethod
-    def backward(ctx, grad_out: Optional[Tensor], *extra_grads: Optional[Tensor]):
-        refuse_double_backward()
-        q, k, v, *state = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(v)
-        extra_grads = list(extra_grads)
-        summary_grad = extra_grads.pop(0) if ctx.summary_nodes is not None else None
-        self_weight_grad = extra_grads.pop(0) if ctx.self_weight else None
-        bias_grad = ctx.needs_input_grad[3]
-        grad_q, grad_k, grad_v, grad_bias = kernel_backward(
-            grad_out, q, k, v, ctx.tables, state, *ctx.options, bias_grad,
-            ctx.summary_nodes if summary_grad is not None else None, summary_grad,
-            self_weight_grad)
-        return (grad_q, grad_k, grad_v, grad_bias if bias_grad else None, None, None, None,
-                None, None, None)
+#: the CPU kernel's two passes, for :class:`~hsa_geo.functional.family_sweeps.FamilySweepsFunction`
+KERNEL_SWEEPS = FamilySweeps(kernel_forward, kernel_backward)

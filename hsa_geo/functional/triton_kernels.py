@@ -46,6 +46,21 @@ def _child_rows(leaf_ptr, cluster_ptr, child, is_leaf, is_cluster, head, heads, 
 
 
 @triton.jit
+def _child_qkv(q, k, v, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim,
+               value_dim, width, d, e):
+    r"""The children's query, key and value rows (:func:`_child_rows`): a
+    leaf's inputs, a cluster's means (columns ``0``, ``D`` and ``2D`` of its
+    row of ``means``)."""
+    query = _child_rows(q, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim, width,
+                        0, d, dim)
+    key = _child_rows(k, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim, width,
+                      dim, d, dim)
+    value = _child_rows(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, value_dim,
+                        width, 2 * dim, e, value_dim)
+    return query, key, value
+
+
+@triton.jit
 def _store_child_rows(leaf_ptr, cluster_ptr, rows, child, is_leaf, is_cluster, head, heads,
                       num_leaves, leaf_width, cluster_width, column, offs, width):
     r"""Writes ``rows`` where :func:`_child_rows` reads them."""
@@ -100,12 +115,8 @@ def forward_up(q, k, v, means, count, log_count, bias, weights, self_log,
     width = 2 * dim + value_dim + 2
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DV)
-    query = _child_rows(q, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim, width,
-                        0, d, dim)
-    key = _child_rows(k, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim, width,
-                      dim, d, dim)
-    value = _child_rows(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, value_dim,
-                        width, 2 * dim, e, value_dim)
+    query, key, value = _child_qkv(q, k, v, means, child, is_leaf, is_cluster, head, heads,
+                                   num_leaves, dim, value_dim, width, d, e)
     cluster_row = (tl.where(is_cluster, child - num_leaves, 0) * heads + head) * width
     phi = tl.load(means + cluster_row + 2 * dim + value_dim, mask=is_cluster, other=0.0)
     child_count = tl.load(count + child, mask=inside, other=0.0)
@@ -238,12 +249,8 @@ def backward_down(q, k, v, grad_out, means, gradient, weights, log_mass, through
     acc_width = 2 * dim + value_dim + 1
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DV)
-    query = _child_rows(q, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim, width,
-                        0, d, dim)
-    key = _child_rows(k, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim, width,
-                      dim, d, dim)
-    value = _child_rows(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, value_dim,
-                        width, 2 * dim, e, value_dim)
+    query, key, value = _child_qkv(q, k, v, means, child, is_leaf, is_cluster, head, heads,
+                                   num_leaves, dim, value_dim, width, d, e)
     grad = _child_rows(grad_out, gradient, child, is_leaf, is_cluster, head, heads, num_leaves,
                        value_dim, value_dim, 0, e, value_dim)
     pair, pair_inside = _pair_offsets(pair0, size, sibling)

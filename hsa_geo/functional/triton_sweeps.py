@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from hsa_geo.functional.sweep import refuse_double_backward
+from hsa_geo.functional.family_sweeps import FamilySweeps, FamilySweepsFunction
 from hsa_geo.hierarchy.plan import FamilyTables
 
 #: Widest family one program holds (its b x b scores and weights live in
@@ -211,6 +211,8 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
     bias ``[H, E]`` in :meth:`~hsa_geo.Hierarchy.sibling_pairs` order) and
     the state of the backward pass, ``(means, weights, log_mass)``, as
     :func:`~hsa_geo.functional.kernel.kernel_forward` returns them."""
+    if causal == 'strict':
+        raise NotImplementedError(STRICT_CAUSAL_REFUSAL)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     pair_bias = None if pair_bias is None else pair_bias.contiguous()
     _check(q, k, v, pair_bias, plan)
@@ -308,57 +310,9 @@ def _add_summary_gradients(accumulated: Tensor, delta: Tensor, rows: Tensor, gra
         accumulated[rows, :, -1] -= 2 * inverse[..., 0] * grad[..., means_width + 1] / scale
 
 
-def summary_rows(state, nodes: Tensor, num_leaves: int, euclidean: bool) -> Tensor:
-    r"""``[S, H, C]`` rows of the clusters :obj:`nodes`, as
-    :func:`hsa_geo.functional.kernel.summary_rows` takes them from the
-    same state."""
-    means = state[0]
-    return means[nodes - num_leaves, :, :means.size(2) - (0 if euclidean else 1)]
-
-
-class TritonHSAFunction(torch.autograd.Function):
-    r"""Fused HSA by the Triton sweeps: float32 ``[N, H, D]`` inputs, a pair
-    bias ``[H, E]`` or None, a :class:`TritonPlan`. Saves the clusters'
-    rows, the pair weights and :math:`\log P` of every node. With
-    :obj:`summary_nodes` (cluster ids), also returns those clusters' rows
-    ``[S, H, C]`` and with :obj:`self_weight` the leaves' :math:`\log
-    a_{ii}` ``[N, H]``; both differentiable, as with
-    :class:`~hsa_geo.functional.kernel.KernelHSAFunction`. Differentiable
-    once."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
-                plan: TritonPlan, scale: float, euclidean: bool = False, causal: bool = False,
-                summary_nodes: Optional[Tensor] = None, self_weight: bool = False):
-        if causal == 'strict':
-            raise NotImplementedError(STRICT_CAUSAL_REFUSAL)
-        out, state = triton_forward(q, k, v, pair_bias, plan, scale, euclidean, causal)
-        ctx.save_for_backward(q, k, v, *state)
-        ctx.plan, ctx.options = plan, (scale, euclidean, causal)
-        ctx.summary_nodes, ctx.self_weight = summary_nodes, self_weight
-        ctx.set_materialize_grads(False)
-        outputs = [out]
-        if summary_nodes is not None:
-            outputs.append(summary_rows(state, summary_nodes, q.size(0), euclidean))
-        if self_weight:
-            outputs.append(state[2][:q.size(0)].clone())
-        return tuple(outputs) if len(outputs) > 1 else out
-
-    @staticmethod
-    def backward(ctx, grad_out: Optional[Tensor], *extra_grads: Optional[Tensor]):
-        refuse_double_backward()
-        q, k, v, *state = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(v)
-        extra_grads = list(extra_grads)
-        summary_grad = extra_grads.pop(0) if ctx.summary_nodes is not None else None
-        self_weight_grad = extra_grads.pop(0) if ctx.self_weight else None
-        bias_grad = ctx.needs_input_grad[3]
-        grad_q, grad_k, grad_v, grad_bias = triton_backward(
-            grad_out, q, k, v, ctx.plan, state, *ctx.options, bias_grad,
-            ctx.summary_nodes if summary_grad is not None else None, summary_grad,
-            self_weight_grad)
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None, None, None, None
+#: the Triton sweeps' two passes, for
+#: :class:`~hsa_geo.functional.family_sweeps.FamilySweepsFunction`
+TRITON_SWEEPS = FamilySweeps(triton_forward, triton_backward)
 
 
 def triton_hsa(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
@@ -394,5 +348,6 @@ def triton_hsa(q: Tensor, k: Tensor, v: Tensor, pair_bias: Optional[Tensor],
             pair_bias = pair_bias.to(torch.float32)
     plan = tables if isinstance(tables, TritonPlan) else build_triton_plan(
         tables, q.size(0), q.device)
-    out = TritonHSAFunction.apply(q, k, v, pair_bias, plan, scale, euclidean, bool(causal))
+    out = FamilySweepsFunction.apply(TRITON_SWEEPS, q, k, v, pair_bias, plan, scale, euclidean,
+                                     bool(causal))
     return out.to(dtype)
