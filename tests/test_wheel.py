@@ -149,7 +149,8 @@ def _check_readme_quickstart(python, env, tmp_path):
 
 
 def _check_core_imports_and_extras(python, env, tmp_path):
-    # every module imports with the core dependencies alone; each optional
+    # every module imports with the core dependencies alone, but for the
+    # Triton programs, which say which extra they need; each optional
     # feature, used without its extra, says which extra to install
     script = textwrap.dedent("""
         import importlib, pkgutil
@@ -157,7 +158,11 @@ def _check_core_imports_and_extras(python, env, tmp_path):
         import hsa_geo
         from hsa_geo import Hierarchy
         for module in pkgutil.walk_packages(hsa_geo.__path__, 'hsa_geo.'):
-            importlib.import_module(module.name)
+            try:
+                importlib.import_module(module.name)
+            except ImportError as error:
+                assert module.name == 'hsa_geo.functional.triton_kernels', module.name
+                assert "'triton' extra" in str(error), str(error)
 
         from hsa_geo.hierarchy import from_edge_index_metis
         from hsa_geo.plot import plot_hierarchy

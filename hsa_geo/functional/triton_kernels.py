@@ -23,8 +23,10 @@ Every program holds its family's children as a dense ``BLOCK_B`` block
 Products are ``tl.dot`` in IEEE float32 (no TF32), so blocks are at least
 16 wide.
 """
-import triton
-import triton.language as tl
+from hsa_geo.extras import require
+
+triton = require('triton', 'triton')  # the programs are Triton's: no use without it
+tl = require('triton.language', 'triton')
 
 
 @triton.jit
