@@ -337,8 +337,8 @@ def main(argv=None):
                         handle.key_clusters, mode, clustering, head_dim, heads)
                     attention_flops, clustering_flops = (attention_flops + attention,
                                                          clustering_flops + clustering_cost)
-                    if mode == method:  # mean per layer and review
-                        structures.flops[method].append(attention / len(part) / len(test_docs))
+                    if mode == method:  # per layer, summed over the reviews
+                        structures.flops[method].append(attention / len(part))
                 else:
                     attention_flops += len(part) * sum(structures.flops[mode])
             flops = (attention_flops + clustering_flops
@@ -391,7 +391,7 @@ def main(argv=None):
                  **hierarchy_shape([h.summary() for h in structures.hierarchies])},
         'flops_per_layer_relative_to_softmax': {  # key clusters: attention only, mean
             name: (sum(values) if name not in KEY_CLUSTER_METHODS else            # of patterns
-                   sum(values) / len(values) * len(test_docs)) / sum(structures.flops['softmax'])
+                   sum(values) / len(values)) / sum(structures.flops['softmax'])
             for name, values in structures.flops.items() if name != 'softmax' and values},
         'model': {'name': 'all-MiniLM-L6-v2', 'layers': num_layers, 'heads': heads,
                   'head_dim': head_dim},

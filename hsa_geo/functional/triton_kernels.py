@@ -57,8 +57,8 @@ def _child_qkv(q, k, v, means, child, is_leaf, is_cluster, head, heads, num_leav
                         0, d, dim)
     key = _child_rows(k, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim, width,
                       dim, d, dim)
-    value = _child_rows(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, value_dim,
-                        width, 2 * dim, e, value_dim)
+    value = _child_values(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim,
+                          value_dim, e)
     return query, key, value
 
 
@@ -100,6 +100,24 @@ def _pair_offsets(pair0, size, sibling):
     from ``pair0``) and which of them exist."""
     inside = sibling < size
     return pair0 + sibling[:, None] * size + sibling[None, :], inside[:, None] & inside[None, :]
+
+
+@triton.jit
+def _family_weights(weights, head, num_pairs, pair0, size, sibling):
+    r"""The family's pair positions, which of them exist, and their
+    weights ``[BLOCK_B, BLOCK_B]`` (zeros outside the family)."""
+    pair, pair_inside = _pair_offsets(pair0, size, sibling)
+    weight = tl.load(weights + head * num_pairs + pair, mask=pair_inside, other=0.0)
+    return pair, pair_inside, weight
+
+
+@triton.jit
+def _child_values(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim, value_dim,
+                  e):
+    r"""The children's value rows (:func:`_child_rows`): a leaf's v, a
+    cluster's mean value (column ``2D`` of its row of ``means``)."""
+    return _child_rows(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, value_dim,
+                       2 * dim + value_dim + 2, 2 * dim, e, value_dim)
 
 
 @triton.jit
@@ -175,12 +193,10 @@ def forward_down(v, means, message, weights, self_log, log_mass, out,
     head, parent, size, pair0, child, is_leaf, is_cluster, sibling = _family(
         family_node, child_ptr, children, pair_ptr, level_start, num_leaves, BLOCK_B)
     inside = sibling < size
-    width = 2 * dim + value_dim + 2
     e = tl.arange(0, BLOCK_DV)
-    value = _child_rows(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, value_dim,
-                        width, 2 * dim, e, value_dim)
-    pair, pair_inside = _pair_offsets(pair0, size, sibling)
-    weight = tl.load(weights + head * num_pairs + pair, mask=pair_inside, other=0.0)
+    value = _child_values(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim,
+                          value_dim, e)
+    pair, pair_inside, weight = _family_weights(weights, head, num_pairs, pair0, size, sibling)
     parent_log_mass = tl.load(log_mass + parent * heads + head)
     parent_message = tl.load(message + ((parent - num_leaves) * heads + head) * value_dim + e,
                              mask=e < value_dim, other=0.0)
@@ -206,14 +222,12 @@ def backward_up(grad_out, v, means, gradient, weights, log_mass, through, leaf_l
     head, parent, size, pair0, child, is_leaf, is_cluster, sibling = _family(
         family_node, child_ptr, children, pair_ptr, level_start, num_leaves, BLOCK_B)
     inside = sibling < size
-    width = 2 * dim + value_dim + 2
     e = tl.arange(0, BLOCK_DV)
-    value = _child_rows(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, value_dim,
-                        width, 2 * dim, e, value_dim)
+    value = _child_values(v, means, child, is_leaf, is_cluster, head, heads, num_leaves, dim,
+                          value_dim, e)
     grad = _child_rows(grad_out, gradient, child, is_leaf, is_cluster, head, heads, num_leaves,
                        value_dim, value_dim, 0, e, value_dim)
-    pair, pair_inside = _pair_offsets(pair0, size, sibling)
-    weight = tl.load(weights + head * num_pairs + pair, mask=pair_inside, other=0.0)
+    pair, pair_inside, weight = _family_weights(weights, head, num_pairs, pair0, size, sibling)
     child_log_mass = tl.load(log_mass + child * heads + head, mask=is_leaf, other=0.0)
     leaf_through = tl.exp(child_log_mass) * tl.sum(grad * value, 1)
     if HAS_LEAF_GRAD:
@@ -255,8 +269,7 @@ def backward_down(q, k, v, grad_out, means, gradient, weights, log_mass, through
                                    num_leaves, dim, value_dim, width, d, e)
     grad = _child_rows(grad_out, gradient, child, is_leaf, is_cluster, head, heads, num_leaves,
                        value_dim, value_dim, 0, e, value_dim)
-    pair, pair_inside = _pair_offsets(pair0, size, sibling)
-    weight = tl.load(weights + head * num_pairs + pair, mask=pair_inside, other=0.0)
+    pair, pair_inside, weight = _family_weights(weights, head, num_pairs, pair0, size, sibling)
     parent_mass = tl.exp(tl.load(log_mass + parent * heads + head))
     parent_cluster = (parent - num_leaves) * heads + head
     parent_delta = tl.load(delta + parent_cluster)

@@ -110,10 +110,14 @@ class KeyClustering:
         matrix = torch.randn(width, self.projection_dim, generator=generator)
         return normalised.flatten(1) @ (matrix / math.sqrt(self.projection_dim)).to(keys.device)
 
+    def num_clusters(self, num_tokens: int) -> int:
+        r""":math:`\lceil n / \text{cluster\_size} \rceil`."""
+        return math.ceil(num_tokens / self.cluster_size)
+
     def labels(self, keys: Tensor) -> Tensor:
         r"""``[n]`` cluster labels of the tokens whose keys are
         :obj:`keys` ``[n, H, D]``."""
-        num_clusters = math.ceil(keys.size(0) / self.cluster_size)
+        num_clusters = self.num_clusters(keys.size(0))
         if num_clusters <= 1:
             return torch.zeros(keys.size(0), dtype=torch.long)
         return kmeans_labels(self.token_features(keys).cpu(), num_clusters, self.iterations)
@@ -123,7 +127,7 @@ class KeyClustering:
         keys of width :obj:`dim` each: the features (normalisation and head
         sum, or the projection) and k-means
         (:func:`~hsa_geo.flops.kmeans_flops`), once per layer and input."""
-        num_clusters = math.ceil(num_tokens / self.cluster_size)
+        num_clusters = self.num_clusters(num_tokens)
         if num_clusters <= 1:
             return 0
         normalise = 3 * num_tokens * heads * dim  # squares, sums, divisions
@@ -256,7 +260,7 @@ class HSAInjection:
         sizes = [a.size(0) for a in allowed]
         if self.mode in GLOBAL_MODES:
             flags = _global_flags(self._global_positions(global_tokens, len(allowed)), sizes)
-            allowed = [a | g[:, None] | g[None, :] for a, g in zip(allowed, flags)]
+            allowed = _open_to_globals(allowed, flags)
         else:
             self._refuse_global(global_tokens)
         self._allowed, self._sizes = allowed, sizes
@@ -358,12 +362,12 @@ class HSAInjection:
             self._forest = Hierarchy.batch_hierarchies([from_cluster_labels(row)
                                                         for row in labels])
             return
-        allowed = []
+        within = []
         for flags, row in zip(self._global, labels):
             label = torch.full((flags.numel(), ), -1, dtype=torch.long)
             label[~flags] = row
-            allowed.append((label[:, None] == label[None, :]) | flags[:, None] | flags[None, :])
-        self._allowed = allowed
+            within.append(label[:, None] == label[None, :])
+        self._allowed = _open_to_globals(within, self._global)
 
     def _hsa_rows(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # [T, H, D] packed unmasked tokens of the batch, rows one after another
@@ -490,6 +494,11 @@ def _allowed_keys(mask: Optional[Tensor], size: int, length: int, device) -> Ten
             raise ValueError("HSA injection needs a key-padding attention mask (the same "
                              "keys for every query); got one that differs between queries")
     return keys
+
+
+def _open_to_globals(allowed: List[Tensor], flags: List[Tensor]) -> List[Tensor]:
+    # per row [n, n]: the allowed pairs plus every pair with a global token
+    return [a | g[:, None] | g[None, :] for a, g in zip(allowed, flags)]
 
 
 def _global_flags(positions: List[Tensor], sizes: List[int]) -> List[Tensor]:
