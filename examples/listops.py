@@ -50,7 +50,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import (compare_runs, config_of, count_parameters, grid_of,  # noqa: E402
                     load_checkpoint, mean_std, report_header, run_experiment, run_main,
                     save_checkpoint, set_seed, write_json)
-from listops_models import MODELS, ListOpsBatch, ListOpsModel, matched_width  # noqa: E402
+from listops_models import MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
 from hsa_geo.datasets.listops import (GENERALISATION_RECIPES, LRA_SPLITS,  # noqa: E402
                                       ListOpsRecipe, ListOpsSplit, generate_splits)
@@ -182,7 +182,7 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
         config.pop(key, None)
     set_seed(seed)
     width = matched_width(name, width=args.width, heads=args.heads)
-    model = ListOpsModel(name, width, args.heads)
+    model = build_model(name, width, args.heads)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     order = torch.Generator().manual_seed(seed)
     state = load_checkpoint(run_path(args, name, seed, 'checkpoint'), config)
@@ -263,7 +263,7 @@ def report(runs: List[Dict], args) -> Dict:
                                  seconds_per_step=mean_std(r['seconds_per_step'] for r in mine),
                                  steps=sorted({r['steps'] for r in mine}))
     comparisons = []
-    for reference in ('hsa', 'hsa_pos', 'gps_hsa'):
+    for reference in ('hsa', 'hsa_pos', 'gps_hsa', 'hsa_bottom_up'):
         for other in MODELS:
             for split in splits:
                 comparison = compare_runs(runs, reference, other,

@@ -26,6 +26,31 @@ token. Only the token mixing differs:
                     their value
 ==================  =========================================================
 
+Two more models evaluate the tree bottom-up instead (:class:`BottomUpModel`):
+HSA's bottom-up sweep with *learned* summaries. Level by level from the
+deepest lists up, a list's family -- its operator token, its digits, the
+states of its sub-lists (computed at earlier levels) and its closing
+bracket, each with its sibling index -- passes through
+:data:`FAMILY_LAYERS` shared pre-norm layers, and the list's state is what
+its operator token's slot holds at the end. Every list is composed once, so
+a batch costs :math:`O(N)` instead of :math:`O(N \cdot D)`. Only the
+family mixing differs:
+
+==================  =========================================================
+``hsa_bottom_up``   multi-head attention within the family: HSA on the
+                    family's flat tree, where it is exactly softmax
+``tree_bottom_up``  the same recursion with child-sum mixing (every member
+                    adds a map of the family's sum to its own: a child-sum
+                    tree network, Tai et al., 2015) -- the baseline given the
+                    same tree and the same schedule
+``hsa_fold``        ``hsa_bottom_up`` over the *left-folded* parse tree
+                    (:func:`left_folded`): a list's members are composed two
+                    at a time, left to right (operator with the first
+                    argument, that with the second, ..., the last with the
+                    closing bracket), so every family has two members
+``tree_fold``       ``tree_bottom_up`` over the same left-folded tree
+==================  =========================================================
+
 The width of each model is chosen so that its parameter count is within
 10 % of ``hsa``'s (:func:`matched_width`).
 """
@@ -33,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +77,14 @@ BASE_MODELS = ('hsa', 'hsa_pos', 'softmax', 'softmax_tree', 'tree_gnn', 'gps', '
 #: ablations of the HSA model: (its token mixing, options of ListOpsModel)
 ABLATIONS = {'hsa_x2': ('hsa', dict(rounds_per_level=2)),  # two rounds per level of depth
              'hsa_gated': ('hsa', dict(gated=True))}     # gated updates of the tokens
-MODELS = BASE_MODELS + tuple(ABLATIONS)
+#: bottom-up models: (name, family mixing)
+BOTTOM_UP_MODELS = {'hsa_bottom_up': 'attention', 'tree_bottom_up': 'sum',
+                    'hsa_fold': 'attention', 'tree_fold': 'sum'}
+#: the bottom-up models that compose over the left-folded parse tree
+FOLDED_MODELS = ('hsa_fold', 'tree_fold')
+MODELS = BASE_MODELS + tuple(ABLATIONS) + tuple(BOTTOM_UP_MODELS)
+#: shared layers a family passes through when its list is composed
+FAMILY_LAYERS = 2
 NUM_CLASSES = 10
 #: rounds of the shared block beyond the batch's depth
 EXTRA_ITERATIONS = 2
@@ -74,6 +106,8 @@ class ListOpsBatch:
     parent_token: Tensor    # [T] the opening token of the enclosing list (-1 at roots)
     position: Tensor        # [T] position in the expression
     label: Tensor           # [B]
+    schedule: 'FamilySchedule'         # the lists by height, for the bottom-up models
+    folded_schedule: 'FamilySchedule'  # the same for the left-folded parse tree
 
     @property
     def iterations(self) -> int:
@@ -87,7 +121,84 @@ class ListOpsBatch:
         batch = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
         position = torch.arange(num_tokens) - ptr[:-1][batch]
         return cls(tokens.long(), batch, ptr[:-1].clone(), hierarchy,
-                   parent_tokens(hierarchy), position, label)
+                   parent_tokens(hierarchy), position, label, family_schedule(hierarchy),
+                   family_schedule(left_folded(hierarchy)))
+
+
+@dataclass
+class FamilyLevel:
+    r"""The lists of one height (the longest path down to a token): their
+    node ids and their children's node ids in sibling order, padded with
+    :obj:`-1` to the widest family of the level."""
+    lists: Tensor     # [L] cluster node ids
+    children: Tensor  # [L, W] node ids, -1 past a family's end
+
+
+@dataclass
+class FamilySchedule:
+    r"""The families of a tree in an order that composes every list after
+    its sub-lists: by height, lowest first."""
+    num_nodes: int
+    levels: List[FamilyLevel]
+
+
+def node_heights(hierarchy: Hierarchy) -> Tensor:
+    r"""``[N + M]`` the height of every node: 0 at tokens, one more than
+    its highest child at a list."""
+    parent, depth = hierarchy.parent, hierarchy.depth
+    height = torch.zeros_like(parent)
+    for level in range(hierarchy.max_depth, 0, -1):
+        node = (depth == level).nonzero().squeeze(1)
+        height = height.scatter_reduce(0, parent[node], height[node] + 1, 'amax')
+    return height
+
+
+def left_folded(hierarchy: Hierarchy) -> Hierarchy:
+    r"""The tree in which every family of :math:`b > 2` children
+    :math:`c_0, \dots, c_{b-1}` (in sibling order) becomes a left-leaning
+    chain of families of two: :math:`a_1 = (c_0, c_1)`,
+    :math:`a_j = (a_{j-1}, c_j)`, the family's own node being
+    :math:`a_{b-1}`. The chain nodes :math:`a_1 \dots a_{b-2}` are new
+    clusters after the old ones; leaves, old clusters and roots keep their
+    ids."""
+    num_leaves, num_nodes = hierarchy.num_leaves, hierarchy.num_nodes
+    parent = hierarchy.parent
+    child = (parent >= 0).nonzero().squeeze(1)
+    family, index = parent[child], hierarchy.sibling_index[child]
+    size = hierarchy.num_children[family]
+    extra = (hierarchy.num_children[num_leaves:] - 2).clamp(min=0)
+    offset = num_nodes + torch.cumsum(extra, 0) - extra  # first chain node of every family
+    offset = torch.cat([torch.zeros(num_leaves, dtype=torch.long), offset])
+
+    def chain(mask: Tensor, position: Tensor) -> Tensor:  # a_j of the masked children's families
+        return torch.where(position == size[mask] - 1, family[mask],
+                           offset[family[mask]] + position - 1)
+
+    new_parent = torch.full((num_nodes + int(extra.sum()), ), -1, dtype=torch.long)
+    new_parent[:num_nodes] = parent
+    every = torch.ones_like(child, dtype=torch.bool)
+    new_parent[child] = chain(every, index.clamp(min=1))
+    link = (index >= 1) & (index < size - 1)   # a_j -> a_{j+1} for j < b - 1
+    new_parent[chain(link, index[link])] = chain(link, index[link] + 1)
+    return Hierarchy.from_parent(new_parent, num_leaves, ordered=True)
+
+
+def family_schedule(hierarchy: Hierarchy) -> FamilySchedule:
+    r"""The families of :obj:`hierarchy` grouped by their list's height,
+    lowest first: every list comes after all of its sub-lists."""
+    num_leaves, parent = hierarchy.num_leaves, hierarchy.parent
+    has_parent = (parent >= 0).nonzero().squeeze(1)
+    width = int(hierarchy.num_children.max())
+    table = torch.full((hierarchy.num_clusters, width), -1, dtype=torch.long)
+    table[parent[has_parent] - num_leaves, hierarchy.sibling_index[has_parent]] = has_parent
+    height = node_heights(hierarchy)[num_leaves:]
+    levels = []
+    for level in range(1, int(height.max()) + 1):
+        lists = (height == level).nonzero().squeeze(1)
+        children = table[lists]
+        children = children[:, :int((children >= 0).sum(1).max())]
+        levels.append(FamilyLevel(lists + num_leaves, children))
+    return FamilySchedule(hierarchy.num_nodes, levels)
 
 
 def parent_tokens(hierarchy: Hierarchy) -> Tensor:
@@ -242,8 +353,82 @@ class ListOpsModel(nn.Module):
                 f'parameters={count_parameters(self)})')
 
 
+class FamilyLayer(nn.Module):
+    r"""One pre-norm layer over the members of families ``[L, W, width]``:
+    mixing (multi-head attention within the family, or child-sum), then a
+    GELU feed-forward."""
+
+    def __init__(self, width: int, heads: int, mixing: str):
+        super().__init__()
+        self.heads, self.mixing = heads, mixing
+        self.norm_mix, self.norm_ffn = nn.LayerNorm(width), nn.LayerNorm(width)
+        if mixing == 'attention':
+            self.qkv = nn.Linear(width, 3 * width)
+        else:
+            self.self_map = nn.Linear(width, width)
+            self.sum_map = nn.Linear(width, width, bias=False)
+        self.out = nn.Linear(width, width)
+        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
+                                 nn.Linear(2 * width, width))
+
+    def forward(self, x: Tensor, member: Tensor) -> Tensor:
+        h = self.norm_mix(x)
+        if self.mixing == 'attention':
+            q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=member[:, None, None, :])
+            mixed = mixed.transpose(1, 2).flatten(2)
+        else:
+            total = (self.sum_map(h) * member[..., None]).sum(1, keepdim=True)
+            mixed = F.gelu(self.self_map(h) + total)
+        x = x + self.out(mixed) * member[..., None]
+        return x + self.ffn(self.norm_ffn(x))
+
+
+class BottomUpModel(nn.Module):
+    r"""HSA's bottom-up sweep with learned summaries (see the module's
+    docstring): the state of every list is composed from its family once
+    its sub-lists' states are known, by :data:`FAMILY_LAYERS` layers shared
+    by every level; the root lists' states are read out."""
+
+    def __init__(self, name: str, width: int = 64, heads: int = 4):
+        super().__init__()
+        self.name, self.width = name, width
+        self.token = nn.Embedding(VOCAB_SIZE, width)
+        self.sibling = nn.Embedding(MAX_CHILDREN, width)
+        self.layers = nn.ModuleList(FamilyLayer(width, heads, BOTTOM_UP_MODELS[name])
+                                    for _ in range(FAMILY_LAYERS))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, NUM_CLASSES)
+
+    def forward(self, data: ListOpsBatch) -> Tensor:
+        hierarchy = data.hierarchy
+        state = self.token(data.tokens)
+        schedule = data.folded_schedule if self.name in FOLDED_MODELS else data.schedule
+        state = torch.cat([state, state.new_zeros(schedule.num_nodes - state.size(0),
+                                                  self.width)])
+        for level in schedule.levels:
+            member = level.children >= 0
+            x = state[level.children.clamp(min=0)] * member[..., None]
+            x = x + self.sibling.weight[:x.size(1)]
+            for layer in self.layers:
+                x = layer(x, member)
+            state = state.index_copy(0, level.lists, x[:, 0])
+        return self.head(self.norm(state[hierarchy.roots]))
+
+    def __repr__(self) -> str:
+        return (f'BottomUpModel({self.name!r}, width={self.width}, '
+                f'parameters={count_parameters(self)})')
+
+
+def build_model(name: str, width: int = 64, heads: int = 4) -> nn.Module:
+    r"""The ListOps model :obj:`name` (one of :data:`MODELS`)."""
+    if name in BOTTOM_UP_MODELS:
+        return BottomUpModel(name, width, heads)
+    return ListOpsModel(name, width, heads)
+
+
 def matched_width(name: str, reference: str = 'hsa', width: int = 64, heads: int = 4) -> int:
     r"""The width (a multiple of :obj:`heads`) at which model :obj:`name`
     has the parameter count closest to :obj:`reference`'s at :obj:`width`."""
-    target = count_parameters(ListOpsModel(reference, width, heads))
-    return closest_width(lambda w: ListOpsModel(name, w, heads), target, heads, 4 * width)
+    target = count_parameters(build_model(reference, width, heads))
+    return closest_width(lambda w: build_model(name, w, heads), target, heads, 4 * width)

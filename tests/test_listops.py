@@ -213,20 +213,79 @@ def test_tree_positions_sum_along_the_path():
 
 
 def test_models_run_and_match_parameters():
-    from listops_models import MODELS, ListOpsModel, count_parameters, matched_width
+    from listops_models import MODELS, ListOpsModel, build_model, count_parameters, matched_width
     _, data = tiny_batch()
     for width, heads in ((64, 4), (32, 2)):  # the script's default, a small one
         target = count_parameters(ListOpsModel('hsa', width, heads))
         for name in MODELS:
-            model = ListOpsModel(name, matched_width(name, width=width, heads=heads), heads)
+            model = build_model(name, matched_width(name, width=width, heads=heads), heads)
             assert abs(count_parameters(model) - target) <= 0.1 * target, (name, width)
     for name in MODELS:
-        model = ListOpsModel(name, matched_width(name, width=32, heads=2), 2)
+        model = build_model(name, matched_width(name, width=32, heads=2), 2)
         logits = model(data)
         assert logits.shape == (3, 10) and torch.isfinite(logits).all()
         logits.sum().backward()
     with pytest.raises(ValueError, match='unknown ListOps model'):
         ListOpsModel('lstm')
+
+
+@pytest.mark.parametrize('folded', [False, True])
+def test_family_schedule_composes_every_list_after_its_sub_lists(folded):
+    from listops_models import left_folded
+    split, data = tiny_batch(count=4, seed=3)
+    h = left_folded(data.hierarchy) if folded else data.hierarchy
+    schedule = data.folded_schedule if folded else data.schedule
+    assert schedule.num_nodes == h.num_nodes
+    done = torch.zeros(h.num_nodes, dtype=torch.bool)
+    done[:h.num_leaves] = True
+    for level in schedule.levels:
+        member = level.children >= 0
+        assert done[level.children[member]].all()      # sub-lists composed before
+        assert not done[level.lists].any()
+        for row, node in zip(level.children, level.lists.tolist()):
+            children = row[row >= 0]
+            assert (h.parent[children] == node).all()  # the whole family, in text order
+            assert children.numel() == int(h.num_children[node])
+            assert (h.first_leaf[children].diff() > 0).all()
+        done[level.lists] = True
+    assert done.all()
+    assert data.tokens[h.first_leaf[h.roots]].tolist() == data.tokens[data.root].tolist()
+    if folded:
+        assert int(h.num_children[h.num_leaves:].max()) == 2
+        assert torch.equal(h.roots, data.hierarchy.roots)
+
+
+def test_left_folded_chains_each_family_left_to_right():
+    from listops_models import left_folded
+    # [MAX 2 [MIN 4 7 ] ]: leaves 0-6, lists 7 (MAX) and 8 (MIN)
+    h = from_brackets(torch.tensor([MAX, 2, MIN, 4, 7, CLOSE, CLOSE]), OPERATORS, [CLOSE])
+    folded = left_folded(h)
+    leaves_of = {node: set() for node in range(folded.num_nodes)}
+    for leaf in range(7):
+        node = leaf
+        while node >= 0:
+            leaves_of[node].add(leaf)
+            node = int(folded.parent[node])
+    clusters = sorted(map(frozenset, (leaves_of[c] for c in range(7, folded.num_nodes))),
+                      key=lambda leaves: (min(leaves), len(leaves)))
+    assert clusters == [frozenset(s) for s in ({0, 1}, {0, 1, 2, 3, 4, 5},
+                                               {0, 1, 2, 3, 4, 5, 6}, {2, 3}, {2, 3, 4},
+                                               {2, 3, 4, 5})]
+    assert folded.num_nodes == 7 + 2 + 2 + 2  # MAX: 4 members, MIN: 4 members
+
+
+def test_bottom_up_model_reads_out_each_expression_alone():
+    from listops_models import build_model
+    torch.manual_seed(0)
+    split, data = tiny_batch(count=3, seed=5)
+    for name in ('hsa_bottom_up', 'tree_bottom_up', 'hsa_fold', 'tree_fold'):
+        model = build_model(name, 16, 2).eval()
+        together = model(data)
+        for i in range(len(split)):
+            tokens = torch.from_numpy(split.example(i).astype(np.int64))
+            alone = type(data).collate(tokens, torch.tensor([0, tokens.numel()]),
+                                       torch.from_numpy(split.label[i:i + 1]))
+            torch.testing.assert_close(model(alone)[0], together[i], atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------ the script

@@ -72,8 +72,10 @@ def _listops(result: Dict) -> str:
                     + [_mean_std(row[s], 100) for s in splits]
                     + [f"{row['seconds_per_step']['mean']:.2f}"])
     table = _table(header, rows)
-    # HSA against every model, and the GPS design with HSA against the others
-    pairs = [c for c in result['comparisons'] if c['first'] in ('hsa', 'gps_hsa')]
+    # HSA against every model, and the GPS design with HSA and the bottom-up
+    # HSA model against the others
+    pairs = [c for c in result['comparisons']
+             if c['first'] in ('hsa', 'gps_hsa', 'hsa_bottom_up')]
     if pairs:
         header = ['model', 'minus', 'split', 'difference (points)', '95 % interval']
         rows = [[f"``{c['first']}``", f"``{c['second']}``", c['split'],
