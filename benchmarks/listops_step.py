@@ -23,7 +23,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'examples'))
 
 from common import write_json  # noqa: E402
-from listops_models import MODELS, ListOpsBatch, ListOpsModel, matched_width  # noqa: E402
+from listops_models import MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
 from hsa_geo.datasets.listops import ListOpsRecipe, generate_listops  # noqa: E402
 
@@ -48,7 +48,7 @@ def main(argv=None):
     built = {}
     for name in models:
         torch.manual_seed(0)
-        model = ListOpsModel(name, matched_width(name))
+        model = build_model(name, matched_width(name))
         built[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
 
     def step(name):

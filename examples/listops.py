@@ -53,7 +53,8 @@ from common import (compare_runs, config_of, count_parameters, grid_of,  # noqa:
 from listops_models import MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
 from hsa_geo.datasets.listops import (GENERALISATION_RECIPES, LRA_SPLITS,  # noqa: E402
-                                      ListOpsRecipe, ListOpsSplit, generate_splits)
+                                      OPERATORS, VOCAB, ListOpsRecipe, ListOpsSplit,
+                                      generate_splits)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SETTINGS = ('generalisation', 'lra')
@@ -251,8 +252,24 @@ def correct_of(run: Dict, split: str) -> np.ndarray:
     return np.frombuffer(run['test'][split]['correct'].encode(), dtype=np.uint8) - ord('0')
 
 
+def root_operators(split: ListOpsSplit, count: int) -> np.ndarray:
+    r"""The operator of every expression's outer list (its first token)."""
+    return split.tokens[split.ptr[:min(count, len(split))]]
+
+
+def accuracy_by_operator(runs: List[Dict], split: str, operator: np.ndarray) -> Dict:
+    r"""Test accuracy of :obj:`runs` on the expressions of :obj:`split`
+    whose outer list applies each operator (an error in any argument
+    spoils ``SM`` at the root, while ``MIN`` and ``MAX`` survive errors
+    in the arguments they do not select)."""
+    return {VOCAB[token].lstrip('['): mean_std(correct_of(run, split)[operator == token].mean()
+                                               for run in runs)
+            for token in OPERATORS}
+
+
 def report(runs: List[Dict], args) -> Dict:
     splits = TEST_SPLITS[args.setting]
+    data = load_data(args)
     summary = {}
     for name in MODELS:
         mine = [r for r in runs if r['model'] == name]
@@ -262,6 +279,8 @@ def report(runs: List[Dict], args) -> Dict:
             summary[name].update(parameters=mine[0]['parameters'], width=mine[0]['width'],
                                  seconds_per_step=mean_std(r['seconds_per_step'] for r in mine),
                                  steps=sorted({r['steps'] for r in mine}))
+            summary[name]['test_by_operator'] = accuracy_by_operator(
+                mine, 'test', root_operators(data['test'], mine[0]['test']['test']['count']))
     comparisons = []
     for reference in ('hsa', 'hsa_pos', 'gps_hsa', 'hsa_bottom_up'):
         for other in MODELS:

@@ -347,3 +347,22 @@ def test_paired_bootstrap():
     assert 0 < result['ci95'][0] < result['difference'] < result['ci95'][1]
     with pytest.raises(ValueError, match='one shape'):
         paired_bootstrap(first, first[:, :10], 10)
+
+
+def test_family_probe_trains_on_flat_lists(tmp_path):
+    import listops_family_probe as probe
+    batch = probe.flat_lists(SUM_MOD, 20, np.random.default_rng(0))
+    for i in range(20):
+        tokens = batch.tokens[batch.batch == i].tolist()
+        assert tokens[0] == SUM_MOD and tokens[-1] == CLOSE and 2 <= len(tokens) - 2 <= 10
+        assert int(batch.label[i]) == sum(tokens[1:-1]) % 10
+    out = tmp_path / 'probe.json'
+    threads = torch.get_num_threads()
+    try:
+        probe.main(['--steps', '4', '--test-every', '2', '--batch-size', '8', '--width', '16',
+                    '--heads', '2', '--models', 'hsa_bottom_up,tree_fold', '--out', str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.load(open(out))
+    assert set(result['runs']) == {'hsa_bottom_up', 'tree_fold'}
+    assert [c['step'] for c in result['runs']['tree_fold']['curve']] == [2, 4]

@@ -72,6 +72,15 @@ def _listops(result: Dict) -> str:
                     + [_mean_std(row[s], 100) for s in splits]
                     + [f"{row['seconds_per_step']['mean']:.2f}"])
     table = _table(header, rows)
+    by_operator = {name: row['test_by_operator'] for name, row in result['summary'].items()
+                   if 'test_by_operator' in row}
+    if by_operator:
+        operators = list(next(iter(by_operator.values())))
+        header = ['model'] + [f'outer {op} (%)' for op in operators]
+        rows = [[f'``{name}``'] + [_mean_std(row[op], 100) for op in operators]
+                for name, row in by_operator.items()]
+        table += ('\nTest accuracy by the operator of the outer list:\n\n'
+                  + _table(header, rows))
     # HSA against every model, and the GPS design with HSA and the bottom-up
     # HSA model against the others
     pairs = [c for c in result['comparisons']
