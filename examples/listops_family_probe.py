@@ -9,7 +9,7 @@ operator -- and tested on 1,000 fresh ones, so its one family step is
 supervised directly. The accuracy curves go to
 ``benchmarks/results/listops_family_probe.json``::
 
-    python examples/listops_family_probe.py --operator SM --steps 3000
+    python examples/listops_family_probe.py --operator SM --steps 10000 --test-every 1000
 """
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def main(argv=None):
             if step % args.test_every == 0 or step == args.steps:
                 with torch.no_grad():
                     accuracy = float((model(test).argmax(1) == test.label).float().mean())
-                curve.append({'step': step, 'train_loss': float(loss), 'test_accuracy': accuracy})
+                curve.append({'step': step, 'train_loss': float(loss.detach()),
+                              'test_accuracy': accuracy})
                 print(f'{name} step {step}: test {accuracy:.3f}', flush=True)
         runs[name] = {'parameters': count_parameters(model), 'curve': curve,
                       'final_test_accuracy': curve[-1]['test_accuracy'],

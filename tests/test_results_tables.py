@@ -112,6 +112,11 @@ def _listops_step(result):
     return [f'{seconds:.3f}' for seconds in result['median_seconds'].values()]
 
 
+def _listops_probe(result):
+    return [f"{100 * point['test_accuracy']:.1f}" for run in result['runs'].values()
+            for point in run['curve']]
+
+
 def _sbm(result):
     return [f'``{name}``' for name in result['summary']]
 
@@ -137,7 +142,7 @@ EXPECTED = {'zero-shot': _zero_shot, 'imdb': _imdb, 'scaling': _scaling, 'engine
             'energy-terms': _energy_terms, 'distributed': _distributed,
             'planted-partition': _planted_partition, 'max-children': _max_children,
             'metis': _metis, 'ogb': _ogb, 'listops': _listops, 'listops-step': _listops_step,
-            'sbm': _sbm, 'planted-built': _planted_built}
+            'listops-probe': _listops_probe, 'sbm': _sbm, 'planted-built': _planted_built}
 
 
 def test_the_pages_ask_for_the_new_kinds():

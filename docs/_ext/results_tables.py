@@ -7,7 +7,7 @@ A page asks for a table with a line of its own::
     .. results-table:: listops benchmarks/results/listops_generalisation.json
 
 and gets a ``list-table`` (or a note saying which command writes the file,
-when it does not exist yet). Kinds: ``listops``, ``listops-step``, ``sbm``
+when it does not exist yet). Kinds: ``listops``, ``listops-step``, ``listops-probe``, ``sbm``
 and ``zero-shot`` (docs/where_hsa_helps.rst, docs/results_text.rst); ``imdb``
 (docs/results_text.rst); ``scaling`` (also its CUDA run), ``engines``,
 ``batches``, ``energy-terms`` (docs/results_speed.rst); ``distributed`` and
@@ -31,6 +31,7 @@ MARKER = re.compile(r'^\.\. results-table:: (\S+) (\S+)\s*$', re.MULTILINE)
 COMMANDS = {
     'listops': 'python examples/listops.py',
     'listops-step': 'python -m benchmarks.listops_step',
+    'listops-probe': 'python examples/listops_family_probe.py',
     'sbm': 'python examples/cluster_pattern.py',
     'scaling': 'python -m benchmarks.scaling',
     'engines': 'python -m benchmarks.engines',
@@ -109,6 +110,18 @@ def _listops_step(result: Dict) -> str:
             f"block, {result['rounds']} interleaved rounds on {result['threads']} thread(s); "
             f"load average {result['load_average']['before']:.1f} before, "
             f"{result['load_average']['after']:.1f} after.\n")
+
+
+def _listops_probe(result: Dict) -> str:
+    steps = [point['step'] for point in next(iter(result['runs'].values()))['curve']]
+    header = ['model', 'parameters'] + [f'step {step} (%)' for step in steps]
+    rows = [[f'``{name}``', str(run['parameters'])]
+            + [f"{100 * point['test_accuracy']:.1f}" for point in run['curve']]
+            for name, run in result['runs'].items()]
+    config = result['config']
+    return (_table(header, rows) + f"\nTest accuracy on 1,000 flat ``{result['operator']}`` "
+            f"lists, {config['batch_size']} lists a step, seed {config['seed']}; "
+            f"load average {result['load_average']:.1f}.\n")
 
 
 def _sbm(result: Dict) -> str:
@@ -520,7 +533,8 @@ def _imdb(result: Dict) -> str:
 
 
 RENDERERS: Dict[str, Callable[[Dict], str]] = {'zero-shot': _zero_shot, 'imdb': _imdb,'listops': _listops,
-                                                'listops-step': _listops_step, 'sbm': _sbm,
+                                                'listops-step': _listops_step,
+                                                'listops-probe': _listops_probe, 'sbm': _sbm,
                                                 'scaling': _scaling, 'engines': _engines,
                                                 'batches': _batches,
                                                 'energy-terms': _energy_terms,
