@@ -138,7 +138,8 @@ def _imdb(result):
         f"{c['difference_mean']:+.4f}" for c in result.get('comparisons') or []]
 
 
-EXPECTED = {'zero-shot': _zero_shot, 'imdb': _imdb, 'scaling': _scaling, 'engines': _engines, 'batches': _batches,
+EXPECTED = {'zero-shot': _zero_shot, 'imdb': _imdb, 'scaling': _scaling, 'engines': _engines,
+            'batches': _batches,
             'energy-terms': _energy_terms, 'distributed': _distributed,
             'planted-partition': _planted_partition, 'max-children': _max_children,
             'metis': _metis, 'ogb': _ogb, 'listops': _listops, 'listops-step': _listops_step,

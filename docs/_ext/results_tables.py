@@ -532,7 +532,8 @@ def _imdb(result: Dict) -> str:
     return table + f"\nWritten by ``{result['command']}``.\n"
 
 
-RENDERERS: Dict[str, Callable[[Dict], str]] = {'zero-shot': _zero_shot, 'imdb': _imdb,'listops': _listops,
+RENDERERS: Dict[str, Callable[[Dict], str]] = {'zero-shot': _zero_shot, 'imdb': _imdb,
+                                                'listops': _listops,
                                                 'listops-step': _listops_step,
                                                 'listops-probe': _listops_probe, 'sbm': _sbm,
                                                 'scaling': _scaling, 'engines': _engines,
