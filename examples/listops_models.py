@@ -171,7 +171,7 @@ def left_folded(hierarchy: Hierarchy) -> Hierarchy:
     offset = torch.cat([torch.zeros(num_leaves, dtype=torch.long), offset])
 
     def chain(mask: Tensor, position: Tensor) -> Tensor:  # a_j of the masked children's families
-        return torch.where(position == size[mask] - 1, family[mask],
+        return torch.where(position >= size[mask] - 1, family[mask],
                            offset[family[mask]] + position - 1)
 
     new_parent = torch.full((num_nodes + int(extra.sum()), ), -1, dtype=torch.long)

@@ -272,6 +272,9 @@ def test_left_folded_chains_each_family_left_to_right():
                                                {0, 1, 2, 3, 4, 5, 6}, {2, 3}, {2, 3, 4},
                                                {2, 3, 4, 5})]
     assert folded.num_nodes == 7 + 2 + 2 + 2  # MAX: 4 members, MIN: 4 members
+    # a family of one child stays; one of three gains a chain node
+    single = Hierarchy.from_parent(torch.tensor([3, 4, 4, 4, -1]), 3, ordered=True)
+    assert left_folded(single).parent.tolist() == [3, 5, 4, 5, -1, 4]
 
 
 def test_bottom_up_model_reads_out_each_expression_alone():
