@@ -53,7 +53,7 @@ from common import (compare_runs, config_of, count_parameters, grid_of,  # noqa:
 from listops_models import MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
 from hsa_geo.datasets.listops import (GENERALISATION_RECIPES, LRA_SPLITS,  # noqa: E402
-                                      OPERATORS, VOCAB, ListOpsRecipe, ListOpsSplit,
+                                      OPERATOR_NAMES, ListOpsRecipe, ListOpsSplit,
                                       generate_splits)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -262,9 +262,8 @@ def accuracy_by_operator(runs: List[Dict], split: str, operator: np.ndarray) -> 
     whose outer list applies each operator (an error in any argument
     spoils ``SM`` at the root, while ``MIN`` and ``MAX`` survive errors
     in the arguments they do not select)."""
-    return {VOCAB[token].lstrip('['): mean_std(correct_of(run, split)[operator == token].mean()
-                                               for run in runs)
-            for token in OPERATORS}
+    return {name: mean_std(correct_of(run, split)[operator == token].mean() for run in runs)
+            for token, name in OPERATOR_NAMES.items()}
 
 
 def report(runs: List[Dict], args) -> Dict:

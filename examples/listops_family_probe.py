@@ -28,10 +28,10 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from common import count_parameters, run_main, set_seed, write_json  # noqa: E402
 from listops_models import BOTTOM_UP_MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
-from hsa_geo.datasets.listops import CLOSE, OPERATORS, VOCAB, evaluate  # noqa: E402
+from hsa_geo.datasets.listops import CLOSE, OPERATOR_NAMES, evaluate  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-OPERATOR_TOKENS = {VOCAB[token].lstrip('['): token for token in OPERATORS}
+OPERATOR_TOKENS = {name: token for token, name in OPERATOR_NAMES.items()}
 
 
 def flat_lists(operator: int, count: int, generator: np.random.Generator) -> ListOpsBatch:

@@ -106,7 +106,7 @@ class ListOpsBatch:
     parent_token: Tensor    # [T] the opening token of the enclosing list (-1 at roots)
     position: Tensor        # [T] position in the expression
     label: Tensor           # [B]
-    schedule: 'FamilySchedule'         # the lists by height, for the bottom-up models
+    schedule: 'FamilySchedule'         # the lists by depth, for the bottom-up models
     folded_schedule: 'FamilySchedule'  # the same for the left-folded parse tree
 
     @property
@@ -127,9 +127,9 @@ class ListOpsBatch:
 
 @dataclass
 class FamilyLevel:
-    r"""The lists of one height (the longest path down to a token): their
-    node ids and their children's node ids in sibling order, padded with
-    :obj:`-1` to the widest family of the level."""
+    r"""The lists of one depth: their node ids and their children's node
+    ids in sibling order, padded with :obj:`-1` to the widest family of the
+    level."""
     lists: Tensor     # [L] cluster node ids
     children: Tensor  # [L, W] node ids, -1 past a family's end
 
@@ -137,20 +137,9 @@ class FamilyLevel:
 @dataclass
 class FamilySchedule:
     r"""The families of a tree in an order that composes every list after
-    its sub-lists: by height, lowest first."""
+    its sub-lists: by depth, deepest first."""
     num_nodes: int
     levels: List[FamilyLevel]
-
-
-def node_heights(hierarchy: Hierarchy) -> Tensor:
-    r"""``[N + M]`` the height of every node: 0 at tokens, one more than
-    its highest child at a list."""
-    parent, depth = hierarchy.parent, hierarchy.depth
-    height = torch.zeros_like(parent)
-    for level in range(hierarchy.max_depth, 0, -1):
-        node = (depth == level).nonzero().squeeze(1)
-        height = height.scatter_reduce(0, parent[node], height[node] + 1, 'amax')
-    return height
 
 
 def left_folded(hierarchy: Hierarchy) -> Hierarchy:
@@ -184,20 +173,19 @@ def left_folded(hierarchy: Hierarchy) -> Hierarchy:
 
 
 def family_schedule(hierarchy: Hierarchy) -> FamilySchedule:
-    r"""The families of :obj:`hierarchy` grouped by their list's height,
-    lowest first: every list comes after all of its sub-lists."""
-    num_leaves, parent = hierarchy.num_leaves, hierarchy.parent
-    has_parent = (parent >= 0).nonzero().squeeze(1)
-    width = int(hierarchy.num_children.max())
-    table = torch.full((hierarchy.num_clusters, width), -1, dtype=torch.long)
-    table[parent[has_parent] - num_leaves, hierarchy.sibling_index[has_parent]] = has_parent
-    height = node_heights(hierarchy)[num_leaves:]
-    levels = []
-    for level in range(1, int(height.max()) + 1):
-        lists = (height == level).nonzero().squeeze(1)
-        children = table[lists]
-        children = children[:, :int((children >= 0).sum(1).max())]
-        levels.append(FamilyLevel(lists + num_leaves, children))
+    r"""The families of :obj:`hierarchy` level by level in the order of
+    its family tables (:meth:`~hsa_geo.Hierarchy.family_tables`: deepest
+    first), so every list comes after all of its sub-lists."""
+    tables = hierarchy.family_tables()
+    sizes = tables.child_ptr.diff()
+    family = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    slot = torch.arange(tables.children.numel()) - tables.child_ptr[:-1][family]
+    table = torch.full((sizes.numel(), int(sizes.max())), -1, dtype=torch.long)
+    table[family, slot] = tables.children
+    bounds = tables.level_ptr.tolist()
+    levels = [FamilyLevel(tables.family_node[first:last],
+                          table[first:last, :int(sizes[first:last].max())])
+              for first, last in zip(bounds[:-1], bounds[1:])]
     return FamilySchedule(hierarchy.num_nodes, levels)
 
 

@@ -35,6 +35,8 @@ MIN, MAX, MED, SUM_MOD, CLOSE = 10, 11, 12, 13, 14
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
 VOCAB = tuple(str(d) for d in DIGITS) + ('[MIN', '[MAX', '[MED', '[SM', ']')
 VOCAB_SIZE = len(VOCAB)
+#: every operator's name without its bracket (``SM`` for ``[SM``)
+OPERATOR_NAMES = {token: VOCAB[token].lstrip('[') for token in OPERATORS}
 #: probability that a node above the maximum depth is a list (LRA's VALUE_P:
 #: a node is a digit when a uniform draw exceeds it)
 LIST_PROBABILITY = 0.25
