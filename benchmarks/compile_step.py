@@ -25,6 +25,7 @@ import time
 import torch
 from torch_geometric.data import Data
 
+from hsa_geo.compiler import cpu_training_options
 from hsa_geo.loader import HierarchyLoader
 from hsa_geo.nn.models import HSAGraphModel
 from hsa_geo.transforms import AddHierarchy
@@ -36,13 +37,16 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 #: generator (which, profiled, costs several times the eager dropout);
 #: ``guard_filter_fn``: no guards on the modules' parameters and buffers
 #: (checked on every call otherwise; safe while the model's modules are not
-#: replaced between calls).
+#: replaced between calls); ``cpu_training_options``: what
+#: :func:`hsa_geo.compiler.cpu_training_options` returns, ``fallback_random``
+#: and boolean masks recomputed in the backward graph instead of saved.
 VARIANTS = {
     'default': {},
     'fallback_random': {'fallback_random': True},
     'fallback_random, no module guards': {
         'fallback_random': True,
         'guard_filter_fn': torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+    'cpu_training_options': cpu_training_options(),
 }
 
 

@@ -77,11 +77,24 @@ BASE_MODELS = ('hsa', 'hsa_pos', 'softmax', 'softmax_tree', 'tree_gnn', 'gps', '
 #: ablations of the HSA model: (its token mixing, options of ListOpsModel)
 ABLATIONS = {'hsa_x2': ('hsa', dict(rounds_per_level=2)),  # two rounds per level of depth
              'hsa_gated': ('hsa', dict(gated=True))}     # gated updates of the tokens
-#: bottom-up models: (name, family mixing)
-BOTTOM_UP_MODELS = {'hsa_bottom_up': 'attention', 'tree_bottom_up': 'sum',
-                    'hsa_fold': 'attention', 'tree_fold': 'sum'}
-#: the bottom-up models that compose over the left-folded parse tree
-FOLDED_MODELS = ('hsa_fold', 'tree_fold')
+
+
+@dataclass(frozen=True)
+class BottomUpDesign:
+    r"""What distinguishes the bottom-up models: how a family is mixed
+    (``'attention'`` or ``'sum'``), whether the parse tree is left-folded
+    first, and whether a list is passed up as its predicted value."""
+    mixing: str
+    folded: bool = False
+    values: bool = False
+
+
+BOTTOM_UP_MODELS = {'hsa_bottom_up': BottomUpDesign('attention'),
+                    'tree_bottom_up': BottomUpDesign('sum'),
+                    'hsa_fold': BottomUpDesign('attention', folded=True),
+                    'tree_fold': BottomUpDesign('sum', folded=True),
+                    'hsa_values': BottomUpDesign('attention', values=True),
+                    'tree_values': BottomUpDesign('sum', values=True)}
 MODELS = BASE_MODELS + tuple(ABLATIONS) + tuple(BOTTOM_UP_MODELS)
 #: shared layers a family passes through when its list is composed
 FAMILY_LAYERS = 2
@@ -381,27 +394,34 @@ class BottomUpModel(nn.Module):
     def __init__(self, name: str, width: int = 64, heads: int = 4):
         super().__init__()
         self.name, self.width = name, width
+        self.design = BOTTOM_UP_MODELS[name]
         self.token = nn.Embedding(VOCAB_SIZE, width)
         self.sibling = nn.Embedding(MAX_CHILDREN, width)
-        self.layers = nn.ModuleList(FamilyLayer(width, heads, BOTTOM_UP_MODELS[name])
+        self.layers = nn.ModuleList(FamilyLayer(width, heads, self.design.mixing)
                                     for _ in range(FAMILY_LAYERS))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, NUM_CLASSES)
 
     def forward(self, data: ListOpsBatch) -> Tensor:
-        hierarchy = data.hierarchy
         state = self.token(data.tokens)
-        schedule = data.folded_schedule if self.name in FOLDED_MODELS else data.schedule
+        schedule = data.folded_schedule if self.design.folded else data.schedule
         state = torch.cat([state, state.new_zeros(schedule.num_nodes - state.size(0),
                                                   self.width)])
+        logits = state.new_zeros(schedule.num_nodes, NUM_CLASSES)
+        digits = self.token.weight[:NUM_CLASSES]  # a digit's token id is its value
         for level in schedule.levels:
             member = level.children >= 0
             x = state[level.children.clamp(min=0)] * member[..., None]
             x = x + self.sibling.weight[:x.size(1)]
             for layer in self.layers:
                 x = layer(x, member)
-            state = state.index_copy(0, level.lists, x[:, 0])
-        return self.head(self.norm(state[hierarchy.roots]))
+            summary = x[:, 0]
+            level_logits = self.head(self.norm(summary))
+            if self.design.values:  # the list goes up as the digit it is predicted to be
+                summary = level_logits.softmax(-1) @ digits
+            state = state.index_copy(0, level.lists, summary)
+            logits = logits.index_copy(0, level.lists, level_logits)
+        return logits[data.hierarchy.roots]
 
     def __repr__(self) -> str:
         return (f'BottomUpModel({self.name!r}, width={self.width}, '

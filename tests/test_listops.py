@@ -278,10 +278,10 @@ def test_left_folded_chains_each_family_left_to_right():
 
 
 def test_bottom_up_model_reads_out_each_expression_alone():
-    from listops_models import build_model
+    from listops_models import BOTTOM_UP_MODELS, build_model
     torch.manual_seed(0)
     split, data = tiny_batch(count=3, seed=5)
-    for name in ('hsa_bottom_up', 'tree_bottom_up', 'hsa_fold', 'tree_fold'):
+    for name in BOTTOM_UP_MODELS:
         model = build_model(name, 16, 2).eval()
         together = model(data)
         for i in range(len(split)):
@@ -289,6 +289,25 @@ def test_bottom_up_model_reads_out_each_expression_alone():
             alone = type(data).collate(tokens, torch.tensor([0, tokens.numel()]),
                                        torch.from_numpy(split.label[i:i + 1]))
             torch.testing.assert_close(model(alone)[0], together[i], atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.parametrize('name', ['hsa_values', 'tree_values'])
+def test_values_models_pass_a_sub_list_up_as_its_predicted_digit(name):
+    from listops_models import ListOpsBatch, build_model
+    torch.manual_seed(0)
+    model = build_model(name, 16, 2).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(1e4)  # a sharp prediction: the sub-list is one digit
+
+    def logits(tokens):
+        tokens = torch.tensor(tokens)
+        return model(ListOpsBatch.collate(tokens, torch.tensor([0, tokens.numel()]),
+                                          torch.tensor([0])))[0]
+    inner = [MIN, 4, 5, CLOSE]
+    digit = int(logits(inner).argmax())
+    nested, flat = logits([MAX, 3, *inner, 7, CLOSE]), logits([MAX, 3, digit, 7, CLOSE])
+    torch.testing.assert_close(nested, flat, atol=1e-3, rtol=1e-4)
 
 
 # ------------------------------------------------------------ the script
