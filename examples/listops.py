@@ -54,7 +54,7 @@ from listops_models import MODELS, ListOpsBatch, build_model, matched_width  # n
 
 from hsa_geo.datasets.listops import (GENERALISATION_RECIPES, LRA_SPLITS,  # noqa: E402
                                       OPERATOR_NAMES, ListOpsRecipe, ListOpsSplit,
-                                      generate_splits)
+                                      flat_lists, generate_splits)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SETTINGS = ('generalisation', 'lra')
@@ -77,6 +77,12 @@ def parse_args(argv=None):
     parser.add_argument('--test-size', type=int, default=LRA_SPLITS['test'])
     parser.add_argument('--generalisation-test-size', type=int, default=500,
                         help='expressions in test_long and test_deep')
+    parser.add_argument('--curriculum-steps', type=int, default=0,
+                        help='steps on flat lists [OP d1 ... dk ] (all four operators, drawn '
+                             'fresh) before the training split; they count in --steps')
+    parser.add_argument('--curriculum-batch-size', type=int, default=256,
+                        help='flat lists per curriculum step (a training batch of 32 '
+                             'expressions holds ~400 lists)')
     parser.add_argument('--valid-every', type=int, default=50)
     parser.add_argument('--valid-subset', type=int, default=200,
                         help='validation expressions scored at every evaluation')
@@ -181,6 +187,9 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
     config = config_of(args, {'model': name, 'seed': seed})
     for key in ('models', 'steps', 'report_only', 'resamples', 'data_dir', 'eval_tokens'):
         config.pop(key, None)
+    if not args.curriculum_steps:  # runs from before the options resume
+        config.pop('curriculum_steps')
+        config.pop('curriculum_batch_size')
     set_seed(seed)
     width = matched_width(name, width=args.width, heads=args.heads)
     model = build_model(name, width, args.heads)
@@ -189,6 +198,7 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
     state = load_checkpoint(run_path(args, name, seed, 'checkpoint'), config)
     curve: List[Dict] = []
     step, seconds, permutation, cursor = 0, 0.0, None, 0
+    flat = np.random.default_rng(seed)  # draws the curriculum's flat lists
     if state is not None:
         model.load_state_dict(state['model'])
         optimiser.load_state_dict(state['optimiser'])
@@ -196,14 +206,20 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
         step, seconds, curve = state['step'], state['seconds'], state['curve']
         permutation, cursor = state['permutation'], state['cursor']
         torch.set_rng_state(state['torch_rng'])
+        if 'flat_lists_rng' in state:
+            flat.bit_generator.state = state['flat_lists_rng']
         print(f'{name} seed {seed}: resumed at step {step}', flush=True)
     train = data['train']
     losses: List[float] = []
     while step < args.steps:
-        if permutation is None or cursor + args.batch_size > len(train):
-            permutation, cursor = torch.randperm(len(train), generator=order).numpy(), 0
-        batch = make_batch(train, permutation[cursor:cursor + args.batch_size])
-        cursor += args.batch_size
+        if step < args.curriculum_steps:
+            count = args.curriculum_batch_size
+            batch = make_batch(flat_lists(count, flat), np.arange(count))
+        else:
+            if permutation is None or cursor + args.batch_size > len(train):
+                permutation, cursor = torch.randperm(len(train), generator=order).numpy(), 0
+            batch = make_batch(train, permutation[cursor:cursor + args.batch_size])
+            cursor += args.batch_size
         for group in optimiser.param_groups:
             group['lr'] = learning_rate(step, args)
         start = time.perf_counter()
@@ -227,10 +243,12 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
             save_checkpoint(run_path(args, name, seed, 'checkpoint'), {
                 'config': config, 'model': model.state_dict(),
                 'optimiser': optimiser.state_dict(), 'order': order.get_state(),
-                'torch_rng': torch.get_rng_state(), 'step': step, 'seconds': seconds,
+                'torch_rng': torch.get_rng_state(), 'flat_lists_rng': flat.bit_generator.state,
+                'step': step, 'seconds': seconds,
                 'curve': curve, 'permutation': permutation, 'cursor': cursor})
     run = {'model': name, 'seed': seed, 'width': width, 'parameters': count_parameters(model),
-           'steps': step, 'batch_size': args.batch_size, 'train_seconds': seconds,
+           'steps': step, 'curriculum_steps': args.curriculum_steps,
+           'batch_size': args.batch_size, 'train_seconds': seconds,
            'seconds_per_step': seconds / max(step, 1), 'curve': curve, 'test': {}}
     test_sizes = {'test': args.test_size, 'test_long': args.generalisation_test_size,
                   'test_deep': args.generalisation_test_size}
@@ -290,6 +308,7 @@ def report(runs: List[Dict], args) -> Dict:
                     comparisons.append({**comparison, 'split': split})
     return {'setting': args.setting, **report_header(args),
             'budget': {'steps': sorted({r['steps'] for r in runs}),
+                       'curriculum_steps': sorted({r.get('curriculum_steps', 0) for r in runs}),
                        'batch_size': args.batch_size,
                        'examples_seen': sorted({r['steps'] * r['batch_size'] for r in runs})},
             'summary': summary, 'comparisons': comparisons,

@@ -26,22 +26,18 @@ import torch.nn.functional as F
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 from common import count_parameters, run_main, set_seed, write_json  # noqa: E402
+from listops import make_batch  # noqa: E402
 from listops_models import BOTTOM_UP_MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
-from hsa_geo.datasets.listops import CLOSE, OPERATOR_NAMES, evaluate  # noqa: E402
+from hsa_geo.datasets.listops import OPERATOR_NAMES, flat_lists  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 OPERATOR_TOKENS = {name: token for token, name in OPERATOR_NAMES.items()}
 
 
-def flat_lists(operator: int, count: int, generator: np.random.Generator) -> ListOpsBatch:
+def flat_batch(operator: int, count: int, generator: np.random.Generator) -> ListOpsBatch:
     r""":obj:`count` lists ``[OP d1 ... dk ]`` of 2-10 uniform digits."""
-    expressions = [[operator, *generator.integers(0, 10, generator.integers(2, 11)).tolist(),
-                    CLOSE] for _ in range(count)]
-    ptr = np.cumsum([0] + [len(e) for e in expressions])
-    return ListOpsBatch.collate(torch.tensor([t for e in expressions for t in e]),
-                                torch.from_numpy(ptr),
-                                torch.tensor([evaluate(e) for e in expressions]))
+    return make_batch(flat_lists(count, generator, operators=[operator]), np.arange(count))
 
 
 def main(argv=None):
@@ -61,7 +57,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     operator = OPERATOR_TOKENS[args.operator]
-    test = flat_lists(operator, 1000, np.random.default_rng(10_000 + args.seed))
+    test = flat_batch(operator, 1000, np.random.default_rng(10_000 + args.seed))
     runs = {}
     for name in args.models.split(','):
         set_seed(args.seed)
@@ -71,7 +67,7 @@ def main(argv=None):
         optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
         curve, start = [], time.perf_counter()
         for step in range(1, args.steps + 1):
-            batch = flat_lists(operator, args.batch_size, generator)
+            batch = flat_batch(operator, args.batch_size, generator)
             loss = F.cross_entropy(model(batch), batch.label)
             optimiser.zero_grad()
             loss.backward()

@@ -333,6 +333,32 @@ def tiny_recipes(monkeypatch):
     torch.set_num_threads(threads)
 
 
+def test_listops_curriculum_resumes_to_the_uninterrupted_run(tmp_path, tiny_recipes):
+    # steps 1-3 on flat lists, step 4 on the training split; resumed after
+    # step 2, step 3 needs the flat lists' generator as it was
+    script = tiny_recipes
+    curriculum = ['--models', 'hsa_values', '--curriculum-steps', '3',
+                  '--curriculum-batch-size', '4']
+    script.main(tiny_args(tmp_path, 'straight', 4) + curriculum)
+    script.main(tiny_args(tmp_path, 'resumed', 2) + curriculum)
+    script.main(tiny_args(tmp_path, 'resumed', 4) + curriculum)
+    (straight, ), (resumed, ) = (json.load(open(tmp_path / f'{name}.json'))['runs']
+                                 for name in ('straight', 'resumed'))
+    assert straight['curriculum_steps'] == 3 and resumed['steps'] == 4
+    assert [c['train_loss'] for c in straight['curve']] == [c['train_loss']
+                                                            for c in resumed['curve']]
+
+
+def test_flat_lists_are_depth_one_expressions_with_their_values():
+    split = listops.flat_lists(200, np.random.default_rng(0))
+    assert set(split.tokens[split.ptr[:-1]].tolist()) == set(OPERATORS)
+    assert ((split.lengths >= 4) & (split.lengths <= 12)).all()
+    for i in range(len(split)):
+        tokens = split.example(i)
+        assert tokens[-1] == CLOSE and (tokens[1:-1] < 10).all()
+        assert evaluate(tokens.tolist()) == split.label[i]
+
+
 def test_listops_script_resumes_to_the_uninterrupted_run(tmp_path, tiny_recipes):
     script = tiny_recipes
     script.main(tiny_args(tmp_path, 'straight', 4))
@@ -373,7 +399,7 @@ def test_paired_bootstrap():
 
 def test_family_probe_trains_on_flat_lists(tmp_path):
     import listops_family_probe as probe
-    batch = probe.flat_lists(SUM_MOD, 20, np.random.default_rng(0))
+    batch = probe.flat_batch(SUM_MOD, 20, np.random.default_rng(0))
     for i in range(20):
         tokens = batch.tokens[batch.batch == i].tolist()
         assert tokens[0] == SUM_MOD and tokens[-1] == CLOSE and 2 <= len(tokens) - 2 <= 10

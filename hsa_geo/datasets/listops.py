@@ -232,6 +232,32 @@ def generate_listops(num_examples: int, seed: int, recipe: ListOpsRecipe = ListO
                         np.asarray(depths, dtype=np.int64))
 
 
+def flat_lists(count: int, generator: np.random.Generator,
+               operators: Sequence[int] = OPERATORS) -> ListOpsSplit:
+    r""":obj:`count` depth-1 expressions ``[OP d1 ... dk ]``: an operator
+    drawn uniformly from :obj:`operators`, :math:`k` uniform in 2-10 and
+    uniform digits (what a bottom-up model composes at every list, seen
+    alone).
+
+    Example::
+
+        >>> split = flat_lists(4, np.random.default_rng(0), operators=[SUM_MOD])
+        >>> [evaluate(split.example(i)) for i in range(4)] == split.label.tolist()
+        True
+    """
+    arguments = [generator.integers(0, 10, generator.integers(2, 11)).tolist()
+                 for _ in range(count)]
+    drawn = (np.full(count, operators[0]) if len(operators) == 1
+             else generator.choice(np.asarray(operators), count))
+    expressions = [[int(operator), *digits, CLOSE] for operator, digits in zip(drawn, arguments)]
+    ptr = np.zeros(count + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum([len(e) for e in expressions])
+    tokens = np.fromiter((t for e in expressions for t in e), dtype=np.uint8,
+                         count=int(ptr[-1]))
+    labels = np.asarray([evaluate(e) for e in expressions], dtype=np.int64)
+    return ListOpsSplit(tokens, ptr, labels, np.ones(count, dtype=np.int64) * 2)
+
+
 def generate_splits(sizes: Dict[str, int], recipes: Dict[str, ListOpsRecipe],
                     seed: int = 0) -> Dict[str, ListOpsSplit]:
     r"""Disjoint splits, split :obj:`name` drawn with :obj:`recipes[name]`
