@@ -299,7 +299,7 @@ def report(runs: List[Dict], args) -> Dict:
             summary[name]['test_by_operator'] = accuracy_by_operator(
                 mine, 'test', root_operators(data['test'], mine[0]['test']['test']['count']))
     comparisons = []
-    for reference in ('hsa', 'hsa_pos', 'gps_hsa', 'hsa_bottom_up'):
+    for reference in ('hsa', 'hsa_pos', 'gps_hsa', 'hsa_bottom_up', 'hsa_values'):
         for other in MODELS:
             for split in splits:
                 comparison = compare_runs(runs, reference, other,

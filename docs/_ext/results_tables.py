@@ -85,7 +85,7 @@ def _listops(result: Dict) -> str:
     # HSA against every model, and the GPS design with HSA and the bottom-up
     # HSA model against the others
     pairs = [c for c in result['comparisons']
-             if c['first'] in ('hsa', 'gps_hsa', 'hsa_bottom_up')]
+             if c['first'] in ('hsa', 'gps_hsa', 'hsa_bottom_up', 'hsa_values')]
     if pairs:
         header = ['model', 'minus', 'split', 'difference (points)', '95 % interval']
         rows = [[f"``{c['first']}``", f"``{c['second']}``", c['split'],
@@ -93,6 +93,11 @@ def _listops(result: Dict) -> str:
                  f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"] for c in pairs]
         table += '\n' + _table(header, rows)
     budget = result['budget']
+    curriculum = [c for c in budget.get('curriculum_steps', []) if c]
+    if curriculum:
+        table += (f"\nCurriculum: the first {curriculum} of those steps on flat lists "
+                  f"of all four operators ({result['config']['curriculum_batch_size']} a "
+                  f"step), the rest on the training split.\n")
     table += (f"\nBudget: {budget['steps']} steps of {budget['batch_size']} expressions "
               f"({budget['examples_seen']} expressions seen), one seed per model unless "
               f"the table shows ± (seeds: "
