@@ -26,7 +26,7 @@ token. Only the token mixing differs:
                     their value
 ==================  =========================================================
 
-Two more models evaluate the tree bottom-up instead (:class:`BottomUpModel`):
+More models evaluate the tree bottom-up instead (:class:`BottomUpModel`):
 HSA's bottom-up sweep with *learned* summaries. Level by level from the
 deepest lists up, a list's family -- its operator token, its digits, the
 states of its sub-lists (computed at earlier levels) and its closing
@@ -49,6 +49,10 @@ family mixing differs:
                     argument, that with the second, ..., the last with the
                     closing bracket), so every family has two members
 ``tree_fold``       ``tree_bottom_up`` over the same left-folded tree
+``hsa_values``      ``hsa_bottom_up`` passing every list up as the digit it
+                    is predicted to be: the readout applied at every list,
+                    its softmax over the digits' token embeddings
+``tree_values``     ``tree_bottom_up`` passing lists up the same way
 ==================  =========================================================
 
 The width of each model is chosen so that its parameter count is within
