@@ -11,9 +11,10 @@ from hsa_geo.compiler import RecomputeBooleanMasks, cpu_training_options
 from random_trees import random_hierarchy
 
 
-def partitioned(function, partition, *inputs):
-    r"""Runs :obj:`function` through AOTAutograd with inductor's
-    decompositions and :obj:`partition`: the dtypes of the tensors its
+def partitioned(function, partition, *inputs, decomposed=True):
+    r"""Runs :obj:`function` through AOTAutograd with :obj:`partition`
+    and inductor's decompositions (or none, :obj:`decomposed` false, so
+    that dropout stays one operator whose mask is an output): the dtypes of the tensors its
     forward graph saves for the backward graph, the random operators of
     the backward graph, the output and the inputs' gradients."""
     saved, drawn_in_backward = [], []
@@ -32,7 +33,7 @@ def partitioned(function, partition, *inputs):
 
     compiled = aot_function(function, fw_compiler=forward_compiler,
                             bw_compiler=backward_compiler, partition_fn=partition,
-                            decompositions=select_decomp_table())  # as inductor sees it
+                            decompositions=select_decomp_table() if decomposed else {})
     torch.manual_seed(0)
     out = compiled(*inputs)
     gradients = torch.autograd.grad(out.square().sum(), inputs)
@@ -55,16 +56,21 @@ def test_relu_masks_are_recomputed_not_saved():
     torch.testing.assert_close(our_grad, grad)
 
 
-def test_dropout_is_never_drawn_again_and_gradients_match_the_default_partition():
+@pytest.mark.parametrize('decomposed', [True, False])
+def test_dropout_is_never_drawn_again_and_gradients_match_the_default_partition(decomposed):
+    # decomposed: dropout is a draw and a comparison; not: native_dropout,
+    # whose boolean mask is the draw's own output and must stay saved
     def dropout_relu(x):
         return F.dropout(x.relu() + 0.5, p=0.5, training=True).relu()
 
     x = torch.randn(64, 8, requires_grad=True)
-    _, drawn_in_backward, out, grad = partitioned(dropout_relu, RecomputeBooleanMasks(), x)
+    _, drawn_in_backward, out, grad = partitioned(dropout_relu, RecomputeBooleanMasks(), x,
+                                                  decomposed=decomposed)
     assert drawn_in_backward == []  # the mask is computed from the forward's draw
     # the same draw (same seed, same decompositions) split the default way
     _, _, expected, expected_grad = partitioned(dropout_relu,
-                                                min_cut_rematerialization_partition, x)
+                                                min_cut_rematerialization_partition, x,
+                                                decomposed=decomposed)
     assert (out == 0).any() and (out > 0).any()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad, expected_grad)
