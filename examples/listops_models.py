@@ -60,6 +60,7 @@ The width of each model is chosen so that its parameter count is within
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Optional
@@ -123,8 +124,6 @@ class ListOpsBatch:
     parent_token: Tensor    # [T] the opening token of the enclosing list (-1 at roots)
     position: Tensor        # [T] position in the expression
     label: Tensor           # [B]
-    schedule: 'FamilySchedule'         # the lists by depth, for the bottom-up models
-    folded_schedule: 'FamilySchedule'  # the same for the left-folded parse tree
 
     @property
     def iterations(self) -> int:
@@ -138,8 +137,17 @@ class ListOpsBatch:
         batch = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
         position = torch.arange(num_tokens) - ptr[:-1][batch]
         return cls(tokens.long(), batch, ptr[:-1].clone(), hierarchy,
-                   parent_tokens(hierarchy), position, label, family_schedule(hierarchy),
-                   family_schedule(left_folded(hierarchy)))
+                   parent_tokens(hierarchy), position, label)
+
+    @functools.cached_property
+    def schedule(self) -> 'FamilySchedule':
+        r"""The lists by depth, for the bottom-up models (built on first use)."""
+        return family_schedule(self.hierarchy)
+
+    @functools.cached_property
+    def folded_schedule(self) -> 'FamilySchedule':
+        r"""The same for the left-folded parse tree."""
+        return family_schedule(left_folded(self.hierarchy))
 
 
 @dataclass
