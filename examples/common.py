@@ -188,9 +188,10 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def load_checkpoint(path: str, config: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     r"""The checkpoint at :obj:`path` (or :obj:`None`), after checking that
-    it was written under :obj:`config`."""
+    it was written under :obj:`config` (any configuration when
+    :obj:`config` is :obj:`None`: the checkpoint is read, not resumed)."""
     if not osp.isfile(path):
         return None
     try:
@@ -201,6 +202,7 @@ def load_checkpoint(path: str, config: Dict[str, Any]) -> Optional[Dict[str, Any
     saved = state.get('config') if isinstance(state, dict) else None
     if saved is None:
         raise ExampleError(f"{path} is not a checkpoint of this script")
+    config = saved if config is None else config
     diff = {k: (saved.get(k, '<missing>'), config.get(k, '<missing>'))
             for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)}
     if diff:

@@ -58,6 +58,7 @@ from hsa_geo.datasets.listops import (GENERALISATION_RECIPES, LRA_SPLITS,  # noq
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SETTINGS = ('generalisation', 'lra')
+CURRICULUM_BATCH_SIZE = 256
 TEST_SPLITS = {'generalisation': ('test', 'test_long', 'test_deep'), 'lra': ('test', )}
 
 
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     parser.add_argument('--curriculum-steps', type=int, default=0,
                         help='steps on flat lists [OP d1 ... dk ] (all four operators, drawn '
                              'fresh) before the training split; they count in --steps')
-    parser.add_argument('--curriculum-batch-size', type=int, default=256,
+    parser.add_argument('--curriculum-batch-size', type=int, default=CURRICULUM_BATCH_SIZE,
                         help='flat lists per curriculum step (a training batch of 32 '
                              'expressions holds ~400 lists)')
     parser.add_argument('--valid-every', type=int, default=50)
@@ -248,6 +249,7 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
                 'curve': curve, 'permutation': permutation, 'cursor': cursor})
     run = {'model': name, 'seed': seed, 'width': width, 'parameters': count_parameters(model),
            'steps': step, 'curriculum_steps': args.curriculum_steps,
+           'curriculum_batch_size': args.curriculum_batch_size,
            'batch_size': args.batch_size, 'train_seconds': seconds,
            'seconds_per_step': seconds / max(step, 1), 'curve': curve, 'test': {}}
     test_sizes = {'test': args.test_size, 'test_long': args.generalisation_test_size,
@@ -309,6 +311,9 @@ def report(runs: List[Dict], args) -> Dict:
     return {'setting': args.setting, **report_header(args),
             'budget': {'steps': sorted({r['steps'] for r in runs}),
                        'curriculum_steps': sorted({r.get('curriculum_steps', 0) for r in runs}),
+                       'curriculum_batch_size': sorted({  # runs before it was recorded: default
+                           r.get('curriculum_batch_size', CURRICULUM_BATCH_SIZE) for r in runs
+                           if r.get('curriculum_steps')}),
                        'batch_size': args.batch_size,
                        'examples_seen': sorted({r['steps'] * r['batch_size'] for r in runs})},
             'summary': summary, 'comparisons': comparisons,

@@ -415,6 +415,12 @@ class BottomUpModel(nn.Module):
         self.head = nn.Linear(width, NUM_CLASSES)
 
     def forward(self, data: ListOpsBatch) -> Tensor:
+        return self.list_logits(data)[data.hierarchy.roots]
+
+    def list_logits(self, data: ListOpsBatch) -> Tensor:
+        r"""The readout at every list: logits ``[num_nodes, 10]`` over the
+        schedule's nodes (zero at the tokens; the folded tree's chain nodes
+        have rows too); :meth:`forward` returns the root lists' rows."""
         state = self.token(data.tokens)
         schedule = data.folded_schedule if self.design.folded else data.schedule
         state = torch.cat([state, state.new_zeros(schedule.num_nodes - state.size(0),
@@ -433,7 +439,7 @@ class BottomUpModel(nn.Module):
                 summary = level_logits.softmax(-1) @ digits
             state = state.index_copy(0, level.lists, summary)
             logits = logits.index_copy(0, level.lists, level_logits)
-        return logits[data.hierarchy.roots]
+        return logits
 
     def __repr__(self) -> str:
         return (f'BottomUpModel({self.name!r}, width={self.width}, '

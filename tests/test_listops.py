@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from hsa_geo.datasets import listops
 from hsa_geo.datasets.listops import (CLOSE, MAX, MED, MIN, OPERATORS, SUM_MOD, ListOpsRecipe,
-                                      evaluate, generate_listops, generate_splits)
+                                      evaluate, evaluate_lists, generate_listops, generate_splits)
 from hsa_geo.functional import hsa, hsa_dense
 from hsa_geo.hierarchy import Hierarchy, from_brackets
 
@@ -34,6 +34,14 @@ def test_evaluate_by_hand():
     for bad in ([CLOSE], [MAX, 1], [1, MAX, 2, CLOSE], [MAX, 1, CLOSE, 2], [MAX, 99, CLOSE]):
         with pytest.raises(ValueError):
             evaluate(bad)
+
+
+def test_evaluate_lists_by_hand():
+    # [MIN 5 [SM 7 6 ] [MAX [MED 1 2 ] 0 ] ]: inner lists close first, the outer list last
+    tokens = [MIN, 5, SUM_MOD, 7, 6, CLOSE, MAX, MED, 1, 2, CLOSE, 0, CLOSE, CLOSE]
+    openers, values = evaluate_lists(tokens)
+    assert openers.tolist() == [2, 7, 6, 0]
+    assert values.tolist() == [3, 1, 1, 1]
 
 
 def test_generator_follows_the_recipe():
@@ -414,3 +422,45 @@ def test_family_probe_trains_on_flat_lists(tmp_path):
     result = json.load(open(out))
     assert set(result['runs']) == {'hsa_bottom_up', 'tree_fold'}
     assert [c['step'] for c in result['runs']['tree_fold']['curve']] == [2, 4]
+
+
+def test_inner_lists_are_read_out_as_each_list_alone(tmp_path, tiny_recipes):
+    # a bottom-up model composes a list from its own subtree only, so its
+    # readout at an inner list equals its answer on that list's tokens alone
+    import listops_inner_lists as inner
+    from listops_models import ListOpsBatch, build_model
+    torch.manual_seed(0)
+    split = generate_listops(6, seed=4, recipe=SMALL)
+    for name in ('hsa_values', 'tree_bottom_up', 'hsa_fold'):
+        model = build_model(name, 16, 2).eval()
+        with torch.no_grad():
+            model.head.weight.mul_(50)  # predictions far from ties
+        lists = inner.list_predictions(model, split, np.arange(6))
+        tokens = np.concatenate([split.example(i) for i in range(6)])
+        assert lists['opener'].size == int(np.isin(tokens, OPERATORS).sum())
+        for opener, height, value, predicted in zip(*(lists[key] for key in (
+                'opener', 'height', 'value', 'predicted'))):
+            depth, close = 0, opener
+            while True:  # the list's closing bracket
+                depth += 1 if tokens[close] in OPERATORS else -1 if tokens[close] == CLOSE else 0
+                if depth == 0:
+                    break
+                close += 1
+            alone = torch.from_numpy(tokens[opener:close + 1].astype(np.int64))
+            assert evaluate(alone.tolist()) == value
+            assert height == (0 if not np.isin(alone[1:-1].numpy(), OPERATORS).any() else
+                              max(inner.list_heights(alone[1:-1].numpy()).values()) + 1)
+            logits = model(ListOpsBatch.collate(alone, torch.tensor([0, alone.numel()]),
+                                                torch.tensor([0])))
+            assert int(logits.argmax()) == predicted
+    # the script reads finished checkpoints of examples/listops.py
+    script = tiny_recipes
+    script.main(tiny_args(tmp_path, 'run', 2) + ['--models', 'hsa_values'])
+    out = tmp_path / 'inner.json'
+    options = tiny_args(tmp_path, 'run', 2)[2:]
+    del options[options.index('--out'):options.index('--out') + 2]  # the training report's
+    inner.main(['--models', 'hsa_values', '--count', '5', '--out', str(out)] + options)
+    result = json.load(open(out))['models']['hsa_values']
+    counted = sum(result[name]['lists'] for name in ('MIN', 'MAX', 'MED', 'SM'))
+    test = script.load_data(script.parse_args(tiny_args(tmp_path, 'run', 2)))['test']
+    assert counted == int(np.isin(test.tokens[:test.ptr[5]], OPERATORS).sum())

@@ -96,13 +96,20 @@ def _listops(result: Dict) -> str:
     curriculum = [c for c in budget.get('curriculum_steps', []) if c]
     if curriculum:
         table += (f"\nCurriculum: the first {curriculum} of those steps on flat lists "
-                  f"of all four operators ({result['config']['curriculum_batch_size']} a "
+                  f"of all four operators ({_curriculum_batch_size(result)} a "
                   f"step), the rest on the training split.\n")
     table += (f"\nBudget: {budget['steps']} steps of {budget['batch_size']} expressions "
               f"({budget['examples_seen']} expressions seen), one seed per model unless "
               f"the table shows ± (seeds: "
               f"{sorted({r['seed'] for r in result['runs']})}).\n")
     return table
+
+
+def _curriculum_batch_size(result: Dict) -> str:
+    sizes = result['budget'].get('curriculum_batch_size')
+    if sizes is None:  # written before the runs recorded it: every run took the default
+        sizes = [result['config']['curriculum_batch_size']]
+    return ', '.join(str(size) for size in sizes)
 
 
 def _listops_step(result: Dict) -> str:

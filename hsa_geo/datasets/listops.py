@@ -131,35 +131,43 @@ def evaluate_operator(operator: int, values: Sequence[int]) -> int:
     raise ValueError(f"unknown ListOps operator id {operator}")
 
 
-def evaluate(tokens: Sequence[int]) -> int:
-    r"""The value of an expression given as token ids (a reference
-    evaluator, independent of the generator's own bookkeeping)."""
-    stack: List[Tuple[int, List[int]]] = []
-    result: Optional[int] = None
+def evaluate_lists(tokens: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    r"""The value of every list of an expression given as token ids (a
+    reference evaluator, independent of the generator's own bookkeeping):
+    the positions of the lists' opening tokens and their values, in the
+    order the lists close (so the outer list comes last)."""
+    stack: List[Tuple[int, int, List[int]]] = []   # (opener, operator, argument values)
+    openers: List[int] = []
+    values: List[int] = []
     for position, token in enumerate(tokens):
         token = int(token)
         if token in OPERATORS:
-            stack.append((token, []))
+            stack.append((position, token, []))
         elif token == CLOSE:
             if not stack:
                 raise ValueError(f"']' at position {position} closes no list")
-            operator, values = stack.pop()
-            value = evaluate_operator(operator, values)
+            opener, operator, arguments = stack.pop()
+            openers.append(opener)
+            values.append(evaluate_operator(operator, arguments))
             if stack:
-                stack[-1][1].append(value)
-            else:
-                result = value
+                stack[-1][2].append(values[-1])
         elif 0 <= token <= 9:
             if not stack:
                 raise ValueError(f"digit at position {position} stands outside every list")
-            stack[-1][1].append(token)
+            stack[-1][2].append(token)
         else:
             raise ValueError(f"token id {token} at position {position} is not a ListOps token")
     if stack:
         raise ValueError(f"{len(stack)} list(s) are never closed")
-    if result is None:
+    if not values:
         raise ValueError("the expression holds no list")
-    return result
+    return np.asarray(openers, dtype=np.int64), np.asarray(values, dtype=np.int64)
+
+
+def evaluate(tokens: Sequence[int]) -> int:
+    r"""The value of an expression given as token ids (that of its outer
+    list, see :func:`evaluate_lists`)."""
+    return int(evaluate_lists(tokens)[1][-1])
 
 
 @dataclass
