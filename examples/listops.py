@@ -286,6 +286,17 @@ def accuracy_by_operator(runs: List[Dict], split: str, operator: np.ndarray) -> 
             for token, name in OPERATOR_NAMES.items()}
 
 
+def flat_lists_seen(run: Dict) -> int:
+    r"""Flat lists a run trained on (its curriculum)."""
+    return (min(run['steps'], run.get('curriculum_steps', 0))
+            * run.get('curriculum_batch_size', CURRICULUM_BATCH_SIZE))
+
+
+def expressions_seen(run: Dict) -> int:
+    r"""Training expressions a run saw (its steps after the curriculum)."""
+    return (run['steps'] - min(run['steps'], run.get('curriculum_steps', 0))) * run['batch_size']
+
+
 def report(runs: List[Dict], args) -> Dict:
     splits = TEST_SPLITS[args.setting]
     data = load_data(args)
@@ -315,7 +326,9 @@ def report(runs: List[Dict], args) -> Dict:
                            r.get('curriculum_batch_size', CURRICULUM_BATCH_SIZE) for r in runs
                            if r.get('curriculum_steps')}),
                        'batch_size': args.batch_size,
-                       'examples_seen': sorted({r['steps'] * r['batch_size'] for r in runs})},
+                       'examples_seen': sorted({expressions_seen(r) for r in runs}),
+                       'flat_lists_seen': sorted({flat_lists_seen(r) for r in runs
+                                                  if r.get('curriculum_steps')})},
             'summary': summary, 'comparisons': comparisons,
             'runs': runs}
 

@@ -353,6 +353,10 @@ def test_listops_curriculum_resumes_to_the_uninterrupted_run(tmp_path, tiny_reci
     (straight, ), (resumed, ) = (json.load(open(tmp_path / f'{name}.json'))['runs']
                                  for name in ('straight', 'resumed'))
     assert straight['curriculum_steps'] == 3 and resumed['steps'] == 4
+    # the budget counts the expressions of the last step only (it once counted all four)
+    budget = json.load(open(tmp_path / 'straight.json'))['budget']
+    assert budget['examples_seen'] == [4] and budget['flat_lists_seen'] == [3 * 4]
+    assert budget['curriculum_batch_size'] == [4]
     assert [c['train_loss'] for c in straight['curve']] == [c['train_loss']
                                                             for c in resumed['curve']]
 

@@ -96,8 +96,10 @@ def _listops(result: Dict) -> str:
     curriculum = [c for c in budget.get('curriculum_steps', []) if c]
     if curriculum:
         table += (f"\nCurriculum: the first {curriculum} of those steps on flat lists "
-                  f"of all four operators ({_curriculum_batch_size(result)} a "
-                  f"step), the rest on the training split.\n")
+                  f"of all four operators ({_curriculum_batch_size(result)} a step"
+                  + (f"; {budget['flat_lists_seen']} flat lists seen"
+                     if 'flat_lists_seen' in budget else '')
+                  + "), the rest on the training split.\n")
     table += (f"\nBudget: {budget['steps']} steps of {budget['batch_size']} expressions "
               f"({budget['examples_seen']} expressions seen), one seed per model unless "
               f"the table shows ± (seeds: "
