@@ -84,6 +84,12 @@ def parse_args(argv=None):
     parser.add_argument('--curriculum-batch-size', type=int, default=CURRICULUM_BATCH_SIZE,
                         help='flat lists per curriculum step (a training batch of 32 '
                              'expressions holds ~400 lists)')
+    parser.add_argument('--mixed-flat-lists', type=int, default=0,
+                        help='flat lists added to every batch of the training split after the '
+                             'curriculum (0: none)')
+    parser.add_argument('--lr-after-curriculum', type=float, default=None,
+                        help='constant learning rate of the steps after the curriculum '
+                             '(default: --lr)')
     parser.add_argument('--valid-every', type=int, default=50)
     parser.add_argument('--valid-subset', type=int, default=200,
                         help='validation expressions scored at every evaluation')
@@ -140,13 +146,18 @@ def load_data(args) -> Dict[str, ListOpsSplit]:
     return splits
 
 
-def make_batch(split: ListOpsSplit, indices) -> ListOpsBatch:
-    indices = np.asarray(indices)
-    parts = [split.example(int(i)) for i in indices]
+def make_batch(split: ListOpsSplit, indices, *more) -> ListOpsBatch:
+    r"""The expressions :obj:`indices` of :obj:`split` as one packed batch,
+    followed by those of further ``(split, indices)`` pairs in :obj:`more`."""
+    parts, labels = [], []
+    for part_split, part_indices in ((split, indices), *more):
+        part_indices = np.asarray(part_indices)
+        parts += [part_split.example(int(i)) for i in part_indices]
+        labels.append(part_split.label[part_indices])
     ptr = np.zeros(len(parts) + 1, dtype=np.int64)
     ptr[1:] = np.cumsum([len(p) for p in parts])
     return ListOpsBatch.collate(torch.from_numpy(np.concatenate(parts).astype(np.int64)),
-                                torch.from_numpy(ptr), torch.from_numpy(split.label[indices]))
+                                torch.from_numpy(ptr), torch.from_numpy(np.concatenate(labels)))
 
 
 def evaluation_batches(split: ListOpsSplit, count: int, max_tokens: int):
@@ -176,6 +187,8 @@ def correctness(model, split: ListOpsSplit, count: int, max_tokens: int) -> np.n
 
 # ---------------------------------------------------------------- training
 def learning_rate(step: int, args) -> float:
+    if args.lr_after_curriculum is not None and step >= args.curriculum_steps:
+        return args.lr_after_curriculum
     return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
 
 
@@ -191,6 +204,9 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
     if not args.curriculum_steps:  # runs from before the options resume
         config.pop('curriculum_steps')
         config.pop('curriculum_batch_size')
+    for key in ('mixed_flat_lists', 'lr_after_curriculum'):
+        if not config[key]:  # likewise
+            config.pop(key)
     set_seed(seed)
     width = matched_width(name, width=args.width, heads=args.heads)
     model = build_model(name, width, args.heads)
@@ -219,8 +235,13 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
         else:
             if permutation is None or cursor + args.batch_size > len(train):
                 permutation, cursor = torch.randperm(len(train), generator=order).numpy(), 0
-            batch = make_batch(train, permutation[cursor:cursor + args.batch_size])
+            chosen = permutation[cursor:cursor + args.batch_size]
             cursor += args.batch_size
+            if args.mixed_flat_lists:  # the curriculum goes on beside the expressions
+                batch = make_batch(train, chosen, (flat_lists(args.mixed_flat_lists, flat),
+                                                   np.arange(args.mixed_flat_lists)))
+            else:
+                batch = make_batch(train, chosen)
         for group in optimiser.param_groups:
             group['lr'] = learning_rate(step, args)
         start = time.perf_counter()
@@ -250,6 +271,8 @@ def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict
     run = {'model': name, 'seed': seed, 'width': width, 'parameters': count_parameters(model),
            'steps': step, 'curriculum_steps': args.curriculum_steps,
            'curriculum_batch_size': args.curriculum_batch_size,
+           'mixed_flat_lists': args.mixed_flat_lists,
+           'lr_after_curriculum': args.lr_after_curriculum,
            'batch_size': args.batch_size, 'train_seconds': seconds,
            'seconds_per_step': seconds / max(step, 1), 'curve': curve, 'test': {}}
     test_sizes = {'test': args.test_size, 'test_long': args.generalisation_test_size,
@@ -287,9 +310,11 @@ def accuracy_by_operator(runs: List[Dict], split: str, operator: np.ndarray) -> 
 
 
 def flat_lists_seen(run: Dict) -> int:
-    r"""Flat lists a run trained on (its curriculum)."""
-    return (min(run['steps'], run.get('curriculum_steps', 0))
-            * run.get('curriculum_batch_size', CURRICULUM_BATCH_SIZE))
+    r"""Flat lists a run trained on (its curriculum, and those mixed into
+    the batches after it)."""
+    curriculum = min(run['steps'], run.get('curriculum_steps', 0))
+    return (curriculum * run.get('curriculum_batch_size', CURRICULUM_BATCH_SIZE)
+            + (run['steps'] - curriculum) * run.get('mixed_flat_lists', 0))
 
 
 def expressions_seen(run: Dict) -> int:
@@ -328,7 +353,10 @@ def report(runs: List[Dict], args) -> Dict:
                        'batch_size': args.batch_size,
                        'examples_seen': sorted({expressions_seen(r) for r in runs}),
                        'flat_lists_seen': sorted({flat_lists_seen(r) for r in runs
-                                                  if r.get('curriculum_steps')})},
+                                                  if r.get('curriculum_steps')}),
+                       'mixed_flat_lists': sorted({r.get('mixed_flat_lists', 0) for r in runs}),
+                       'lr_after_curriculum': sorted({r['lr_after_curriculum'] for r in runs
+                                                      if r.get('lr_after_curriculum')})},
             'summary': summary, 'comparisons': comparisons,
             'runs': runs}
 

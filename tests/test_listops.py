@@ -361,6 +361,29 @@ def test_listops_curriculum_resumes_to_the_uninterrupted_run(tmp_path, tiny_reci
                                                             for c in resumed['curve']]
 
 
+def test_listops_mixes_flat_lists_after_the_curriculum(tmp_path, tiny_recipes, monkeypatch):
+    # after 2 curriculum steps, 2 steps of 4 expressions + 3 flat lists at the second rate
+    script = tiny_recipes
+    seen = []
+    original = script.make_batch
+
+    def recording(*args):
+        batch = original(*args)
+        seen.append((batch.label.numel(), script.learning_rate(len(seen), parsed)))
+        return batch
+    options = tiny_args(tmp_path, 'mixed', 4) + [
+        '--models', 'hsa_values', '--curriculum-steps', '2', '--curriculum-batch-size', '5',
+        '--mixed-flat-lists', '3', '--lr-after-curriculum', '1e-4', '--warmup', '1',
+        '--valid-every', '100']  # validated at the last step only: its batches come after
+    parsed = script.parse_args(options)
+    monkeypatch.setattr(script, 'make_batch', recording)
+    script.main(options)
+    assert seen[:4] == [(5, 1e-3), (5, 1e-3), (7, 1e-4), (7, 1e-4)]
+    budget = json.load(open(tmp_path / 'mixed.json'))['budget']
+    assert budget['flat_lists_seen'] == [2 * 5 + 2 * 3] and budget['examples_seen'] == [2 * 4]
+    assert budget['mixed_flat_lists'] == [3] and budget['lr_after_curriculum'] == [1e-4]
+
+
 def test_flat_lists_are_depth_one_expressions_with_their_values():
     split = listops.flat_lists(200, np.random.default_rng(0))
     assert set(split.tokens[split.ptr[:-1]].tolist()) == set(OPERATORS)

@@ -117,6 +117,11 @@ def _listops_probe(result):
             for point in run['curve']]
 
 
+def _listops_inner(result):
+    return [f"{100 * entry['accuracy']:.1f}" for model in result['models'].values()
+            for entry in model.values() if isinstance(entry, dict)]
+
+
 def _sbm(result):
     return [f'``{name}``' for name in result['summary']]
 
@@ -143,7 +148,8 @@ EXPECTED = {'zero-shot': _zero_shot, 'imdb': _imdb, 'scaling': _scaling, 'engine
             'energy-terms': _energy_terms, 'distributed': _distributed,
             'planted-partition': _planted_partition, 'max-children': _max_children,
             'metis': _metis, 'ogb': _ogb, 'listops': _listops, 'listops-step': _listops_step,
-            'listops-probe': _listops_probe, 'sbm': _sbm, 'planted-built': _planted_built}
+            'listops-probe': _listops_probe, 'listops-inner': _listops_inner, 'sbm': _sbm,
+            'planted-built': _planted_built}
 
 
 def test_the_pages_ask_for_the_new_kinds():

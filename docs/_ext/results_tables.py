@@ -32,6 +32,7 @@ COMMANDS = {
     'listops': 'python examples/listops.py',
     'listops-step': 'python -m benchmarks.listops_step',
     'listops-probe': 'python examples/listops_family_probe.py',
+    'listops-inner': 'python examples/listops_inner_lists.py --out FILE',
     'sbm': 'python examples/cluster_pattern.py',
     'scaling': 'python -m benchmarks.scaling',
     'engines': 'python -m benchmarks.engines',
@@ -99,7 +100,11 @@ def _listops(result: Dict) -> str:
                   f"of all four operators ({_curriculum_batch_size(result)} a step"
                   + (f"; {budget['flat_lists_seen']} flat lists seen"
                      if 'flat_lists_seen' in budget else '')
-                  + "), the rest on the training split.\n")
+                  + "), the rest on the training split"
+                  + (f" with {budget['mixed_flat_lists']} flat lists beside every batch"
+                     if any(budget.get('mixed_flat_lists', [])) else '')
+                  + (f" at a learning rate of {budget['lr_after_curriculum']}"
+                     if budget.get('lr_after_curriculum') else '') + ".\n")
     table += (f"\nBudget: {budget['steps']} steps of {budget['batch_size']} expressions "
               f"({budget['examples_seen']} expressions seen), one seed per model unless "
               f"the table shows ± (seeds: "
@@ -136,6 +141,32 @@ def _listops_probe(result: Dict) -> str:
     return (_table(header, rows) + f"\nTest accuracy on 1,000 flat ``{result['operator']}`` "
             f"lists, {config['batch_size']} lists a step, seed {config['seed']}; "
             f"load average {result['load_average']:.1f}.\n")
+
+
+#: heights of inner lists shown one by one; deeper ones are pooled
+INNER_HEIGHTS = 4
+
+
+def _listops_inner(result: Dict) -> str:
+    header = (['model', 'operator', 'all lists (%)']
+              + [f'height {h} (%)' for h in range(INNER_HEIGHTS)]
+              + [f'height {INNER_HEIGHTS}+ (%)'])
+    rows = []
+    for name, model in result['models'].items():
+        for operator, entry in model.items():
+            if not isinstance(entry, dict):
+                continue
+            by_height = {int(h): row for h, row in entry['by_height'].items()}
+            cells = [f"{100 * by_height[h]['accuracy']:.1f}" if h in by_height else '--'
+                     for h in range(INNER_HEIGHTS)]
+            deep = [row for h, row in by_height.items() if h >= INNER_HEIGHTS]
+            lists = sum(row['lists'] for row in deep)
+            right = sum(round(row['lists'] * row['accuracy']) for row in deep)
+            cells.append(f'{100 * right / lists:.1f}' if lists else '--')
+            rows.append([f'``{name}``', operator, f"{100 * entry['accuracy']:.1f}"] + cells)
+    return (_table(header, rows) + f"\nEvery list of the first {result['count']} "
+            f"``{result['split']}`` expressions ({result['setting']} setting), "
+            f"checkpoints of ``{os.path.basename(result['checkpoint_dir'])}``.\n")
 
 
 def _sbm(result: Dict) -> str:
@@ -549,7 +580,8 @@ def _imdb(result: Dict) -> str:
 RENDERERS: Dict[str, Callable[[Dict], str]] = {'zero-shot': _zero_shot, 'imdb': _imdb,
                                                 'listops': _listops,
                                                 'listops-step': _listops_step,
-                                                'listops-probe': _listops_probe, 'sbm': _sbm,
+                                                'listops-probe': _listops_probe,
+                                                'listops-inner': _listops_inner, 'sbm': _sbm,
                                                 'scaling': _scaling, 'engines': _engines,
                                                 'batches': _batches,
                                                 'energy-terms': _energy_terms,
