@@ -47,9 +47,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (compare_runs, config_of, count_parameters, grid_of,  # noqa: E402
-                    load_checkpoint, mean_std, report_header, run_experiment, run_main,
-                    save_checkpoint, set_seed, write_json)
+from common import (ExampleError, compare_runs, config_of, count_parameters,  # noqa: E402
+                    grid_of, load_checkpoint, mean_std, report_header, run_experiment,
+                    run_main, save_checkpoint, set_seed, write_json)
 from listops_models import MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
 from hsa_geo.datasets.listops import (GENERALISATION_RECIPES, LRA_SPLITS,  # noqa: E402
@@ -106,8 +106,16 @@ def parse_args(argv=None):
     parser.add_argument('--report-only', action='store_true',
                         help='gather the finished runs found under --checkpoint-dir; train nothing')
     parser.add_argument('--resamples', type=int, default=2000)
+    parser.add_argument('--references', default='hsa,hsa_pos,gps_hsa,hsa_bottom_up,hsa_values',
+                        help='models compared with every other one in the report (paired '
+                             'differences and intervals)')
     args = parser.parse_args(argv)
     grid_of(args, MODELS, f'listops_{args.setting}')
+    args.references = [name for name in args.references.split(',') if name]
+    for name in args.references:
+        if name not in MODELS:
+            raise ExampleError(f"unknown model {name!r} in --references; choose from "
+                               f"{list(MODELS)}")
     args.out = args.out or osp.join(ROOT, 'benchmarks', 'results', f'listops_{args.setting}.json')
     return args
 
@@ -199,7 +207,8 @@ def run_path(args, name: str, seed: int, kind: str) -> str:
 
 def train_one(name: str, seed: int, data: Dict[str, ListOpsSplit], args) -> Dict:
     config = config_of(args, {'model': name, 'seed': seed})
-    for key in ('models', 'steps', 'report_only', 'resamples', 'data_dir', 'eval_tokens'):
+    for key in ('models', 'steps', 'report_only', 'resamples', 'references', 'data_dir',
+                'eval_tokens'):
         config.pop(key, None)
     if not args.curriculum_steps:  # runs from before the options resume
         config.pop('curriculum_steps')
@@ -337,7 +346,7 @@ def report(runs: List[Dict], args) -> Dict:
             summary[name]['test_by_operator'] = accuracy_by_operator(
                 mine, 'test', root_operators(data['test'], mine[0]['test']['test']['count']))
     comparisons = []
-    for reference in ('hsa', 'hsa_pos', 'gps_hsa', 'hsa_bottom_up', 'hsa_values'):
+    for reference in args.references:
         for other in MODELS:
             for split in splits:
                 comparison = compare_runs(runs, reference, other,

@@ -416,6 +416,13 @@ def test_listops_script_resumes_to_the_uninterrupted_run(tmp_path, tiny_recipes)
     script.main(tiny_args(tmp_path, 'straight', 4) + ['--report-only'])
     again = json.load(open(tmp_path / 'straight.json'))
     assert again['summary'] == straight['summary']
+    # --references picks the models compared with every other one
+    script.main(tiny_args(tmp_path, 'straight', 4) + ['--report-only', '--references',
+                                                      'tree_gnn'])
+    comparisons = json.load(open(tmp_path / 'straight.json'))['comparisons']
+    assert {(c['first'], c['second']) for c in comparisons} == {('tree_gnn', 'hsa')}
+    with pytest.raises(script.ExampleError, match="unknown model 'nope' in --references"):
+        script.parse_args(tiny_args(tmp_path, 'straight', 4) + ['--references', 'nope'])
 
 
 def test_paired_bootstrap():
