@@ -88,8 +88,7 @@ def parse_args(argv=None):
                         help='flat lists added to every batch of the training split after the '
                              'curriculum (0: none)')
     parser.add_argument('--lr-after-curriculum', type=float, default=None,
-                        help='constant learning rate of the steps after the curriculum '
-                             '(default: --lr)')
+                        help='learning rate after the curriculum (default: --lr)')
     parser.add_argument('--valid-every', type=int, default=50)
     parser.add_argument('--valid-subset', type=int, default=200,
                         help='validation expressions scored at every evaluation')
