@@ -22,7 +22,6 @@ states hold, not what they were trained for.
 from __future__ import annotations
 
 import argparse
-import os
 import os.path as osp
 import sys
 from typing import Dict, List
@@ -36,42 +35,22 @@ from common import load_checkpoint, run_main, write_json  # noqa: E402
 import listops  # noqa: E402
 from listops_models import BOTTOM_UP_MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
-from hsa_geo.datasets.listops import (CLOSE, OPERATOR_NAMES, OPERATORS,  # noqa: E402
-                                      ListOpsSplit, evaluate_lists)
-
-
-def list_heights(tokens: np.ndarray) -> Dict[int, int]:
-    r"""The height of every list of one expression, keyed by the position
-    of its opening token."""
-    heights: Dict[int, int] = {}
-    stack: List[List[int]] = []   # [opener, height so far]
-    for position, token in enumerate(tokens.tolist()):
-        if token in OPERATORS:
-            stack.append([position, 0])
-        elif token == CLOSE:
-            opener, height = stack.pop()
-            heights[opener] = height
-            if stack:
-                stack[-1][1] = max(stack[-1][1], height + 1)
-    return heights
+from hsa_geo.datasets.listops import OPERATOR_NAMES, ListOpsSplit, evaluate_lists  # noqa: E402
 
 
 def inner_lists(split: ListOpsSplit, indices: np.ndarray):
     r"""Every list of the expressions :obj:`indices` in batch order: its
-    opening token's position in the packed batch, operator, height and
-    value."""
-    openers, operators, heights, values = [], [], [], []
+    opening token's position in the packed batch, operator and value."""
+    openers, operators, values = [], [], []
     offset = 0
     for index in indices.tolist():
         tokens = split.example(index)
         opener, value = evaluate_lists(tokens)
-        height = list_heights(tokens)
         openers.append(opener + offset)
         operators.append(tokens[opener].astype(np.int64))
-        heights.append(np.asarray([height[int(p)] for p in opener], dtype=np.int64))
         values.append(value)
         offset += len(tokens)
-    return tuple(np.concatenate(part) for part in (openers, operators, heights, values))
+    return tuple(np.concatenate(part) for part in (openers, operators, values))
 
 
 @torch.no_grad()
@@ -86,8 +65,14 @@ def list_predictions(model, split: ListOpsSplit, indices: np.ndarray) -> Dict[st
     lists = torch.arange(hierarchy.num_leaves, hierarchy.num_nodes)
     list_of_opener = torch.full((hierarchy.num_leaves, ), -1, dtype=torch.long)
     list_of_opener[hierarchy.first_leaf[lists]] = lists
-    opener, operator, height, value = inner_lists(split, indices)
-    predicted = logits[list_of_opener[torch.from_numpy(opener)]].argmax(1).numpy()
+    # a list's height: how far its deepest token lies below it, less one
+    leaf, ancestor = hierarchy.leaf_ancestor_pairs()
+    deepest = hierarchy.depth.new_zeros(hierarchy.num_nodes).scatter_reduce(
+        0, ancestor, hierarchy.depth[leaf], 'amax')
+    opener, operator, value = inner_lists(split, indices)
+    node = list_of_opener[torch.from_numpy(opener)]
+    predicted = logits[node].argmax(1).numpy()
+    height = (deepest - hierarchy.depth - 1)[node].numpy()
     return {'opener': opener, 'operator': operator, 'height': height, 'value': value,
             'predicted': predicted}
 

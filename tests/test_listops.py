@@ -482,11 +482,10 @@ def test_inner_lists_are_read_out_as_each_list_alone(tmp_path, tiny_recipes):
                 close += 1
             alone = torch.from_numpy(tokens[opener:close + 1].astype(np.int64))
             assert evaluate(alone.tolist()) == value
-            assert height == (0 if not np.isin(alone[1:-1].numpy(), OPERATORS).any() else
-                              max(inner.list_heights(alone[1:-1].numpy()).values()) + 1)
-            logits = model(ListOpsBatch.collate(alone, torch.tensor([0, alone.numel()]),
-                                                torch.tensor([0])))
-            assert int(logits.argmax()) == predicted
+            data = ListOpsBatch.collate(alone, torch.tensor([0, alone.numel()]),
+                                        torch.tensor([0]))
+            assert height == data.hierarchy.max_depth - 1  # its tokens sit below the root
+            assert int(model(data).argmax()) == predicted
     # the script reads finished checkpoints of examples/listops.py
     script = tiny_recipes
     script.main(tiny_args(tmp_path, 'run', 2) + ['--models', 'hsa_values'])
