@@ -97,26 +97,18 @@ def _listops(result: Dict) -> str:
     curriculum = [c for c in budget.get('curriculum_steps', []) if c]
     if curriculum:
         table += (f"\nCurriculum: the first {curriculum} of those steps on flat lists "
-                  f"of all four operators ({_curriculum_batch_size(result)} a step"
-                  + (f"; {budget['flat_lists_seen']} flat lists seen"
-                     if 'flat_lists_seen' in budget else '')
-                  + "), the rest on the training split"
+                  f"of all four operators ({', '.join(map(str, budget['curriculum_batch_size']))} a step; "
+                  f"{budget['flat_lists_seen']} flat lists seen), the rest on the training "
+                  f"split"
                   + (f" with {budget['mixed_flat_lists']} flat lists beside every batch"
-                     if any(budget.get('mixed_flat_lists', [])) else '')
+                     if any(budget['mixed_flat_lists']) else '')
                   + (f" at a learning rate of {budget['lr_after_curriculum']}"
-                     if budget.get('lr_after_curriculum') else '') + ".\n")
+                     if budget['lr_after_curriculum'] else '') + ".\n")
     table += (f"\nBudget: {budget['steps']} steps of {budget['batch_size']} expressions "
               f"({budget['examples_seen']} expressions seen), one seed per model unless "
               f"the table shows ± (seeds: "
               f"{sorted({r['seed'] for r in result['runs']})}).\n")
     return table
-
-
-def _curriculum_batch_size(result: Dict) -> str:
-    sizes = result['budget'].get('curriculum_batch_size')
-    if sizes is None:  # written before the runs recorded it: every run took the default
-        sizes = [result['config']['curriculum_batch_size']]
-    return ', '.join(str(size) for size in sizes)
 
 
 def _listops_step(result: Dict) -> str:
