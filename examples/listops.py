@@ -317,17 +317,22 @@ def accuracy_by_operator(runs: List[Dict], split: str, operator: np.ndarray) -> 
             for token, name in OPERATOR_NAMES.items()}
 
 
+def curriculum_steps_taken(run: Dict) -> int:
+    r"""The steps of a run spent on its curriculum."""
+    return min(run['steps'], run.get('curriculum_steps', 0))
+
+
 def flat_lists_seen(run: Dict) -> int:
     r"""Flat lists a run trained on (its curriculum, and those mixed into
     the batches after it)."""
-    curriculum = min(run['steps'], run.get('curriculum_steps', 0))
+    curriculum = curriculum_steps_taken(run)
     return (curriculum * run.get('curriculum_batch_size', CURRICULUM_BATCH_SIZE)
             + (run['steps'] - curriculum) * run.get('mixed_flat_lists', 0))
 
 
 def expressions_seen(run: Dict) -> int:
     r"""Training expressions a run saw (its steps after the curriculum)."""
-    return (run['steps'] - min(run['steps'], run.get('curriculum_steps', 0))) * run['batch_size']
+    return (run['steps'] - curriculum_steps_taken(run)) * run['batch_size']
 
 
 def report(runs: List[Dict], args) -> Dict:
