@@ -202,7 +202,8 @@ def load_checkpoint(path: str, config: Optional[Dict[str, Any]]) -> Optional[Dic
     saved = state.get('config') if isinstance(state, dict) else None
     if saved is None:
         raise ExampleError(f"{path} is not a checkpoint of this script")
-    config = saved if config is None else config
+    if config is None:
+        return state
     diff = {k: (saved.get(k, '<missing>'), config.get(k, '<missing>'))
             for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)}
     if diff:
