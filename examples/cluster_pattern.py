@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import os.path as osp
 import sys
@@ -87,6 +88,9 @@ def parse_args(argv=None):
     parser.add_argument('--heads', type=int, default=4)
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--lr', type=float, default=1e-3)
+    parser.add_argument('--schedule', choices=('constant', 'cosine'), default='constant',
+                        help="learning rate over the run: 'constant' (default) or 'cosine' "
+                             'from --lr to 0 over --epochs, per step (stateless, so resume-safe)')
     parser.add_argument('--dropout', type=float, default=0.0)
     parser.add_argument('--rwse', type=int, default=16, help='random-walk steps of the RWSE')
     parser.add_argument('--hierarchy', default='metis',
@@ -290,6 +294,15 @@ def accuracy_of(counts: np.ndarray) -> float:
     return float(100.0 * per_class.mean())
 
 
+def learning_rate(args, step: int, total_steps: int) -> float:
+    r"""The learning rate at optimiser step :obj:`step` of :obj:`total_steps`:
+    :obj:`args.lr`, or its cosine decay to zero with :obj:`args.schedule`
+    ``'cosine'``."""
+    if args.schedule == 'constant':
+        return args.lr
+    return 0.5 * args.lr * (1.0 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
+
+
 def train_one(name: str, seed: int, data: Dict[str, list], args) -> Dict:
     recipe = RECIPES[args.dataset]
     config = config_of(args, {'model': name, 'seed': seed})
@@ -308,9 +321,13 @@ def train_one(name: str, seed: int, data: Dict[str, list], args) -> Dict:
                                          state['seconds'])
         torch.set_rng_state(state['torch_rng'])
         print(f'{name} seed {seed}: resumed after epoch {epoch}', flush=True)
+    loader = DataLoader(data['train'], batch_size=args.batch_size, shuffle=True)
+    total_steps = args.epochs * len(loader)
     while epoch < args.epochs:
         start, losses = time.perf_counter(), []
-        for batch in DataLoader(data['train'], batch_size=args.batch_size, shuffle=True):
+        for step, batch in enumerate(loader, start=epoch * len(loader)):
+            for group in optimiser.param_groups:
+                group['lr'] = learning_rate(args, step, total_steps)
             loss = weighted_loss(model(batch), batch.y, recipe.num_classes)
             optimiser.zero_grad()
             loss.backward()

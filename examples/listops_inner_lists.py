@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import load_checkpoint, run_main, write_json  # noqa: E402
+from common import ExampleError, load_checkpoint, run_main, write_json  # noqa: E402
 import listops  # noqa: E402
 from listops_models import BOTTOM_UP_MODELS, ListOpsBatch, build_model, matched_width  # noqa: E402
 
@@ -119,12 +119,12 @@ def main(argv=None):
               'split': known.split, 'count': known.count, 'models': {}}
     for name in known.models.split(','):
         if name not in BOTTOM_UP_MODELS:
-            raise ValueError(f"{name!r} is not a bottom-up model: only those read out every "
+            raise ExampleError(f"{name!r} is not a bottom-up model: only those read out every "
                              f"list (choose from {sorted(BOTTOM_UP_MODELS)})")
         path = listops.run_path(args, name, known.seed, 'checkpoint')
         state = load_checkpoint(path, None)
         if state is None:
-            raise FileNotFoundError(f"no checkpoint of {name!r} seed {known.seed} at {path}")
+            raise ExampleError(f"no checkpoint of {name!r} seed {known.seed} at {path}")
         config = state['config']
         model = build_model(name, matched_width(name, width=config['width'],
                                                 heads=config['heads']), config['heads'])

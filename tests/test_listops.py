@@ -497,3 +497,9 @@ def test_inner_lists_are_read_out_as_each_list_alone(tmp_path, tiny_recipes):
     counted = sum(result[name]['lists'] for name in ('MIN', 'MAX', 'MED', 'SM'))
     test = script.load_data(script.parse_args(tiny_args(tmp_path, 'run', 2)))['test']
     assert counted == int(np.isin(test.tokens[:test.ptr[5]], OPERATORS).sum())
+    # a model that reads out no inner list, or one never trained: a clear message
+    from common import ExampleError
+    with pytest.raises(ExampleError, match="'softmax' is not a bottom-up model"):
+        inner.main(['--models', 'softmax', '--out', str(out)] + options)
+    with pytest.raises(ExampleError, match="no checkpoint of 'tree_values' seed 0"):
+        inner.main(['--models', 'tree_values', '--out', str(out)] + options)

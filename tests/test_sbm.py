@@ -119,6 +119,17 @@ def test_cluster_pattern_script_trains_every_model_and_resumes(tmp_path):
         torch.set_num_threads(threads)
 
 
+def test_cosine_schedule_decays_from_the_rate_to_zero_over_the_run():
+    import cluster_pattern as script
+    args = script.parse_args(['--lr', '0.002', '--schedule', 'cosine'])
+    rates = [script.learning_rate(args, step, 100) for step in range(101)]
+    assert rates[0] == pytest.approx(0.002) and rates[50] == pytest.approx(0.001)
+    assert rates[100] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    constant = script.parse_args(['--lr', '0.002'])
+    assert {script.learning_rate(constant, step, 100) for step in range(101)} == {0.002}
+
+
 def test_script_accuracy_matches_the_metric():
     import cluster_pattern as script
     rng = np.random.default_rng(0)
