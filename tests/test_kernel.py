@@ -46,6 +46,38 @@ def test_kernel_equals_the_dense_definition(seed, trees, max_depth, max_children
     assert_equals_dense(out, q, k, v, hierarchy, **terms)
 
 
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31 - 1), max_children=st.integers(8, 24),
+       dim=st.sampled_from([3, 16]), value_dim=st.sampled_from([None, 5]),
+       energy=st.sampled_from(['dot', 'euclidean']), causal=st.booleans(),
+       biased=st.booleans())
+def test_wide_families_equal_the_dense_definition(seed, max_children, dim, value_dim, energy,
+                                                  causal, biased):
+    # families of 8-24 children (documents' sentences and paragraphs), where
+    # a kernel that treats wide families apart (blocked products) differs
+    hierarchy = random_forest(seed % 10_000, 2, causal, max_depth=3, max_children=max_children,
+                              max_leaves=40, leaf_probability=0.6)
+    generator = torch.Generator().manual_seed(seed % 997)
+    shapes = [(dim, ), (dim, ), (value_dim or dim, )]
+    q, k, v = (torch.randn(hierarchy.num_leaves, 2, *shape, generator=generator,
+                           dtype=torch.float64).requires_grad_() for shape in shapes)
+    terms = dict(energy=energy, causal=causal)
+    if biased:
+        terms['pair_bias'] = torch.randn(hierarchy.num_sibling_pairs, 2, generator=generator,
+                                         dtype=torch.float64, requires_grad=True)
+    out = run(q, k, v, hierarchy, True, **terms)
+    assert_equals_dense(out, q, k, v, hierarchy, **terms)
+
+
+def test_wide_families_occur_in_the_wide_family_test():
+    widths = []
+    for seed in range(5):
+        parent = random_forest(seed, 2, max_depth=3, max_children=16, max_leaves=60,
+                               leaf_probability=0.6).parent
+        widths.append(int(torch.bincount(parent[parent >= 0]).max()))
+    assert sum(width >= 8 for width in widths) >= 3, widths
+
+
 @pytest.mark.parametrize('dim', [4, 16, 64])
 @pytest.mark.parametrize('energy', ['dot', 'euclidean'])
 def test_kernel_in_float32_is_as_accurate_as_the_tensor_sweeps(dim, energy):
