@@ -25,6 +25,23 @@ def run(q, k, v, hierarchy, cpu_kernel, **terms):
         return hsa(q, k, v, hierarchy, **terms)
 
 
+def assert_kernel_equals_dense(hierarchy, seed, dim, value_dim, energy, causal, biased,
+                               spread=1.0):
+    r"""Random float64 q, k, v (2 heads; :obj:`spread` their scale) and
+    optionally a pair bias: the kernel's output and gradients equal the
+    dense definition's."""
+    generator = torch.Generator().manual_seed(seed % 997)
+    shapes = [(dim, ), (dim, ), (value_dim or dim, )]
+    q, k, v = (spread * torch.randn(hierarchy.num_leaves, 2, *shape, generator=generator,
+                                    dtype=torch.float64).requires_grad_() for shape in shapes)
+    terms = dict(energy=energy, causal=causal)
+    if biased:
+        terms['pair_bias'] = torch.randn(hierarchy.num_sibling_pairs, 2, generator=generator,
+                                         dtype=torch.float64, requires_grad=True)
+    out = run(q, k, v, hierarchy, True, **terms)
+    assert_equals_dense(out, q, k, v, hierarchy, **terms)
+
+
 @settings(max_examples=120, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31 - 1), trees=st.integers(1, 4), max_depth=st.integers(1, 6),
        max_children=st.integers(1, 9), dim=st.sampled_from([3, 8, 16]),
@@ -33,17 +50,9 @@ def run(q, k, v, hierarchy, cpu_kernel, **terms):
 def test_kernel_equals_the_dense_definition(seed, trees, max_depth, max_children, dim, value_dim,
                                             energy, causal, biased):
     hierarchy = random_forest(seed % 10_000, trees, causal, max_depth=max_depth,
-                       max_children=max_children, max_leaves=16)
-    generator = torch.Generator().manual_seed(seed % 997)
-    shapes = [(dim, ), (dim, ), (value_dim or dim, )]
-    q, k, v = (1.5 * torch.randn(hierarchy.num_leaves, 2, *shape, generator=generator,
-                                 dtype=torch.float64).requires_grad_() for shape in shapes)
-    terms = dict(energy=energy, causal=causal)
-    if biased:
-        terms['pair_bias'] = torch.randn(hierarchy.num_sibling_pairs, 2, generator=generator,
-                                         dtype=torch.float64, requires_grad=True)
-    out = run(q, k, v, hierarchy, True, **terms)
-    assert_equals_dense(out, q, k, v, hierarchy, **terms)
+                              max_children=max_children, max_leaves=16)
+    assert_kernel_equals_dense(hierarchy, seed, dim, value_dim, energy, causal, biased,
+                               spread=1.5)
 
 
 @settings(max_examples=12, deadline=None, derandomize=True)
@@ -57,16 +66,7 @@ def test_wide_families_equal_the_dense_definition(seed, max_children, dim, value
     # a kernel that treats wide families apart (blocked products) differs
     hierarchy = random_forest(seed % 10_000, 2, causal, max_depth=3, max_children=max_children,
                               max_leaves=40, leaf_probability=0.6)
-    generator = torch.Generator().manual_seed(seed % 997)
-    shapes = [(dim, ), (dim, ), (value_dim or dim, )]
-    q, k, v = (torch.randn(hierarchy.num_leaves, 2, *shape, generator=generator,
-                           dtype=torch.float64).requires_grad_() for shape in shapes)
-    terms = dict(energy=energy, causal=causal)
-    if biased:
-        terms['pair_bias'] = torch.randn(hierarchy.num_sibling_pairs, 2, generator=generator,
-                                         dtype=torch.float64, requires_grad=True)
-    out = run(q, k, v, hierarchy, True, **terms)
-    assert_equals_dense(out, q, k, v, hierarchy, **terms)
+    assert_kernel_equals_dense(hierarchy, seed, dim, value_dim, energy, causal, biased)
 
 
 def test_wide_families_occur_in_the_wide_family_test():
