@@ -62,6 +62,7 @@ from common import (compare_runs, config_of, count_parameters, grid_of,  # noqa:
                     load_checkpoint, matched_width, mean_std, report_header, run_experiment,
                     run_main, save_checkpoint, set_seed, write_json)
 
+from hsa_geo import Hierarchy  # noqa: E402
 from hsa_geo.data import hierarchy_from_data  # noqa: E402
 from hsa_geo.datasets.sbm import RECIPES, generate_sbm_splits, weighted_accuracy  # noqa: E402
 from hsa_geo.nn import HSAConv  # noqa: E402
@@ -94,7 +95,9 @@ def parse_args(argv=None):
     parser.add_argument('--dropout', type=float, default=0.0)
     parser.add_argument('--rwse', type=int, default=16, help='random-walk steps of the RWSE')
     parser.add_argument('--hierarchy', default='metis',
-                        help="builder of AddHierarchy: 'metis' (default), 'louvain', ...")
+                        help="builder of AddHierarchy: 'metis' (default), 'louvain', ...; "
+                             "or 'metis_shuffled', the control: METIS' tree with its leaves "
+                             'moved to random places (same shape, no graph structure)')
     parser.add_argument('--max-children', type=int, default=16)
     parser.add_argument('--train-size', type=int, default=0, help='0 = the suite\'s size')
     parser.add_argument('--valid-size', type=int, default=0)
@@ -130,7 +133,9 @@ def load_data(args) -> Dict[str, list]:
     print(f'drawing {args.dataset} {sizes} and building {args.hierarchy} hierarchies ...',
           flush=True)
     splits = generate_sbm_splits(recipe, seed=0, sizes=sizes)
-    hierarchy = AddHierarchy(args.hierarchy, max_children=args.max_children, seed=0)
+    method = (ShuffledLeaves('metis', args.max_children, seed=0)
+              if args.hierarchy == 'metis_shuffled' else args.hierarchy)
+    hierarchy = AddHierarchy(method, max_children=args.max_children, seed=0)
     rwse = AddRandomWalkPE(args.rwse, attr_name='rwse')
     data = {name: [hierarchy(rwse(graph)) for graph in graphs]
             for name, graphs in splits.items()}
@@ -139,6 +144,26 @@ def load_data(args) -> Dict[str, list]:
     torch.save(data, path + '.tmp')
     os.replace(path + '.tmp', path)
     return data
+
+
+class ShuffledLeaves:
+    r"""A control hierarchy: :obj:`method`'s tree over a graph, with its
+    leaves moved to random leaf places (leaf :math:`i` takes the parent of
+    leaf :math:`\pi(i)`, :math:`\pi` a random permutation). Same shape and
+    family sizes as the built tree; which nodes share a cluster no longer
+    follows the edges. Deterministic: one generator seeded once, the graphs
+    drawn in order."""
+
+    def __init__(self, method: str, max_children: int, seed: int = 0):
+        self.build = AddHierarchy(method, max_children=max_children, seed=seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, data) -> Hierarchy:
+        built = hierarchy_from_data(self.build(data.clone()))
+        parent = built.parent.clone()
+        order = torch.randperm(built.num_leaves, generator=self.generator)
+        parent[:built.num_leaves] = built.parent[order]
+        return Hierarchy.from_parent(parent, built.num_leaves)
 
 
 # ---------------------------------------------------------------- models

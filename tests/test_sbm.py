@@ -119,6 +119,33 @@ def test_cluster_pattern_script_trains_every_model_and_resumes(tmp_path):
         torch.set_num_threads(threads)
 
 
+def test_shuffled_leaves_control_keeps_the_tree_shape_and_drops_the_structure():
+    pytest.importorskip('pymetis')
+    import cluster_pattern as script
+    from hsa_geo.data import hierarchy_from_data
+    from hsa_geo.transforms import AddHierarchy
+    controls = [script.ShuffledLeaves('metis', 16, seed=0) for _ in range(2)]
+    # pairs of leaves sharing a cluster, and those of them in one community
+    pairs = {'built': [0, 0], 'shuffled': [0, 0]}
+    for graph in generate_sbm(CLUSTER, 6, seed=1):
+        built = hierarchy_from_data(AddHierarchy('metis', max_children=16, seed=0)(graph))
+        shuffled, again = (control(graph) for control in controls)
+        assert torch.equal(shuffled.parent, again.parent)  # deterministic
+        leaves = built.num_leaves
+        assert torch.equal(shuffled.parent[leaves:], built.parent[leaves:])
+        assert sorted(shuffled.parent[:leaves].tolist()) == sorted(built.parent[:leaves].tolist())
+        community = graph.y[:, None] == graph.y[None, :]
+        for name, hierarchy in (('built', built), ('shuffled', shuffled)):
+            mates = hierarchy.parent[:leaves, None] == hierarchy.parent[None, :leaves]
+            mates.fill_diagonal_(False)
+            pairs[name][0] += int((mates & community).sum())
+            pairs[name][1] += int(mates.sum())
+    # METIS puts a community's nodes together well above chance (1/6 of
+    # pairs); the shuffled tree does not
+    built_rate, shuffled_rate = (same / total for same, total in pairs.values())
+    assert built_rate > 0.3 and shuffled_rate < built_rate - 0.1, (built_rate, shuffled_rate)
+
+
 def test_cosine_schedule_decays_from_the_rate_to_zero_over_the_run():
     import cluster_pattern as script
     args = script.parse_args(['--lr', '0.002', '--schedule', 'cosine'])
