@@ -58,9 +58,10 @@ from torch_geometric.utils import to_dense_batch
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
-from common import (compare_runs, config_of, count_parameters, grid_of,  # noqa: E402
-                    load_checkpoint, matched_width, mean_std, report_header, run_experiment,
-                    run_main, save_checkpoint, set_seed, write_json)
+from common import (ExampleError, compare_runs, config_of, count_parameters,  # noqa: E402
+                    gather_runs, grid_of, load_checkpoint, matched_width, mean_std,
+                    report_header, run_experiment, run_main, save_checkpoint, set_seed,
+                    write_json)
 
 from hsa_geo import Hierarchy  # noqa: E402
 from hsa_geo.data import hierarchy_from_data  # noqa: E402
@@ -110,6 +111,11 @@ def parse_args(argv=None):
     parser.add_argument('--out', default=None,
                         help='default: benchmarks/results/<dataset>.json (lower case)')
     parser.add_argument('--report-only', action='store_true')
+    parser.add_argument('--control-runs', action='append', default=[], metavar='LABEL=DIR',
+                        help='also report the finished runs under DIR (e.g. of the same models '
+                             "on --hierarchy metis_shuffled), each model named '<model> "
+                             "[LABEL]', compared with the HSA models on the same test graphs "
+                             '(repeatable)')
     parser.add_argument('--resamples', type=int, default=2000)
     args = parser.parse_args(argv)
     grid_of(args, MODELS, args.dataset.lower())
@@ -387,9 +393,24 @@ def train_one(name: str, seed: int, data: Dict[str, list], args) -> Dict:
     return run
 
 
+def control_runs(args) -> List[Dict]:
+    r"""The runs of :obj:`args.control_runs` (``LABEL=DIR``), each model
+    renamed ``'<model> [LABEL]'``."""
+    runs = []
+    for entry in args.control_runs:
+        label, separator, directory = entry.partition('=')
+        if not separator or not label or not directory:
+            raise ExampleError(f"--control-runs takes LABEL=DIR, not {entry!r}")
+        runs += [dict(run, model=f"{run['model']} [{label}]")
+                 for run in gather_runs(osp.expanduser(directory), [])]
+    return runs
+
+
 def report(runs: List[Dict], args) -> Dict:
+    runs = runs + control_runs(args)
+    names = list(MODELS) + sorted({r['model'] for r in runs} - set(MODELS))
     summary = {}
-    for name in MODELS:
+    for name in names:
         mine = [r for r in runs if r['model'] == name]
         if mine:
             summary[name] = {'test_accuracy': mean_std(r['test_accuracy'] for r in mine),
@@ -399,7 +420,7 @@ def report(runs: List[Dict], args) -> Dict:
                              'epochs': sorted({r['epochs'] for r in mine})}
     comparisons = []
     for first in HSA_MODELS:
-        for second in MODELS:
+        for second in names:
             comparison = compare_runs(runs, first, second,
                                       lambda run: decode_counts(run['test_counts']),
                                       args.resamples, accuracy_of)

@@ -123,7 +123,8 @@ def _listops_inner(result):
 
 
 def _sbm(result):
-    return [f'``{name}``' for name in result['summary']]
+    return [f'``{name}``' for name in result['summary']] + [
+        f"{c['difference']:+.2f}" for c in result['comparisons'] if c['first'] == 'gps_hsa']
 
 
 def _planted_built(result):

@@ -94,6 +94,7 @@ TINY = ['--epochs', '1', '--train-size', '12', '--valid-size', '6', '--test-size
 def test_cluster_pattern_script_trains_every_model_and_resumes(tmp_path):
     pytest.importorskip('pymetis')
     import cluster_pattern as script
+    from common import ExampleError
     threads = torch.get_num_threads()
     common = [*TINY, '--data-dir', str(tmp_path / 'data'), '--checkpoint-dir',
               str(tmp_path / 'runs'), '--out', str(tmp_path / 'out.json')]
@@ -115,6 +116,20 @@ def test_cluster_pattern_script_trains_every_model_and_resumes(tmp_path):
         again = json.load(open(tmp_path / 'out.json'))
         (run, ) = [r for r in again['runs'] if r['model'] == 'gps_hsa']
         assert [h['epoch'] for h in run['history']] == [1, 2]
+        # the control tree's runs join the report under their label, paired
+        # with the HSA models on the same test graphs
+        control = [*TINY, '--data-dir', str(tmp_path / 'data'), '--checkpoint-dir',
+                   str(tmp_path / 'control'), '--out', str(tmp_path / 'control.json'),
+                   '--hierarchy', 'metis_shuffled', '--models', 'gps_hsa']
+        script.main(control)
+        script.main([*common, '--report-only', '--control-runs',
+                     f'shuffled={tmp_path / "control"}'])
+        joined = json.load(open(tmp_path / 'out.json'))
+        assert 'gps_hsa [shuffled]' in joined['summary']
+        assert any(c['first'] == 'gps_hsa' and c['second'] == 'gps_hsa [shuffled]'
+                   for c in joined['comparisons'])
+        with pytest.raises(ExampleError, match='LABEL=DIR'):
+            script.main([*common, '--report-only', '--control-runs', str(tmp_path / 'control')])
     finally:
         torch.set_num_threads(threads)
 

@@ -162,20 +162,27 @@ def _listops_inner(result: Dict) -> str:
 
 
 def _sbm(result: Dict) -> str:
-    header = ['model', 'parameters', 'test weighted accuracy (%)', 'valid (%)', 's / epoch']
-    rows = [[f'``{name}``', str(row['parameters']), _mean_std(row['test_accuracy']),
-             _mean_std(row['valid_accuracy']), f"{row['seconds_per_epoch']['mean']:.0f}"]
+    header = ['model', 'parameters', 'seeds', 'test weighted accuracy (%)', 'valid (%)',
+              's / epoch']
+    rows = [[f'``{name}``', str(row['parameters']), str(row['test_accuracy']['n']),
+             _mean_std(row['test_accuracy']), _mean_std(row['valid_accuracy']),
+             f"{row['seconds_per_epoch']['mean']:.0f}"]
             for name, row in result['summary'].items()]
     table = _table(header, rows)
     pairs = [c for c in result['comparisons'] if c['first'] == 'gps_hsa']
     if pairs:
-        header = ['GIN + HSA minus', 'difference (points)', '95 % interval']
-        rows = [[f"``{c['second']}``", f"{c['difference']:+.2f}",
+        header = ['GIN + HSA minus', 'seeds', 'difference (points)', '95 % interval']
+        rows = [[f"``{c['second']}``", str(len(c['seeds'])), f"{c['difference']:+.2f}",
                  f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"] for c in pairs]
         table += '\n' + _table(header, rows)
     published = result['published'][result['dataset']]['GraphGPS']
+    config = result['config']
+    # reports written before --schedule existed trained at a constant rate
+    schedule = config.get('schedule', 'constant')
+    rate = (f"learning rate {config['lr']:g}" if schedule == 'constant'
+            else f"learning rate {config['lr']:g} with a {schedule} decay to 0")
     table += (f"\nBudget: {result['budget']['epochs']} epochs of batches of "
-              f"{result['budget']['batch_size']} graphs, {result['config']['layers']} layers; "
+              f"{result['budget']['batch_size']} graphs, {config['layers']} layers, {rate}; "
               f"GraphGPS publishes {published:.2f} after 100 epochs of a 16- or 6-layer "
               f"model.\n")
     return table
