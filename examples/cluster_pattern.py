@@ -165,7 +165,7 @@ class ShuffledLeaves:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, data) -> Hierarchy:
-        built = hierarchy_from_data(self.build(data.clone()))
+        built = self.build.hierarchy(data)
         parent = built.parent.clone()
         order = torch.randperm(built.num_leaves, generator=self.generator)
         parent[:built.num_leaves] = built.parent[order]
