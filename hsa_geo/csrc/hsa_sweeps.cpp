@@ -225,14 +225,15 @@ inline scalar_t dot(const scalar_t* left, const scalar_t* right, int64_t size) {
   }
 }
 
-// out = base + sum_j coefficient[j] row_of(j), for rows `size` wide
+// out = base + sum_j coefficient[j] row_of(j), for rows `size` wide (a
+// null base counts as zeros)
 template <int64_t Width, typename scalar_t, typename RowOf>
 inline void weighted_rows(scalar_t* out, const scalar_t* base, const scalar_t* coefficient,
                           int64_t count, int64_t size, const RowOf& row_of) {
   if constexpr (vector_rows<scalar_t, Width>()) {
     constexpr int64_t lanes = Width / 4;
     float4 sum[lanes];
-    for (int64_t c = 0; c < lanes; ++c) sum[c] = load4(base + 4 * c);
+    for (int64_t c = 0; c < lanes; ++c) sum[c] = base == nullptr ? float4{} : load4(base + 4 * c);
     for (int64_t j = 0; j < count; ++j) {
       const float weight = coefficient[j];
       const float* row = row_of(j);
@@ -244,7 +245,7 @@ inline void weighted_rows(scalar_t* out, const scalar_t* base, const scalar_t* c
   int64_t d = 0;
   for (; d + kChunk <= size; d += kChunk) {
     scalar_t sum[kChunk];
-    for (int64_t c = 0; c < kChunk; ++c) sum[c] = base[d + c];
+    for (int64_t c = 0; c < kChunk; ++c) sum[c] = base == nullptr ? scalar_t(0) : base[d + c];
     for (int64_t j = 0; j < count; ++j) {
       const scalar_t weight = coefficient[j];
       const scalar_t* row = row_of(j) + d;
@@ -253,7 +254,7 @@ inline void weighted_rows(scalar_t* out, const scalar_t* base, const scalar_t* c
     for (int64_t c = 0; c < kChunk; ++c) out[d + c] = sum[c];
   }
   for (; d < size; ++d) {
-    scalar_t sum = base[d];
+    scalar_t sum = base == nullptr ? scalar_t(0) : base[d];
     for (int64_t j = 0; j < count; ++j) sum += coefficient[j] * row_of(j)[d];
     out[d] = sum;
   }
@@ -320,38 +321,49 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
   auto self_log = uninitialised<scalar_t>(tree.num_nodes * heads);
 
   sweep_levels(tree, true, [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> column_term;  // log|C| (+ the key term) of every sibling
+    // per family: every child's share |C| / |A| of the parent's leaves and
+    // log|C|; per family and head: the key term of every child (Euclidean
+    // energy) and its rows
+    std::vector<scalar_t> share, log_size, column_term;
+    std::vector<const scalar_t*> query_row, key_row, value_row;
     for (int64_t family = first; family < last; ++family) {
       const int64_t* child = tree.children_of(family);
       const int64_t size = tree.num_children(family), parent = tree.family_node[family];
       const double parent_count = count[parent];
-      column_term.resize(size);
+      for (auto* buffer : {&share, &log_size, &column_term}) buffer->resize(size);
+      for (auto* buffer : {&query_row, &key_row, &value_row}) buffer->resize(size);
+      for (int64_t j = 0; j < size; ++j) {
+        share[j] = static_cast<scalar_t>(count[child[j]] / parent_count);
+        log_size[j] = log_count[child[j]];
+      }
       for (int64_t head = 0; head < heads; ++head) {
         scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
-        const scalar_t* head_bias = bias == nullptr ? nullptr : bias + head * tree.num_pairs;
-        for (int64_t j = 0; j < size; ++j)
+        const scalar_t* pair_bias =
+            bias == nullptr ? nullptr : bias + head * tree.num_pairs + tree.pair_ptr[family];
+        for (int64_t j = 0; j < size; ++j) {
+          query_row[j] = rows.query(child[j], head);
+          key_row[j] = rows.key(child[j], head);
+          value_row[j] = rows.value(child[j], head);
           column_term[j] = euclidean ? key_scale * rows.key_norm(child[j], head) : scalar_t(0);
+        }
         scalar_t parent_phi = 0;
         for (int64_t i = 0; i < size; ++i) {
           const int64_t row_node = child[i];
-          const scalar_t* query = rows.query(row_node, head);
+          const scalar_t* query = query_row[i];
           scalar_t* score = weight + i * size;
-          // a cluster's own entry is -phi(B); a leaf's is its own score s_ii
           const int64_t columns = causal ? i + 1 : size;
           for (int64_t j = 0; j < columns; ++j) {
-            const int64_t column_node = child[j];
-            if (j == i && row_node >= num_leaves) {
-              score[j] = -rows.cluster_row(row_node, head)[2 * dim + value_dim];
-              continue;
-            }
-            scalar_t value = scale * dot<Dim>(query, rows.key(column_node, head), dim) + column_term[j];
-            if (j != i) value += log_count[column_node];
-            if (head_bias != nullptr) value += head_bias[tree.pair_ptr[family] + i * size + j];
+            scalar_t value = scale * dot<Dim>(query, key_row[j], dim) + column_term[j];
+            if (j != i) value += log_size[j];  // a leaf's own entry is its score s_ii
+            if (pair_bias != nullptr) value += pair_bias[i * size + j];
             score[j] = value;
           }
+          // a cluster's own entry is -phi(B)
+          if (row_node >= num_leaves)
+            score[i] = -rows.cluster_row(row_node, head)[2 * dim + value_dim];
           scalar_t largest = minus_infinity;
           for (int64_t j = 0; j < columns; ++j) largest = std::max(largest, score[j]);
-          const scalar_t own_score = score[i];
+          const scalar_t diagonal = score[i];
           scalar_t total = 0;
           for (int64_t j = 0; j < columns; ++j) {
             score[j] = std::exp(score[j] - largest);
@@ -361,23 +373,21 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
           for (int64_t j = 0; j < columns; ++j) score[j] *= inverse_total;
           for (int64_t j = columns; j < size; ++j) score[j] = 0;  // later siblings (causal)
           const scalar_t log_partition = largest + std::log(total);
-          self_log[row_node * heads + head] = own_score - log_partition;
-          parent_phi -= static_cast<scalar_t>(count[row_node] / parent_count) * log_partition;
+          self_log[row_node * heads + head] = diagonal - log_partition;
+          parent_phi -= share[i] * log_partition;
         }
         // the parent's leaf-weighted means
         scalar_t* parent_row = rows.cluster_row(parent, head);
-        for (int64_t c = 0; c < 2 * dim + value_dim; ++c) parent_row[c] = 0;
+        weighted_rows<Dim>(parent_row, static_cast<const scalar_t*>(nullptr), share.data(), size,
+                           dim, [&](int64_t j) { return query_row[j]; });
+        weighted_rows<Dim>(parent_row + dim, static_cast<const scalar_t*>(nullptr), share.data(),
+                           size, dim, [&](int64_t j) { return key_row[j]; });
+        weighted_rows<Dim>(parent_row + 2 * dim, static_cast<const scalar_t*>(nullptr),
+                           share.data(), size, value_dim, [&](int64_t j) { return value_row[j]; });
         scalar_t parent_key_norm = 0;
-        for (int64_t i = 0; i < size; ++i) {
-          const scalar_t share = static_cast<scalar_t>(count[child[i]] / parent_count);
-          const scalar_t* query = rows.query(child[i], head);
-          const scalar_t* key = rows.key(child[i], head);
-          const scalar_t* value = rows.value(child[i], head);
-          for (int64_t d = 0; d < dim; ++d) parent_row[d] += share * query[d];
-          for (int64_t d = 0; d < dim; ++d) parent_row[dim + d] += share * key[d];
-          for (int64_t d = 0; d < value_dim; ++d) parent_row[2 * dim + d] += share * value[d];
-          if (euclidean) parent_key_norm += share * rows.key_norm(child[i], head);
-        }
+        if (euclidean)
+          for (int64_t i = 0; i < size; ++i)
+            parent_key_norm += share[i] * rows.key_norm(child[i], head);
         parent_row[2 * dim + value_dim] = parent_phi;
         parent_row[2 * dim + value_dim + 1] = parent_key_norm;
       }
@@ -391,17 +401,20 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
   zero_roots(message.get(), parented, num_leaves, heads, value_dim);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> row_weight;  // P(A) w_ij of one row
+    std::vector<const scalar_t*> value_row;
     for (int64_t family = first; family < last; ++family) {
       const int64_t* child = tree.children_of(family);
       const int64_t size = tree.num_children(family), parent = tree.family_node[family];
       row_weight.resize(size);
+      value_row.resize(size);
       for (int64_t head = 0; head < heads; ++head) {
+        for (int64_t j = 0; j < size; ++j) value_row[j] = rows.value(child[j], head);
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
         const scalar_t parent_log_mass = log_mass[parent * heads + head];
         const scalar_t parent_mass = std::exp(parent_log_mass);
         const scalar_t* parent_message =
             message.get() + ((parent - num_leaves) * heads + head) * value_dim;
-        auto value_of = [&](int64_t j) { return rows.value(child[j], head); };
+        auto value_of = [&](int64_t j) { return value_row[j]; };
         for (int64_t i = 0; i < size; ++i) {
           const int64_t node = child[i];
           const int64_t columns = causal ? i + 1 : size;
@@ -527,10 +540,13 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
                              : gradient.get() + ((node - num_leaves) * heads + head) * value_dim;
   };
   sweep_levels(tree, true, [&](int64_t first, int64_t last) {
+    std::vector<const scalar_t*> value_row;
     for (int64_t family = first; family < last; ++family) {
       const int64_t* child = tree.children_of(family);
       const int64_t size = tree.num_children(family), parent = tree.family_node[family];
+      value_row.resize(size);
       for (int64_t head = 0; head < heads; ++head) {
+        for (int64_t j = 0; j < size; ++j) value_row[j] = rows.value(child[j], head);
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
         scalar_t* parent_gradient =
@@ -542,7 +558,7 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
           const scalar_t* grad = gradient_row(node, head);
           if (node < num_leaves) {  // through of a leaf: P(i) (g_i . v_i) + dL/dlog a_ii
             through[node * heads + head] = std::exp(log_mass[node * heads + head]) *
-                                           dot<Dim>(grad, rows.value(node, head), value_dim);
+                                           dot<Dim>(grad, value_row[i], value_dim);
             if (leaf_log_mass_grad != nullptr)
               through[node * heads + head] += leaf_log_mass_grad[node * heads + head];
           }
@@ -551,7 +567,7 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
           const int64_t columns = causal ? i + 1 : size;
           for (int64_t j = 0; j < columns; ++j)
             if (j != i)
-              off_diagonal += weight[i * size + j] * dot<Dim>(grad, rows.value(child[j], head), value_dim);
+              off_diagonal += weight[i * size + j] * dot<Dim>(grad, value_row[j], value_dim);
         }
         through[parent * heads + head] = parent_through + parent_mass * off_diagonal;
       }
@@ -585,6 +601,7 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   std::vector<scalar_t> leaf_gamma(euclidean ? num_leaves * heads : 0, 0);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> residual, grad_scores, coefficients;
+    std::vector<const scalar_t*> query_row, key_row, value_row, gradient_of_row;
     for (int64_t family = first; family < last; ++family) {
       const int64_t* child = tree.children_of(family);
       const int64_t size = tree.num_children(family), parent = tree.family_node[family];
@@ -592,7 +609,15 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
       residual.resize(size);
       grad_scores.resize(size * size);
       coefficients.resize(3 * size);
+      for (auto* buffer : {&query_row, &key_row, &value_row, &gradient_of_row})
+        buffer->resize(size);
       for (int64_t head = 0; head < heads; ++head) {
+        for (int64_t j = 0; j < size; ++j) {
+          query_row[j] = rows.query(child[j], head);
+          key_row[j] = rows.key(child[j], head);
+          value_row[j] = rows.value(child[j], head);
+          gradient_of_row[j] = gradient_row(child[j], head);
+        }
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
         scalar_t* grad_score = grad_scores.data();
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
@@ -602,12 +627,11 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
         // couplings c_ij = w_ij (G_i . v_j), then
         // residual_i = P(A) sum_{j != i} c_ij + through_i - delta_A |B_i| / |A|
         for (int64_t i = 0; i < size; ++i) {
-          const scalar_t* grad = gradient_row(child[i], head);
+          const scalar_t* grad = gradient_of_row[i];
           const int64_t columns = causal ? i + 1 : size;
           scalar_t row_sum = 0;
           for (int64_t j = 0; j < columns; ++j) {
-            const scalar_t value =
-                weight[i * size + j] * dot<Dim>(grad, rows.value(child[j], head), value_dim);
+            const scalar_t value = weight[i * size + j] * dot<Dim>(grad, value_row[j], value_dim);
             grad_score[i * size + j] = value;
             if (j != i) row_sum += value;
           }
@@ -637,9 +661,9 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
         // own products, divided among its |B| leaves: row i of the score
         // gradients weighs the keys (for the query), column i the queries
         // (for the key) and the upstream gradients (for the value).
-        auto key_of = [&](int64_t j) { return rows.key(child[j], head); };
-        auto query_of = [&](int64_t j) { return rows.query(child[j], head); };
-        auto gradient_of = [&](int64_t j) { return gradient_row(child[j], head); };
+        auto key_of = [&](int64_t j) { return key_row[j]; };
+        auto query_of = [&](int64_t j) { return query_row[j]; };
+        auto gradient_of = [&](int64_t j) { return gradient_of_row[j]; };
         for (int64_t i = 0; i < size; ++i) {
           const int64_t node = child[i];
           const bool cluster = node >= num_leaves;
