@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import hsa_geo.functional.kernel as kernel
 from hsa_geo import native
 from hsa_geo import Hierarchy
-from hsa_geo.functional import engine, hsa
+from hsa_geo.functional import engine, hsa, hsa_dense
 from hsa_geo.hierarchy.plan import build_family_tables
 from dense_checks import assert_equals_dense
 from random_trees import random_forest, random_hierarchy
@@ -66,6 +66,49 @@ def test_wide_families_equal_the_dense_definition(seed, max_children, dim, value
     # wider than the test above draws
     hierarchy = wide_forest(seed % 10_000, max_children, causal)
     assert_kernel_equals_dense(hierarchy, seed, dim, value_dim, energy, causal, biased)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31 - 1), trees=st.integers(1, 4), max_depth=st.integers(1, 5),
+       max_children=st.integers(1, 20), dim=st.sampled_from([8, 16, 32]),
+       energy=st.sampled_from(['dot', 'euclidean']), causal=st.booleans(),
+       biased=st.booleans(), spread=st.sampled_from([1.0, 3.0]))
+def test_float32_kernel_is_within_rounding_of_the_dense_definition(
+        seed, trees, max_depth, max_children, dim, energy, causal, biased, spread):
+    # the float32 kernel's own code: rows of 8-64 features as vectors and a
+    # polynomial exp; spread 3 gives scores far apart (weights that
+    # underflow to 0), causal gives -inf. Within a float32 tolerance of the
+    # float64 dense definition: 1e-5 of the largest output and gradient,
+    # no worse than the float32 tensor sweeps by more than a factor 2.
+    hierarchy = random_forest(seed % 10_000, trees, causal, max_depth=max_depth,
+                              max_children=max_children, max_leaves=40, leaf_probability=0.5)
+    generator = torch.Generator().manual_seed(seed % 997)
+    inputs64 = [spread * torch.randn(hierarchy.num_leaves, 2, dim, generator=generator,
+                                     dtype=torch.float64) for _ in range(3)]
+    if biased:
+        inputs64.append(torch.randn(hierarchy.num_sibling_pairs, 2, generator=generator,
+                                    dtype=torch.float64))
+    upstream = torch.randn(hierarchy.num_leaves, 2, dim, generator=generator,
+                           dtype=torch.float64)
+
+    def outputs(function, dtype):
+        q, k, v, *bias = (t.to(dtype).requires_grad_() for t in inputs64)
+        terms = dict(energy=energy, causal=causal, pair_bias=bias[0] if bias else None)
+        out = function(q, k, v, **terms)
+        grads = torch.autograd.grad(out, [q, k, v, *bias], upstream.to(dtype))
+        return [t.detach().double() for t in (out, *grads)]
+
+    def dense(q, k, v, **terms):
+        return torch.einsum('hij,jhd->ihd', hsa_dense(q, k, hierarchy, **terms), v)
+
+    want = outputs(dense, torch.float64)
+    got = outputs(lambda *a, **t: run(*a, hierarchy, True, **t), torch.float32)
+    other = outputs(lambda *a, **t: run(*a, hierarchy, False, **t), torch.float32)
+    for name, w, g, o in zip(['out', 'q', 'k', 'v', 'bias'], want, got, other):
+        assert torch.isfinite(g).all(), name
+        error = float((g - w).abs().max())
+        assert error <= max(1e-5 * float(w.abs().max()), 2 * float((o - w).abs().max())), \
+            (name, error)
 
 
 def wide_forest(seed: int, max_children: int, causal: bool = False) -> Hierarchy:

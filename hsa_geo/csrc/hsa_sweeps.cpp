@@ -175,6 +175,41 @@ std::vector<scalar_t> logarithms(const std::vector<double>& values) {
   return out;
 }
 
+// exp in float32 without a library call, so that a loop of them
+// vectorises (built with -fno-trapping-math, which lets the compiler turn
+// the comparisons into selects): Cephes' range reduction x = n log 2 + r,
+// |r| <= log 2 / 2, and its degree-6 polynomial for e^r, within about one
+// ulp of std::exp; e^x = 0 below -87.3 (and for -inf, a later sibling
+// under the causal mask); NaN stays NaN. Double keeps std::exp.
+template <typename scalar_t>
+inline scalar_t exponential(scalar_t x) {
+  return std::exp(x);
+}
+
+template <>
+inline float exponential<float>(float x) {
+  const float clamped = std::min(std::max(x, -87.3f), 88.3f);
+  // rounds to the nearest integer by the float's own rounding: adding
+  // 1.5 * 2^23 leaves it in the low bits of the mantissa
+  constexpr float shifter = 12582912.0f;
+  const float shifted = clamped * 1.44269504088896341f + shifter;
+  const float n = shifted - shifter;
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float mantissa = p * r * r + r + 1.0f;
+  int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  const int32_t power_bits = (shifted_bits - 0x4B400000 + 127) * (1 << 23);  // 2^n
+  float power;
+  std::memcpy(&power, &power_bits, sizeof(power));
+  return x < -87.3f ? 0.0f : mantissa * power;
+}
+
 // Row operations in chunks of eight features: the partial sums of a chunk
 // are independent, so the compiler vectorises them and keeps them in
 // registers (one running sum would wait on every addition, and a
@@ -324,13 +359,14 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
     // per family: every child's share |C| / |A| of the parent's leaves and
     // log|C|; per family and head: the key term of every child (Euclidean
     // energy) and its rows
-    std::vector<scalar_t> share, log_size, column_term;
+    std::vector<scalar_t> share, log_size, column_term, row_largest, diagonal;
     std::vector<const scalar_t*> query_row, key_row, value_row;
     for (int64_t family = first; family < last; ++family) {
       const int64_t* child = tree.children_of(family);
       const int64_t size = tree.num_children(family), parent = tree.family_node[family];
       const double parent_count = count[parent];
-      for (auto* buffer : {&share, &log_size, &column_term}) buffer->resize(size);
+      for (auto* buffer : {&share, &log_size, &column_term, &row_largest, &diagonal})
+        buffer->resize(size);
       for (auto* buffer : {&query_row, &key_row, &value_row}) buffer->resize(size);
       for (int64_t j = 0; j < size; ++j) {
         share[j] = static_cast<scalar_t>(count[child[j]] / parent_count);
@@ -346,7 +382,8 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
           value_row[j] = rows.value(child[j], head);
           column_term[j] = euclidean ? key_scale * rows.key_norm(child[j], head) : scalar_t(0);
         }
-        scalar_t parent_phi = 0;
+        // the family's b x b scores, row by row, less the row's largest
+        // (later siblings under the causal mask: -inf)
         for (int64_t i = 0; i < size; ++i) {
           const int64_t row_node = child[i];
           const scalar_t* query = query_row[i];
@@ -363,17 +400,22 @@ void forward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const s
             score[i] = -rows.cluster_row(row_node, head)[2 * dim + value_dim];
           scalar_t largest = minus_infinity;
           for (int64_t j = 0; j < columns; ++j) largest = std::max(largest, score[j]);
-          const scalar_t diagonal = score[i];
+          row_largest[i] = largest;
+          diagonal[i] = score[i];
+          for (int64_t j = 0; j < columns; ++j) score[j] -= largest;
+          for (int64_t j = columns; j < size; ++j) score[j] = minus_infinity;
+        }
+        // their exponentials in one loop over the block (it vectorises)
+        for (int64_t e = 0; e < size * size; ++e) weight[e] = exponential(weight[e]);
+        scalar_t parent_phi = 0;
+        for (int64_t i = 0; i < size; ++i) {
+          scalar_t* score = weight + i * size;
           scalar_t total = 0;
-          for (int64_t j = 0; j < columns; ++j) {
-            score[j] = std::exp(score[j] - largest);
-            total += score[j];
-          }
+          for (int64_t j = 0; j < size; ++j) total += score[j];
           const scalar_t inverse_total = scalar_t(1) / total;
-          for (int64_t j = 0; j < columns; ++j) score[j] *= inverse_total;
-          for (int64_t j = columns; j < size; ++j) score[j] = 0;  // later siblings (causal)
-          const scalar_t log_partition = largest + std::log(total);
-          self_log[row_node * heads + head] = diagonal - log_partition;
+          for (int64_t j = 0; j < size; ++j) score[j] *= inverse_total;
+          const scalar_t log_partition = row_largest[i] + std::log(total);
+          self_log[child[i] * heads + head] = diagonal[i] - log_partition;
           parent_phi -= share[i] * log_partition;
         }
         // the parent's leaf-weighted means
