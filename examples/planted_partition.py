@@ -56,7 +56,11 @@ validation epoch. Every (model, seed) runs in its own process (so its peak
 memory is its own), checkpoints at every evaluation (with its curve so far
 as ``checkpoint_<model>_<seed>.json``), resumes there when rerun, and
 leaves ``run_<model>_<seed>.json`` in the run folder; a rerun skips
-finished runs. The report (:obj:`--out`) holds every
+finished runs. With several learning rates (``--lr 0.005,0.01,0.02``)
+every model trains at each of them, with the same seeds, and the report
+takes, per model, the learning rate with the best mean *validation*
+accuracy over the seeds (test accuracy plays no part in the choice); the
+whole grid stays in the report (``lr_grid``). The report (:obj:`--out`) holds every
 run, and the paired bootstrap 95 % interval of ``sage_hsa`` minus every
 other model over the seeds and test nodes.
 
@@ -64,13 +68,19 @@ A small run takes seconds::
 
     python examples/planted_partition.py --num-nodes 32768 --epochs 20 --seeds 0
 
-The published runs (100 epochs, learning rate 0.02)::
+The published runs (100 epochs; the learning rate chosen per model on
+validation at 131 k nodes, from three, and used at 1 M)::
 
     python examples/planted_partition.py --num-nodes 131072 --epochs 100 --seeds 0,1,2 \
-        --out benchmarks/results/planted_partition_built_131072.json
+        --lr 0.005,0.01,0.02 --out benchmarks/results/planted_partition_lr_131072.json
     python examples/planted_partition.py --num-nodes 1048576 --epochs 100 --seeds 0 \
-        --models sage_hsa,sage,sage_sgformer \
-        --out benchmarks/results/planted_partition_built_1048576.json
+        --lr-from benchmarks/results/planted_partition_lr_131072.json \
+        --out benchmarks/results/planted_partition_lr_1048576.json
+
+(``--lr-from`` trains every model at the learning rate a report selected
+for it). The earlier runs at 0.02 for every model are
+``planted_partition_built_131072.json`` and
+``planted_partition_built_1048576.json``.
 """
 from __future__ import annotations
 
@@ -86,7 +96,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -406,12 +416,32 @@ def unfinished_run(args, kind: str, seed: int, num_test: int) -> Optional[Dict]:
 
 
 # ----------------------------------------------------------------- report
+def select_learning_rates(runs: List[Dict]) -> Tuple[Dict[str, float], Dict[str, Dict]]:
+    r"""Per model, the learning rate whose runs have the best mean
+    validation accuracy over their seeds, and the grid it was chosen from
+    (validation and test accuracy per learning rate)."""
+    selected, grid = {}, {}
+    for kind in sorted({r['model'] for r in runs}):
+        rates = sorted({r['lr'] for r in runs if r['model'] == kind})
+        grid[kind] = {}
+        for lr in rates:
+            mine = [r for r in runs if r['model'] == kind and r['lr'] == lr]
+            grid[kind][repr(lr)] = {'valid_acc': mean_std([r['valid_acc'] for r in mine]),
+                                    'test_acc': mean_std([r['test_acc'] for r in mine]),
+                                    'seeds': [r['seed'] for r in mine]}
+        selected[kind] = max(rates, key=lambda lr: grid[kind][repr(lr)]['valid_acc']['mean'])
+    return selected, grid
+
+
 def report(runs: List[Dict], stats: Dict, args) -> Dict:
+    selected, grid = select_learning_rates(runs)
+    runs = [r for r in runs if r['lr'] == selected[r['model']]]
     summary = {}
     for kind in args.models:
         mine = [r for r in runs if r['model'] == kind]
         if mine:
             summary[kind] = {
+                'selected_lr': selected[kind],
                 'test_acc': mean_std([r['test_acc'] for r in mine]),
                 'parameters': mine[0]['parameters'], 'hidden': mine[0]['hidden'],
                 'seconds_per_epoch': mean_std([r['seconds_per_epoch'] for r in mine]),
@@ -433,9 +463,12 @@ def report(runs: List[Dict], stats: Dict, args) -> Dict:
     private = ('cache_dir', 'out', 'run', 'in_process', 'partial')
     return {'config': {k: v for k, v in vars(args).items() if k not in private},
             'budget': {'epochs': args.epochs, 'patience_evaluations': args.patience,
-                       'eval_every': args.eval_every, 'optimiser': f'Adam lr={args.lr}, cosine',
+                       'eval_every': args.eval_every,
+                       'optimiser': 'Adam, cosine, learning rate per model '
+                                    + ('from ' + args.lr_from if args.lr_from else
+                                       f'selected on validation from {args.lr}'),
                        'seeds': args.seeds},
-            'graph': stats, 'summary': summary, 'comparisons': comparisons,
+            'graph': stats, 'summary': summary, 'lr_grid': grid, 'comparisons': comparisons,
             'runs': sorted(runs, key=lambda r: (r['seed'], MODELS.index(r['model']))),
             'machine': {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(),
                         'load_average': list(os.getloadavg()), 'cpu_count': os.cpu_count(),
@@ -461,7 +494,12 @@ def parse_args(argv=None):
     p.add_argument('--seeds', default='0,1,2')
     p.add_argument('--hidden', type=int, default=32)
     p.add_argument('--heads', type=int, default=4)
-    p.add_argument('--lr', type=float, default=2e-2)
+    p.add_argument('--lr', default='0.02',
+                   help='learning rate, or several comma-separated: each model trains at '
+                        'each, and the report takes the best on validation per model')
+    p.add_argument('--lr-from', default=None, metavar='REPORT',
+                   help="train every model at the learning rate REPORT (this script's "
+                        'JSON, from a grid of them) selected for it')
     p.add_argument('--epochs', type=int, default=200)
     p.add_argument('--eval-every', type=int, default=5)
     p.add_argument('--patience', type=int, default=8, help='evaluations without improvement')
@@ -483,7 +521,31 @@ def parse_args(argv=None):
     if unknown:
         p.error(f'unknown models {sorted(unknown)}; choose from {list(MODELS)}')
     args.seeds = [int(s) for s in args.seeds.split(',') if s]
+    args.lr_grid = learning_rates(p, args)
+    args.lr = args.lr_grid[args.models[0]][0] if args.models else float(args.lr.split(',')[0])
     return args
+
+
+def learning_rates(parser, args) -> Dict[str, List[float]]:
+    r"""The learning rates every model trains at: those of ``--lr``, or the
+    one ``--lr-from``'s report selected for it."""
+    if not args.lr_from:
+        rates = [float(rate) for rate in args.lr.split(',') if rate]
+        if not rates or min(rates) <= 0:
+            parser.error(f'--lr needs positive learning rates, got {args.lr!r}')
+        return {kind: rates for kind in args.models}
+    with open(args.lr_from) as handle:
+        summary = json.load(handle)['summary']
+    missing = [kind for kind in args.models if 'selected_lr' not in summary.get(kind, {})]
+    if missing:
+        parser.error(f'{args.lr_from} selected no learning rate for {missing} '
+                     '(run the grid for them first)')
+    return {kind: [summary[kind]['selected_lr']] for kind in args.models}
+
+
+def with_lr(args, lr: float):
+    r""":obj:`args` with one learning rate (a run's)."""
+    return argparse.Namespace(**{**vars(args), 'lr': lr})
 
 
 def main(argv=None) -> int:
@@ -508,24 +570,28 @@ def main(argv=None) -> int:
     runs = []
     for seed in args.seeds:
         for kind in args.models:
-            path = run_path(args, kind, seed)
-            if args.partial and not osp.isfile(path):
-                unfinished = unfinished_run(args, kind, seed, stats['split_sizes'][2])
-                if unfinished is not None:
-                    runs.append(unfinished)
-                continue
-            if not osp.isfile(path):
-                if args.in_process:
-                    write_json(path, train_one(kind, seed, data, args))
-                else:
-                    subprocess.run([sys.executable, osp.abspath(__file__), *argv,
-                                    '--run', f'{kind}:{seed}'], check=True)
-            with open(path) as handle:
-                runs.append({**json.load(handle), 'finished': True})
+            for lr in args.lr_grid[kind]:
+                run_args = with_lr(args, lr)
+                path = run_path(run_args, kind, seed)
+                if args.partial and not osp.isfile(path):
+                    unfinished = unfinished_run(run_args, kind, seed, stats['split_sizes'][2])
+                    if unfinished is not None:
+                        runs.append({**unfinished, 'lr': lr})
+                    continue
+                if not osp.isfile(path):
+                    if args.in_process:
+                        write_json(path, train_one(kind, seed, data, run_args))
+                    else:
+                        subprocess.run([sys.executable, osp.abspath(__file__), *argv,
+                                        '--lr', repr(lr), '--lr-from', '',
+                                        '--run', f'{kind}:{seed}'], check=True)
+                with open(path) as handle:
+                    runs.append({**json.load(handle), 'finished': True, 'lr': lr})
     result = report(runs, stats, args)
     write_json(args.out, result)
     for kind, row in result['summary'].items():
-        print(f"{kind:16s} test {row['test_acc']['mean']:.4f} ± {row['test_acc']['std']:.4f} "
+        print(f"{kind:16s} lr {row['selected_lr']:g} "
+              f"test {row['test_acc']['mean']:.4f} ± {row['test_acc']['std']:.4f} "
               f"params {row['parameters']} {row['seconds_per_epoch']['mean']:.2f} s/epoch")
     for c in result['comparisons']:
         print(f"sage_hsa - {c['second']}: {c['difference']:+.4f} "

@@ -5,6 +5,7 @@ import json
 import os.path as osp
 import sys
 
+import pytest
 import torch
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -71,6 +72,34 @@ def test_script_writes_every_model(tmp_path):
     planted.main(argv)
     assert written() == cached
     assert json.loads(out.read_text())['runs'] == report['runs']
+
+
+def test_learning_rates_are_selected_per_model_on_validation(tmp_path):
+    out = tmp_path / 'grid.json'
+    argv = ['--num-nodes', '2048', '--label-size', '512', '--classes', '3', '--features', '4',
+            '--hidden', '8', '--heads', '2', '--epochs', '3', '--eval-every', '1', '--seeds', '0,1',
+            '--models', 'sage_hsa,sage', '--lr', '0.001,0.05', '--resamples', '20',
+            '--in-process', '--cache-dir', str(tmp_path / 'cache'), '--out', str(out)]
+    planted.main(argv)
+    report = json.loads(out.read_text())
+    assert len(report['runs']) == 4  # the selected learning rate's two seeds, per model
+    for kind in ('sage_hsa', 'sage'):
+        grid = report['lr_grid'][kind]
+        assert set(grid) == {'0.001', '0.05'}
+        best = max(grid, key=lambda lr: grid[lr]['valid_acc']['mean'])
+        assert report['summary'][kind]['selected_lr'] == float(best)
+        assert report['summary'][kind]['test_acc'] == grid[best]['test_acc']
+        assert {r['lr'] for r in report['runs'] if r['model'] == kind} == {float(best)}
+    # a second run takes each model's selected rate from the report
+    again = tmp_path / 'again.json'
+    planted.main(argv[:argv.index('--lr')] + argv[argv.index('--lr') + 2:]
+                 + ['--lr-from', str(out), '--seeds', '0', '--out', str(again)])
+    chosen = json.loads(again.read_text())
+    for kind in ('sage_hsa', 'sage'):
+        assert chosen['summary'][kind]['selected_lr'] == report['summary'][kind]['selected_lr']
+        assert set(chosen['lr_grid'][kind]) == {repr(report['summary'][kind]['selected_lr'])}
+    with pytest.raises(SystemExit):
+        planted.parse_args(['--lr', '0,0.1'])
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
