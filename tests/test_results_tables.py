@@ -130,7 +130,11 @@ def _sbm(result):
 def _planted_built(result):
     return ([f'``{name}``' for name in result['summary']]
             + [f"{100 * c['difference']:+.1f}" for c in result['comparisons']]
-            + [f"{result['graph']['build_seconds']:.1f} s"])
+            + [f"{result['graph']['build_seconds']:.1f} s"]
+            + [f"{row['selected_lr']:g}" for row in result['summary'].values()
+               if 'selected_lr' in row]
+            + [f"{100 * cell['valid_acc']['mean']:.1f} / "
+               for cells in result.get('lr_grid', {}).values() for cell in cells.values()])
 
 
 def _zero_shot(result):

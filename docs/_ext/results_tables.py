@@ -389,7 +389,11 @@ def _planted_built(result: Dict) -> str:
     graph = result['graph']
     header = ['model', 'parameters', 'test accuracy (%)', 'seeds', 'finished', 's / epoch',
               'peak memory']
-    rows = [[f'``{name}``', str(row['parameters']),
+    if any('selected_lr' in row for row in result['summary'].values()):
+        header.insert(1, 'learning rate')
+    rows = [[f'``{name}``']
+            + ([f"{row['selected_lr']:g}"] if 'selected_lr' in row else [])
+            + [str(row['parameters']),
              _mean_std(row['test_acc'], 100),
              ', '.join(map(str, row['seeds'])), 'yes' if row['finished'] else '**no**',
              f"{row['seconds_per_epoch']['mean']:.1f}",
@@ -406,6 +410,8 @@ def _planted_built(result: Dict) -> str:
                              for m, e in c['epochs_run'].items()) + ')']
                 for c in result['comparisons']]
         table += '\n' + _table(header, rows)
+    if result.get('lr_grid'):
+        table += '\n' + _learning_rate_grid(result)
     header = ['depth', 'clusters', 'mean size', 'group purity', 'group completeness',
               'label purity']
     rows = [[str(row['depth']), f"{row['clusters']:,}", f"{row['mean_size']:,.0f}",
@@ -418,6 +424,25 @@ def _planted_built(result: Dict) -> str:
             f"Budget: {budget['epochs']} epochs ({budget['optimiser']}), test accuracy at "
             f"the best validation epoch (every {budget['eval_every']} epochs; stop after "
             f"{budget['patience_evaluations']} evaluations without progress).\n")
+
+
+def _learning_rate_grid(result: Dict) -> str:
+    r"""Validation and test accuracy of every model at every learning rate
+    it trained at; the rate selected (best mean validation) in bold."""
+    grid = result['lr_grid']
+    rates = sorted({float(lr) for cells in grid.values() for lr in cells})
+    header = ['model'] + [f'lr {lr:g}: valid / test (%)' for lr in rates]
+    rows = []
+    for name, cells in grid.items():
+        selected = result['summary'].get(name, {}).get('selected_lr')
+        row = [f'``{name}``']
+        for lr in rates:
+            cell = cells.get(repr(lr))
+            text = ('–' if cell is None else
+                    f"{100 * cell['valid_acc']['mean']:.1f} / {_mean_std(cell['test_acc'], 100)}")
+            row.append(f'**{text}**' if cell is not None and lr == selected else text)
+        rows.append(row)
+    return _table(header, rows)
 
 
 # ------------------------------------------------------------------- builders

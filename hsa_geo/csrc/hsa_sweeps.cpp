@@ -571,10 +571,12 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   const int64_t num_leaves = tree.num_leaves, num_clusters = tree.num_nodes - num_leaves;
   const std::vector<double> count = leaf_counts(tree);
   // bottom-up: the summed upstream gradient G and `through` (dL/dlog P) of
-  // every cluster, from the couplings w_ij (G_i . v_j) of its pairs (computed
-  // again on the way down rather than kept: at 2^20 leaves they would be
-  // as large as the weights)
+  // every cluster, from the couplings w_ij (G_i . v_j) of its pairs. The
+  // products G_i . v_j are kept for the way down ([H, pairs], as large as
+  // the weights, and freed with the call): computing them again there
+  // cost a fifth of the backward pass.
   auto gradient = uninitialised<scalar_t>(num_clusters * heads * value_dim);
+  auto products = uninitialised<scalar_t>(heads * tree.num_pairs);
   auto through = uninitialised<scalar_t>(tree.num_nodes * heads);
   const std::vector<char> parented = has_parent(tree);
   auto gradient_row = [&](int64_t node, int64_t head) -> const scalar_t* {
@@ -590,6 +592,7 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
       for (int64_t head = 0; head < heads; ++head) {
         for (int64_t j = 0; j < size; ++j) value_row[j] = rows.value(child[j], head);
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
+        scalar_t* product = products.get() + head * tree.num_pairs + tree.pair_ptr[family];
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
         scalar_t* parent_gradient =
             gradient.get() + ((parent - num_leaves) * heads + head) * value_dim;
@@ -598,18 +601,19 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
         for (int64_t i = 0; i < size; ++i) {
           const int64_t node = child[i];
           const scalar_t* grad = gradient_row(node, head);
+          const int64_t columns = causal ? i + 1 : size;
+          for (int64_t j = 0; j < columns; ++j) {
+            product[i * size + j] = dot<Dim>(grad, value_row[j], value_dim);
+            if (j != i) off_diagonal += weight[i * size + j] * product[i * size + j];
+          }
           if (node < num_leaves) {  // through of a leaf: P(i) (g_i . v_i) + dL/dlog a_ii
-            through[node * heads + head] = std::exp(log_mass[node * heads + head]) *
-                                           dot<Dim>(grad, value_row[i], value_dim);
+            through[node * heads + head] =
+                std::exp(log_mass[node * heads + head]) * product[i * size + i];
             if (leaf_log_mass_grad != nullptr)
               through[node * heads + head] += leaf_log_mass_grad[node * heads + head];
           }
           parent_through += through[node * heads + head];
           for (int64_t d = 0; d < value_dim; ++d) parent_gradient[d] += grad[d];
-          const int64_t columns = causal ? i + 1 : size;
-          for (int64_t j = 0; j < columns; ++j)
-            if (j != i)
-              off_diagonal += weight[i * size + j] * dot<Dim>(grad, value_row[j], value_dim);
         }
         through[parent * heads + head] = parent_through + parent_mass * off_diagonal;
       }
@@ -643,7 +647,7 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
   std::vector<scalar_t> leaf_gamma(euclidean ? num_leaves * heads : 0, 0);
   sweep_levels(tree, false, [&](int64_t first, int64_t last) {
     std::vector<scalar_t> residual, grad_scores, coefficients;
-    std::vector<const scalar_t*> query_row, key_row, value_row, gradient_of_row;
+    std::vector<const scalar_t*> query_row, key_row, gradient_of_row;
     for (int64_t family = first; family < last; ++family) {
       const int64_t* child = tree.children_of(family);
       const int64_t size = tree.num_children(family), parent = tree.family_node[family];
@@ -651,16 +655,16 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
       residual.resize(size);
       grad_scores.resize(size * size);
       coefficients.resize(3 * size);
-      for (auto* buffer : {&query_row, &key_row, &value_row, &gradient_of_row})
+      for (auto* buffer : {&query_row, &key_row, &gradient_of_row})
         buffer->resize(size);
       for (int64_t head = 0; head < heads; ++head) {
         for (int64_t j = 0; j < size; ++j) {
           query_row[j] = rows.query(child[j], head);
           key_row[j] = rows.key(child[j], head);
-          value_row[j] = rows.value(child[j], head);
           gradient_of_row[j] = gradient_row(child[j], head);
         }
         const scalar_t* weight = weights + head * tree.num_pairs + tree.pair_ptr[family];
+        const scalar_t* product = products.get() + head * tree.num_pairs + tree.pair_ptr[family];
         scalar_t* grad_score = grad_scores.data();
         const scalar_t parent_mass = std::exp(log_mass[parent * heads + head]);
         const scalar_t parent_delta = delta[(parent - num_leaves) * heads + head];
@@ -669,11 +673,10 @@ void backward_impl(const Tree& tree, const NodeRows<scalar_t, Dim>& rows, const 
         // couplings c_ij = w_ij (G_i . v_j), then
         // residual_i = P(A) sum_{j != i} c_ij + through_i - delta_A |B_i| / |A|
         for (int64_t i = 0; i < size; ++i) {
-          const scalar_t* grad = gradient_of_row[i];
           const int64_t columns = causal ? i + 1 : size;
           scalar_t row_sum = 0;
           for (int64_t j = 0; j < columns; ++j) {
-            const scalar_t value = weight[i * size + j] * dot<Dim>(grad, value_row[j], value_dim);
+            const scalar_t value = weight[i * size + j] * product[i * size + j];
             grad_score[i * size + j] = value;
             if (j != i) row_sum += value;
           }
