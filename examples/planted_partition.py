@@ -460,13 +460,17 @@ def report(runs: List[Dict], stats: Dict, args) -> Dict:
         c['finished'] = all(r['finished'] for r in paired)
         c['epochs_run'] = {m: [r['epochs_run'] for r in paired if r['model'] == m]
                            for m in (c['first'], c['second'])}
-    private = ('cache_dir', 'out', 'run', 'in_process', 'partial')
+    # 'lr' is one worker's rate; the report's rates are in lr_grid
+    private = ('cache_dir', 'out', 'run', 'in_process', 'partial', 'lr')
     return {'config': {k: v for k, v in vars(args).items() if k not in private},
             'budget': {'epochs': args.epochs, 'patience_evaluations': args.patience,
                        'eval_every': args.eval_every,
                        'optimiser': 'Adam, cosine, learning rate per model '
                                     + ('from ' + args.lr_from if args.lr_from else
-                                       f'selected on validation from {args.lr}'),
+                                       'selected on validation from '
+                                       + ', '.join(f'{lr:g}' for lr in sorted(
+                                           {lr for rates in args.lr_grid.values()
+                                            for lr in rates}))),
                        'seeds': args.seeds},
             'graph': stats, 'summary': summary, 'lr_grid': grid, 'comparisons': comparisons,
             'runs': sorted(runs, key=lambda r: (r['seed'], MODELS.index(r['model']))),

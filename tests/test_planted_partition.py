@@ -83,6 +83,7 @@ def test_learning_rates_are_selected_per_model_on_validation(tmp_path):
     planted.main(argv)
     report = json.loads(out.read_text())
     assert len(report['runs']) == 4  # the selected learning rate's two seeds, per model
+    assert report['budget']['optimiser'].endswith('selected on validation from 0.001, 0.05')
     for kind in ('sage_hsa', 'sage'):
         grid = report['lr_grid'][kind]
         assert set(grid) == {'0.001', '0.05'}
