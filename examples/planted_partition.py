@@ -526,6 +526,8 @@ def parse_args(argv=None):
         p.error(f'unknown models {sorted(unknown)}; choose from {list(MODELS)}')
     args.seeds = [int(s) for s in args.seeds.split(',') if s]
     args.lr_grid = learning_rates(p, args)
+    # the rate train_one uses: a worker's one --lr (main hands every run its
+    # own, with_lr); the report lists the grid
     args.lr = args.lr_grid[args.models[0]][0] if args.models else float(args.lr.split(',')[0])
     return args
 

@@ -75,8 +75,8 @@ def test_wide_families_equal_the_dense_definition(seed, max_children, dim, value
        biased=st.booleans(), spread=st.sampled_from([1.0, 3.0]))
 def test_float32_kernel_is_within_rounding_of_the_dense_definition(
         seed, trees, max_depth, max_children, dim, energy, causal, biased, spread):
-    # the float32 kernel's own code: rows of 8-64 features as vectors and a
-    # polynomial exp; spread 3 gives scores far apart (weights that
+    # the float32 kernel's own code: rows of 8-32 features as vectors (64 in
+    # the test below) and a polynomial exp; spread 3 gives scores far apart (weights that
     # underflow to 0), causal gives -inf. Within a float32 tolerance of the
     # float64 dense definition: 1e-5 of the largest output and gradient,
     # no worse than the float32 tensor sweeps by more than a factor 2.
